@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs everything Strata's build, lab and tests need on Debian 12, idempotently:
+# Debian packages (QEMU and firmware, e2fsprogs, busybox, the peers the tests compare against),
+# and the Debian kernel the test images boot, unpacked into the cache (not installed on the host).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+# QEMU from bookworm: the preinstalled qemu-utils is newer and blocks qemu-system-x86.
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils/bookworm qemu-block-extra/bookworm
+  ipxe-qemu ipxe ovmf seabios
+  busybox-static e2fsprogs cpio zstd xz-utils kmod
+  dnsmasq-base iproute2 nftables
+  tftp-hpa atftp
+  libiscsi-bin libvhdi-utils
+)
+# Package names without the /release suffix, for the "already installed?" check.
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  name=${p%%/*}
+  dpkg-query -W -f='${Status}' "$name" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --allow-downgrades "${APT_PACKAGES[@]}"
+fi
+
+# The kernel the lab boots: Debian's, with its modules, unpacked into the cache.
+KVER_PKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+KDIR="$STRATA_CACHE/kernel"
+if [ ! -f "$KDIR/.done" ] || [ "$(cat "$KDIR/.done")" != "$KVER_PKG" ]; then
+  log "unpacking $KVER_PKG into $KDIR"
+  rm -rf "$KDIR.tmp" && mkdir -p "$KDIR.tmp"
+  (cd "$KDIR.tmp" && apt-get download "$KVER_PKG" >/dev/null && dpkg-deb -x ./*.deb root && rm -f ./*.deb)
+  rm -rf "$KDIR" && mv "$KDIR.tmp" "$KDIR"
+  echo "$KVER_PKG" > "$KDIR/.done"
+fi
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+log "setup complete (cache: $STRATA_CACHE)"

@@ -1,0 +1,1 @@
+//! Network boot services: DHCP and proxyDHCP, TFTP, router advertisements, HTTP boot.

@@ -1,0 +1,4 @@
+//! The `strata` subcommands. Each module owns its clap arguments and its `run`.
+
+pub mod serve;
+pub mod vhdx;

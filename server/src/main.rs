@@ -1,0 +1,45 @@
+//! `strata`: the Strata appliance and its tools.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use strata_server::cli;
+
+/// Strata: image-based node provisioning (PXE, iSCSI, layered VHDX images).
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the appliance: boot services, image store, API.
+    Serve(cli::serve::ServeArgs),
+    /// Inspect, check and convert VHDX files and chains.
+    #[command(subcommand)]
+    Vhdx(cli::vhdx::VhdxCmd),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Serve(args) => cli::serve::run(args),
+        Cmd::Vhdx(cmd) => cli::vhdx::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("strata: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
