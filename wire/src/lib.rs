@@ -1,3 +1,13 @@
 //! Types that both the Strata server and node-init speak: the signed node manifest, layer and
 //! chunk hashing, and node state reports.
 #![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+)]
+
+pub mod chunk;
+pub mod manifest;
+pub mod report;
+
+pub use chunk::{ChunkHash, Digest, LayerId};
