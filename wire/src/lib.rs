@@ -7,6 +7,7 @@
 )]
 
 pub mod chunk;
+pub mod dhcp;
 pub mod manifest;
 pub mod report;
 
