@@ -2,5 +2,11 @@
 //! here. Services take already-bound sockets so tests can bind port 0.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod boot;
 pub mod cli;
+pub mod config;
+pub mod fleet;
+pub mod http;
+pub mod images;
+pub mod keys;

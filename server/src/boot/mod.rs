@@ -1,1 +1,4 @@
 //! Network boot services: DHCP and proxyDHCP, TFTP, router advertisements, HTTP boot.
+
+pub mod initramfs;
+pub mod ipxe;

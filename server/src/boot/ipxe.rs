@@ -1,0 +1,87 @@
+//! iPXE scripts. A client that DHCP pointed at `/boot/ipxe` gets a two-line script that
+//! chains to its own per-node script, `/boot/node.ipxe?mac=<its MAC>`, which names the kernel,
+//! the initramfs and a kernel command line telling node-init where the server is and which
+//! address iPXE already obtained (so node-init needs no second DHCP exchange).
+
+use std::fmt::Write;
+
+/// The first-stage script: iPXE expands `${netX/mac}` (the NIC it booted from).
+pub fn chain_script(public_url: &str) -> String {
+    format!("#!ipxe\nchain {public_url}/boot/node.ipxe?mac=${{netX/mac}}\n")
+}
+
+/// What a per-node script needs.
+#[derive(Debug, Clone)]
+pub struct NodeBoot<'a> {
+    /// The server's URL as nodes reach it.
+    pub public_url: &'a str,
+    /// The node's MAC (normalised).
+    pub mac: &'a str,
+    /// A label for the console.
+    pub node: &'a str,
+    /// The role it boots.
+    pub role: &'a str,
+    /// Extra kernel arguments from the configuration.
+    pub extra_cmdline: &'a str,
+}
+
+/// The per-node script. The initrd is named `initramfs` and the command line says
+/// `initrd=initramfs`, which the EFI stub needs under UEFI iPXE and BIOS kernels ignore.
+pub fn node_script(b: &NodeBoot<'_>) -> String {
+    let mut s = String::from("#!ipxe\n");
+    let _ = writeln!(s, "echo Strata: node {} role {} ({})", b.node, b.role, b.mac);
+    let _ = writeln!(s, "initrd --name initramfs {}/boot/initramfs", b.public_url);
+    let _ = write!(
+        s,
+        "kernel {}/boot/kernel initrd=initramfs console=ttyS0 panic=10 strata.server={} \
+         strata.mac=${{netX/mac}} strata.ip=${{netX/ip}} strata.netmask=${{netX/netmask}} \
+         strata.gw=${{netX/gateway}}",
+        b.public_url, b.public_url
+    );
+    if !b.extra_cmdline.trim().is_empty() {
+        s.push(' ');
+        s.push_str(b.extra_cmdline.trim());
+    }
+    s.push('\n');
+    s.push_str("boot\n");
+    s
+}
+
+/// A MAC address in the canonical form `aa:bb:cc:dd:ee:ff` (from `:` or `-` separated hex, any
+/// case), or `None`.
+pub fn normalize_mac(text: &str) -> Option<String> {
+    let parts: Vec<&str> = text.trim().split([':', '-']).collect();
+    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return None;
+    }
+    Some(parts.join(":").to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_normalise() {
+        assert_eq!(normalize_mac("52-54-00-AB-cd-01").as_deref(), Some("52:54:00:ab:cd:01"));
+        assert_eq!(normalize_mac("52:54:00:ab:cd"), None);
+        assert_eq!(normalize_mac("52:54:00:ab:cd:0g"), None);
+        assert_eq!(normalize_mac("525:4:00:ab:cd:01"), None);
+    }
+
+    #[test]
+    fn node_script_boots_kernel_and_initramfs() {
+        let s = node_script(&NodeBoot {
+            public_url: "http://10.0.0.1:8080",
+            mac: "52:54:00:00:00:01",
+            node: "n1",
+            role: "web",
+            extra_cmdline: " quiet ",
+        });
+        assert!(s.starts_with("#!ipxe\n"));
+        assert!(s.contains("initrd --name initramfs http://10.0.0.1:8080/boot/initramfs\n"));
+        assert!(s.contains("kernel http://10.0.0.1:8080/boot/kernel initrd=initramfs console=ttyS0"));
+        assert!(s.contains("strata.server=http://10.0.0.1:8080 "));
+        assert!(s.contains(" quiet\nboot\n"));
+    }
+}

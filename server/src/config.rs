@@ -1,0 +1,308 @@
+//! The appliance's configuration: one TOML file plus command-line overrides. Every key has a
+//! default, so `strata serve` with no file runs the appliance with its embedded defaults
+//! (HTTP and TFTP on all addresses, DHCP off: answering DHCP on a network that already has a
+//! DHCP server is something an operator must ask for).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key and line.
+        message: String,
+    },
+    /// The values are individually fine but do not fit together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the image store, catalog, keys and leases live.
+    pub data_dir: PathBuf,
+    /// HTTP: iPXE scripts, kernels, initramfs, layers, the API.
+    pub http: HttpConfig,
+    /// TFTP, for PXE ROMs that need an iPXE binary first.
+    pub tftp: TftpConfig,
+    /// DHCP and proxyDHCP.
+    pub dhcp: DhcpConfig,
+    /// Router advertisements that end iPXE's IPv6 wait.
+    pub ra: RaConfig,
+    /// What booting nodes get.
+    pub boot: BootConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("strata-data"),
+            http: HttpConfig::default(),
+            tftp: TftpConfig::default(),
+            dhcp: DhcpConfig::default(),
+            ra: RaConfig::default(),
+            boot: BootConfig::default(),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The URL nodes use to reach this server (put in iPXE scripts, DHCP answers and kernel
+    /// command lines). Default: `http://<dhcp.server_ip or the listen address>:<port>`.
+    pub public_url: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: SocketAddr::from(([0, 0, 0, 0], 8080)), public_url: None }
+    }
+}
+
+/// `[tftp]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TftpConfig {
+    /// Serve TFTP at all.
+    pub enabled: bool,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The TFTP root. Default: Debian's iPXE binaries (`/usr/lib/ipxe`).
+    pub root: PathBuf,
+}
+
+impl Default for TftpConfig {
+    fn default() -> Self {
+        TftpConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 69)),
+            root: PathBuf::from("/usr/lib/ipxe"),
+        }
+    }
+}
+
+/// How the DHCP service answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DhcpMode {
+    /// No DHCP service.
+    Off,
+    /// A full DHCP server: addresses from a pool and reservations, plus boot information.
+    Full,
+    /// proxyDHCP: boot information only, beside the site's own DHCP server.
+    Proxy,
+}
+
+/// `[dhcp]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DhcpConfig {
+    /// `off`, `full` or `proxy`.
+    pub mode: DhcpMode,
+    /// The interface to serve on (required unless `mode = "off"`).
+    pub interface: Option<String>,
+    /// This server's address on that interface (siaddr, server identifier, next-server).
+    pub server_ip: Option<Ipv4Addr>,
+    /// First address of the pool (full mode).
+    pub pool_start: Option<Ipv4Addr>,
+    /// Last address of the pool (full mode).
+    pub pool_end: Option<Ipv4Addr>,
+    /// Subnet mask handed out (full mode).
+    pub netmask: Ipv4Addr,
+    /// Default router handed out, if any.
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers handed out.
+    pub dns: Vec<Ipv4Addr>,
+    /// Lease time in seconds.
+    pub lease_secs: u32,
+    /// Fixed addresses per MAC.
+    pub reservations: Vec<Reservation>,
+}
+
+impl Default for DhcpConfig {
+    fn default() -> Self {
+        DhcpConfig {
+            mode: DhcpMode::Off,
+            interface: None,
+            server_ip: None,
+            pool_start: None,
+            pool_end: None,
+            netmask: Ipv4Addr::new(255, 255, 255, 0),
+            router: None,
+            dns: Vec::new(),
+            lease_secs: 3600,
+            reservations: Vec::new(),
+        }
+    }
+}
+
+/// A fixed address for one MAC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reservation {
+    /// The client's MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Optional host name.
+    pub hostname: Option<String>,
+}
+
+/// `[ra]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaConfig {
+    /// The interface on which to answer router solicitations (none: off).
+    pub interface: Option<String>,
+}
+
+/// `[boot]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootConfig {
+    /// The kernel nodes boot (node-init runs under it). Default: Debian's kernel in the
+    /// Strata cache (`scripts/setup.sh` unpacks it).
+    pub kernel: Option<PathBuf>,
+    /// The node-init initramfs (`scripts/build-initramfs.sh` builds it). The server appends
+    /// its public key to it before serving.
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel command-line arguments.
+    pub cmdline: String,
+    /// Role given to nodes nobody assigned.
+    pub default_role: String,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        BootConfig {
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            default_role: "web".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file. Unknown keys are errors naming the key and line.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that the values fit together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.dhcp;
+        if d.mode != DhcpMode::Off {
+            if d.interface.is_none() {
+                return Err(ConfigError::Invalid("dhcp.interface is required when dhcp.mode is not \"off\"".into()));
+            }
+            if d.server_ip.is_none() {
+                return Err(ConfigError::Invalid("dhcp.server_ip is required when dhcp.mode is not \"off\"".into()));
+            }
+        }
+        if d.mode == DhcpMode::Full {
+            match (d.pool_start, d.pool_end) {
+                (Some(a), Some(b)) if u32::from(a) <= u32::from(b) => {}
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::Invalid("dhcp.pool_start is after dhcp.pool_end".into()))
+                }
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "dhcp.pool_start and dhcp.pool_end are required in full mode".into(),
+                    ))
+                }
+            }
+        }
+        if let Some(url) = &self.http.public_url {
+            if !url.starts_with("http://") {
+                return Err(ConfigError::Invalid(format!("http.public_url {url:?} must start with http://")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The URL nodes use to reach the HTTP service, without a trailing slash.
+    pub fn public_url(&self) -> String {
+        if let Some(url) = &self.http.public_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        let port = self.http.listen.port();
+        let host = match (self.dhcp.server_ip, self.http.listen.ip()) {
+            (Some(ip), _) => ip.to_string(),
+            (None, ip) if !ip.is_unspecified() => ip.to_string(),
+            _ => "127.0.0.1".to_owned(),
+        };
+        format!("http://{host}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", Path::new("x.toml")).unwrap();
+        assert_eq!(c.dhcp.mode, DhcpMode::Off);
+        assert_eq!(c.http.listen.port(), 8080);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[http]\nlisten = \"0.0.0.0:80\"\nbogus = 1\n", Path::new("x.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn full_dhcp_needs_a_pool() {
+        let err = Config::parse(
+            "[dhcp]\nmode = \"full\"\ninterface = \"br0\"\nserver_ip = \"10.0.0.1\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(ref m) if m.contains("pool")), "{err}");
+    }
+
+    #[test]
+    fn public_url_follows_server_ip() {
+        let c = Config::parse(
+            "[dhcp]\nmode = \"proxy\"\ninterface = \"br0\"\nserver_ip = \"10.42.0.1\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.public_url(), "http://10.42.0.1:8080");
+    }
+}

@@ -1,0 +1,203 @@
+//! The HTTP service (axum): iPXE scripts, the kernel and initramfs, layers (with `Range`, for
+//! resumed downloads and chunk repair), node manifests and node reports.
+//!
+//! Booting nodes reach these without a token: `/boot/*` (iPXE has no credentials), `/layers/*`
+//! (content-addressed: a client must already know the blake3 it asks for, and the bytes are
+//! the same for every node of a version), and the manifest and report routes under
+//! `/api/v1/nodes/by-mac/{mac}` (the manifest is signed; the node layer it names holds the
+//! node's identity). Operator routes come with the orchestrator.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tower_http::services::ServeFile;
+use wire::manifest::SignedManifest;
+use wire::LayerId;
+
+use crate::boot::ipxe;
+use crate::fleet::{Fleet, FleetError};
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The server's URL as nodes reach it.
+    pub public_url: String,
+    /// The kernel nodes boot.
+    pub kernel: Option<PathBuf>,
+    /// The initramfs with the server key appended.
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel arguments.
+    pub cmdline: String,
+    /// Nodes, roles, images and manifests.
+    pub fleet: Arc<Fleet>,
+}
+
+/// The router for the whole HTTP service.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/boot/ipxe", get(chain_script))
+        .route("/boot/node.ipxe", get(node_script))
+        .route("/boot/kernel", get(kernel))
+        .route("/boot/initramfs", get(initramfs))
+        .route("/layers/{id}", get(layer))
+        .route("/api/v1/nodes/by-mac/{mac}/manifest", get(manifest))
+        .route("/api/v1/nodes/by-mac/{mac}/report", post(report))
+        .with_state(state)
+}
+
+/// An error as the client sees it: a status, a stable code and a message. Internal detail
+/// goes to the log only.
+#[derive(Debug)]
+pub struct HttpError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl HttpError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        HttpError { status: StatusCode::BAD_REQUEST, code: "invalid_request", message: message.into() }
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        HttpError { status: StatusCode::NOT_FOUND, code: "not_found", message: message.into() }
+    }
+    fn unavailable(message: impl Into<String>) -> Self {
+        HttpError { status: StatusCode::SERVICE_UNAVAILABLE, code: "unavailable", message: message.into() }
+    }
+}
+
+impl From<FleetError> for HttpError {
+    fn from(err: FleetError) -> Self {
+        match err {
+            FleetError::NoImage { .. } => HttpError::unavailable(err.to_string()),
+            FleetError::Internal(ref detail) => {
+                tracing::error!(error = %detail, "fleet error");
+                HttpError {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    code: "internal",
+                    message: "internal error; see the server log".into(),
+                }
+            }
+        }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn ipxe_response(script: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], script).into_response()
+}
+
+fn parse_mac(text: &str) -> Result<String, HttpError> {
+    ipxe::normalize_mac(text)
+        .ok_or_else(|| HttpError::bad_request(format!("not a MAC address: {:?}", truncate(text))))
+}
+
+fn truncate(text: &str) -> &str {
+    match text.char_indices().nth(64) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}
+
+async fn chain_script(State(st): State<HttpState>) -> Response {
+    ipxe_response(ipxe::chain_script(&st.public_url))
+}
+
+#[derive(Deserialize)]
+struct MacQuery {
+    mac: String,
+}
+
+async fn node_script(
+    State(st): State<HttpState>,
+    Query(q): Query<MacQuery>,
+) -> Result<Response, HttpError> {
+    let mac = parse_mac(&q.mac)?;
+    let node = st.fleet.node_booting(&mac).await?;
+    Ok(ipxe_response(ipxe::node_script(&ipxe::NodeBoot {
+        public_url: &st.public_url,
+        mac: &mac,
+        node: &node.name,
+        role: &node.role,
+        extra_cmdline: &st.cmdline,
+    })))
+}
+
+async fn serve_file(path: Option<&PathBuf>, what: &str, req: Request) -> Result<Response, HttpError> {
+    let path = path.ok_or_else(|| {
+        HttpError::unavailable(format!("no {what} configured (boot.{what} in the configuration)"))
+    })?;
+    match ServeFile::new(path).try_call(req).await {
+        Ok(resp) => Ok(resp.into_response()),
+        Err(err) => {
+            tracing::error!(file = %path.display(), error = %err, "serving file");
+            Err(HttpError::not_found(format!("{what} unreadable")))
+        }
+    }
+}
+
+async fn kernel(State(st): State<HttpState>, req: Request) -> Result<Response, HttpError> {
+    serve_file(st.kernel.as_ref(), "kernel", req).await
+}
+
+async fn initramfs(State(st): State<HttpState>, req: Request) -> Result<Response, HttpError> {
+    serve_file(st.initramfs.as_ref(), "initramfs", req).await
+}
+
+#[derive(Deserialize)]
+struct LayerQuery {
+    node: Option<String>,
+}
+
+async fn layer(
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+    Query(q): Query<LayerQuery>,
+    req: Request,
+) -> Result<Response, HttpError> {
+    let id: LayerId = id
+        .trim_end_matches(".vhdx")
+        .parse()
+        .map_err(|_| HttpError::bad_request(format!("not a layer id: {:?}", truncate(&id))))?;
+    let path = st
+        .fleet
+        .layer_path(&id)
+        .await?
+        .ok_or_else(|| HttpError::not_found(format!("no layer {id}")))?;
+    let resp = serve_file(Some(&path), "layer", req).await?;
+    let sent = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    if let (Some(n), Some(mac)) = (sent, q.node.as_deref().and_then(ipxe::normalize_mac)) {
+        st.fleet.count_layer_bytes(&mac, n);
+    }
+    Ok(resp)
+}
+
+async fn manifest(
+    State(st): State<HttpState>,
+    Path(mac): Path<String>,
+) -> Result<Json<SignedManifest>, HttpError> {
+    let mac = parse_mac(&mac)?;
+    Ok(Json(st.fleet.signed_manifest(&mac).await?))
+}
+
+async fn report(
+    State(st): State<HttpState>,
+    Path(mac): Path<String>,
+    Json(report): Json<serde_json::Value>,
+) -> Result<StatusCode, HttpError> {
+    let mac = parse_mac(&mac)?;
+    st.fleet.record_report(&mac, report).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
