@@ -209,6 +209,11 @@ impl Lab {
         self.shared.mark_failed();
     }
 
+    /// Forgets an expected failure (a test that provoked a failed wait on purpose).
+    pub fn clear_failed(&self) {
+        self.shared.failed.store(false, Ordering::Relaxed);
+    }
+
     /// Starts a boot server in the namespace and returns its index for [`Lab::server`].
     pub fn start_server(&mut self, server: &dyn BootServer) -> Result<usize> {
         let dir = self.shared.dir.join("servers").join(format!("{}-{}", server.name(), self.server_starts));

@@ -137,8 +137,8 @@ pub struct Dnsmasq {
     /// ends at once instead of waiting out its timeout. Needs the lab's IPv6 on the bridge.
     pub router_advert: bool,
     /// For BIOS: make the NIC ROM's iPXE chainload `undionly.kpxe` over TFTP before the
-    /// script (the plain PXE ROM path). The chainloaded iPXE is told apart by an iPXE script
-    /// stage (see [`Dnsmasq::start`]).
+    /// script (the plain PXE ROM path: what a non-iPXE BIOS PXE ROM does). The chainloaded
+    /// iPXE is told apart by a first-stage iPXE script that looks at its driver.
     pub chain_undionly: bool,
 }
 
@@ -232,13 +232,17 @@ impl BootServer for Dnsmasq {
             ]);
             if self.chain_undionly {
                 // The NIC ROM's iPXE and the chainloaded undionly.kpxe send the same DHCP
-                // options; a first-stage script tells them apart by the `chained` setting
-                // only the second one sees empty... see docs/lab.md. The ROM runs stage1,
-                // which chains undionly.kpxe with a URI parameter marking the second stage.
+                // options, so dnsmasq cannot tell them apart; both get stage1.ipxe, which
+                // looks at the driver: `${netX/chip}` is `undionly` only in the chainloaded
+                // iPXE (the ROM's is `virtio-net`, `e1000`...). Lines stay short: SeaBIOS's
+                // serial console wraps at 80 columns.
                 write_public(
                     &root.join("stage1.ipxe"),
                     format!(
-                        "#!ipxe\niseq ${{netX/chip}} undionly && chain {http}/boot.ipxe ||\necho STRATA lab chain undionly\nchain tftp://{ip}/undionly.kpxe\n"
+                        "#!ipxe\necho STRATA lab stage1 chip=${{netX/chip}}\n\
+                         iseq ${{netX/chip}} undionly && chain {http}/boot.ipxe ||\n\
+                         echo STRATA lab chain undionly\n\
+                         chain tftp://{ip}/undionly.kpxe\n"
                     )
                     .as_bytes(),
                 )?;
