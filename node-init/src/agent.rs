@@ -1,0 +1,168 @@
+//! Agent mode: the same binary, run inside the booted image as `/run/strata/node-init agent
+//! <command>` (node-init leaves a copy of itself, the server key and `boot.json` in
+//! /run/strata, and the cache mounted at /run/strata/cache).
+//!
+//! - `confirm`: the image is healthy: the running version becomes last known good.
+//! - `stage`: ask the server for this node's assignment; if it names another version,
+//!   download and verify its layers into the cache now. It becomes active at the next boot.
+//! - `verify`: re-hash every cached layer of the running version; report drift.
+//! - `run [interval-secs]`: confirm, then every interval stage, verify and report (deltas).
+//!
+//! Markers: `STRATA agent=confirmed ...`, `STRATA agent=staged ...`, `STRATA agent=drift ...`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use wire::report::{NodeState, NodeStatus};
+
+use crate::boot::{self, BootInfo, InitError, CACHE_MOUNT, RUN_DIR};
+use crate::bootcount::{self, Entry};
+use crate::cache::Cache;
+use crate::fetch;
+use crate::http::Client;
+use crate::report::Reporter;
+use crate::{info, marker};
+
+/// An agent failure.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Missing /run/strata files (not started by node-init?).
+    #[error("{path}: {source}")]
+    Setup {
+        /// The file.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The running version is not the cache's current one.
+    #[error("running version {0} is not the cache's current version")]
+    NotCurrent(u64),
+    /// A boot-flow step failed.
+    #[error(transparent)]
+    Boot(#[from] InitError),
+    /// Usage.
+    #[error("usage: node-init agent confirm|stage|verify|run [interval-secs]")]
+    Usage,
+}
+
+struct Ctx {
+    info: BootInfo,
+    cache: Cache,
+    key: ed25519_dalek::VerifyingKey,
+}
+
+fn setup(run: &Path) -> Result<Ctx, AgentError> {
+    let read = |name: &str| {
+        let p = run.join(name);
+        std::fs::read(&p).map_err(|source| AgentError::Setup { path: p.display().to_string(), source })
+    };
+    let info: BootInfo = serde_json::from_slice(&read("boot.json")?).map_err(|e| AgentError::Setup {
+        path: "boot.json".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let key_text = String::from_utf8_lossy(&read("server.pub")?).into_owned();
+    let key = wire::manifest::parse_verifying_key(&key_text)
+        .map_err(|e| AgentError::Boot(InitError::Key(e.to_string())))?;
+    let cache = Cache::open(&run.join("cache")).map_err(|e| AgentError::Boot(e.into()))?;
+    Ok(Ctx { info, cache, key })
+}
+
+/// Runs an agent command; `args` excludes `agent`.
+pub fn main(args: &[String]) -> Result<(), AgentError> {
+    let run = Path::new(RUN_DIR);
+    debug_assert!(Path::new(CACHE_MOUNT).starts_with(run));
+    let ctx = setup(run)?;
+    match args.first().map(String::as_str) {
+        Some("confirm") => confirm(&ctx),
+        Some("stage") => stage(&ctx).map(|_| ()),
+        Some("verify") => verify(&ctx).map(|_| ()),
+        Some("run") => {
+            let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60u64);
+            run_loop(&ctx, Duration::from_secs(secs.max(1)))
+        }
+        _ => Err(AgentError::Usage),
+    }
+}
+
+fn confirm(ctx: &Ctx) -> Result<(), AgentError> {
+    let mut state = ctx.cache.load_state();
+    if !bootcount::confirm(&mut state, &ctx.info.entry) {
+        return Err(AgentError::NotCurrent(ctx.info.entry.version));
+    }
+    ctx.cache.save_state(&state).map_err(|e| AgentError::Boot(e.into()))?;
+    crate::sys::process::sync();
+    marker!("agent=confirmed version={} role={}", ctx.info.entry.version, ctx.info.entry.role);
+    Ok(())
+}
+
+fn client(ctx: &Ctx) -> Option<Client> {
+    ctx.info.server.map(Client::new)
+}
+
+/// Stages the server's assignment; returns the staged entry if it differs from the running one.
+fn stage(ctx: &Ctx) -> Result<Option<Entry>, AgentError> {
+    let Some(c) = client(ctx) else { return Ok(None) };
+    let Some((signed, m)) = boot::fetch_manifest(&c, &ctx.info.mac, &ctx.key)? else {
+        info!("agent: server unreachable, nothing staged");
+        return Ok(None);
+    };
+    let entry = Entry::of(&m);
+    if entry == ctx.info.entry {
+        return Ok(None);
+    }
+    ctx.cache.store_manifest(&entry, &signed).map_err(|e| AgentError::Boot(e.into()))?;
+    let (bytes, _) = boot::ensure_layers(&ctx.cache, Some(&c), &m)?;
+    marker!("agent=staged version={} role={} bytes={}", entry.version, entry.role, bytes);
+    Ok(Some(entry))
+}
+
+/// Re-verifies the running version's layers; returns the drifted ones.
+fn verify(ctx: &Ctx) -> Result<Vec<wire::LayerId>, AgentError> {
+    let m = ctx.cache.load_manifest(&ctx.info.entry, &ctx.key).map_err(|e| AgentError::Boot(e.into()))?;
+    let mut drift = Vec::new();
+    for l in &m.layers {
+        let bad = ctx.cache.verify_layer(l).map_err(|e| AgentError::Boot(e.into()))?;
+        if !bad.is_empty() {
+            marker!("agent=drift layer={} chunks={}", l.id, bad.len());
+            drift.push(l.id);
+        }
+    }
+    if drift.is_empty() {
+        marker!("agent=verified layers={}", m.layers.len());
+    }
+    Ok(drift)
+}
+
+fn run_loop(ctx: &Ctx, every: Duration) -> Result<(), AgentError> {
+    confirm(ctx)?;
+    let mut reporter = Reporter::new(&ctx.info.mac);
+    loop {
+        let staged = stage(ctx).unwrap_or_else(|e| {
+            info!("agent: staging failed: {}", fetch::chain(&e));
+            None
+        });
+        let drift = verify(ctx).unwrap_or_default();
+        let state = ctx.cache.load_state();
+        let status = NodeStatus {
+            state: NodeState::Healthy,
+            role: Some(ctx.info.entry.role.clone()),
+            version: Some(ctx.info.entry.version),
+            last_known_good: state.last_known_good.as_ref().map(|e| e.version),
+            boot_count: state.boot_count,
+            cached_layers: Vec::new(),
+            drift,
+            message: staged.map(|e| format!("staged version {}", e.version)),
+        };
+        if let Some(c) = client(ctx) {
+            reporter.send(&c, &status);
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// The server address an agent would use (for tests).
+pub fn server_of(info: &BootInfo) -> Option<SocketAddr> {
+    info.server
+}

@@ -1,0 +1,330 @@
+//! A small blocking HTTP/1.1 client (RFC 9112) on std's `TcpStream`: GET with an optional
+//! `Range` (RFC 9110 §14), POST of a JSON body, one request per connection
+//! (`Connection: close`). Bodies framed by `Content-Length`, `chunked`, or connection close.
+//! Everything received is bounded: status line and headers (16 KiB), chunk-size lines.
+//!
+//! Hand-written rather than `ureq`: node-init needs only this much, it adds about 30 KiB to the
+//! static binary instead of several hundred, and it exposes `Content-Range` exactly.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+const MAX_HEAD: usize = 16 * 1024;
+
+/// An HTTP failure.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// TCP connect failed (server down or unreachable).
+    #[error("connect to {addr}")]
+    Connect {
+        /// Server address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading or writing the connection failed (including time-outs).
+    #[error("HTTP I/O")]
+    Io(#[from] io::Error),
+    /// The server answered with an unexpected status.
+    #[error("GET/POST {path}: HTTP status {status}")]
+    Status {
+        /// Request path.
+        path: String,
+        /// Status code.
+        status: u16,
+    },
+    /// The response does not follow HTTP/1.1.
+    #[error("malformed HTTP response: {0}")]
+    Malformed(&'static str),
+    /// A body larger than the caller allows.
+    #[error("response body exceeds {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl HttpError {
+    /// True if the server could not be reached at all (as opposed to answering badly).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, HttpError::Connect { .. })
+    }
+}
+
+/// A client for one server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+}
+
+/// `Content-Range: bytes first-last/total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentRange {
+    /// First byte.
+    pub first: u64,
+    /// Last byte (inclusive).
+    pub last: u64,
+    /// Full length, if known.
+    pub total: Option<u64>,
+}
+
+enum Framing {
+    Length(u64),
+    Chunked { left: u64, done: bool },
+    Close,
+}
+
+/// A response whose body is read through `Read`.
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// `Content-Length`, if sent.
+    pub content_length: Option<u64>,
+    /// `Content-Range`, if sent.
+    pub content_range: Option<ContentRange>,
+    reader: BufReader<TcpStream>,
+    framing: Framing,
+}
+
+impl Client {
+    /// A client for `addr` with default time-outs (3 s connect, 15 s per read).
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, connect_timeout: Duration::from_secs(3), io_timeout: Duration::from_secs(15) }
+    }
+
+    /// The server address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn connect(&self) -> Result<TcpStream, HttpError> {
+        let s = TcpStream::connect_timeout(&self.addr, self.connect_timeout)
+            .map_err(|source| HttpError::Connect { addr: self.addr, source })?;
+        s.set_read_timeout(Some(self.io_timeout))?;
+        s.set_write_timeout(Some(self.io_timeout))?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    /// `GET path`, from byte `from` on if given (`Range: bytes=from-` or `from-to`).
+    /// Returns 200 and 206 responses; any other status is an error.
+    pub fn get(&self, path: &str, range: Option<(u64, Option<u64>)>) -> Result<Response, HttpError> {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+        if let Some((from, to)) = range {
+            match to {
+                Some(to) => req.push_str(&format!("Range: bytes={from}-{to}\r\n")),
+                None => req.push_str(&format!("Range: bytes={from}-\r\n")),
+            }
+        }
+        req.push_str("\r\n");
+        let resp = self.send(req.as_bytes(), &[])?;
+        if resp.status != 200 && resp.status != 206 {
+            return Err(HttpError::Status { path: path.to_owned(), status: resp.status });
+        }
+        Ok(resp)
+    }
+
+    /// `GET path` into memory, refusing bodies over `limit` bytes.
+    pub fn get_bytes(&self, path: &str, limit: usize) -> Result<Vec<u8>, HttpError> {
+        let mut resp = self.get(path, None)?;
+        read_limited(&mut resp, limit)
+    }
+
+    /// `POST path` with a JSON body; returns the status and up to `limit` bytes of body.
+    pub fn post_json(&self, path: &str, body: &[u8], limit: usize) -> Result<(u16, Vec<u8>), HttpError> {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        let mut resp = self.send(head.as_bytes(), body)?;
+        let data = read_limited(&mut resp, limit)?;
+        Ok((resp.status, data))
+    }
+
+    fn send(&self, head: &[u8], body: &[u8]) -> Result<Response, HttpError> {
+        let mut s = self.connect()?;
+        s.write_all(head)?;
+        s.write_all(body)?;
+        s.flush()?;
+        let reader = BufReader::with_capacity(64 * 1024, s);
+        read_head(reader)
+    }
+}
+
+fn read_limited(r: &mut impl Read, limit: usize) -> Result<Vec<u8>, HttpError> {
+    let mut out = Vec::new();
+    let n = r.take(limit as u64 + 1).read_to_end(&mut out)?;
+    if n > limit {
+        return Err(HttpError::TooLarge { limit });
+    }
+    Ok(out)
+}
+
+fn read_line(r: &mut BufReader<TcpStream>, budget: &mut usize) -> Result<String, HttpError> {
+    let mut line = Vec::new();
+    let n = r.by_ref().take(*budget as u64).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Err(HttpError::Malformed("connection closed in the response head"));
+    }
+    *budget = budget.saturating_sub(n);
+    if line.last() != Some(&b'\n') {
+        return Err(HttpError::Malformed("response head too long"));
+    }
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line).map_err(|_| HttpError::Malformed("non-UTF-8 header"))
+}
+
+fn read_head(mut reader: BufReader<TcpStream>) -> Result<Response, HttpError> {
+    let mut budget = MAX_HEAD;
+    let status_line = read_line(&mut reader, &mut budget)?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or("");
+    if !version.starts_with("HTTP/1.") {
+        return Err(HttpError::Malformed("status line"));
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .filter(|s| (100..=599).contains(s))
+        .ok_or(HttpError::Malformed("status code"))?;
+    let mut content_length = None;
+    let mut content_range = None;
+    let mut chunked = false;
+    loop {
+        let line = read_line(&mut reader, &mut budget)?;
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':').ok_or(HttpError::Malformed("header line"))?;
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            content_length =
+                Some(value.parse::<u64>().map_err(|_| HttpError::Malformed("Content-Length"))?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.eq_ignore_ascii_case("chunked");
+            if !chunked && !value.eq_ignore_ascii_case("identity") {
+                return Err(HttpError::Malformed("unsupported Transfer-Encoding"));
+            }
+        } else if name.eq_ignore_ascii_case("content-range") {
+            content_range =
+                Some(parse_content_range(value).ok_or(HttpError::Malformed("Content-Range"))?);
+        }
+    }
+    let framing = if chunked {
+        Framing::Chunked { left: 0, done: false }
+    } else if let Some(n) = content_length {
+        Framing::Length(n)
+    } else if status == 204 || status == 304 {
+        Framing::Length(0)
+    } else {
+        Framing::Close
+    };
+    Ok(Response { status, content_length, content_range, reader, framing })
+}
+
+/// Parses `bytes first-last/total` (total may be `*`).
+pub fn parse_content_range(v: &str) -> Option<ContentRange> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let first: u64 = a.trim().parse().ok()?;
+    let last: u64 = b.trim().parse().ok()?;
+    let total = if total.trim() == "*" { None } else { Some(total.trim().parse().ok()?) };
+    if last < first || total.is_some_and(|t| last >= t) {
+        return None;
+    }
+    Some(ContentRange { first, last, total })
+}
+
+impl Read for Response {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.framing {
+            Framing::Length(left) => {
+                if *left == 0 || buf.is_empty() {
+                    return Ok(0);
+                }
+                let want = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let n = self.reader.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body cut short"));
+                }
+                *left -= n as u64;
+                Ok(n)
+            }
+            Framing::Close => self.reader.read(buf),
+            Framing::Chunked { left, done } => {
+                if *done || buf.is_empty() {
+                    return Ok(0);
+                }
+                if *left == 0 {
+                    let mut budget = 1024;
+                    let line = read_line(&mut self.reader, &mut budget).map_err(to_io)?;
+                    let size = line.split(';').next().unwrap_or("").trim();
+                    let size = u64::from_str_radix(size, 16)
+                        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "chunk size"))?;
+                    if size == 0 {
+                        // Trailers end with an empty line.
+                        loop {
+                            let mut budget = 4096;
+                            if read_line(&mut self.reader, &mut budget).map_err(to_io)?.is_empty() {
+                                break;
+                            }
+                        }
+                        *done = true;
+                        return Ok(0);
+                    }
+                    *left = size;
+                }
+                let want = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let n = self.reader.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "chunk cut short"));
+                }
+                *left -= n as u64;
+                if *left == 0 {
+                    let mut crlf = [0u8; 2];
+                    self.reader.read_exact(&mut crlf)?;
+                    if &crlf != b"\r\n" {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk end"));
+                    }
+                }
+                Ok(n)
+            }
+        }
+    }
+}
+
+fn to_io(e: HttpError) -> io::Error {
+    match e {
+        HttpError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_forms() {
+        assert_eq!(
+            parse_content_range("bytes 10-19/100"),
+            Some(ContentRange { first: 10, last: 19, total: Some(100) })
+        );
+        assert_eq!(
+            parse_content_range("bytes 0-0/*"),
+            Some(ContentRange { first: 0, last: 0, total: None })
+        );
+        assert_eq!(parse_content_range("bytes 20-10/100"), None);
+        assert_eq!(parse_content_range("bytes 0-100/100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+}

@@ -1,0 +1,58 @@
+//! State reports to the server as deltas (wire::report): the reporter keeps the last status
+//! the server acknowledged and sends only what changed. Best effort: a node boots whether or
+//! not the server hears about it.
+
+use wire::report::{NodeStatus, ReportAck, StateReport};
+
+use crate::http::Client;
+
+/// Sends deltas for one node.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Reporter {
+    /// The node's MAC.
+    pub mac: String,
+    /// Last sequence number sent and acknowledged.
+    pub seq: u64,
+    /// The status the server holds (as of `seq`).
+    pub acked: NodeStatus,
+}
+
+impl Reporter {
+    /// A reporter that has sent nothing yet.
+    pub fn new(mac: &str) -> Self {
+        Self { mac: mac.to_owned(), seq: 0, acked: NodeStatus::default() }
+    }
+
+    /// Sends what changed from the acknowledged status to `now`. Returns whether the server
+    /// accepted it. An empty delta is not sent.
+    pub fn send(&mut self, client: &Client, now: &NodeStatus) -> bool {
+        let delta = self.acked.diff(now);
+        if delta.is_empty() && self.seq > 0 {
+            return true;
+        }
+        let report = StateReport { mac: self.mac.clone(), seq: self.seq + 1, base_seq: self.seq, delta };
+        let Ok(body) = serde_json::to_vec(&report) else { return false };
+        let path = format!("/api/v1/nodes/by-mac/{}/report", self.mac);
+        match client.post_json(&path, &body, 64 * 1024) {
+            Ok((status, resp)) if (200..300).contains(&status) => {
+                let ack: ReportAck = serde_json::from_slice(&resp).unwrap_or_default();
+                if ack.resend_full {
+                    self.seq = 0;
+                    self.acked = NodeStatus::default();
+                    return false;
+                }
+                self.seq += 1;
+                self.acked = now.clone();
+                true
+            }
+            Ok((status, _)) => {
+                crate::info!("report not accepted: HTTP {status}");
+                false
+            }
+            Err(e) => {
+                crate::info!("report not sent: {}", crate::fetch::chain(&e));
+                false
+            }
+        }
+    }
+}
