@@ -53,7 +53,6 @@ pub(crate) enum Piece {
 }
 
 /// An open VHDX file.
-#[derive(Debug)]
 pub struct Vhdx {
     path: PathBuf,
     file: File,
@@ -70,6 +69,19 @@ pub struct Vhdx {
     alloc_end: u64,
     /// New FileWriteGuid/DataWriteGuid to use for the write session (deterministic output).
     session_guids: Option<(Uuid, Uuid)>,
+}
+
+impl std::fmt::Debug for Vhdx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vhdx")
+            .field("path", &self.path)
+            .field("writable", &self.writable)
+            .field("header", &self.header)
+            .field("regions", &self.regions)
+            .field("meta", &self.meta)
+            .field("bat_entries", &self.bat.len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn truncated(path: &Path, structure: Structure, offset: u64, file_size: u64) -> VhdxError {
@@ -139,12 +151,6 @@ impl Vhdx {
             _ => return Err(VhdxError::NotVhdx { file: path.to_path_buf() }),
         };
         let (header, header_slot) = header::choose(path, h1, h2)?;
-        if header.log_length > 0 {
-            let end = header.log_offset.saturating_add(u64::from(header.log_length));
-            if end > size {
-                return Err(truncated(path, Structure::LogEntry, header.log_offset, size));
-            }
-        }
         let mut tables = [0, 1].map(|i| {
             let offset = REGION_TABLE_OFFSETS.get(i).copied().unwrap_or(0);
             read_struct(&file, path, size, Structure::RegionTable(i as u8 + 1), offset, REGION_TABLE_SIZE as u64)
@@ -160,11 +166,18 @@ impl Vhdx {
                 }
                 r
             }
+            (Some(Err(a)), Some(Err(_))) if matches!(a, VhdxError::Unsupported { .. }) => return Err(a),
             (Some(Err(a)), Some(Err(b))) => {
                 return Err(VhdxError::NoValidRegionTable { file: path.to_path_buf(), first: Box::new(a), second: Box::new(b) })
             }
             _ => return Err(VhdxError::NotVhdx { file: path.to_path_buf() }),
         };
+        if header.log_length > 0 {
+            let end = header.log_offset.saturating_add(u64::from(header.log_length));
+            if end > size {
+                return Err(truncated(path, Structure::LogEntry, header.log_offset, size));
+            }
+        }
         let log_region = Region { offset: header.log_offset, length: u64::from(header.log_length) };
         for r in [regions.bat, regions.metadata] {
             if header.log_length > 0 && region::overlaps(r, log_region) {
