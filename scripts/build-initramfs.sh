@@ -29,7 +29,7 @@ done
 # Boot NICs and disks of the lab and common hardware, loop + device-mapper for attaching the
 # chain, ext4 for the cache and images, nbd for a future NBD attach.
 MODULES="virtio_pci virtio_net virtio_blk virtio_scsi sd_mod e1000 e1000e
-  loop dm_mod dm_snapshot crc32c_generic ext4 nbd $extra"
+  loop dm_mod dm_zero dm_snapshot crc32c_generic ext4 nbd $extra"
 
 for tool in cpio gzip depmod busybox; do
   command -v "$tool" >/dev/null || { echo "$tool missing: run scripts/setup.sh" >&2; exit 1; }

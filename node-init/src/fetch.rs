@@ -204,9 +204,14 @@ fn fetch_once(
         };
         let data = buf.get(..n).unwrap_or_default();
         if let Err(source) = verifier.update(data) {
-            // Keep only the chunks before the bad one.
+            // Keep the verified chunks before the bad one (some may be in this buffer).
             if let VerifyError::ChunkMismatch { range, .. } = &source {
-                let _ = file.set_len(range.start.min(pos));
+                let good = usize::try_from(range.start.saturating_sub(pos)).unwrap_or(0).min(n);
+                if file.write_all(data.get(..good).unwrap_or_default()).is_ok() {
+                    stats.received += good as u64;
+                    let _ = file.set_len(pos + good as u64);
+                    let _ = file.sync_data();
+                }
             }
             return Err((stats, FetchError::Verify { id: l.id, source }));
         }
