@@ -73,6 +73,10 @@ struct ServerArgs {
     /// {{range_end}} {{dir}} {{data_dir}} {{kernel}} {{initrd}} {{cmdline}} are filled in.
     #[arg(long, value_name = "FILE")]
     strata_template: Option<PathBuf>,
+    /// Let `strata serve` boot its own kernel and initramfs (node-init) instead of the
+    /// lab's test initramfs (`up` does this unless --kernel/--initrd are given).
+    #[arg(long)]
+    strata_own_boot: bool,
     /// `strata serve --data-dir`.
     #[arg(long, value_name = "DIR")]
     strata_data_dir: Option<PathBuf>,
@@ -157,8 +161,9 @@ struct BenchArgs {
     /// Firmware to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "bios,uefi")]
     firmware: Vec<Fw>,
-    /// Servers to measure: dnsmasq (no router advertisement), dnsmasq-ra, strata (needs --strata).
-    #[arg(long, value_delimiter = ',', default_value = "dnsmasq,dnsmasq-ra")]
+    /// Servers to measure: dnsmasq (no router advertisement), dnsmasq-ra, strata (needs
+    /// --strata), direct (no network boot: QEMU's -kernel/-initrd, the floor).
+    #[arg(long, value_delimiter = ',', default_value = "direct,dnsmasq,dnsmasq-ra")]
     servers: Vec<String>,
     #[arg(long, default_value_t = 240)]
     timeout: u64,
@@ -184,11 +189,12 @@ fn main() -> ExitCode {
 struct Setup {
     lab: LabConfig,
     files: BootFiles,
-    server: Box<dyn BootServer>,
+    /// None for `direct`: QEMU loads the kernel itself (`-kernel`), no network boot.
+    server: Option<Box<dyn BootServer>>,
     label: String,
 }
 
-fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool) -> Result<Setup> {
+fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -> Result<Setup> {
     let kind = match kind {
         Some(k) => k.to_owned(),
         None => match a.server {
@@ -198,7 +204,12 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool) -> Result<S
             None => if a.ra { "dnsmasq-ra".into() } else { "dnsmasq".into() },
         },
     };
-    let mut lab = LabConfig { work_dir: a.work_dir.clone(), echo, ipv6: a.ipv6 || kind != "dnsmasq", ..LabConfig::default() };
+    let mut lab = LabConfig {
+        work_dir: a.work_dir.clone(),
+        echo,
+        ipv6: a.ipv6 || kind == "dnsmasq-ra" || kind == "strata",
+        ..LabConfig::default()
+    };
     // The boot files live outside the lab's directory so one set serves many labs.
     let fixtures = fixture::cache_dir().join("lab");
     std::fs::create_dir_all(&fixtures).with_context(|| format!("creating {}", fixtures.display()))?;
@@ -213,12 +224,13 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool) -> Result<S
     if let Some(c) = &a.cmdline {
         files.cmdline.clone_from(c);
     }
-    let server: Box<dyn BootServer> = match kind.as_str() {
+    let server: Option<Box<dyn BootServer>> = match kind.as_str() {
+        "direct" => None,
         "dnsmasq" | "dnsmasq-ra" => {
             let mut d = Dnsmasq::pxe(files.clone());
             d.router_advert = kind == "dnsmasq-ra";
             d.chain_undionly = boot == Boot::Undionly;
-            Box::new(d)
+            Some(Box::new(d))
         }
         "strata" => {
             let Some(bin) = &a.strata else { bail!("the strata server needs --strata <path to the strata binary>") };
@@ -226,22 +238,24 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool) -> Result<S
                 bail!("--boot undionly is a dnsmasq lab path; Strata chainloads iPXE by itself");
             }
             let mut s = Strata::new(bin);
-            s.boot = Some(files.clone());
+            // The lab's marker initramfs unless the server is to boot its own (node-init).
+            let own = a.strata_own_boot || (up && a.kernel.is_none() && a.initrd.is_none());
+            s.boot = (!own).then(|| files.clone());
             s.config = match (&a.strata_config, &a.strata_template) {
                 (Some(f), _) => StrataConfig::File(f.clone()),
                 (None, Some(t)) => StrataConfig::Template(
                     std::fs::read_to_string(t).with_context(|| format!("reading {}", t.display()))?,
                 ),
-                (None, None) => StrataConfig::None,
+                (None, None) => StrataConfig::Lab,
             };
             s.data_dir.clone_from(&a.strata_data_dir);
             s.args.clone_from(&a.strata_args);
             if !a.strata_ready.is_empty() {
                 s.ready.clone_from(&a.strata_ready);
             }
-            Box::new(s)
+            Some(Box::new(s))
         }
-        other => bail!("unknown server {other:?} (dnsmasq, dnsmasq-ra, strata)"),
+        other => bail!("unknown server {other:?} (dnsmasq, dnsmasq-ra, strata, direct)"),
     };
     if kind == "dnsmasq" && a.ra {
         lab.ipv6 = true;
@@ -261,9 +275,10 @@ fn vm_config(name: &str, fw: Fw, boot: Boot, memory: u32) -> Result<VmConfig> {
 }
 
 fn up(a: UpArgs) -> Result<()> {
-    let s = setup(&a.server, None, a.boot, !a.quiet)?;
+    let s = setup(&a.server, None, a.boot, !a.quiet, true)?;
     let mut lab = Lab::new(s.lab)?;
-    lab.start_server(s.server.as_ref())?;
+    let Some(server) = &s.server else { bail!("`up` needs a boot server (dnsmasq or strata)") };
+    lab.start_server(server.as_ref())?;
     let (tx, rx) = mpsc::channel();
     ctrlc::set_handler(move || {
         let _ = tx.send(());
@@ -308,14 +323,29 @@ fn up(a: UpArgs) -> Result<()> {
 /// One boot; returns seconds from QEMU start to the marker.
 fn boot_once(s: Setup, fw: Fw, boot: Boot, memory: u32, marker: &str, timeout: u64) -> Result<f64> {
     let mut lab = Lab::new(s.lab)?;
-    lab.start_server(s.server.as_ref())?;
-    let mut vm = lab.start_vm(vm_config("vm0", fw, boot, memory)?)?;
+    let mut cfg = vm_config("vm0", fw, boot, memory)?;
+    match &s.server {
+        Some(server) => {
+            lab.start_server(server.as_ref())?;
+        }
+        None => {
+            cfg.extra_args.extend([
+                "-kernel".into(),
+                s.files.kernel.display().to_string(),
+                "-initrd".into(),
+                s.files.initrd.display().to_string(),
+                "-append".into(),
+                s.files.cmdline.clone(),
+            ]);
+        }
+    }
+    let mut vm = lab.start_vm(cfg)?;
     let t = vm.wait_for_serial(marker, Duration::from_secs(timeout))?;
     Ok(t.as_secs_f64())
 }
 
 fn boot_test(a: BootTestArgs) -> Result<f64> {
-    let s = setup(&a.server, None, a.boot, a.follow)?;
+    let s = setup(&a.server, None, a.boot, a.follow, false)?;
     let label = s.label.clone();
     let t = boot_once(s, a.firmware, a.boot, a.memory, &a.marker, a.timeout)?;
     println!("{:?} {:?} from {label}: QEMU start to {:?} in {t:.2} s", a.firmware, a.boot, a.marker);
@@ -329,15 +359,18 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut rows: Vec<(Fw, String, Vec<f64>)> = Vec::new();
     for &fw in &a.firmware {
         for server in &a.servers {
-            let mut times = Vec::new();
-            for run in 0..a.runs {
-                let s = setup(&a.server, Some(server), Boot::IpxeRom, false)?;
-                let t = boot_once(s, fw, Boot::IpxeRom, 256, fixture::BOOT_MARKER, a.timeout)
-                    .with_context(|| format!("{fw:?} from {server}, run {}", run + 1))?;
-                eprintln!("  {fw:?} {server} run {}: {t:.2} s", run + 1);
-                times.push(t);
-            }
-            rows.push((fw, server.clone(), times));
+            rows.push((fw, server.clone(), Vec::new()));
+        }
+    }
+    // Round robin (run 1 of every configuration, then run 2...), so a load change on the
+    // machine falls on every column alike.
+    for run in 0..a.runs {
+        for (fw, server, times) in &mut rows {
+            let s = setup(&a.server, Some(server), Boot::IpxeRom, false, false)?;
+            let t = boot_once(s, *fw, Boot::IpxeRom, 256, fixture::BOOT_MARKER, a.timeout)
+                .with_context(|| format!("{fw:?} from {server}, run {}", run + 1))?;
+            eprintln!("  {fw:?} {server} run {}: {t:.2} s", run + 1);
+            times.push(t);
         }
     }
     println!("boot time, QEMU start to \"{}\" (TCG, 256 MiB, iPXE ROM, Debian kernel + busybox initramfs), {} runs", fixture::BOOT_MARKER, a.runs);

@@ -271,14 +271,42 @@ impl BootServer for Dnsmasq {
     }
 }
 
+/// The lab's default `strata serve` configuration (keys of server/src/config.rs): full
+/// DHCP on the bridge with the lab's pool, HTTP and TFTP on the lab address, router
+/// advertisements on the bridge, data in the server's directory. `{{boot}}` becomes the
+/// `[boot]` section naming [`Strata::boot`]'s files, or nothing (the server's defaults:
+/// Debian's kernel and the node-init initramfs).
+pub const LAB_CONFIG_TEMPLATE: &str = r#"# written by the Strata lab (qemu-tests/src/server.rs)
+data_dir = "{{data_dir}}"
+
+[http]
+listen = "{{server_ip}}:8080"
+
+[tftp]
+listen = "{{server_ip}}:69"
+
+[dhcp]
+mode = "full"
+interface = "{{bridge}}"
+server_ip = "{{server_ip}}"
+pool_start = "{{range_start}}"
+pool_end = "{{range_end}}"
+netmask = "{{netmask}}"
+
+[ra]
+interface = "{{bridge}}"
+{{boot}}"#;
+
 /// How the lab hands `strata serve` its configuration.
 #[derive(Debug, Clone)]
 pub enum StrataConfig {
+    /// [`LAB_CONFIG_TEMPLATE`]: the lab's network, full DHCP, router advertisements.
+    Lab,
     /// No `--config`: the binary's embedded defaults.
     None,
     /// A config file passed through as is.
     File(PathBuf),
-    /// A TOML template: the lab substitutes `{{bridge}}`, `{{server_ip}}`, `{{prefix_len}}`,
+    /// A TOML template: the lab substitutes (values escaped for a TOML basic string) `{{bridge}}`, `{{server_ip}}`, `{{prefix_len}}`,
     /// `{{netmask}}`, `{{range_start}}`, `{{range_end}}`, `{{dir}}` (the server's fresh
     /// directory), `{{data_dir}}`, and `{{kernel}}`, `{{initrd}}`, `{{cmdline}}` from
     /// [`Strata::boot`], writes it to `<dir>/strata.toml` and passes that.
@@ -309,11 +337,11 @@ pub struct Strata {
 }
 
 impl Strata {
-    /// `strata serve` from `binary` with its embedded defaults, ready at `listening`.
+    /// `strata serve` from `binary` with the lab's configuration, ready at `listening`.
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Self {
             binary: binary.into(),
-            config: StrataConfig::None,
+            config: StrataConfig::Lab,
             data_dir: None,
             args: Vec::new(),
             ready: vec!["listening".into()],
@@ -348,9 +376,18 @@ impl Strata {
         ];
         let mut out = template.to_owned();
         for (k, v) in pairs {
-            out = out.replace(&format!("{{{{{k}}}}}"), &v);
+            out = out.replace(&format!("{{{{{k}}}}}"), &toml_escape(&v));
         }
-        out
+        let boot = match &self.boot {
+            Some(b) => format!(
+                "\n[boot]\nkernel = \"{}\"\ninitramfs = \"{}\"\ncmdline = \"{}\"\n",
+                toml_escape(&b.kernel.display().to_string()),
+                toml_escape(&b.initrd.display().to_string()),
+                toml_escape(&b.cmdline)
+            ),
+            None => String::new(),
+        };
+        out.replace("{{boot}}", &boot)
     }
 }
 
@@ -370,6 +407,12 @@ impl BootServer for Strata {
         cmd.arg("serve");
         match &self.config {
             StrataConfig::None => {}
+            StrataConfig::Lab => {
+                let path = ctx.dir.join("strata.toml");
+                std::fs::write(&path, self.render(LAB_CONFIG_TEMPLATE, ctx))
+                    .with_context(|| format!("writing {}", path.display()))?;
+                cmd.arg("--config").arg(path);
+            }
             StrataConfig::File(p) => {
                 cmd.arg("--config").arg(p);
             }
@@ -396,6 +439,20 @@ impl BootServer for Strata {
         }
         Ok(server)
     }
+}
+
+/// Escapes a value for a TOML basic string ("...").
+fn toml_escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn echo(ctx: &ServerContext<'_>, name: &str) -> Option<String> {
