@@ -1,11 +1,88 @@
-//! The image source `strata serve` boots nodes from: the image store and builder.
+//! The bridge between the image store/builder and the fleet: which chain a node boots. A
+//! node's chain is its role's current image (base, role layer) plus its own node layer
+//! (hostname, machine-id, identity token), built on first request and reused while its facts
+//! and its role's layer are unchanged.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::config::Config;
-use crate::fleet::ImageSource;
+use anyhow::Context;
+use ed25519_dalek::SigningKey;
+use wire::manifest::LayerRef;
+use wire::LayerId;
 
-/// Opens the store under the data directory, building the built-in image if absent.
-pub async fn open(_config: &Config) -> anyhow::Result<Arc<dyn ImageSource>> {
-    anyhow::bail!("image store: integration pending")
+use crate::build::{self, NodeFacts};
+use crate::config::Config;
+use crate::fleet::{FleetError, ImageChain, ImageSource, NodeRecord};
+use crate::keys;
+use crate::store::catalog::LayerRecord;
+use crate::store::Store;
+
+/// Boot tries a new version gets before node-init rolls it back.
+pub const DEFAULT_BOOT_TRIES: u32 = 3;
+
+/// Images from the store under the data directory.
+pub struct StoreImages {
+    store: Store,
+    key: SigningKey,
+}
+
+/// Opens the store under the data directory and makes sure the built-in busybox test image
+/// and its roles are in it (built on first start, reused after).
+pub async fn open(config: &Config, key: SigningKey) -> anyhow::Result<Arc<dyn ImageSource>> {
+    let root = config.data_dir.join("store");
+    let images_dir = build::default_images_dir();
+    let store = tokio::task::spawn_blocking(move || -> anyhow::Result<Store> {
+        let store = Store::open(&root).with_context(|| format!("opening the image store {}", root.display()))?;
+        let built = build::ensure_builtin(&store, &images_dir)
+            .with_context(|| format!("building the built-in image from {}", images_dir.display()))?;
+        tracing::info!(image = %built.image, version = built.version, reused = built.reused,
+            roles = built.roles.len(), "built-in image ready");
+        Ok(store)
+    })
+    .await
+    .context("image store task")??;
+    Ok(Arc::new(StoreImages { store, key }))
+}
+
+fn layer_ref(rec: &LayerRecord) -> LayerRef {
+    LayerRef {
+        id: rec.id,
+        size: rec.size,
+        kind: rec.kind,
+        chunk_size: rec.chunk_size,
+        chunks: rec.chunks.clone(),
+        url: format!("/layers/{}", rec.id),
+    }
+}
+
+impl ImageSource for StoreImages {
+    fn chain_for(&self, role: &str, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
+        let internal = |e: &dyn std::fmt::Display| FleetError::Internal(format!("{role}: {e}"));
+        let Some(image) = self.store.image_for_role(role).map_err(|e| internal(&e))? else {
+            return Ok(None);
+        };
+        let facts = NodeFacts {
+            hostname: node.name.clone(),
+            mac: node.mac.clone(),
+            ip: None,
+            gateway: None,
+            node_id: node.name.clone(),
+            token: keys::node_token(&self.key, &node.mac),
+        };
+        let node_layer = build::node_layer(&self.store, &image, &facts).map_err(|e| internal(&e))?;
+        let mut layers: Vec<LayerRef> = image.layers.iter().map(layer_ref).collect();
+        layers.push(layer_ref(&node_layer));
+        Ok(Some(ImageChain {
+            image: image.image.clone(),
+            version: image.version,
+            layers,
+            boot_tries: DEFAULT_BOOT_TRIES,
+        }))
+    }
+
+    fn layer_path(&self, id: &LayerId) -> Option<PathBuf> {
+        let path = self.store.layer_path(id);
+        path.is_file().then_some(path)
+    }
 }

@@ -60,6 +60,16 @@ pub fn public_hex(key: &VerifyingKey) -> String {
     hex::encode(key.to_bytes())
 }
 
+/// A node's identity token: a keyed blake3 of its MAC under the server's secret key. Stable
+/// (so a node layer carrying it is rebuilt only when its facts change), unguessable without
+/// the key, and checkable by recomputing, so the server stores no per-node secret.
+pub fn node_token(key: &SigningKey, mac: &str) -> String {
+    let mut hasher = blake3::Hasher::new_derive_key("strata 2026 node token v1");
+    hasher.update(&key.to_bytes());
+    hasher.update(mac.as_bytes());
+    hasher.finalize().to_hex().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +82,15 @@ mod tests {
         assert_eq!(a.to_bytes(), b.to_bytes());
         let mode = std::fs::metadata(dir.path().join("server.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn node_tokens_differ_per_node_and_key() {
+        let a = SigningKey::from_bytes(&[1; 32]);
+        let b = SigningKey::from_bytes(&[2; 32]);
+        assert_eq!(node_token(&a, "52:54:00:00:00:01"), node_token(&a, "52:54:00:00:00:01"));
+        assert_ne!(node_token(&a, "52:54:00:00:00:01"), node_token(&a, "52:54:00:00:00:02"));
+        assert_ne!(node_token(&a, "52:54:00:00:00:01"), node_token(&b, "52:54:00:00:00:01"));
     }
 
     #[test]

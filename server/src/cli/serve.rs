@@ -99,7 +99,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
 
-    let images: Arc<dyn ImageSource> = crate::images::open(&config).await?;
+    let images: Arc<dyn ImageSource> = crate::images::open(&config, key.clone()).await?;
     let fleet = Arc::new(Fleet::new(key, images, config.boot.default_role.clone()));
 
     let http = tokio::net::TcpListener::bind(config.http.listen)
