@@ -34,6 +34,8 @@ pub struct HttpState {
     pub initramfs: Option<PathBuf>,
     /// Extra kernel arguments.
     pub cmdline: String,
+    /// The TFTP root (iPXE binaries), also served over HTTP for UEFI HTTP boot.
+    pub tftp_root: PathBuf,
     /// Nodes, roles, images and manifests.
     pub fleet: Arc<Fleet>,
 }
@@ -45,6 +47,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/boot/node.ipxe", get(node_script))
         .route("/boot/kernel", get(kernel))
         .route("/boot/initramfs", get(initramfs))
+        .route("/boot/file/{name}", get(boot_file))
         .route("/layers/{id}", get(layer))
         .route("/api/v1/nodes/by-mac/{mac}/manifest", get(manifest))
         .route("/api/v1/nodes/by-mac/{mac}/report", post(report))
@@ -159,6 +162,26 @@ async fn initramfs(State(st): State<HttpState>, req: Request) -> Result<Response
 #[derive(Deserialize)]
 struct LayerQuery {
     node: Option<String>,
+}
+
+/// A file of the TFTP root by plain name (UEFI HTTP boot clients load `ipxe.efi` this way).
+async fn boot_file(
+    State(st): State<HttpState>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Result<Response, HttpError> {
+    let plain = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !plain {
+        return Err(HttpError::bad_request(format!("not a boot file name: {:?}", truncate(&name))));
+    }
+    let path = st.tftp_root.join(&name);
+    if !path.is_file() {
+        return Err(HttpError::not_found(format!("no boot file {name}")));
+    }
+    serve_file(Some(&path), "boot file", req).await
 }
 
 async fn layer(

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{self, Sockets};
-use crate::boot::initramfs;
-use crate::config::Config;
+use crate::app::Services;
+use crate::boot::{dhcp, initramfs};
+use crate::config::{Config, DhcpMode};
 use crate::fleet::{Fleet, ImageSource};
 use crate::http::HttpState;
 use crate::keys;
@@ -112,11 +112,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         kernel,
         initramfs,
         cmdline: config.boot.cmdline.clone(),
-        fleet,
+        tftp_root: config.tftp.root.clone(),
+        fleet: Arc::clone(&fleet),
     };
-    tracing::info!(http = %http_addr, %public_url, "listening on {http_addr}");
 
     let shutdown = CancellationToken::new();
+    let mut services = Services::new(shutdown.clone());
+    let app = crate::http::router(state);
+    services.spawn("http", move |token| async move {
+        axum::serve(http, app).with_graceful_shutdown(token.cancelled_owned()).await
+    });
+    if config.dhcp.mode != DhcpMode::Off {
+        start_dhcp(&config, &public_url, &fleet, &mut services).await?;
+    }
+    tracing::info!(http = %http_addr, %public_url, "listening on {http_addr}");
+
     let signal_token = shutdown.clone();
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -133,6 +143,90 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         signal_token.cancel();
     });
-    app::run(Sockets { http }, state, shutdown).await?;
+    services.run().await?;
+    Ok(())
+}
+
+/// A UDP socket for a DHCP service: `SO_BROADCAST`, `SO_REUSEADDR` and bound to `iface`
+/// (`SO_BINDTODEVICE`), so the service answers on the boot network only.
+fn dhcp_socket(iface: &str, port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let what = || format!("DHCP socket on {iface} port {port}");
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).with_context(what)?;
+    socket.set_reuse_address(true).with_context(what)?;
+    socket.set_broadcast(true).with_context(what)?;
+    socket.bind_device(Some(iface.as_bytes())).with_context(what)?;
+    socket.set_nonblocking(true).with_context(what)?;
+    socket
+        .bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+        .with_context(what)?;
+    tokio::net::UdpSocket::from_std(socket.into()).with_context(what)
+}
+
+/// Starts DHCP (full or proxy) as the configuration says. Clients it sees are recorded by
+/// the fleet as discovered.
+async fn start_dhcp(
+    config: &Config,
+    public_url: &str,
+    fleet: &Arc<Fleet>,
+    services: &mut Services,
+) -> anyhow::Result<()> {
+    let d = &config.dhcp;
+    let (Some(iface), Some(server_ip)) = (d.interface.as_deref(), d.server_ip) else {
+        anyhow::bail!("dhcp.interface and dhcp.server_ip are required");
+    };
+    let mut boot = dhcp::BootConfig::new(server_ip, format!("{public_url}/boot/node.ipxe?mac={{mac}}"));
+    boot.http_boot = dhcp::HttpBootUrls {
+        x64: Some(format!("{public_url}/boot/file/ipxe.efi")),
+        arm64: None,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<dhcp::Discovered>(1024);
+    let discovered_fleet = Arc::clone(fleet);
+    services.spawn("discovery", move |token| async move {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return Ok::<(), std::convert::Infallible>(()),
+                seen = rx.recv() => match seen {
+                    None => return Ok(()),
+                    Some(seen) => {
+                        let mac = seen.mac.to_string();
+                        tracing::debug!(%mac, arch = ?seen.arch, vendor = ?seen.vendor_class, user = ?seen.user_class, "DHCP client");
+                        if let Some(mac) = crate::boot::ipxe::normalize_mac(&mac) {
+                            let _ = discovered_fleet.node_booting(&mac).await;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    match d.mode {
+        DhcpMode::Off => {}
+        DhcpMode::Full => {
+            let subnet = dhcp::Subnet::from_netmask(server_ip, d.netmask)
+                .with_context(|| format!("dhcp.netmask {} is not a contiguous mask", d.netmask))?;
+            let (Some(start), Some(end)) = (d.pool_start, d.pool_end) else {
+                anyhow::bail!("dhcp.pool_start and dhcp.pool_end are required in full mode");
+            };
+            let mut pool = dhcp::PoolConfig::new(subnet, start, end);
+            pool.router = d.router;
+            pool.dns = d.dns.clone();
+            pool.lease_time = std::time::Duration::from_secs(u64::from(d.lease_secs));
+            for r in &d.reservations {
+                let mac = r.mac.parse().map_err(|_| anyhow::anyhow!("dhcp.reservations: bad MAC {:?}", r.mac))?;
+                pool.reservations.push(dhcp::Reservation { mac, ip: r.ip, hostname: r.hostname.clone() });
+            }
+            let leases = dhcp::LeaseStore::open(&config.data_dir.join("leases.db")).await?;
+            let socket = dhcp_socket(iface, 67)?;
+            let server = dhcp::DhcpServer::new(socket, pool, boot, leases, Some(tx)).await?;
+            services.spawn("dhcp", move |token| server.run(token));
+        }
+        DhcpMode::Proxy => {
+            let socket = dhcp_socket(iface, 67)?;
+            let pxe = dhcp_socket(iface, 4011)?;
+            let server = dhcp::ProxyDhcpServer::new(socket, pxe, boot, Some(tx));
+            services.spawn("proxy-dhcp", move |token| server.run(token));
+        }
+    }
+    tracing::info!(interface = iface, mode = ?d.mode, "DHCP on");
     Ok(())
 }
