@@ -349,7 +349,7 @@ fn ipv4(b: &[u8]) -> Option<Ipv4Addr> {
 }
 
 fn ipv4_list(b: &[u8]) -> Option<Vec<Ipv4Addr>> {
-    if b.is_empty() || b.len() % 4 != 0 {
+    if b.is_empty() || !b.chunks_exact(4).remainder().is_empty() {
         return None;
     }
     Some(b.chunks_exact(4).filter_map(ipv4).collect())
@@ -394,7 +394,10 @@ impl DhcpOption {
 
     /// Decodes the (already concatenated) value of option `code`.
     pub fn decode(c: u8, v: &[u8]) -> Result<Self, DhcpError> {
-        let bad = || DhcpError::BadOptionLength { code: c, len: v.len() };
+        let bad = || DhcpError::BadOptionLength {
+            code: c,
+            len: v.len(),
+        };
         let bytes = || v.to_vec();
         Ok(match c {
             code::SUBNET_MASK => Self::SubnetMask(ipv4(v).ok_or_else(bad)?),
@@ -426,7 +429,7 @@ impl DhcpOption {
             code::USER_CLASS => Self::UserClass(bytes()),
             code::RELAY_AGENT_INFO => Self::RelayAgentInfo(bytes()),
             code::CLIENT_ARCH => {
-                if v.is_empty() || v.len() % 2 != 0 {
+                if v.is_empty() || !v.chunks_exact(2).remainder().is_empty() {
                     return Err(bad());
                 }
                 Self::ClientArch(
@@ -437,7 +440,10 @@ impl DhcpOption {
             }
             code::CLIENT_NDI => Self::ClientNdi(v.try_into().map_err(|_| bad())?),
             code::CLIENT_UUID => Self::ClientUuid(bytes()),
-            c => Self::Other { code: c, data: bytes() },
+            c => Self::Other {
+                code: c,
+                data: bytes(),
+            },
         })
     }
 
@@ -456,7 +462,9 @@ impl DhcpOption {
             }
             Self::MessageType(t) => out.push(t.to_u8()),
             Self::MaxMessageSize(s) => out.extend_from_slice(&s.to_be_bytes()),
-            Self::ClientArch(l) => l.iter().for_each(|a| out.extend_from_slice(&a.to_be_bytes())),
+            Self::ClientArch(l) => l
+                .iter()
+                .for_each(|a| out.extend_from_slice(&a.to_be_bytes())),
             Self::ClientNdi(b) => out.extend_from_slice(b),
             Self::HostName(b)
             | Self::DomainName(b)
@@ -742,14 +750,20 @@ fn scan_options<'a>(
             code::END => break,
             _ => {}
         }
-        let len = usize::from(*field.get(i + 1).ok_or(DhcpError::OptionTruncated { code: c })?);
+        let len = usize::from(
+            *field
+                .get(i + 1)
+                .ok_or(DhcpError::OptionTruncated { code: c })?,
+        );
         let start = i + 2;
-        let value: &'a [u8] = field.get(start..start + len).ok_or(DhcpError::OptionOverrun {
-            code: c,
-            offset: i,
-            len,
-            available: field.len().saturating_sub(start),
-        })?;
+        let value: &'a [u8] = field
+            .get(start..start + len)
+            .ok_or(DhcpError::OptionOverrun {
+                code: c,
+                offset: i,
+                len,
+                available: field.len().saturating_sub(start),
+            })?;
         if c == code::OVERLOAD {
             if !allow_overload {
                 return Err(DhcpError::NestedOverload);
@@ -1000,14 +1014,19 @@ mod tests {
             yiaddr: Ipv4Addr::UNSPECIFIED,
             siaddr: Ipv4Addr::UNSPECIFIED,
             giaddr: Ipv4Addr::UNSPECIFIED,
-            chaddr: [0x52, 0x54, 0, 0x12, 0x34, 0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            chaddr: [
+                0x52, 0x54, 0, 0x12, 0x34, 0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
             sname: vec![],
             file: vec![],
             options: Options::new(),
         };
-        p.options.set(DhcpOption::MessageType(MessageType::Discover));
+        p.options
+            .set(DhcpOption::MessageType(MessageType::Discover));
         p.options.set(DhcpOption::ClientArch(vec![7]));
-        p.options.set(DhcpOption::VendorClass(b"PXEClient:Arch:00007:UNDI:003016".to_vec()));
+        p.options.set(DhcpOption::VendorClass(
+            b"PXEClient:Arch:00007:UNDI:003016".to_vec(),
+        ));
         p
     }
 
@@ -1044,14 +1063,22 @@ mod tests {
         let mut p = discover();
         p.options.set(DhcpOption::VendorSpecific(vec![7; 600]));
         let b = p.to_bytes();
-        assert!(b.windows(2).filter(|w| w == &[code::VENDOR_SPECIFIC, 255]).count() >= 2);
+        assert!(
+            b.windows(2)
+                .filter(|w| w == &[code::VENDOR_SPECIFIC, 255])
+                .count()
+                >= 2
+        );
         assert_eq!(DhcpPacket::parse(&b).unwrap(), p);
     }
 
     #[test]
     fn errors_name_the_fault() {
         let good = discover().to_bytes();
-        assert_eq!(DhcpPacket::parse(&good[..200]), Err(DhcpError::TooShort { len: 200 }));
+        assert_eq!(
+            DhcpPacket::parse(&good[..200]),
+            Err(DhcpError::TooShort { len: 200 })
+        );
 
         let mut b = good.clone();
         b[0] = 9;
@@ -1070,12 +1097,20 @@ mod tests {
         b.extend_from_slice(&[code::HOST_NAME, 200, b'x']);
         assert!(matches!(
             DhcpPacket::parse(&b),
-            Err(DhcpError::OptionOverrun { code: 12, len: 200, available: 1, .. })
+            Err(DhcpError::OptionOverrun {
+                code: 12,
+                len: 200,
+                available: 1,
+                ..
+            })
         ));
 
         let mut b = good[..240].to_vec();
         b.push(code::HOST_NAME);
-        assert_eq!(DhcpPacket::parse(&b), Err(DhcpError::OptionTruncated { code: 12 }));
+        assert_eq!(
+            DhcpPacket::parse(&b),
+            Err(DhcpError::OptionTruncated { code: 12 })
+        );
 
         let mut b = good[..240].to_vec();
         b.extend_from_slice(&[code::MESSAGE_TYPE, 2, 1, 1, code::END]);
@@ -1086,7 +1121,10 @@ mod tests {
 
         let mut b = good[..240].to_vec();
         b.extend_from_slice(&[code::OVERLOAD, 1, 4, code::END]);
-        assert_eq!(DhcpPacket::parse(&b), Err(DhcpError::BadOverload { value: 4 }));
+        assert_eq!(
+            DhcpPacket::parse(&b),
+            Err(DhcpError::BadOverload { value: 4 })
+        );
     }
 
     #[test]
