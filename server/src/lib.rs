@@ -10,3 +10,4 @@ pub mod fleet;
 pub mod http;
 pub mod images;
 pub mod keys;
+pub mod orchestrator;
