@@ -3,3 +3,4 @@
 pub mod dhcp;
 pub mod initramfs;
 pub mod ipxe;
+pub mod ra;
