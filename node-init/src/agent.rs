@@ -56,12 +56,16 @@ struct Ctx {
 fn setup(run: &Path) -> Result<Ctx, AgentError> {
     let read = |name: &str| {
         let p = run.join(name);
-        std::fs::read(&p).map_err(|source| AgentError::Setup { path: p.display().to_string(), source })
+        std::fs::read(&p).map_err(|source| AgentError::Setup {
+            path: p.display().to_string(),
+            source,
+        })
     };
-    let info: BootInfo = serde_json::from_slice(&read("boot.json")?).map_err(|e| AgentError::Setup {
-        path: "boot.json".into(),
-        source: std::io::Error::other(e),
-    })?;
+    let info: BootInfo =
+        serde_json::from_slice(&read("boot.json")?).map_err(|e| AgentError::Setup {
+            path: "boot.json".into(),
+            source: std::io::Error::other(e),
+        })?;
     let key_text = String::from_utf8_lossy(&read("server.pub")?).into_owned();
     let key = wire::manifest::parse_verifying_key(&key_text)
         .map_err(|e| AgentError::Boot(InitError::Key(e.to_string())))?;
@@ -91,9 +95,15 @@ fn confirm(ctx: &Ctx) -> Result<(), AgentError> {
     if !bootcount::confirm(&mut state, &ctx.info.entry) {
         return Err(AgentError::NotCurrent(ctx.info.entry.version));
     }
-    ctx.cache.save_state(&state).map_err(|e| AgentError::Boot(e.into()))?;
+    ctx.cache
+        .save_state(&state)
+        .map_err(|e| AgentError::Boot(e.into()))?;
     crate::sys::process::sync();
-    marker!("agent=confirmed version={} role={}", ctx.info.entry.version, ctx.info.entry.role);
+    marker!(
+        "agent=confirmed version={} role={}",
+        ctx.info.entry.version,
+        ctx.info.entry.role
+    );
     Ok(())
 }
 
@@ -103,7 +113,9 @@ fn client(ctx: &Ctx) -> Option<Client> {
 
 /// Stages the server's assignment; returns the staged entry if it differs from the running one.
 fn stage(ctx: &Ctx) -> Result<Option<Entry>, AgentError> {
-    let Some(c) = client(ctx) else { return Ok(None) };
+    let Some(c) = client(ctx) else {
+        return Ok(None);
+    };
     let Some((signed, m)) = boot::fetch_manifest(&c, &ctx.info.mac, &ctx.key)? else {
         info!("agent: server unreachable, nothing staged");
         return Ok(None);
@@ -112,18 +124,31 @@ fn stage(ctx: &Ctx) -> Result<Option<Entry>, AgentError> {
     if entry == ctx.info.entry {
         return Ok(None);
     }
-    ctx.cache.store_manifest(&entry, &signed).map_err(|e| AgentError::Boot(e.into()))?;
+    ctx.cache
+        .store_manifest(&entry, &signed)
+        .map_err(|e| AgentError::Boot(e.into()))?;
     let (bytes, _) = boot::ensure_layers(&ctx.cache, Some(&c), &m)?;
-    marker!("agent=staged version={} role={} bytes={}", entry.version, entry.role, bytes);
+    marker!(
+        "agent=staged version={} role={} bytes={}",
+        entry.version,
+        entry.role,
+        bytes
+    );
     Ok(Some(entry))
 }
 
 /// Re-verifies the running version's layers; returns the drifted ones.
 fn verify(ctx: &Ctx) -> Result<Vec<wire::LayerId>, AgentError> {
-    let m = ctx.cache.load_manifest(&ctx.info.entry, &ctx.key).map_err(|e| AgentError::Boot(e.into()))?;
+    let m = ctx
+        .cache
+        .load_manifest(&ctx.info.entry, &ctx.key)
+        .map_err(|e| AgentError::Boot(e.into()))?;
     let mut drift = Vec::new();
     for l in &m.layers {
-        let bad = ctx.cache.verify_layer(l).map_err(|e| AgentError::Boot(e.into()))?;
+        let bad = ctx
+            .cache
+            .verify_layer(l)
+            .map_err(|e| AgentError::Boot(e.into()))?;
         if !bad.is_empty() {
             marker!("agent=drift layer={} chunks={}", l.id, bad.len());
             drift.push(l.id);

@@ -84,7 +84,10 @@ pub fn chain_table(
     let mut at = 0u64;
     for e in extents {
         if e.virtual_offset % SECTOR != 0 || e.length % SECTOR != 0 || e.length == 0 {
-            return Err(AttachError::Unaligned { virtual_offset: e.virtual_offset, length: e.length });
+            return Err(AttachError::Unaligned {
+                virtual_offset: e.virtual_offset,
+                length: e.length,
+            });
         }
         if e.virtual_offset != at {
             return Err(AttachError::Gap { at });
@@ -92,9 +95,15 @@ pub fn chain_table(
         at = e.virtual_offset + e.length;
         let src = match e.source {
             vhdx::Source::Zero => None,
-            vhdx::Source::File { layer_index, file_offset } => {
+            vhdx::Source::File {
+                layer_index,
+                file_offset,
+            } => {
                 if layer_index >= devs.len() {
-                    return Err(AttachError::NoSuchLayer { index: layer_index, count: devs.len() });
+                    return Err(AttachError::NoSuchLayer {
+                        index: layer_index,
+                        count: devs.len(),
+                    });
                 }
                 if file_offset % SECTOR != 0 {
                     return Err(AttachError::Unaligned {
@@ -123,11 +132,21 @@ pub fn chain_table(
     Ok(out
         .into_iter()
         .map(|(start, len, src)| match src {
-            None => Target { start, len, kind: "zero", params: String::new() },
+            None => Target {
+                start,
+                len,
+                kind: "zero",
+                params: String::new(),
+            },
             Some((layer, sector)) => {
                 // Checked above: layer < devs.len().
                 let (ma, mi) = devs.get(layer).copied().unwrap_or_default();
-                Target { start, len, kind: "linear", params: format!("{ma}:{mi} {sector}") }
+                Target {
+                    start,
+                    len,
+                    kind: "linear",
+                    params: format!("{ma}:{mi} {sector}"),
+                }
             }
         })
         .collect())
@@ -157,13 +176,17 @@ pub fn attach(layers: &[PathBuf], cow: &Path) -> Result<Attached, AttachError> {
     drop(chain);
     let mut loops = Vec::with_capacity(layers.len());
     for p in layers {
-        loops.push(loopdev::attach(p, false).map_err(sys(format!("loop device for {}", p.display())))?);
+        loops.push(
+            loopdev::attach(p, false).map_err(sys(format!("loop device for {}", p.display())))?,
+        );
     }
     let devs: Vec<(u32, u32)> = loops.iter().map(|l| (l.major, l.minor)).collect();
     let table = chain_table(&extents, &devs)?;
     let chain_dev = dm::create(CHAIN_NAME).map_err(sys("creating dm device strata-chain"))?;
-    dm::load_table(CHAIN_NAME, &table, true)
-        .map_err(sys(format!("loading the strata-chain table ({} targets)", table.len())))?;
+    dm::load_table(CHAIN_NAME, &table, true).map_err(sys(format!(
+        "loading the strata-chain table ({} targets)",
+        table.len()
+    )))?;
     dm::resume(CHAIN_NAME).map_err(sys("resuming strata-chain"))?;
 
     // A fresh, sparse exception store as large as the disk.
@@ -174,9 +197,11 @@ pub fn attach(layers: &[PathBuf], cow: &Path) -> Result<Attached, AttachError> {
             .truncate(true)
             .open(cow)
             .map_err(sys(format!("creating {}", cow.display())))?;
-        f.set_len(size).map_err(sys(format!("sizing {}", cow.display())))?;
+        f.set_len(size)
+            .map_err(sys(format!("sizing {}", cow.display())))?;
     }
-    let cow_loop = loopdev::attach(cow, true).map_err(sys("loop device for the exception store"))?;
+    let cow_loop =
+        loopdev::attach(cow, true).map_err(sys("loop device for the exception store"))?;
     let root = dm::create(ROOT_NAME).map_err(sys("creating dm device strata-root"))?;
     let snap = Target {
         start: 0,
@@ -187,10 +212,16 @@ pub fn attach(layers: &[PathBuf], cow: &Path) -> Result<Attached, AttachError> {
             chain_dev.major, chain_dev.minor, cow_loop.major, cow_loop.minor
         ),
     };
-    dm::load_table(ROOT_NAME, &[snap], false).map_err(sys("loading the strata-root snapshot table"))?;
+    dm::load_table(ROOT_NAME, &[snap], false)
+        .map_err(sys("loading the strata-root snapshot table"))?;
     dm::resume(ROOT_NAME).map_err(sys("resuming strata-root"))?;
     loops.push(cow_loop);
-    Ok(Attached { root: root.path, size, targets: table.len(), _loops: loops })
+    Ok(Attached {
+        root: root.path,
+        size,
+        targets: table.len(),
+        _loops: loops,
+    })
 }
 
 #[cfg(test)]
@@ -200,7 +231,14 @@ mod tests {
     use vhdx::{Extent, Source};
 
     fn file(v: u64, len: u64, layer: usize, off: u64) -> Extent {
-        Extent { virtual_offset: v, length: len, source: Source::File { layer_index: layer, file_offset: off } }
+        Extent {
+            virtual_offset: v,
+            length: len,
+            source: Source::File {
+                layer_index: layer,
+                file_offset: off,
+            },
+        }
     }
 
     #[test]
@@ -208,16 +246,35 @@ mod tests {
         let ex = vec![
             file(0, 1 << 20, 0, 4 << 20),
             file(1 << 20, 1 << 20, 0, 5 << 20),
-            Extent { virtual_offset: 2 << 20, length: 4096, source: Source::Zero },
+            Extent {
+                virtual_offset: 2 << 20,
+                length: 4096,
+                source: Source::Zero,
+            },
             file((2 << 20) + 4096, 512, 1, 8 << 20),
         ];
         let t = chain_table(&ex, &[(7, 0), (7, 1)]).unwrap();
         assert_eq!(
             t,
             vec![
-                Target { start: 0, len: 4096, kind: "linear", params: "7:0 8192".into() },
-                Target { start: 4096, len: 8, kind: "zero", params: String::new() },
-                Target { start: 4104, len: 1, kind: "linear", params: "7:1 16384".into() },
+                Target {
+                    start: 0,
+                    len: 4096,
+                    kind: "linear",
+                    params: "7:0 8192".into()
+                },
+                Target {
+                    start: 4096,
+                    len: 8,
+                    kind: "zero",
+                    params: String::new()
+                },
+                Target {
+                    start: 4104,
+                    len: 1,
+                    kind: "linear",
+                    params: "7:1 16384".into()
+                },
             ]
         );
     }

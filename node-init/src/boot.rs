@@ -210,14 +210,28 @@ pub fn early_mounts() -> Result<(), InitError> {
         if mount::is_mount_point(t) {
             return Ok(());
         }
-        mount::mount(src, t, fs, flags, data)
-            .map_err(|source| InitError::EarlyMount { target: target.into(), source })
+        mount::mount(src, t, fs, flags, data).map_err(|source| InitError::EarlyMount {
+            target: target.into(),
+            source,
+        })
     };
     let nosuid = mount::MS_NOSUID | mount::MS_NODEV | mount::MS_NOEXEC;
     m("proc", "/proc", "proc", nosuid, None)?;
     m("sysfs", "/sys", "sysfs", nosuid, None)?;
-    m("devtmpfs", "/dev", "devtmpfs", mount::MS_NOSUID, Some("mode=0755"))?;
-    m("tmpfs", "/run", "tmpfs", mount::MS_NOSUID | mount::MS_NODEV, Some("mode=0755"))?;
+    m(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        mount::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    m(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        mount::MS_NOSUID | mount::MS_NODEV,
+        Some("mode=0755"),
+    )?;
     Ok(())
 }
 
@@ -229,7 +243,11 @@ pub fn load_modules() -> (usize, usize) {
         return (0, 0);
     };
     let (mut ok, mut failed) = (0, 0);
-    for line in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         match module::load_module(Path::new(line)) {
             Ok(_) => ok += 1,
             Err(e) => {
@@ -271,7 +289,10 @@ pub fn fetch_manifest(
                 let signed = SignedManifest::from_json(&bytes).map_err(InitError::Manifest)?;
                 let m = signed.verify(key).map_err(InitError::Manifest)?;
                 if m.mac != mac {
-                    return Err(InitError::ManifestMac { got: m.mac, want: mac.into() });
+                    return Err(InitError::ManifestMac {
+                        got: m.mac,
+                        want: mac.into(),
+                    });
                 }
                 return Ok(Some((signed, m)));
             }
@@ -299,7 +320,9 @@ pub fn ensure_layers(
         if cache.has_layer(l) {
             continue;
         }
-        let Some(client) = client else { return Err(InitError::LayerMissing { id: l.id }) };
+        let Some(client) = client else {
+            return Err(InitError::LayerMissing { id: l.id });
+        };
         let stats = fetch::fetch_layer(client, cache, l, |_| {})?;
         marker!(
             "stage=fetch layer={} bytes={} resumed_from={} size={}",
@@ -319,14 +342,32 @@ pub fn ensure_layers(
         if bad.is_empty() {
             continue;
         }
-        marker!("error=corrupt layer={} chunks={} first={}", l.id, bad.len(), bad[0]);
-        let Some(client) = client else { return Err(InitError::Corrupt { id: l.id, bad: bad.len() }) };
+        marker!(
+            "error=corrupt layer={} chunks={} first={}",
+            l.id,
+            bad.len(),
+            bad[0]
+        );
+        let Some(client) = client else {
+            return Err(InitError::Corrupt {
+                id: l.id,
+                bad: bad.len(),
+            });
+        };
         let bytes = fetch::repair_chunks(client, cache, l, &bad)?;
         let still = cache.verify_layer(l)?;
         if !still.is_empty() {
-            return Err(InitError::Corrupt { id: l.id, bad: still.len() });
+            return Err(InitError::Corrupt {
+                id: l.id,
+                bad: still.len(),
+            });
         }
-        marker!("stage=repair layer={} chunks={} bytes={}", l.id, bad.len(), bytes);
+        marker!(
+            "stage=repair layer={} chunks={} bytes={}",
+            l.id,
+            bad.len(),
+            bytes
+        );
         repaired += bytes;
     }
     marker!(
@@ -352,14 +393,23 @@ pub struct BootInfo {
 fn write_run_files(info: &BootInfo) -> io::Result<()> {
     let dir = Path::new(RUN_DIR);
     fs::create_dir_all(dir)?;
-    cache::write_atomic(dir, "boot.json", &serde_json::to_vec_pretty(info).map_err(io::Error::other)?)?;
+    cache::write_atomic(
+        dir,
+        "boot.json",
+        &serde_json::to_vec_pretty(info).map_err(io::Error::other)?,
+    )?;
     fs::copy(KEY_PATH, dir.join("server.pub"))?;
     // The agent is this binary; the initramfs is freed by switch_root, so keep a copy.
     fs::copy("/proc/self/exe", dir.join("node-init"))?;
     Ok(())
 }
 
-fn status_now(state: &State, s: NodeState, cache_layers: Vec<wire::LayerId>, msg: Option<String>) -> NodeStatus {
+fn status_now(
+    state: &State,
+    s: NodeState,
+    cache_layers: Vec<wire::LayerId>,
+    msg: Option<String>,
+) -> NodeStatus {
     NodeStatus {
         state: s,
         role: state.current.as_ref().map(|e| e.role.clone()),
@@ -407,7 +457,11 @@ pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitEr
         Some(m) => m.clone(),
         None => {
             let iface = env.iface.clone().unwrap_or_default();
-            net::interfaces().into_iter().find(|(n, _)| *n == iface).map(|(_, m)| m).unwrap_or_default()
+            net::interfaces()
+                .into_iter()
+                .find(|(n, _)| *n == iface)
+                .map(|(_, m)| m)
+                .unwrap_or_default()
         }
     };
     let cache = match &env.cache {
@@ -432,7 +486,13 @@ pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitEr
     } else {
         match fetch_manifest(&client, &mac, &key)? {
             Some((signed, m)) => {
-                marker!("stage=manifest version={} role={} image={} layers={}", m.version, m.role, m.image, m.layers.len());
+                marker!(
+                    "stage=manifest version={} role={} image={} layers={}",
+                    m.version,
+                    m.role,
+                    m.image,
+                    m.layers.len()
+                );
                 let entry = Entry::of(&m);
                 cache.store_manifest(&entry, &signed)?;
                 let tries = m.boot_tries;
@@ -450,21 +510,37 @@ pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitEr
     let Choice::Boot { entry, why } = choice else {
         return Err(InitError::NothingToBoot);
     };
-    marker!("stage=decide version={} role={} why={}", entry.version, entry.role, why_text(&why));
+    marker!(
+        "stage=decide version={} role={} why={}",
+        entry.version,
+        entry.role,
+        why_text(&why)
+    );
     if matches!(why, Why::Offline) {
-        info!("server unreachable: booting cached version {} of role {}", entry.version, entry.role);
+        info!(
+            "server unreachable: booting cached version {} of role {}",
+            entry.version, entry.role
+        );
     }
     let manifest = match offered.filter(|m| Entry::of(m) == entry) {
         Some(m) => m,
         None => cache.load_manifest(&entry, &key)?,
     };
     let c = online.then_some(&client);
-    let _ = reporter.send(&client, &status_now(&next_state, NodeState::Fetching, Vec::new(), None));
+    if online {
+        let _ = reporter.send(
+            &client,
+            &status_now(&next_state, NodeState::Fetching, Vec::new(), None),
+        );
+    }
     ensure_layers(&cache, c, &manifest)?;
     cache.save_state(&next_state)?;
     // Keep the layers of the versions the node may return to.
     let mut keep: Vec<wire::LayerId> = manifest.layers.iter().map(|l| l.id).collect();
-    for e in [&next_state.previous, &next_state.last_known_good].into_iter().flatten() {
+    for e in [&next_state.previous, &next_state.last_known_good]
+        .into_iter()
+        .flatten()
+    {
         if let Ok(m) = cache.load_manifest(e, &key) {
             keep.extend(m.layers.iter().map(|l| l.id));
         }
@@ -485,18 +561,41 @@ pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitEr
     if online {
         let _ = reporter.send(&client, &status_now(&next_state, state_kind, layers, None));
     }
-    write_run_files(&BootInfo { server: Some(SocketAddr::V4(server)), mac: mac.clone(), entry: entry.clone() })
-        .map_err(|source| InitError::EarlyMount { target: RUN_DIR.into(), source })?;
+    write_run_files(&BootInfo {
+        server: Some(SocketAddr::V4(server)),
+        mac: mac.clone(),
+        entry: entry.clone(),
+    })
+    .map_err(|source| InitError::EarlyMount {
+        target: RUN_DIR.into(),
+        source,
+    })?;
 
-    let paths: Vec<PathBuf> = manifest.layers.iter().map(|l| cache.layer_path(&l.id)).collect();
+    let paths: Vec<PathBuf> = manifest
+        .layers
+        .iter()
+        .map(|l| cache.layer_path(&l.id))
+        .collect();
     let attached = attach::attach(&paths, &cache.root().join("cow"))?;
-    marker!("stage=attach device={} size={} targets={}", attached.root.display(), attached.size, attached.targets);
+    marker!(
+        "stage=attach device={} size={} targets={}",
+        attached.root.display(),
+        attached.size,
+        attached.targets
+    );
     let new_root = Path::new(NEW_ROOT);
     let _ = fs::create_dir_all(new_root);
     let dev = attached.root.to_string_lossy().into_owned();
-    mount::mount(&dev, new_root, "ext4", 0, None)
-        .map_err(|source| InitError::MountRoot { device: dev.clone(), source })?;
-    marker!("stage=switch_root version={} role={} image={}", entry.version, entry.role, entry.image);
+    mount::mount(&dev, new_root, "ext4", 0, None).map_err(|source| InitError::MountRoot {
+        device: dev.clone(),
+        source,
+    })?;
+    marker!(
+        "stage=switch_root version={} role={} image={}",
+        entry.version,
+        entry.role,
+        entry.image
+    );
     let err = crate::switch_root::switch_root(new_root, IMAGE_INIT);
     Err(InitError::SwitchRoot(err))
 }

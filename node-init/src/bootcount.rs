@@ -33,7 +33,11 @@ pub struct Entry {
 impl Entry {
     /// The entry a manifest describes.
     pub fn of(m: &wire::manifest::Manifest) -> Self {
-        Self { image: m.image.clone(), role: m.role.clone(), version: m.version }
+        Self {
+            image: m.image.clone(),
+            role: m.role.clone(),
+            version: m.version,
+        }
     }
 }
 
@@ -117,14 +121,26 @@ pub fn decide(state: &State, offer: &Offer, cached: impl Fn(&Entry) -> bool) -> 
     match offer {
         Offer::Unreachable => {
             if let Some(e) = lkg_cached {
-                return (Choice::Boot { entry: e, why: Why::Offline }, s);
+                return (
+                    Choice::Boot {
+                        entry: e,
+                        why: Why::Offline,
+                    },
+                    s,
+                );
             }
             match s.current.clone().filter(|e| cached(e)) {
                 Some(e) => {
                     if !s.confirmed {
                         s.boot_count = s.boot_count.saturating_add(1);
                     }
-                    (Choice::Boot { entry: e, why: Why::Offline }, s)
+                    (
+                        Choice::Boot {
+                            entry: e,
+                            why: Why::Offline,
+                        },
+                        s,
+                    )
                 }
                 None => (Choice::Nothing, s),
             }
@@ -136,19 +152,42 @@ pub fn decide(state: &State, offer: &Offer, cached: impl Fn(&Entry) -> bool) -> 
                     s.current = Some(good.clone());
                     s.confirmed = true;
                     s.boot_count = 0;
-                    return (Choice::Boot { entry: good, why: Why::Rollback { from: entry.clone() } }, s);
+                    return (
+                        Choice::Boot {
+                            entry: good,
+                            why: Why::Rollback {
+                                from: entry.clone(),
+                            },
+                        },
+                        s,
+                    );
                 }
                 // Nothing better to boot: try it again rather than nothing.
                 s.failed.retain(|f| f != entry);
             }
             if s.current.as_ref() == Some(entry) {
                 if s.confirmed {
-                    return (Choice::Boot { entry: entry.clone(), why: Why::Confirmed }, s);
+                    return (
+                        Choice::Boot {
+                            entry: entry.clone(),
+                            why: Why::Confirmed,
+                        },
+                        s,
+                    );
                 }
                 if s.boot_count < s.boot_tries.max(1) {
                     s.boot_count += 1;
-                    let why = Why::Trying { attempt: s.boot_count, of: s.boot_tries.max(1) };
-                    return (Choice::Boot { entry: entry.clone(), why }, s);
+                    let why = Why::Trying {
+                        attempt: s.boot_count,
+                        of: s.boot_tries.max(1),
+                    };
+                    return (
+                        Choice::Boot {
+                            entry: entry.clone(),
+                            why,
+                        },
+                        s,
+                    );
                 }
                 // Out of tries, never confirmed.
                 if let Some(good) = lkg_cached.clone().filter(|g| g != entry) {
@@ -160,11 +199,28 @@ pub fn decide(state: &State, offer: &Offer, cached: impl Fn(&Entry) -> bool) -> 
                     s.previous = Some(entry.clone());
                     s.confirmed = true;
                     s.boot_count = 0;
-                    return (Choice::Boot { entry: good, why: Why::Rollback { from: entry.clone() } }, s);
+                    return (
+                        Choice::Boot {
+                            entry: good,
+                            why: Why::Rollback {
+                                from: entry.clone(),
+                            },
+                        },
+                        s,
+                    );
                 }
                 s.boot_count = s.boot_count.saturating_add(1);
-                let why = Why::Trying { attempt: s.boot_count, of: s.boot_tries.max(1) };
-                return (Choice::Boot { entry: entry.clone(), why }, s);
+                let why = Why::Trying {
+                    attempt: s.boot_count,
+                    of: s.boot_tries.max(1),
+                };
+                return (
+                    Choice::Boot {
+                        entry: entry.clone(),
+                        why,
+                    },
+                    s,
+                );
             }
             // A different entry: activate it.
             if s.current.is_some() {
@@ -175,11 +231,23 @@ pub fn decide(state: &State, offer: &Offer, cached: impl Fn(&Entry) -> bool) -> 
             if s.last_known_good.as_ref() == Some(entry) {
                 s.confirmed = true;
                 s.boot_count = 0;
-                return (Choice::Boot { entry: entry.clone(), why: Why::KnownGood }, s);
+                return (
+                    Choice::Boot {
+                        entry: entry.clone(),
+                        why: Why::KnownGood,
+                    },
+                    s,
+                );
             }
             s.confirmed = false;
             s.boot_count = 1;
-            (Choice::Boot { entry: entry.clone(), why: Why::New }, s)
+            (
+                Choice::Boot {
+                    entry: entry.clone(),
+                    why: Why::New,
+                },
+                s,
+            )
         }
     }
 }
@@ -203,7 +271,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn v(n: u64) -> Entry {
-        Entry { image: "busybox".into(), role: "web".into(), version: n }
+        Entry {
+            image: "busybox".into(),
+            role: "web".into(),
+            version: n,
+        }
     }
     fn offer(n: u64, tries: u32) -> Offer {
         Offer::Assigned { entry: v(n), tries }
@@ -217,10 +289,22 @@ mod tests {
     #[test]
     fn first_boot_then_confirm() {
         let mut s = State::default();
-        assert_eq!(boot(&mut s, &offer(1, 3)), Choice::Boot { entry: v(1), why: Why::New });
+        assert_eq!(
+            boot(&mut s, &offer(1, 3)),
+            Choice::Boot {
+                entry: v(1),
+                why: Why::New
+            }
+        );
         assert!(confirm(&mut s, &v(1)));
         assert_eq!(s.last_known_good, Some(v(1)));
-        assert_eq!(boot(&mut s, &offer(1, 3)), Choice::Boot { entry: v(1), why: Why::Confirmed });
+        assert_eq!(
+            boot(&mut s, &offer(1, 3)),
+            Choice::Boot {
+                entry: v(1),
+                why: Why::Confirmed
+            }
+        );
     }
 
     #[test]
@@ -228,22 +312,43 @@ mod tests {
         let mut s = State::default();
         boot(&mut s, &offer(2, 2));
         confirm(&mut s, &v(2));
-        assert_eq!(boot(&mut s, &offer(3, 2)), Choice::Boot { entry: v(3), why: Why::New });
         assert_eq!(
             boot(&mut s, &offer(3, 2)),
-            Choice::Boot { entry: v(3), why: Why::Trying { attempt: 2, of: 2 } }
+            Choice::Boot {
+                entry: v(3),
+                why: Why::New
+            }
         );
         assert_eq!(
             boot(&mut s, &offer(3, 2)),
-            Choice::Boot { entry: v(2), why: Why::Rollback { from: v(3) } }
+            Choice::Boot {
+                entry: v(3),
+                why: Why::Trying { attempt: 2, of: 2 }
+            }
+        );
+        assert_eq!(
+            boot(&mut s, &offer(3, 2)),
+            Choice::Boot {
+                entry: v(2),
+                why: Why::Rollback { from: v(3) }
+            }
         );
         // The server keeps offering v3: the node stays on v2.
         assert_eq!(
             boot(&mut s, &offer(3, 2)),
-            Choice::Boot { entry: v(2), why: Why::Rollback { from: v(3) } }
+            Choice::Boot {
+                entry: v(2),
+                why: Why::Rollback { from: v(3) }
+            }
         );
         // A new version is tried.
-        assert_eq!(boot(&mut s, &offer(4, 2)), Choice::Boot { entry: v(4), why: Why::New });
+        assert_eq!(
+            boot(&mut s, &offer(4, 2)),
+            Choice::Boot {
+                entry: v(4),
+                why: Why::New
+            }
+        );
     }
 
     #[test]
@@ -252,7 +357,13 @@ mod tests {
         boot(&mut s, &offer(1, 3));
         confirm(&mut s, &v(1));
         boot(&mut s, &offer(2, 3));
-        assert_eq!(boot(&mut s, &offer(1, 3)), Choice::Boot { entry: v(1), why: Why::KnownGood });
+        assert_eq!(
+            boot(&mut s, &offer(1, 3)),
+            Choice::Boot {
+                entry: v(1),
+                why: Why::KnownGood
+            }
+        );
         assert!(s.confirmed);
         assert_eq!(s.previous, Some(v(2)));
     }
@@ -264,9 +375,21 @@ mod tests {
         confirm(&mut s, &v(1));
         boot(&mut s, &offer(2, 3));
         let (c, _) = decide(&s, &Offer::Unreachable, |_| true);
-        assert_eq!(c, Choice::Boot { entry: v(1), why: Why::Offline });
+        assert_eq!(
+            c,
+            Choice::Boot {
+                entry: v(1),
+                why: Why::Offline
+            }
+        );
         let (c, _) = decide(&s, &Offer::Unreachable, |e| e == &v(2));
-        assert_eq!(c, Choice::Boot { entry: v(2), why: Why::Offline });
+        assert_eq!(
+            c,
+            Choice::Boot {
+                entry: v(2),
+                why: Why::Offline
+            }
+        );
         let (c, _) = decide(&s, &Offer::Unreachable, |_| false);
         assert_eq!(c, Choice::Nothing);
     }

@@ -78,7 +78,10 @@ pub enum CacheError {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
-    move |source| CacheError::Io { path: path.to_owned(), source }
+    move |source| CacheError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// An open cache rooted at a directory (the mounted cache disk, or any directory in tests).
@@ -120,7 +123,10 @@ pub fn classify(head: &[u8]) -> DiskKind {
 
 /// Finds the cache disk, formats it if allowed and needed, and mounts it at `mountpoint`.
 /// `explicit` is the `strata.disk=` value.
-pub fn prepare_disk(explicit: Option<&str>, mountpoint: &Path) -> Result<(String, bool), CacheError> {
+pub fn prepare_disk(
+    explicit: Option<&str>,
+    mountpoint: &Path,
+) -> Result<(String, bool), CacheError> {
     let candidates: Vec<&str> = match explicit {
         Some(d) => vec![d],
         None => vec!["/dev/vda", "/dev/sda", "/dev/nvme0n1", "/dev/xvda"],
@@ -128,7 +134,9 @@ pub fn prepare_disk(explicit: Option<&str>, mountpoint: &Path) -> Result<(String
     let device = candidates
         .iter()
         .find(|d| Path::new(d).exists())
-        .ok_or_else(|| CacheError::NoDisk { tried: candidates.join(", ") })?
+        .ok_or_else(|| CacheError::NoDisk {
+            tried: candidates.join(", "),
+        })?
         .to_string();
     let mut head = vec![0u8; 2048];
     {
@@ -142,7 +150,9 @@ pub fn prepare_disk(explicit: Option<&str>, mountpoint: &Path) -> Result<(String
         DiskKind::Blank | DiskKind::Foreign => {
             crate::info!("formatting {device} as the Strata cache ({LABEL})");
             let out = std::process::Command::new("/bin/busybox")
-                .args(["mke2fs", "-F", "-L", LABEL, "-b", "4096", "-m", "0", &device])
+                .args([
+                    "mke2fs", "-F", "-L", LABEL, "-b", "4096", "-m", "0", &device,
+                ])
                 .output()
                 .map_err(io_at(Path::new("/bin/busybox")))?;
             if !out.status.success() {
@@ -162,7 +172,11 @@ pub fn prepare_disk(explicit: Option<&str>, mountpoint: &Path) -> Result<(String
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -184,7 +198,9 @@ impl Cache {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_at(&p))?;
         }
-        Ok(Self { root: root.to_owned() })
+        Ok(Self {
+            root: root.to_owned(),
+        })
     }
 
     /// The cache root.
@@ -212,10 +228,14 @@ impl Cache {
     pub fn commit_partial(&self, id: &LayerId) -> Result<(), CacheError> {
         let from = self.partial_path(id);
         let to = self.layer_path(id);
-        File::open(&from).and_then(|f| f.sync_all()).map_err(io_at(&from))?;
+        File::open(&from)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&from))?;
         fs::rename(&from, &to).map_err(io_at(&to))?;
         let dir = self.root.join("layers");
-        File::open(&dir).and_then(|f| f.sync_all()).map_err(io_at(&dir))?;
+        File::open(&dir)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&dir))?;
         Ok(())
     }
 
@@ -246,7 +266,10 @@ impl Cache {
     /// Writes a repaired chunk into a cached layer at `offset` and syncs it.
     pub fn write_chunk(&self, id: &LayerId, offset: u64, data: &[u8]) -> Result<(), CacheError> {
         let path = self.layer_path(id);
-        let mut f = OpenOptions::new().write(true).open(&path).map_err(io_at(&path))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
         f.seek(SeekFrom::Start(offset)).map_err(io_at(&path))?;
         f.write_all(data).map_err(io_at(&path))?;
         f.sync_data().map_err(io_at(&path))
@@ -277,22 +300,34 @@ impl Cache {
     /// Stores a verified signed manifest for offline boots.
     pub fn store_manifest(&self, e: &Entry, signed: &SignedManifest) -> Result<(), CacheError> {
         let dir = self.root.join("manifests");
-        write_atomic(&dir, &format!("{}.json", entry_key(e)), signed.to_json().as_bytes())
-            .map_err(io_at(&dir))
+        write_atomic(
+            &dir,
+            &format!("{}.json", entry_key(e)),
+            signed.to_json().as_bytes(),
+        )
+        .map_err(io_at(&dir))
     }
 
     /// Loads and re-verifies the stored manifest of `e`.
     pub fn load_manifest(&self, e: &Entry, key: &VerifyingKey) -> Result<Manifest, CacheError> {
-        let path = self.root.join("manifests").join(format!("{}.json", entry_key(e)));
+        let path = self
+            .root
+            .join("manifests")
+            .join(format!("{}.json", entry_key(e)));
         let bytes = fs::read(&path).map_err(io_at(&path))?;
-        let signed = SignedManifest::from_json(&bytes)
-            .map_err(|source| CacheError::Manifest { path: path.clone(), source })?;
-        signed.verify(key).map_err(|source| CacheError::Manifest { path, source })
+        let signed = SignedManifest::from_json(&bytes).map_err(|source| CacheError::Manifest {
+            path: path.clone(),
+            source,
+        })?;
+        signed
+            .verify(key)
+            .map_err(|source| CacheError::Manifest { path, source })
     }
 
     /// True if `e`'s manifest is stored and all its layers are present.
     pub fn has_entry(&self, e: &Entry, key: &VerifyingKey) -> bool {
-        self.load_manifest(e, key).is_ok_and(|m| m.layers.iter().all(|l| self.has_layer(l)))
+        self.load_manifest(e, key)
+            .is_ok_and(|m| m.layers.iter().all(|l| self.has_layer(l)))
     }
 
     /// Deletes cached layers and partial downloads not in `keep`, oldest first, until the
@@ -307,7 +342,9 @@ impl Cache {
             let meta = ent.metadata().map_err(io_at(&ent.path()))?;
             total += meta.len();
             let name = ent.file_name().to_string_lossy().into_owned();
-            let id = name.strip_suffix(".vhdx").and_then(|s| s.parse::<LayerId>().ok());
+            let id = name
+                .strip_suffix(".vhdx")
+                .and_then(|s| s.parse::<LayerId>().ok());
             if id.is_some_and(|id| keep.contains(&id)) {
                 continue;
             }
@@ -383,7 +420,11 @@ mod tests {
         let c = Cache::open(dir.path()).unwrap();
         assert_eq!(c.load_state(), State::default());
         let s = State {
-            current: Some(Entry { image: "i".into(), role: "web".into(), version: 2 }),
+            current: Some(Entry {
+                image: "i".into(),
+                role: "web".into(),
+                version: 2,
+            }),
             boot_count: 1,
             ..State::default()
         };

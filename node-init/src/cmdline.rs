@@ -71,7 +71,9 @@ fn parse_server(v: &str) -> Option<SocketAddrV4> {
     if let Ok(sa) = rest.parse::<SocketAddrV4>() {
         return Some(sa);
     }
-    rest.parse::<Ipv4Addr>().ok().map(|ip| SocketAddrV4::new(ip, 80))
+    rest.parse::<Ipv4Addr>()
+        .ok()
+        .map(|ip| SocketAddrV4::new(ip, 80))
 }
 
 impl Cmdline {
@@ -79,19 +81,27 @@ impl Cmdline {
     pub fn parse(text: &str) -> Result<Self, CmdlineError> {
         let mut c = Cmdline::default();
         for word in text.split_ascii_whitespace() {
-            let Some(rest) = word.strip_prefix("strata.") else { continue };
+            let Some(rest) = word.strip_prefix("strata.") else {
+                continue;
+            };
             let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
             let bad = |why| CmdlineError::Value {
                 key: format!("strata.{key}"),
                 value: value.to_owned(),
                 why,
             };
-            let ip = |v: &str| v.parse::<Ipv4Addr>().map_err(|_| bad("not an IPv4 address"));
+            let ip = |v: &str| {
+                v.parse::<Ipv4Addr>()
+                    .map_err(|_| bad("not an IPv4 address"))
+            };
             match key {
                 "server" => {
-                    c.server = Some(parse_server(value).ok_or_else(|| bad("not http://IPv4[:port]"))?)
+                    c.server =
+                        Some(parse_server(value).ok_or_else(|| bad("not http://IPv4[:port]"))?)
                 }
-                "mac" => c.mac = Some(canonical_mac(value).ok_or_else(|| bad("not a MAC address"))?),
+                "mac" => {
+                    c.mac = Some(canonical_mac(value).ok_or_else(|| bad("not a MAC address"))?)
+                }
                 "ip" if !value.is_empty() => c.ip = Some(ip(value)?),
                 "netmask" if !value.is_empty() => c.netmask = Some(ip(value)?),
                 "gw" if !value.is_empty() => c.gw = Some(ip(value)?),
@@ -107,7 +117,11 @@ impl Cmdline {
                     "lkg" => c.lkg_only = true,
                     _ => return Err(bad("not normal or lkg")),
                 },
-                _ => return Err(CmdlineError::UnknownKey { key: format!("strata.{key}") }),
+                _ => {
+                    return Err(CmdlineError::UnknownKey {
+                        key: format!("strata.{key}"),
+                    })
+                }
             }
         }
         Ok(c)
@@ -144,8 +158,17 @@ mod tests {
             Cmdline::parse("strata.server=https://x"),
             Err(CmdlineError::Value { ref key, .. }) if key == "strata.server"
         ));
-        assert!(matches!(Cmdline::parse("strata.mac=zz"), Err(CmdlineError::Value { .. })));
-        assert!(matches!(Cmdline::parse("strata.bogus=1"), Err(CmdlineError::UnknownKey { .. })));
-        assert!(matches!(Cmdline::parse("strata.disk=/etc/x/../y"), Err(CmdlineError::Value { .. })));
+        assert!(matches!(
+            Cmdline::parse("strata.mac=zz"),
+            Err(CmdlineError::Value { .. })
+        ));
+        assert!(matches!(
+            Cmdline::parse("strata.bogus=1"),
+            Err(CmdlineError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            Cmdline::parse("strata.disk=/etc/x/../y"),
+            Err(CmdlineError::Value { .. })
+        ));
     }
 }

@@ -76,8 +76,17 @@ pub struct FetchStats {
     pub resumed_from: u64,
 }
 
-fn cache_io(id: wire::LayerId, path: &std::path::Path) -> impl FnOnce(io::Error) -> FetchError + '_ {
-    move |source| FetchError::Cache { id, source: CacheError::Io { path: path.to_owned(), source } }
+fn cache_io(
+    id: wire::LayerId,
+    path: &std::path::Path,
+) -> impl FnOnce(io::Error) -> FetchError + '_ {
+    move |source| FetchError::Cache {
+        id,
+        source: CacheError::Io {
+            path: path.to_owned(),
+            source,
+        },
+    }
 }
 
 /// Downloads `l` into the cache (no-op if present), resuming a partial download, with up to
@@ -98,7 +107,9 @@ pub fn fetch_layer(
                 }
                 total.received += stats.received;
                 progress(&total);
-                cache.commit_partial(&l.id).map_err(|source| FetchError::Cache { id: l.id, source })?;
+                cache
+                    .commit_partial(&l.id)
+                    .map_err(|source| FetchError::Cache { id: l.id, source })?;
                 return Ok(total);
             }
             Err((stats, e)) => {
@@ -106,7 +117,12 @@ pub fn fetch_layer(
                     total.resumed_from = stats.resumed_from;
                 }
                 total.received += stats.received;
-                crate::info!("layer {}: attempt {} failed: {}", l.id, attempt + 1, chain(&e));
+                crate::info!(
+                    "layer {}: attempt {} failed: {}",
+                    l.id,
+                    attempt + 1,
+                    chain(&e)
+                );
                 let unreachable = e.is_unreachable();
                 let fatal = matches!(e, FetchError::Cache { .. });
                 last_err = Some(e);
@@ -117,7 +133,11 @@ pub fn fetch_layer(
             }
         }
     }
-    Err(last_err.unwrap_or(FetchError::BadRange { id: l.id, from: 0, got: None }))
+    Err(last_err.unwrap_or(FetchError::BadRange {
+        id: l.id,
+        from: 0,
+        got: None,
+    }))
 }
 
 /// One attempt; on error also returns what it received.
@@ -139,7 +159,11 @@ fn fetch_once(
         .map_err(wrap(stats))?;
     // Re-verify what is there, whole chunks only.
     let mut verifier = LayerVerifier::new(l.id, l.size, l.chunk_size, &l.chunks);
-    let have = file.metadata().map_err(cache_io(l.id, &path)).map_err(wrap(stats))?.len();
+    let have = file
+        .metadata()
+        .map_err(cache_io(l.id, &path))
+        .map_err(wrap(stats))?
+        .len();
     let cs = u64::from(l.chunk_size);
     let mut good = 0u64;
     if have > 0 && have <= l.size {
@@ -154,7 +178,10 @@ fn fetch_once(
             }
             // A chunk-local check first, so a bad chunk does not poison `verifier`.
             let idx = good / cs;
-            let ok = l.chunks.get(idx as usize).is_some_and(|h| *h == Digest::of(b));
+            let ok = l
+                .chunks
+                .get(idx as usize)
+                .is_some_and(|h| *h == Digest::of(b));
             if !ok {
                 break;
             }
@@ -165,7 +192,9 @@ fn fetch_once(
         }
     }
     if good != have {
-        file.set_len(good).map_err(cache_io(l.id, &path)).map_err(wrap(stats))?;
+        file.set_len(good)
+            .map_err(cache_io(l.id, &path))
+            .map_err(wrap(stats))?;
     }
     stats.resumed_from = good;
     if good == l.size {
@@ -177,19 +206,33 @@ fn fetch_once(
             }
         };
     }
+    if good > 0 {
+        crate::marker!("stage=resume layer={} from={good} size={}", l.id, l.size);
+    }
     let range = (good > 0).then_some((good, None));
     let mut resp = client
         .get(&l.url, range)
         .map_err(|source| (stats, FetchError::Http { id: l.id, source }))?;
     if good > 0 {
         let ok = resp.status == 206
-            && resp.content_range.is_some_and(|r| r.first == good && r.last + 1 == l.size);
+            && resp
+                .content_range
+                .is_some_and(|r| r.first == good && r.last + 1 == l.size);
         if !ok {
             let got = resp.content_range.map(|r| (r.first, r.last));
-            return Err((stats, FetchError::BadRange { id: l.id, from: good, got }));
+            return Err((
+                stats,
+                FetchError::BadRange {
+                    id: l.id,
+                    from: good,
+                    got,
+                },
+            ));
         }
     }
-    file.seek(SeekFrom::Start(good)).map_err(cache_io(l.id, &path)).map_err(wrap(stats))?;
+    file.seek(SeekFrom::Start(good))
+        .map_err(cache_io(l.id, &path))
+        .map_err(wrap(stats))?;
     let mut buf = vec![0u8; 128 * 1024];
     let mut pos = good;
     loop {
@@ -199,14 +242,22 @@ fn fetch_once(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 let _ = file.sync_data();
-                return Err((stats, FetchError::Http { id: l.id, source: HttpError::Io(e) }));
+                return Err((
+                    stats,
+                    FetchError::Http {
+                        id: l.id,
+                        source: HttpError::Io(e),
+                    },
+                ));
             }
         };
         let data = buf.get(..n).unwrap_or_default();
         if let Err(source) = verifier.update(data) {
             // Keep the verified chunks before the bad one (some may be in this buffer).
             if let VerifyError::ChunkMismatch { range, .. } = &source {
-                let good = usize::try_from(range.start.saturating_sub(pos)).unwrap_or(0).min(n);
+                let good = usize::try_from(range.start.saturating_sub(pos))
+                    .unwrap_or(0)
+                    .min(n);
                 if file.write_all(data.get(..good).unwrap_or_default()).is_ok() {
                     stats.received += good as u64;
                     let _ = file.set_len(pos + good as u64);
@@ -215,12 +266,18 @@ fn fetch_once(
             }
             return Err((stats, FetchError::Verify { id: l.id, source }));
         }
-        file.write_all(data).map_err(cache_io(l.id, &path)).map_err(wrap(stats))?;
+        file.write_all(data)
+            .map_err(cache_io(l.id, &path))
+            .map_err(wrap(stats))?;
         pos += n as u64;
         stats.received += n as u64;
     }
-    file.sync_all().map_err(cache_io(l.id, &path)).map_err(wrap(stats))?;
-    verifier.finish().map_err(|source| (stats, FetchError::Verify { id: l.id, source }))?;
+    file.sync_all()
+        .map_err(cache_io(l.id, &path))
+        .map_err(wrap(stats))?;
+    verifier
+        .finish()
+        .map_err(|source| (stats, FetchError::Verify { id: l.id, source }))?;
     Ok(stats)
 }
 
@@ -242,14 +299,22 @@ pub fn repair_chunks(
             .get(&l.url, Some((r.start, Some(r.end - 1))))
             .map_err(|source| FetchError::Http { id: l.id, source })?;
         let ok = resp.status == 206
-            && resp.content_range.is_some_and(|c| c.first == r.start && c.last + 1 == r.end);
+            && resp
+                .content_range
+                .is_some_and(|c| c.first == r.start && c.last + 1 == r.end);
         if !ok {
             let got = resp.content_range.map(|c| (c.first, c.last));
-            return Err(FetchError::BadRange { id: l.id, from: r.start, got });
+            return Err(FetchError::BadRange {
+                id: l.id,
+                from: r.start,
+                got,
+            });
         }
         let mut data = vec![0u8; (r.end - r.start) as usize];
-        resp.read_exact(&mut data)
-            .map_err(|e| FetchError::Http { id: l.id, source: HttpError::Io(e) })?;
+        resp.read_exact(&mut data).map_err(|e| FetchError::Http {
+            id: l.id,
+            source: HttpError::Io(e),
+        })?;
         received += data.len() as u64;
         if l.chunks.get(i as usize) != Some(&Digest::of(&data)) {
             return Err(FetchError::Verify {

@@ -24,6 +24,16 @@ pub enum HttpError {
         #[source]
         source: io::Error,
     },
+    /// The connection failed before any byte of a response arrived (refused or reset by a
+    /// proxy such as QEMU's user network, or timed out): the server is not there.
+    #[error("no response from {addr}")]
+    NoResponse {
+        /// Server address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// Reading or writing the connection failed (including time-outs).
     #[error("HTTP I/O")]
     Io(#[from] io::Error),
@@ -49,7 +59,10 @@ pub enum HttpError {
 impl HttpError {
     /// True if the server could not be reached at all (as opposed to answering badly).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, HttpError::Connect { .. })
+        matches!(
+            self,
+            HttpError::Connect { .. } | HttpError::NoResponse { .. }
+        )
     }
 }
 
@@ -93,7 +106,11 @@ pub struct Response {
 impl Client {
     /// A client for `addr` with default time-outs (3 s connect, 15 s per read).
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, connect_timeout: Duration::from_secs(3), io_timeout: Duration::from_secs(15) }
+        Self {
+            addr,
+            connect_timeout: Duration::from_secs(3),
+            io_timeout: Duration::from_secs(15),
+        }
     }
 
     /// The server address.
@@ -102,8 +119,12 @@ impl Client {
     }
 
     fn connect(&self) -> Result<TcpStream, HttpError> {
-        let s = TcpStream::connect_timeout(&self.addr, self.connect_timeout)
-            .map_err(|source| HttpError::Connect { addr: self.addr, source })?;
+        let s = TcpStream::connect_timeout(&self.addr, self.connect_timeout).map_err(|source| {
+            HttpError::Connect {
+                addr: self.addr,
+                source,
+            }
+        })?;
         s.set_read_timeout(Some(self.io_timeout))?;
         s.set_write_timeout(Some(self.io_timeout))?;
         s.set_nodelay(true)?;
@@ -112,8 +133,15 @@ impl Client {
 
     /// `GET path`, from byte `from` on if given (`Range: bytes=from-` or `from-to`).
     /// Returns 200 and 206 responses; any other status is an error.
-    pub fn get(&self, path: &str, range: Option<(u64, Option<u64>)>) -> Result<Response, HttpError> {
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+    pub fn get(
+        &self,
+        path: &str,
+        range: Option<(u64, Option<u64>)>,
+    ) -> Result<Response, HttpError> {
+        let mut req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.addr
+        );
         if let Some((from, to)) = range {
             match to {
                 Some(to) => req.push_str(&format!("Range: bytes={from}-{to}\r\n")),
@@ -123,7 +151,10 @@ impl Client {
         req.push_str("\r\n");
         let resp = self.send(req.as_bytes(), &[])?;
         if resp.status != 200 && resp.status != 206 {
-            return Err(HttpError::Status { path: path.to_owned(), status: resp.status });
+            return Err(HttpError::Status {
+                path: path.to_owned(),
+                status: resp.status,
+            });
         }
         Ok(resp)
     }
@@ -135,7 +166,12 @@ impl Client {
     }
 
     /// `POST path` with a JSON body; returns the status and up to `limit` bytes of body.
-    pub fn post_json(&self, path: &str, body: &[u8], limit: usize) -> Result<(u16, Vec<u8>), HttpError> {
+    pub fn post_json(
+        &self,
+        path: &str,
+        body: &[u8],
+        limit: usize,
+    ) -> Result<(u16, Vec<u8>), HttpError> {
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.addr,
@@ -147,11 +183,24 @@ impl Client {
     }
 
     fn send(&self, head: &[u8], body: &[u8]) -> Result<Response, HttpError> {
+        let addr = self.addr;
+        let no_response = |source| HttpError::NoResponse { addr, source };
         let mut s = self.connect()?;
-        s.write_all(head)?;
-        s.write_all(body)?;
-        s.flush()?;
-        let reader = BufReader::with_capacity(64 * 1024, s);
+        s.write_all(head).map_err(no_response)?;
+        s.write_all(body).map_err(no_response)?;
+        s.flush().map_err(no_response)?;
+        let mut reader = BufReader::with_capacity(64 * 1024, s);
+        // Nothing at all back (not even a status line byte) means no server.
+        match reader.fill_buf() {
+            Ok([]) => {
+                return Err(no_response(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed without a response",
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(no_response(e)),
+        }
         read_head(reader)
     }
 }
@@ -167,9 +216,14 @@ fn read_limited(r: &mut impl Read, limit: usize) -> Result<Vec<u8>, HttpError> {
 
 fn read_line(r: &mut BufReader<TcpStream>, budget: &mut usize) -> Result<String, HttpError> {
     let mut line = Vec::new();
-    let n = r.by_ref().take(*budget as u64).read_until(b'\n', &mut line)?;
+    let n = r
+        .by_ref()
+        .take(*budget as u64)
+        .read_until(b'\n', &mut line)?;
     if n == 0 {
-        return Err(HttpError::Malformed("connection closed in the response head"));
+        return Err(HttpError::Malformed(
+            "connection closed in the response head",
+        ));
     }
     *budget = budget.saturating_sub(n);
     if line.last() != Some(&b'\n') {
@@ -203,11 +257,16 @@ fn read_head(mut reader: BufReader<TcpStream>) -> Result<Response, HttpError> {
         if line.is_empty() {
             break;
         }
-        let (name, value) = line.split_once(':').ok_or(HttpError::Malformed("header line"))?;
+        let (name, value) = line
+            .split_once(':')
+            .ok_or(HttpError::Malformed("header line"))?;
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
-            content_length =
-                Some(value.parse::<u64>().map_err(|_| HttpError::Malformed("Content-Length"))?);
+            content_length = Some(
+                value
+                    .parse::<u64>()
+                    .map_err(|_| HttpError::Malformed("Content-Length"))?,
+            );
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = value.eq_ignore_ascii_case("chunked");
             if !chunked && !value.eq_ignore_ascii_case("identity") {
@@ -219,7 +278,10 @@ fn read_head(mut reader: BufReader<TcpStream>) -> Result<Response, HttpError> {
         }
     }
     let framing = if chunked {
-        Framing::Chunked { left: 0, done: false }
+        Framing::Chunked {
+            left: 0,
+            done: false,
+        }
     } else if let Some(n) = content_length {
         Framing::Length(n)
     } else if status == 204 || status == 304 {
@@ -227,7 +289,13 @@ fn read_head(mut reader: BufReader<TcpStream>) -> Result<Response, HttpError> {
     } else {
         Framing::Close
     };
-    Ok(Response { status, content_length, content_range, reader, framing })
+    Ok(Response {
+        status,
+        content_length,
+        content_range,
+        reader,
+        framing,
+    })
 }
 
 /// Parses `bytes first-last/total` (total may be `*`).
@@ -237,7 +305,11 @@ pub fn parse_content_range(v: &str) -> Option<ContentRange> {
     let (a, b) = range.split_once('-')?;
     let first: u64 = a.trim().parse().ok()?;
     let last: u64 = b.trim().parse().ok()?;
-    let total = if total.trim() == "*" { None } else { Some(total.trim().parse().ok()?) };
+    let total = if total.trim() == "*" {
+        None
+    } else {
+        Some(total.trim().parse().ok()?)
+    };
     if last < first || total.is_some_and(|t| last >= t) {
         return None;
     }
@@ -254,7 +326,10 @@ impl Read for Response {
                 let want = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
                 let n = self.reader.read(&mut buf[..want])?;
                 if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body cut short"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "body cut short",
+                    ));
                 }
                 *left -= n as u64;
                 Ok(n)
@@ -274,7 +349,10 @@ impl Read for Response {
                         // Trailers end with an empty line.
                         loop {
                             let mut budget = 4096;
-                            if read_line(&mut self.reader, &mut budget).map_err(to_io)?.is_empty() {
+                            if read_line(&mut self.reader, &mut budget)
+                                .map_err(to_io)?
+                                .is_empty()
+                            {
                                 break;
                             }
                         }
@@ -286,7 +364,10 @@ impl Read for Response {
                 let want = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
                 let n = self.reader.read(&mut buf[..want])?;
                 if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "chunk cut short"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "chunk cut short",
+                    ));
                 }
                 *left -= n as u64;
                 if *left == 0 {
@@ -317,11 +398,19 @@ mod tests {
     fn content_range_forms() {
         assert_eq!(
             parse_content_range("bytes 10-19/100"),
-            Some(ContentRange { first: 10, last: 19, total: Some(100) })
+            Some(ContentRange {
+                first: 10,
+                last: 19,
+                total: Some(100)
+            })
         );
         assert_eq!(
             parse_content_range("bytes 0-0/*"),
-            Some(ContentRange { first: 0, last: 0, total: None })
+            Some(ContentRange {
+                first: 0,
+                last: 0,
+                total: None
+            })
         );
         assert_eq!(parse_content_range("bytes 20-10/100"), None);
         assert_eq!(parse_content_range("bytes 0-100/100"), None);

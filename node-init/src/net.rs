@@ -60,8 +60,15 @@ pub fn find_interface(mac: Option<&str>, wait: Duration) -> Result<String, NetEr
             return Ok(name.clone());
         }
         if Instant::now() >= deadline {
-            let found = all.iter().map(|(n, m)| format!("{n}={m}")).collect::<Vec<_>>().join(" ");
-            return Err(NetError::NoInterface { mac: mac.unwrap_or("any").into(), found });
+            let found = all
+                .iter()
+                .map(|(n, m)| format!("{n}={m}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            return Err(NetError::NoInterface {
+                mac: mac.unwrap_or("any").into(),
+                found,
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -20,7 +20,11 @@ pub struct Reporter {
 impl Reporter {
     /// A reporter that has sent nothing yet.
     pub fn new(mac: &str) -> Self {
-        Self { mac: mac.to_owned(), seq: 0, acked: NodeStatus::default() }
+        Self {
+            mac: mac.to_owned(),
+            seq: 0,
+            acked: NodeStatus::default(),
+        }
     }
 
     /// Sends what changed from the acknowledged status to `now`. Returns whether the server
@@ -30,8 +34,15 @@ impl Reporter {
         if delta.is_empty() && self.seq > 0 {
             return true;
         }
-        let report = StateReport { mac: self.mac.clone(), seq: self.seq + 1, base_seq: self.seq, delta };
-        let Ok(body) = serde_json::to_vec(&report) else { return false };
+        let report = StateReport {
+            mac: self.mac.clone(),
+            seq: self.seq + 1,
+            base_seq: self.seq,
+            delta,
+        };
+        let Ok(body) = serde_json::to_vec(&report) else {
+            return false;
+        };
         let path = format!("/api/v1/nodes/by-mac/{}/report", self.mac);
         match client.post_json(&path, &body, 64 * 1024) {
             Ok((status, resp)) if (200..300).contains(&status) => {

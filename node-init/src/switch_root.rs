@@ -19,7 +19,10 @@ pub fn switch_root(new_root: &Path, init: &str) -> io::Error {
     let init_path = new_root.join(rel);
     // `init` may be a symlink (busybox): resolve it inside the new root by hand.
     if fs::symlink_metadata(&init_path).is_err() {
-        return io::Error::new(io::ErrorKind::NotFound, format!("{init} not found in the image"));
+        return io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{init} not found in the image"),
+        );
     }
     let root_dev = match fs::metadata("/") {
         Ok(m) => m.dev(),
@@ -54,13 +57,17 @@ pub fn switch_root(new_root: &Path, init: &str) -> io::Error {
 }
 
 fn remove_same_dev(dir: &Path, dev: u64, skip: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for ent in entries.flatten() {
         let path = ent.path();
         if path == skip {
             continue;
         }
-        let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
         if meta.dev() != dev {
             continue;
         }

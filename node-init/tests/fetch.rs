@@ -12,7 +12,14 @@ use wire::manifest::{LayerKind, LayerRef};
 
 fn layer(bytes: &[u8]) -> LayerRef {
     let (id, size, chunks) = chunk_hashes(bytes, 4096).unwrap();
-    LayerRef { id, size, kind: LayerKind::Base, chunk_size: 4096, chunks, url: format!("/layers/{id}") }
+    LayerRef {
+        id,
+        size,
+        kind: LayerKind::Base,
+        chunk_size: 4096,
+        chunks,
+        url: format!("/layers/{id}"),
+    }
 }
 
 fn data(n: usize) -> Vec<u8> {
@@ -77,12 +84,21 @@ fn wrong_bytes_never_enter_the_cache() {
     srv.add_layer(l.id, evil);
     let err = fetch_layer(&client, &cache, &l, |_| {}).unwrap_err();
     assert!(
-        matches!(err, FetchError::Verify { source: VerifyError::ChunkMismatch { index: 7, .. }, .. }),
+        matches!(
+            err,
+            FetchError::Verify {
+                source: VerifyError::ChunkMismatch { index: 7, .. },
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(!cache.layer_path(&l.id).exists());
     // Only the good chunks before the bad one are kept for a resume.
-    assert_eq!(std::fs::metadata(cache.partial_path(&l.id)).unwrap().len(), 7 * 4096);
+    assert_eq!(
+        std::fs::metadata(cache.partial_path(&l.id)).unwrap().len(),
+        7 * 4096
+    );
 }
 
 #[test]
@@ -111,7 +127,11 @@ fn unreachable_server_is_reported_as_such() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(dir.path()).unwrap();
     // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let client = Client::new(format!("127.0.0.1:{port}").parse().unwrap());
     let err = fetch_layer(&client, &cache, &l, |_| {}).unwrap_err();
     assert!(err.is_unreachable(), "{err:?}");

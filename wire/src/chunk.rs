@@ -80,9 +80,15 @@ impl FromStr for Digest {
     type Err = DigestParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || DigestParseError { text: s.chars().take(80).collect() };
+        let err = || DigestParseError {
+            text: s.chars().take(80).collect(),
+        };
         // Lower-case only: one digest has exactly one spelling (it names files and URLs).
-        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(err());
         }
         let mut out = [0u8; 32];
@@ -269,11 +275,17 @@ impl<'a> LayerVerifier<'a> {
     /// Checks that the whole layer arrived and hashes to its identity.
     pub fn finish(self) -> Result<(), VerifyError> {
         if self.received != self.size {
-            return Err(VerifyError::Incomplete { received: self.received, size: self.size });
+            return Err(VerifyError::Incomplete {
+                received: self.received,
+                size: self.size,
+            });
         }
         let actual = Digest::from(self.whole.finalize());
         if actual != self.id {
-            return Err(VerifyError::LayerMismatch { expected: self.id, actual });
+            return Err(VerifyError::LayerMismatch {
+                expected: self.id,
+                actual,
+            });
         }
         Ok(())
     }
@@ -323,7 +335,13 @@ mod tests {
         let mut v = LayerVerifier::new(id, size, 4096, &chunks);
         v.update(&bad[..4096]).unwrap();
         let err = v.update(&bad[4096..]).unwrap_err();
-        assert_eq!(err, VerifyError::ChunkMismatch { index: 1, range: 4096..8192 });
+        assert_eq!(
+            err,
+            VerifyError::ChunkMismatch {
+                index: 1,
+                range: 4096..8192
+            }
+        );
     }
 
     proptest! {

@@ -137,7 +137,9 @@ pub enum InvalidManifest {
         count: usize,
     },
     /// The first layer is not a base, or a later layer is.
-    #[error("layer {index} has kind {kind:?}: the chain is one base followed by differencing layers")]
+    #[error(
+        "layer {index} has kind {kind:?}: the chain is one base followed by differencing layers"
+    )]
     LayerKindOrder {
         /// Layer index.
         index: usize,
@@ -223,7 +225,9 @@ impl Manifest {
         check_text("role", &self.role)?;
         check_text("image", &self.image)?;
         if !is_canonical_mac(&self.mac) {
-            return Err(InvalidManifest::Mac { mac: self.mac.chars().take(40).collect() });
+            return Err(InvalidManifest::Mac {
+                mac: self.mac.chars().take(40).collect(),
+            });
         }
         if self.boot_tries == 0 || self.boot_tries > MAX_BOOT_TRIES {
             return Err(InvalidManifest::BootTries(self.boot_tries));
@@ -236,16 +240,25 @@ impl Manifest {
         for (index, l) in self.layers.iter().enumerate() {
             let base_expected = index == 0;
             if (l.kind == LayerKind::Base) != base_expected {
-                return Err(InvalidManifest::LayerKindOrder { index, kind: l.kind });
+                return Err(InvalidManifest::LayerKindOrder {
+                    index,
+                    kind: l.kind,
+                });
             }
             if l.size == 0 || l.size > MAX_LAYER_SIZE {
-                return Err(InvalidManifest::LayerSize { index, size: l.size });
+                return Err(InvalidManifest::LayerSize {
+                    index,
+                    size: l.size,
+                });
             }
             if !l.chunk_size.is_power_of_two()
                 || l.chunk_size < MIN_CHUNK_SIZE
                 || l.chunk_size > MAX_CHUNK_SIZE
             {
-                return Err(InvalidManifest::ChunkSize { index, chunk_size: l.chunk_size });
+                return Err(InvalidManifest::ChunkSize {
+                    index,
+                    chunk_size: l.chunk_size,
+                });
             }
             let expected = chunk_count(l.size, l.chunk_size);
             if l.chunks.len() as u64 != expected {
@@ -264,7 +277,10 @@ impl Manifest {
                 || l.url.len() > MAX_TEXT
                 || l.url.bytes().any(|b| b <= b' ' || b >= 0x7f)
             {
-                return Err(InvalidManifest::Url { index, url: l.url.chars().take(80).collect() });
+                return Err(InvalidManifest::Url {
+                    index,
+                    url: l.url.chars().take(80).collect(),
+                });
             }
             if self.layers.iter().take(index).any(|p| p.id == l.id) {
                 return Err(InvalidManifest::DuplicateLayer { id: l.id });
@@ -300,7 +316,10 @@ impl SignedManifest {
             return Err(ManifestError::TooLarge { len: text.len() });
         }
         let sig = key.sign(&signed_bytes(&text));
-        Ok(Self { manifest: text, signature: hex::encode(sig.to_bytes()) })
+        Ok(Self {
+            manifest: text,
+            signature: hex::encode(sig.to_bytes()),
+        })
     }
 
     /// Parses the wire document (bounded in size).
@@ -320,11 +339,12 @@ impl SignedManifest {
     /// Checks the signature with the trusted key, then parses and validates the manifest.
     pub fn verify(&self, key: &VerifyingKey) -> Result<Manifest, ManifestError> {
         if self.manifest.len() > MAX_MANIFEST_BYTES {
-            return Err(ManifestError::TooLarge { len: self.manifest.len() });
+            return Err(ManifestError::TooLarge {
+                len: self.manifest.len(),
+            });
         }
         let mut raw = [0u8; 64];
-        if self.signature.len() != 128 || hex::decode_to_slice(&self.signature, &mut raw).is_err()
-        {
+        if self.signature.len() != 128 || hex::decode_to_slice(&self.signature, &mut raw).is_err() {
             return Err(ManifestError::SignatureEncoding);
         }
         let sig = Signature::from_bytes(&raw);
@@ -375,7 +395,14 @@ mod tests {
 
     fn layer(kind: LayerKind, data: &[u8], chunk_size: u32) -> LayerRef {
         let (id, size, chunks) = chunk_hashes(data, chunk_size).unwrap();
-        LayerRef { id, size, kind, chunk_size, chunks, url: format!("/layers/{id}") }
+        LayerRef {
+            id,
+            size,
+            kind,
+            chunk_size,
+            chunks,
+            url: format!("/layers/{id}"),
+        }
     }
 
     fn sample() -> Manifest {
@@ -406,14 +433,20 @@ mod tests {
     #[test]
     fn wrong_key_is_bad_signature() {
         let s = SignedManifest::sign(&sample(), &key(1)).unwrap();
-        assert!(matches!(s.verify(&key(2).verifying_key()), Err(ManifestError::BadSignature)));
+        assert!(matches!(
+            s.verify(&key(2).verifying_key()),
+            Err(ManifestError::BadSignature)
+        ));
     }
 
     #[test]
     fn edited_text_is_bad_signature() {
         let mut s = SignedManifest::sign(&sample(), &key(1)).unwrap();
         s.manifest = s.manifest.replace("\"version\":3", "\"version\":4");
-        assert!(matches!(s.verify(&key(1).verifying_key()), Err(ManifestError::BadSignature)));
+        assert!(matches!(
+            s.verify(&key(1).verifying_key()),
+            Err(ManifestError::BadSignature)
+        ));
     }
 
     #[test]
@@ -432,7 +465,11 @@ mod tests {
         m.layers[0].chunks.pop();
         assert!(matches!(
             m.validate(),
-            Err(InvalidManifest::ChunkCount { index: 0, listed: 2, expected: 3 })
+            Err(InvalidManifest::ChunkCount {
+                index: 0,
+                listed: 2,
+                expected: 3
+            })
         ));
         assert!(SignedManifest::sign(&m, &key(1)).is_err());
     }
@@ -441,21 +478,30 @@ mod tests {
     fn wrong_size_is_refused() {
         let mut m = sample();
         m.layers[1].size = 0;
-        assert_eq!(m.validate(), Err(InvalidManifest::LayerSize { index: 1, size: 0 }));
+        assert_eq!(
+            m.validate(),
+            Err(InvalidManifest::LayerSize { index: 1, size: 0 })
+        );
     }
 
     #[test]
     fn chain_shape_is_checked() {
         let mut m = sample();
         m.layers[1].kind = LayerKind::Base;
-        assert!(matches!(m.validate(), Err(InvalidManifest::LayerKindOrder { index: 1, .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(InvalidManifest::LayerKindOrder { index: 1, .. })
+        ));
         let mut m = sample();
         m.layers.clear();
         assert_eq!(m.validate(), Err(InvalidManifest::LayerCount { count: 0 }));
         let mut m = sample();
         m.layers[2] = m.layers[0].clone();
         m.layers[2].kind = LayerKind::Node;
-        assert!(matches!(m.validate(), Err(InvalidManifest::DuplicateLayer { .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(InvalidManifest::DuplicateLayer { .. })
+        ));
     }
 
     #[test]
@@ -468,7 +514,10 @@ mod tests {
         assert!(matches!(m.validate(), Err(InvalidManifest::Mac { .. })));
         let mut m = sample();
         m.layers[0].url = "http://evil/x".into();
-        assert!(matches!(m.validate(), Err(InvalidManifest::Url { index: 0, .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(InvalidManifest::Url { index: 0, .. })
+        ));
     }
 
     #[test]

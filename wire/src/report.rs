@@ -68,13 +68,25 @@ pub struct StateDelta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<NodeState>,
     /// New role.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub role: Option<Option<String>>,
     /// New version.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub version: Option<Option<u64>>,
     /// New last known good.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub last_known_good: Option<Option<u64>>,
     /// New boot count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,7 +98,11 @@ pub struct StateDelta {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<Vec<LayerId>>,
     /// New message.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub message: Option<Option<String>>,
 }
 
@@ -219,7 +235,11 @@ mod tests {
 
     #[test]
     fn unchanged_status_gives_empty_delta_and_small_json() {
-        let s = NodeStatus { state: NodeState::Healthy, version: Some(2), ..Default::default() };
+        let s = NodeStatus {
+            state: NodeState::Healthy,
+            version: Some(2),
+            ..Default::default()
+        };
         let d = s.diff(&s.clone());
         assert!(d.is_empty());
         assert_eq!(serde_json::to_string(&d).unwrap(), "{}");
@@ -227,7 +247,10 @@ mod tests {
 
     #[test]
     fn cleared_field_is_sent() {
-        let a = NodeStatus { message: Some("x".into()), ..Default::default() };
+        let a = NodeStatus {
+            message: Some("x".into()),
+            ..Default::default()
+        };
         let b = NodeStatus::default();
         let d = a.diff(&b);
         assert_eq!(d.message, Some(None));

@@ -52,7 +52,10 @@ pub struct DmDevice {
 
 fn header(name: &str, data_size: usize, target_count: u32, flags: u32) -> io::Result<Vec<u8>> {
     if name.is_empty() || name.len() >= DM_NAME_LEN || name.contains('/') {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad device-mapper name"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad device-mapper name",
+        ));
     }
     let size = u32::try_from(data_size)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "table too large"))?;
@@ -70,7 +73,10 @@ fn header(name: &str, data_size: usize, target_count: u32, flags: u32) -> io::Re
 }
 
 fn ioctl(cmd: libc::c_ulong, buf: &mut [u8]) -> io::Result<()> {
-    let ctl = OpenOptions::new().read(true).write(true).open("/dev/mapper/control")?;
+    let ctl = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")?;
     // SAFETY: buf is at least DM_IOCTL_SIZE bytes and its data_size field equals its length,
     // so the kernel reads and writes only inside it.
     check(unsafe { libc::ioctl(ctl.as_raw_fd(), cmd, buf.as_mut_ptr()) })?;
@@ -92,7 +98,12 @@ pub fn create(name: &str) -> io::Result<DmDevice> {
     let minor = ((dev & 0xff) | ((dev >> 12) & 0xfff00)) as u32;
     let path = PathBuf::from(format!("/dev/mapper/{name}"));
     mknod_block(&path, major, minor)?;
-    Ok(DmDevice { name: name.to_owned(), major, minor, path })
+    Ok(DmDevice {
+        name: name.to_owned(),
+        major,
+        minor,
+        path,
+    })
 }
 
 /// Loads `targets` as the inactive table of `name`.
@@ -143,6 +154,12 @@ pub fn mknod_block(path: &std::path::Path, major: u32, minor: u32) -> io::Result
     let _ = std::fs::remove_file(path);
     let p = super::cpath(path)?;
     // SAFETY: valid NUL-terminated path; mknod only reads it.
-    check(unsafe { libc::mknod(p.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(major, minor)) })?;
+    check(unsafe {
+        libc::mknod(
+            p.as_ptr(),
+            libc::S_IFBLK | 0o600,
+            libc::makedev(major, minor),
+        )
+    })?;
     Ok(())
 }

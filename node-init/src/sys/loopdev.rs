@@ -58,7 +58,10 @@ pub struct LoopDevice {
 /// Attaches `file` to a free loop device, read-only unless `writable`.
 pub fn attach(file: &Path, writable: bool) -> io::Result<LoopDevice> {
     let backing = OpenOptions::new().read(true).write(writable).open(file)?;
-    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    let ctl = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
     // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number or -1.
     let n = check(unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) })?;
     let path = PathBuf::from(format!("/dev/loop{n}"));
@@ -93,7 +96,12 @@ pub fn attach(file: &Path, writable: bool) -> io::Result<LoopDevice> {
     // kernel only reads it. The backing fd is open; the kernel takes its own reference.
     check(unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) })?;
     let (major, minor) = rdev_of(&path)?;
-    Ok(LoopDevice { path, major, minor, _dev: dev })
+    Ok(LoopDevice {
+        path,
+        major,
+        minor,
+        _dev: dev,
+    })
 }
 
 /// The (major, minor) of a device node.

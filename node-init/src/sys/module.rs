@@ -20,7 +20,12 @@ pub fn load_module(path: &Path) -> io::Result<Loaded> {
     let params = c"";
     // SAFETY: the fd is open for the duration of the call; params is a valid empty C string.
     let r = unsafe {
-        libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0 as libc::c_int)
+        libc::syscall(
+            libc::SYS_finit_module,
+            f.as_raw_fd(),
+            params.as_ptr(),
+            0 as libc::c_int,
+        )
     };
     if r == 0 {
         return Ok(Loaded::Inserted);

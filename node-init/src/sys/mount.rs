@@ -20,7 +20,9 @@ pub fn mount(
     let tgt = cpath(target)?;
     let fs = cstr(fstype)?;
     let data = data.map(cstr).transpose()?;
-    let data_ptr = data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast());
+    let data_ptr = data
+        .as_ref()
+        .map_or(std::ptr::null(), |d| d.as_ptr().cast());
     // SAFETY: every pointer is a valid NUL-terminated string (or null for data) that outlives
     // the call; mount(2) only reads them.
     check(unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), flags, data_ptr) })?;
@@ -33,7 +35,13 @@ pub fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
     let tgt = cpath(to)?;
     // SAFETY: valid NUL-terminated paths; fstype and data may be null with MS_MOVE.
     check(unsafe {
-        libc::mount(src.as_ptr(), tgt.as_ptr(), std::ptr::null(), MS_MOVE, std::ptr::null())
+        libc::mount(
+            src.as_ptr(),
+            tgt.as_ptr(),
+            std::ptr::null(),
+            MS_MOVE,
+            std::ptr::null(),
+        )
     })?;
     Ok(())
 }

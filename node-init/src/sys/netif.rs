@@ -17,9 +17,15 @@ struct IfReq {
 fn ifreq(name: &str) -> io::Result<IfReq> {
     let b = name.as_bytes();
     if b.is_empty() || b.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad interface name",
+        ));
     }
-    let mut r = IfReq { name: [0; libc::IFNAMSIZ], ifru: [0; 24] };
+    let mut r = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        ifru: [0; 24],
+    };
     r.name[..b.len()].copy_from_slice(b);
     Ok(r)
 }
@@ -33,7 +39,8 @@ fn sockaddr_in_bytes(ip: Ipv4Addr) -> [u8; 16] {
 
 fn socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the returned fd is owned below.
-    let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd is a fresh, valid descriptor nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -28,7 +28,10 @@ pub fn need(tool: &str, package: &str) -> Result<()> {
         .stdout(Stdio::null())
         .status()?
         .success();
-    ensure!(found, "{tool} not found: apt-get install {package} (or run scripts/setup.sh)");
+    ensure!(
+        found,
+        "{tool} not found: apt-get install {package} (or run scripts/setup.sh)"
+    );
     Ok(())
 }
 
@@ -70,7 +73,10 @@ impl ImageSet {
         need("mke2fs", "e2fsprogs")?;
         need("debugfs", "e2fsprogs")?;
         let busybox = Path::new("/bin/busybox");
-        ensure!(busybox.exists(), "/bin/busybox missing: apt-get install busybox-static");
+        ensure!(
+            busybox.exists(),
+            "/bin/busybox missing: apt-get install busybox-static"
+        );
         let root = dir.join("rootfs");
         for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp"] {
             std::fs::create_dir_all(root.join(d))?;
@@ -78,22 +84,34 @@ impl ImageSet {
         std::fs::copy(busybox, root.join("bin/busybox"))?;
         std::fs::write(root.join("sbin/init"), INIT)?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(root.join("sbin/init"), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(
+            root.join("sbin/init"),
+            std::fs::Permissions::from_mode(0o755),
+        )?;
         let base_raw = dir.join("base.raw");
         run(Command::new("mke2fs")
-            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", "busybox", "-d"])
+            .args([
+                "-q", "-F", "-t", "ext4", "-b", "4096", "-L", "busybox", "-d",
+            ])
             .arg(&root)
             .arg(&base_raw)
             .arg("16M"))?;
         let base_vhdx = dir.join("base.vhdx");
         vhdx::from_raw(&base_raw, &base_vhdx, None, &opts())?;
-        Ok(Self { dir: dir.to_owned(), base_raw, base_vhdx })
+        Ok(Self {
+            dir: dir.to_owned(),
+            base_raw,
+            base_vhdx,
+        })
     }
 
     /// A role layer (differencing VHDX on the base) writing /etc/strata-role, -version and,
     /// if `confirm`, /etc/strata-confirm.
     pub fn role_layer(&self, role: &str, version: u64, confirm: bool) -> Result<PathBuf> {
-        let name = format!("{role}-v{version}{}", if confirm { "" } else { "-noconfirm" });
+        let name = format!(
+            "{role}-v{version}{}",
+            if confirm { "" } else { "-noconfirm" }
+        );
         let raw = self.dir.join(format!("{name}.raw"));
         std::fs::copy(&self.base_raw, &raw)?;
         let files = self.dir.join(format!("{name}.files"));
@@ -107,27 +125,47 @@ impl ImageSet {
         );
         if confirm {
             std::fs::write(files.join("confirm"), "yes")?;
-            cmds.push_str(&format!("write {} strata-confirm\n", files.join("confirm").display()));
+            cmds.push_str(&format!(
+                "write {} strata-confirm\n",
+                files.join("confirm").display()
+            ));
         }
         let script = self.dir.join(format!("{name}.debugfs"));
         std::fs::write(&script, cmds)?;
-        run(Command::new("debugfs").arg("-w").arg("-f").arg(&script).arg(&raw))?;
+        run(Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&script)
+            .arg(&raw))?;
         let out = self.dir.join(format!("{name}.vhdx"));
-        let parent = vhdx::Chain::from_paths(&[self.base_vhdx.clone()])?;
+        let parent = vhdx::Chain::from_paths(std::slice::from_ref(&self.base_vhdx))?;
         vhdx::from_raw(&raw, &out, Some(&parent), &opts())?;
         Ok(out)
     }
 }
 
 fn opts() -> vhdx::CreateOptions {
-    vhdx::CreateOptions { block_size: 1 << 20, ..vhdx::CreateOptions::default() }
+    vhdx::CreateOptions {
+        block_size: 1 << 20,
+        ..vhdx::CreateOptions::default()
+    }
 }
 
 /// A layer reference for `path` as the server would publish it.
 pub fn layer_ref(path: &Path, kind: LayerKind) -> Result<(LayerRef, Vec<u8>)> {
     let bytes = std::fs::read(path)?;
     let (id, size, chunks) = chunk_hashes(&bytes[..], CHUNK_SIZE)?;
-    Ok((LayerRef { id, size, kind, chunk_size: CHUNK_SIZE, chunks, url: format!("/layers/{id}") }, bytes))
+    Ok((
+        LayerRef {
+            id,
+            size,
+            kind,
+            chunk_size: CHUNK_SIZE,
+            chunks,
+            url: format!("/layers/{id}"),
+        },
+        bytes,
+    ))
 }
 
 /// A manifest for base + role layer.
@@ -162,11 +200,11 @@ pub fn key_cpio(key: &SigningKey) -> Vec<u8> {
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while out.len() & 3 != 0 {
             out.push(0);
         }
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
+        while out.len() & 3 != 0 {
             out.push(0);
         }
         ino += 1;
@@ -188,7 +226,10 @@ pub fn initramfs(dir: &Path, key: &SigningKey) -> Result<PathBuf> {
             need("cpio", "cpio")?;
             need("depmod", "kmod")?;
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let out_dir = tempfile::Builder::new().prefix("strata-initramfs").tempdir()?.keep();
+            let out_dir = tempfile::Builder::new()
+                .prefix("strata-initramfs")
+                .tempdir()?
+                .keep();
             let out = out_dir.join("node-init.cpio.gz");
             let o = Command::new("bash")
                 .arg(root.join("scripts/build-initramfs.sh"))
@@ -215,13 +256,19 @@ pub fn initramfs(dir: &Path, key: &SigningKey) -> Result<PathBuf> {
 pub fn kernel() -> Result<PathBuf> {
     let cache = std::env::var_os("STRATA_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/strata"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/strata")
+        });
     let boot = cache.join("kernel/root/boot");
     let k = std::fs::read_dir(&boot)
         .with_context(|| format!("{}: run scripts/setup.sh", boot.display()))?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")));
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        });
     k.with_context(|| format!("no vmlinuz in {}: run scripts/setup.sh", boot.display()))
 }
 
@@ -241,14 +288,21 @@ impl Vm {
              strata.ip=10.0.2.15 strata.netmask=255.255.255.0 strata.gw=10.0.2.2 {extra}"
         );
         let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none"])
+            .args([
+                "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
+            ])
             .args(["-serial", "stdio", "-no-reboot"])
             .arg("-kernel")
             .arg(kernel()?)
             .arg("-initrd")
             .arg(initrd)
             .args(["-append", &append])
-            .args(["-netdev", "user,id=n0", "-device", &format!("virtio-net-pci,netdev=n0,mac={MAC}")])
+            .args([
+                "-netdev",
+                "user,id=n0",
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,mac={MAC}"),
+            ])
             .arg("-drive")
             .arg(format!("file={},if=virtio,format=raw", disk.display()))
             .stdin(Stdio::null())
@@ -275,7 +329,12 @@ impl Vm {
                 }
             }
         });
-        Ok(Vm { child, lines: rx, log, seen: VecDeque::new() })
+        Ok(Vm {
+            child,
+            lines: rx,
+            log,
+            seen: VecDeque::new(),
+        })
     }
 
     /// Waits for a line starting with `prefix` (any later line: markers are consumed in
@@ -316,14 +375,25 @@ impl Vm {
             match self.lines.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) => self.seen.push_back(line),
                 Err(_) if Instant::now() < deadline => {}
-                Err(_) => bail!("QEMU still running after {limit:?}; serial:\n{}", self.tail()),
+                Err(_) => bail!(
+                    "QEMU still running after {limit:?}; serial:\n{}",
+                    self.tail()
+                ),
             }
         }
     }
 
     /// All lines so far that start with `prefix`.
     pub fn lines_with(&self, prefix: &str) -> Vec<String> {
-        self.log.lock().map(|l| l.iter().filter(|x| x.starts_with(prefix)).cloned().collect()).unwrap_or_default()
+        self.log
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .filter(|x| x.starts_with(prefix))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn tail(&self) -> String {
@@ -341,7 +411,8 @@ impl Drop for Vm {
 
 /// Value of `key=` in a marker line.
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
 /// A blank cache disk.

@@ -61,15 +61,29 @@ impl Server {
     }
 
     pub fn add_layer(&self, id: LayerId, bytes: Vec<u8>) {
-        self.state.lock().unwrap().layers.insert(id, Arc::new(bytes));
+        self.state
+            .lock()
+            .unwrap()
+            .layers
+            .insert(id, Arc::new(bytes));
     }
 
     pub fn set_manifest(&self, mac: &str, json: String) {
-        self.state.lock().unwrap().manifests.insert(mac.to_owned(), json);
+        self.state
+            .lock()
+            .unwrap()
+            .manifests
+            .insert(mac.to_owned(), json);
     }
 
     pub fn sent(&self, id: &LayerId) -> u64 {
-        self.state.lock().unwrap().sent.get(id).copied().unwrap_or(0)
+        self.state
+            .lock()
+            .unwrap()
+            .sent
+            .get(id)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn total_sent(&self) -> u64 {
@@ -87,7 +101,10 @@ trait Linger {
 impl Linger for TcpStream {
     fn set_linger_zero(&self) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
-        let l = libc::linger { l_onoff: 1, l_linger: 0 };
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         // SAFETY: valid socket fd and a valid linger struct of the size passed.
         let r = unsafe {
             libc::setsockopt(
@@ -98,12 +115,20 @@ impl Linger for TcpStream {
                 std::mem::size_of::<libc::linger>() as libc::socklen_t,
             )
         };
-        if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 }
 
 fn respond(s: &mut TcpStream, status: &str, headers: &str, body: &[u8]) -> std::io::Result<()> {
-    write!(s, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n", body.len())?;
+    write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
+        body.len()
+    )?;
     s.write_all(body)
 }
 
@@ -124,9 +149,10 @@ fn handle(mut s: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
         let (k, v) = h.split_once(':').unwrap_or(("", ""));
         let v = v.trim();
         if k.eq_ignore_ascii_case("range") {
-            range = v.strip_prefix("bytes=").and_then(|x| x.split_once('-')).map(|(a, b)| {
-                (a.parse::<u64>().unwrap_or(0), b.parse::<u64>().ok())
-            });
+            range = v
+                .strip_prefix("bytes=")
+                .and_then(|x| x.split_once('-'))
+                .map(|(a, b)| (a.parse::<u64>().unwrap_or(0), b.parse::<u64>().ok()));
         } else if k.eq_ignore_ascii_case("content-length") {
             content_length = v.parse().unwrap_or(0);
         }
@@ -145,16 +171,32 @@ fn handle(mut s: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
             Err(_) => return respond(&mut s, "400 Bad Request", "", b"{}"),
         };
         let ack = format!("{{\"applied_seq\":{seq}}}");
-        return respond(&mut s, "200 OK", "Content-Type: application/json\r\n", ack.as_bytes());
+        return respond(
+            &mut s,
+            "200 OK",
+            "Content-Type: application/json\r\n",
+            ack.as_bytes(),
+        );
     }
-    if let Some(mac) = path.strip_prefix("/api/v1/nodes/by-mac/").and_then(|p| p.strip_suffix("/manifest")) {
+    if let Some(mac) = path
+        .strip_prefix("/api/v1/nodes/by-mac/")
+        .and_then(|p| p.strip_suffix("/manifest"))
+    {
         let m = st.lock().unwrap().manifests.get(mac).cloned();
         return match m {
-            Some(json) => respond(&mut s, "200 OK", "Content-Type: application/json\r\n", json.as_bytes()),
+            Some(json) => respond(
+                &mut s,
+                "200 OK",
+                "Content-Type: application/json\r\n",
+                json.as_bytes(),
+            ),
             None => respond(&mut s, "404 Not Found", "", b"no such node"),
         };
     }
-    if let Some(id) = path.strip_prefix("/layers/").and_then(|x| x.parse::<LayerId>().ok()) {
+    if let Some(id) = path
+        .strip_prefix("/layers/")
+        .and_then(|x| x.parse::<LayerId>().ok())
+    {
         let (data, cut) = {
             let mut g = st.lock().unwrap();
             let data = g.layers.get(&id).cloned();
@@ -167,20 +209,36 @@ fn handle(mut s: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
             };
             (data, cut)
         };
-        let Some(data) = data else { return respond(&mut s, "404 Not Found", "", b"no such layer") };
+        let Some(data) = data else {
+            return respond(&mut s, "404 Not Found", "", b"no such layer");
+        };
         let len = data.len() as u64;
         let (status, start, end, extra) = match range {
             Some((a, b)) if a < len => {
                 let e = b.map_or(len - 1, |b| b.min(len - 1));
-                ("206 Partial Content", a, e + 1, format!("Content-Range: bytes {a}-{e}/{len}\r\n"))
+                (
+                    "206 Partial Content",
+                    a,
+                    e + 1,
+                    format!("Content-Range: bytes {a}-{e}/{len}\r\n"),
+                )
             }
             Some(_) => {
-                return respond(&mut s, "416 Range Not Satisfiable", &format!("Content-Range: bytes */{len}\r\n"), b"")
+                return respond(
+                    &mut s,
+                    "416 Range Not Satisfiable",
+                    &format!("Content-Range: bytes */{len}\r\n"),
+                    b"",
+                )
             }
             None => ("200 OK", 0, len, String::new()),
         };
         let body = &data[start as usize..end as usize];
-        write!(s, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n", body.len())?;
+        write!(
+            s,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+            body.len()
+        )?;
         let send = match cut {
             Some(n) => &body[..(n as usize).min(body.len())],
             None => body,
