@@ -125,6 +125,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if config.dhcp.mode != DhcpMode::Off {
         start_dhcp(&config, &public_url, &fleet, &mut services).await?;
     }
+    if let Some(iface) = config.ra.interface.as_deref() {
+        let ra = crate::boot::ra::RaResponder::bind(iface)
+            .with_context(|| format!("router advertisements on {iface}"))?;
+        services.spawn("ra", move |token| ra.run(token));
+        tracing::info!(interface = iface, "answering IPv6 router solicitations");
+    }
     tracing::info!(http = %http_addr, %public_url, "listening on {http_addr}");
 
     let signal_token = shutdown.clone();
