@@ -175,6 +175,31 @@ impl LogStream {
         }
     }
 
+    /// The whole line holding a match (from the previous `\n` to the next), waiting up to
+    /// `timeout` for the line's end to arrive; carriage returns and escapes removed.
+    pub fn line_of(&self, m: &Match, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            let rest = state.buf.get(m.end..).unwrap_or_default();
+            if let Some(i) = rest.iter().position(|&b| b == b'\n') {
+                let start = state.buf.get(..m.start).unwrap_or_default().iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+                return clean(state.buf.get(start..m.end + i).unwrap_or_default());
+            }
+            let now = Instant::now();
+            if state.eof || now >= deadline {
+                let start = state.buf.get(..m.start).unwrap_or_default().iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+                return clean(state.buf.get(start..).unwrap_or_default());
+            }
+            state = self
+                .shared
+                .cond
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// [`Self::wait_for`] with an error that carries the stream's tail.
     pub fn expect(&self, from: usize, marker: &str, fail: &[String], timeout: Duration) -> Result<Match> {
         match self.wait_for(from, marker, fail, timeout) {
@@ -313,6 +338,9 @@ mod tests {
         });
         let m = log.wait_for(0, "STRATA done", &[], Duration::from_secs(10)).unwrap();
         assert_eq!(m.start, 8);
+        assert_eq!(log.line_of(&m, Duration::from_secs(10)), "STRATA done");
+        let first = log.wait_for(0, "boot...", &[], Duration::from_secs(10)).unwrap();
+        assert_eq!(log.line_of(&first, Duration::from_secs(10)), "boot...");
         w.join().unwrap();
         assert_eq!(
             log.wait_for(m.end, "STRATA done", &[], Duration::from_secs(10)),

@@ -302,6 +302,13 @@ impl TestVm {
         Ok(m.at.duration_since(self.started))
     }
 
+    /// Like [`Self::wait_for_serial`], returning the whole serial line holding the marker
+    /// (for markers with fields: `STRATA stage=fetch layer=.. bytes=..`).
+    pub fn wait_for_line(&mut self, marker: &str, timeout: Duration) -> Result<String> {
+        let m = self.wait_match(marker, timeout)?;
+        Ok(self.serial.line_of(&m, Duration::from_secs(5)))
+    }
+
     /// Like [`Self::wait_for_serial`], returning where the marker is in the stream.
     pub fn wait_match(&mut self, marker: &str, timeout: Duration) -> Result<Match> {
         match self.serial.wait_for(self.cursor, marker, &self.fail_markers, timeout) {

@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 use strata_lab::{process::run, Firmware, Lab, LabConfig, VmConfig};
 
 fn namespaces() -> Result<String> {
-    run(&mut Command::new("ip").args(["netns", "list"]))
+    run(Command::new("ip").args(["netns", "list"]))
 }
 
 /// Dropping a lab with a running VM and server stops QEMU and removes the namespace.
