@@ -11,7 +11,7 @@ APT_PACKAGES=(
   busybox-static e2fsprogs cpio zstd xz-utils kmod
   dnsmasq-base iproute2 nftables
   tftp-hpa atftp
-  libiscsi-bin libvhdi-utils
+  libiscsi-bin libvhdi-utils tgt
 )
 # Package names without the /release suffix, for the "already installed?" check.
 missing=()
