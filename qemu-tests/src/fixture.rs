@@ -48,6 +48,16 @@ pub fn debian_kernel() -> Result<PathBuf> {
     }
 }
 
+/// Creates an empty disk image (`qemu-img create`), `format` `raw` or `qcow2`, `size` in
+/// qemu-img syntax (`256M`, `1G`).
+pub fn create_disk(path: &Path, format: &str, size: &str) -> Result<()> {
+    crate::process::run(
+        std::process::Command::new("qemu-img").args(["create", "-q", "-f", format]).arg(path).arg(size),
+    )
+    .with_context(|| format!("creating disk image {}", path.display()))?;
+    Ok(())
+}
+
 /// A `newc` cpio archive writer (uncompressed).
 #[derive(Debug)]
 pub struct Cpio<W: Write> {

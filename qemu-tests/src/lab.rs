@@ -199,6 +199,36 @@ impl Lab {
         self.shared.netns.command(program)
     }
 
+    /// Runs `f` with the calling context moved into the lab's network (see [`Netns::run`]):
+    /// `lab.in_netns(|| TcpStream::connect("10.42.0.1:8080"))??`.
+    pub fn in_netns<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        self.shared.netns.run(f)
+    }
+
+    /// A plain HTTP/1.0 GET from inside the lab's network (a server's API or counters):
+    /// returns the body of a 2xx answer, fails with the status line otherwise.
+    pub fn http_get(&self, addr: std::net::SocketAddr, path: &str) -> Result<Vec<u8>> {
+        use std::io::{Read, Write};
+        let mut stream = self
+            .in_netns(|| std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10)))?
+            .with_context(|| format!("connecting to {addr} in {}", self.netns_name()))?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(60))).context("setting a timeout")?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+            .with_context(|| format!("sending GET {path} to {addr}"))?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).with_context(|| format!("reading the answer to GET {path}"))?;
+        let Some(split) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+            bail!("GET {path} from {addr}: no HTTP header in {} bytes", answer.len());
+        };
+        let head = String::from_utf8_lossy(answer.get(..split).unwrap_or_default()).into_owned();
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        let code = status.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
+        if !code.is_some_and(|c| (200..300).contains(&c)) {
+            bail!("GET {path} from {addr}: {status}");
+        }
+        Ok(answer.get(split + 4..).unwrap_or_default().to_vec())
+    }
+
     /// The lab's directory (logs, VM files, server files).
     pub fn dir(&self) -> &Path {
         &self.shared.dir

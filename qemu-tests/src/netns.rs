@@ -49,6 +49,25 @@ impl Netns {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
+    /// Runs `f` on a thread that has joined the namespace: sockets `f` creates (a
+    /// `TcpStream` to the lab's server, for instance) live in the lab's network and keep
+    /// working from any thread afterwards.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> Result<R> {
+        let path = format!("/run/netns/{}", self.name);
+        let ns = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<R> {
+                    use std::os::fd::AsFd;
+                    rustix::thread::move_into_link_name_space(ns.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
+                        .with_context(|| format!("joining network namespace {path}"))?;
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a thread in namespace {} panicked", self.name)))
+        })
+    }
+
     /// Writes a sysctl inside the namespace (`net.*` keys are per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));

@@ -16,7 +16,7 @@ fn namespaces() -> Result<String> {
 fn teardown_removes_everything() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let disk = dir.path().join("disk.qcow2");
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk).arg("64M"))?;
+    strata_lab::fixture::create_disk(&disk, "qcow2", "64M")?;
     let mut lab = Lab::new(LabConfig::default())?;
     lab.start_server(&strata_lab::Dnsmasq::site_dhcp())?;
     let name = lab.netns_name().to_owned();
@@ -48,5 +48,20 @@ fn a_dead_vm_fails_the_wait_at_once() -> Result<()> {
     ensure!(format!("{err:#}").contains("stream closed"), "unexpected error: {err:#}");
     ensure!(format!("{err:#}").contains("no-such-qemu-option") || vm.serial().is_empty(), "{err:#}");
     lab.clear_failed();
+    Ok(())
+}
+
+/// Code on the host reaches the lab's servers through `in_netns` (here: the dnsmasq peer's
+/// HTTP server and its iPXE script).
+#[test]
+fn host_code_reaches_the_lab_network() -> Result<()> {
+    let mut lab = Lab::new(LabConfig::default())?;
+    let files = strata_lab::fixture::marker_boot_files(&strata_lab::fixture::cache_dir().join("lab"))?;
+    lab.start_server(&strata_lab::Dnsmasq::pxe(files))?;
+    let addr = "10.42.0.1:8080".parse()?;
+    let script = String::from_utf8(lab.http_get(addr, "/boot.ipxe")?)?;
+    ensure!(script.starts_with("#!ipxe\n") && script.contains("initrd=initrd.img"), "{script}");
+    let err = lab.http_get(addr, "/no-such-file").unwrap_err();
+    ensure!(format!("{err:#}").contains("404"), "{err:#}");
     Ok(())
 }
