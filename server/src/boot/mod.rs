@@ -4,3 +4,4 @@ pub mod dhcp;
 pub mod initramfs;
 pub mod ipxe;
 pub mod ra;
+pub mod tftp;

@@ -1,0 +1,693 @@
+//! The TFTP server task: owns the port-69 socket, validates each request, and runs one task
+//! per transfer (on its own socket, the transfer ID of RFC 1350 §4) under a semaphore. A
+//! transfer's failure is logged with its peer and stays local.
+//!
+//! Files are confined to the root: names with `..`, absolute names and names that resolve
+//! (through symlinks) outside the canonical root are refused with "access violation". Only
+//! regular files are served. netascii is served by converting LF to CR LF and CR to CR NUL on
+//! the fly (RFC 764), with a tsize that counts the converted bytes; mail mode and writes are
+//! refused.
+//!
+//! File blocks are read with `pread` on the runtime thread: a window is a few tens of
+//! kilobytes from the page cache, which costs microseconds, far less than handing each read
+//! to the blocking pool.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::packet::{
+    ErrorCode, Mode, Packet, Request, TftpOption, DEFAULT_BLKSIZE, MAX_BLKSIZE, MIN_BLKSIZE,
+};
+use super::session::{Action, FailReason, Params, Session};
+
+/// Server limits and defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TftpOptions {
+    /// Concurrent transfers; requests beyond get "server busy".
+    pub max_transfers: usize,
+    /// First retransmission timeout when the client does not ask for one.
+    pub timeout: Duration,
+    /// Timeouts in a row before a transfer is abandoned.
+    pub max_retries: u32,
+    /// Largest blksize granted (8..=65464).
+    pub max_blksize: u16,
+    /// Largest windowsize granted (at least 1).
+    pub max_windowsize: u16,
+    /// Bind transfer sockets to this interface (SO_BINDTODEVICE), like the main socket.
+    pub bind_device: Option<String>,
+}
+
+impl Default for TftpOptions {
+    fn default() -> Self {
+        TftpOptions {
+            max_transfers: 256,
+            timeout: Duration::from_secs(1),
+            max_retries: 5,
+            max_blksize: MAX_BLKSIZE,
+            max_windowsize: 64,
+            bind_device: None,
+        }
+    }
+}
+
+/// Errors that stop or prevent the TFTP service.
+#[derive(Debug, thiserror::Error)]
+pub enum TftpError {
+    /// The root directory cannot be used.
+    #[error("TFTP root {root}")]
+    Root {
+        /// The configured root.
+        root: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Receiving on the main socket failed.
+    #[error("receiving on the TFTP socket")]
+    Recv(#[source] io::Error),
+}
+
+/// Why a request is refused, as sent to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Error code.
+    pub code: ErrorCode,
+    /// Message.
+    pub message: &'static str,
+}
+
+fn refuse(code: ErrorCode, message: &'static str) -> Refusal {
+    Refusal { code, message }
+}
+
+/// Resolves a requested name inside `root` (which must be canonical).
+pub fn resolve(root: &Path, name: &str) -> Result<PathBuf, Refusal> {
+    if name.starts_with('/') {
+        return Err(refuse(
+            ErrorCode::AccessViolation,
+            "absolute paths are not served",
+        ));
+    }
+    let rel = Path::new(name);
+    if !rel
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(refuse(
+            ErrorCode::AccessViolation,
+            "path leaves the TFTP root",
+        ));
+    }
+    let canon = root.join(rel).canonicalize().map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => refuse(ErrorCode::AccessViolation, "permission denied"),
+        _ => refuse(ErrorCode::FileNotFound, "file not found"),
+    })?;
+    if !canon.starts_with(root) {
+        return Err(refuse(
+            ErrorCode::AccessViolation,
+            "path leaves the TFTP root",
+        ));
+    }
+    Ok(canon)
+}
+
+/// Where DATA bytes come from.
+#[derive(Debug)]
+enum Source {
+    Octet(File),
+    NetAscii(NetAscii),
+}
+
+/// A netascii view of a file: converted bytes from `start` kept in `buf`.
+#[derive(Debug)]
+struct NetAscii {
+    file: File,
+    src_pos: u64,
+    eof: bool,
+    start: u64,
+    buf: Vec<u8>,
+}
+
+/// The size of `file` after netascii conversion.
+fn netascii_size(file: &File) -> io::Result<u64> {
+    let mut r = io::BufReader::with_capacity(1 << 16, file);
+    let mut chunk = [0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        let part = chunk.get(..n).unwrap_or_default();
+        total += n as u64 + part.iter().filter(|&&b| b == b'\n' || b == b'\r').count() as u64;
+    }
+}
+
+impl NetAscii {
+    fn fill_to(&mut self, end: u64) -> io::Result<()> {
+        let mut raw = vec![0u8; 1 << 16];
+        while !self.eof && self.start + (self.buf.len() as u64) < end {
+            let n = self.file.read_at(&mut raw, self.src_pos)?;
+            if n == 0 {
+                self.eof = true;
+                break;
+            }
+            self.src_pos += n as u64;
+            for &b in raw.get(..n).unwrap_or_default() {
+                match b {
+                    b'\n' => self.buf.extend_from_slice(b"\r\n"),
+                    b'\r' => self.buf.extend_from_slice(b"\r\0"),
+                    b => self.buf.push(b),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops converted bytes before `offset` (no longer needed for retransmission).
+    fn release(&mut self, offset: u64) {
+        if offset > self.start {
+            let drop = usize::try_from(offset - self.start)
+                .unwrap_or(usize::MAX)
+                .min(self.buf.len());
+            self.buf.drain(..drop);
+            self.start += drop as u64;
+        }
+    }
+}
+
+impl Source {
+    /// Appends block `block` (1-based) of `blksize` bytes to `out`.
+    fn read_block(
+        &mut self,
+        block: u64,
+        blksize: u64,
+        size: u64,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let off = (block - 1) * blksize;
+        let len = size.saturating_sub(off).min(blksize);
+        let len = usize::try_from(len).unwrap_or(0);
+        match self {
+            Source::Octet(f) => {
+                let at = out.len();
+                out.resize(at + len, 0);
+                f.read_exact_at(out.get_mut(at..).unwrap_or_default(), off)
+            }
+            Source::NetAscii(n) => {
+                n.fill_to(off + len as u64)?;
+                let from = usize::try_from(off.saturating_sub(n.start)).unwrap_or(usize::MAX);
+                let part = n
+                    .buf
+                    .get(from..from + len)
+                    .ok_or_else(|| io::Error::other("netascii window lost"))?;
+                out.extend_from_slice(part);
+                Ok(())
+            }
+        }
+    }
+
+    fn release(&mut self, acked: u64, blksize: u64) {
+        if let Source::NetAscii(n) = self {
+            n.release(acked * blksize);
+        }
+    }
+}
+
+/// A read-only TFTP server.
+#[derive(Debug)]
+pub struct TftpServer {
+    socket: UdpSocket,
+    root: PathBuf,
+    opts: TftpOptions,
+}
+
+impl TftpServer {
+    /// A server on `socket` (bound to port 69, or any port in tests) serving files under
+    /// `root`, which is canonicalised now.
+    pub fn new(
+        socket: UdpSocket,
+        root: impl AsRef<Path>,
+        opts: TftpOptions,
+    ) -> Result<Self, TftpError> {
+        let root = root.as_ref();
+        let canon = root.canonicalize().map_err(|source| TftpError::Root {
+            root: root.to_owned(),
+            source,
+        })?;
+        if !canon.is_dir() {
+            return Err(TftpError::Root {
+                root: root.to_owned(),
+                source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+            });
+        }
+        Ok(TftpServer {
+            socket,
+            root: canon,
+            opts,
+        })
+    }
+
+    /// The main socket's address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Serves until `cancel` fires; transfers in flight are cancelled with it.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), TftpError> {
+        let local = self.socket.local_addr().map_err(TftpError::Recv)?;
+        info!(addr = %local, root = %self.root.display(), "TFTP server listening");
+        let permits = Arc::new(Semaphore::new(self.opts.max_transfers.max(1)));
+        let active: Arc<Mutex<HashSet<SocketAddr>>> = Arc::default();
+        let ctx = Arc::new(Ctx {
+            root: self.root.clone(),
+            opts: self.opts.clone(),
+            local_ip: local.ip(),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut buf = vec![0u8; 65_536];
+        let mut limiter = crate::boot::dhcp::server::LogLimiter::new();
+        loop {
+            let (n, peer) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    Err(e) if crate::boot::dhcp::server::is_transient(&e) => continue,
+                    Err(e) => return Err(TftpError::Recv(e)),
+                },
+            };
+            let pkt = match Packet::parse(buf.get(..n).unwrap_or_default()) {
+                Ok(p) => p,
+                Err(e) => {
+                    if limiter.allow() {
+                        warn!(%peer, len = n, error = %e, "dropping malformed TFTP request");
+                    }
+                    continue;
+                }
+            };
+            let req = match pkt {
+                Packet::Rrq(r) => r,
+                Packet::Wrq(r) => {
+                    if limiter.allow() {
+                        warn!(%peer, file = %r.filename, "write request refused (read-only server)");
+                    }
+                    reply_error(
+                        &self.socket,
+                        peer,
+                        ErrorCode::AccessViolation,
+                        "read-only server",
+                    )
+                    .await;
+                    continue;
+                }
+                // Stray packets for finished transfers, or garbage: not answered.
+                _ => continue,
+            };
+            // A retransmitted RRQ while its transfer runs is not a second transfer.
+            if !lock(&active).insert(peer) {
+                debug!(%peer, "duplicate RRQ ignored");
+                continue;
+            }
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                lock(&active).remove(&peer);
+                if limiter.allow() {
+                    warn!(%peer, file = %req.filename, "too many transfers; request refused");
+                }
+                reply_error(
+                    &self.socket,
+                    peer,
+                    ErrorCode::NotDefined,
+                    "server busy, try again",
+                )
+                .await;
+                continue;
+            };
+            let ctx = ctx.clone();
+            let active = active.clone();
+            let token = cancel.child_token();
+            tasks.spawn(async move {
+                let _permit = permit;
+                let _guard = ActiveGuard { set: active, peer };
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = transfer(&ctx, peer, req) => {}
+                }
+            });
+        }
+        tasks.shutdown().await;
+        Ok(())
+    }
+}
+
+fn lock(m: &Mutex<HashSet<SocketAddr>>) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct ActiveGuard {
+    set: Arc<Mutex<HashSet<SocketAddr>>>,
+    peer: SocketAddr,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        lock(&self.set).remove(&self.peer);
+    }
+}
+
+#[derive(Debug)]
+struct Ctx {
+    root: PathBuf,
+    opts: TftpOptions,
+    local_ip: IpAddr,
+}
+
+async fn reply_error(socket: &UdpSocket, peer: SocketAddr, code: ErrorCode, message: &str) {
+    let _ = socket
+        .send_to(&Packet::error(code, message).to_bytes(), peer)
+        .await;
+}
+
+fn transfer_socket(ctx: &Ctx, peer: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let (domain, any) = match peer {
+        SocketAddr::V4(_) => (Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        SocketAddr::V6(_) => (Domain::IPV6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    };
+    let ip = if ctx.local_ip.is_unspecified() || ctx.local_ip.is_ipv4() != peer.is_ipv4() {
+        any
+    } else {
+        ctx.local_ip
+    };
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if let Some(dev) = &ctx.opts.bind_device {
+        s.bind_device(Some(dev.as_bytes()))?;
+    }
+    // Room for a whole window of large blocks.
+    let _ = s.set_send_buffer_size(4 << 20);
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::new(ip, 0).into())?;
+    s.connect(&peer.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// Negotiation result: parameters, OACK options (empty: no OACK).
+fn negotiate(req: &Request, opts: &TftpOptions, size: u64) -> (Params, Vec<TftpOption>) {
+    let mut p = Params {
+        blksize: DEFAULT_BLKSIZE,
+        windowsize: 1,
+        timeout: opts.timeout,
+        max_retries: opts.max_retries,
+    };
+    let mut oack = Vec::new();
+    let mut seen = HashSet::new();
+    for o in &req.options {
+        let key = std::mem::discriminant(o);
+        if matches!(o, TftpOption::Unknown { .. }) || !seen.insert(key) {
+            continue;
+        }
+        match o {
+            TftpOption::BlkSize(b) => {
+                p.blksize = (*b).min(opts.max_blksize).max(MIN_BLKSIZE);
+                oack.push(TftpOption::BlkSize(p.blksize));
+            }
+            TftpOption::TSize(_) => oack.push(TftpOption::TSize(size)),
+            TftpOption::Timeout(t) => {
+                p.timeout = Duration::from_secs(u64::from(*t));
+                oack.push(TftpOption::Timeout(*t));
+            }
+            TftpOption::WindowSize(w) => {
+                p.windowsize = (*w).min(opts.max_windowsize.max(1));
+                oack.push(TftpOption::WindowSize(p.windowsize));
+            }
+            TftpOption::Unknown { .. } => {}
+        }
+    }
+    (p, oack)
+}
+
+fn open(ctx: &Ctx, req: &Request) -> Result<(Source, u64), Refusal> {
+    if req.mode == Mode::Mail {
+        return Err(refuse(
+            ErrorCode::IllegalOperation,
+            "mail mode is not supported",
+        ));
+    }
+    let path = resolve(&ctx.root, &req.filename)?;
+    let file = File::open(&path).map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => refuse(ErrorCode::AccessViolation, "permission denied"),
+        _ => refuse(ErrorCode::FileNotFound, "file not found"),
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|_| refuse(ErrorCode::FileNotFound, "file not found"))?;
+    if !meta.is_file() {
+        return Err(refuse(ErrorCode::FileNotFound, "not a regular file"));
+    }
+    match req.mode {
+        Mode::NetAscii => {
+            let size =
+                netascii_size(&file).map_err(|_| refuse(ErrorCode::NotDefined, "read error"))?;
+            Ok((
+                Source::NetAscii(NetAscii {
+                    file,
+                    src_pos: 0,
+                    eof: false,
+                    start: 0,
+                    buf: Vec::new(),
+                }),
+                size,
+            ))
+        }
+        _ => Ok((Source::Octet(file), meta.len())),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(peer = %peer, file = %req.filename))]
+async fn transfer(ctx: &Ctx, peer: SocketAddr, req: Request) {
+    let socket = match transfer_socket(ctx, peer) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot open a transfer socket");
+            return;
+        }
+    };
+    let (mut source, size) = match open(ctx, &req) {
+        Ok(x) => x,
+        Err(r) => {
+            warn!(reason = r.message, "request refused");
+            let _ = socket
+                .send(&Packet::error(r.code, r.message).to_bytes())
+                .await;
+            return;
+        }
+    };
+    let (params, oack) = negotiate(&req, &ctx.opts, size);
+    let oack_bytes = Packet::Oack {
+        options: oack.clone(),
+    }
+    .to_bytes();
+    let started = tokio::time::Instant::now();
+    let (mut session, mut actions) =
+        Session::start(params, size, !oack.is_empty(), started.into_std());
+    debug!(size, blksize = params.blksize, windowsize = params.windowsize, mode = %req.mode, "transfer started");
+    let blksize = u64::from(params.blksize);
+    let mut out = Vec::with_capacity(usize::from(params.blksize) + 4);
+    let mut inbuf = vec![0u8; 1024];
+    loop {
+        for a in actions.drain(..) {
+            let sent = match a {
+                Action::SendOack => socket.send(&oack_bytes).await.map(|_| ()),
+                Action::SendData { block } => {
+                    out.clear();
+                    out.extend_from_slice(&[0, 3]);
+                    out.extend_from_slice(&((block & 0xffff) as u16).to_be_bytes());
+                    if let Err(e) = source.read_block(block, blksize, size, &mut out) {
+                        warn!(error = %e, block, "read failed; transfer aborted");
+                        let _ = socket
+                            .send(&Packet::error(ErrorCode::NotDefined, "read error").to_bytes())
+                            .await;
+                        return;
+                    }
+                    socket.send(&out).await.map(|_| ())
+                }
+                Action::SendError { code, message } => socket
+                    .send(&Packet::error(code, message).to_bytes())
+                    .await
+                    .map(|_| ()),
+                Action::Done => {
+                    let secs = started.elapsed().as_secs_f64().max(1e-6);
+                    info!(
+                        bytes = size,
+                        blksize = params.blksize,
+                        windowsize = params.windowsize,
+                        ms = (secs * 1000.0) as u64,
+                        mb_per_s = format!("{:.1}", size as f64 / secs / 1e6),
+                        "transfer complete"
+                    );
+                    return;
+                }
+                Action::Failed(FailReason::TimedOut { acked }) => {
+                    warn!(
+                        acked_blocks = acked,
+                        total_blocks = session.total_blocks(),
+                        "client stopped acknowledging; transfer abandoned"
+                    );
+                    return;
+                }
+                Action::Failed(FailReason::ClientError { code, message }) => {
+                    info!(code, %message, "client aborted the transfer");
+                    return;
+                }
+                Action::Failed(FailReason::Protocol) => {
+                    warn!("client sent an unexpected packet; transfer aborted");
+                    return;
+                }
+            };
+            if let Err(e) = sent {
+                if crate::boot::dhcp::server::is_transient(&e) {
+                    // Full send buffer or an ICMP error: the retransmission timer covers it.
+                    debug!(error = %e, "send failed");
+                } else {
+                    warn!(error = %e, "send failed; transfer aborted");
+                    return;
+                }
+            }
+        }
+        source.release(session.acked(), blksize);
+        let deadline = tokio::time::Instant::from_std(session.deadline());
+        tokio::select! {
+            r = socket.recv(&mut inbuf) => match r {
+                Ok(n) => match Packet::parse(inbuf.get(..n).unwrap_or_default()) {
+                    Ok(p) => actions = session.on_packet(&p, tokio::time::Instant::now().into_std()),
+                    Err(e) => debug!(error = %e, "malformed packet from client ignored"),
+                },
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    warn!("client port unreachable; transfer abandoned");
+                    return;
+                }
+                Err(e) => debug!(error = %e, "receive error"),
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                actions = session.on_timeout(tokio::time::Instant::now().into_std());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_confines_to_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/a"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("escape")).unwrap();
+        std::os::unix::fs::symlink("sub/a", root.join("inside")).unwrap();
+        assert_eq!(resolve(&root, "sub/a").unwrap(), root.join("sub/a"));
+        assert_eq!(resolve(&root, "./sub/a").unwrap(), root.join("sub/a"));
+        assert_eq!(resolve(&root, "inside").unwrap(), root.join("sub/a"));
+        let av = |n: &str| resolve(&root, n).unwrap_err().code;
+        assert_eq!(av("../../etc/passwd"), ErrorCode::AccessViolation);
+        assert_eq!(av("sub/../sub/a"), ErrorCode::AccessViolation);
+        assert_eq!(av("/etc/passwd"), ErrorCode::AccessViolation);
+        assert_eq!(av("escape"), ErrorCode::AccessViolation);
+        assert_eq!(av("missing"), ErrorCode::FileNotFound);
+    }
+
+    #[test]
+    fn negotiation_clamps_and_echoes() {
+        let req = Request {
+            filename: "f".into(),
+            mode: Mode::Octet,
+            options: vec![
+                TftpOption::BlkSize(65464),
+                TftpOption::TSize(0),
+                TftpOption::WindowSize(1000),
+                TftpOption::Unknown {
+                    name: "multicast".into(),
+                    value: "".into(),
+                },
+                TftpOption::BlkSize(512),
+            ],
+        };
+        let opts = TftpOptions {
+            max_blksize: 1468,
+            ..Default::default()
+        };
+        let (p, oack) = negotiate(&req, &opts, 4242);
+        assert_eq!(p.blksize, 1468);
+        assert_eq!(p.windowsize, 64);
+        assert_eq!(
+            oack,
+            vec![
+                TftpOption::BlkSize(1468),
+                TftpOption::TSize(4242),
+                TftpOption::WindowSize(64)
+            ]
+        );
+        let (p, oack) = negotiate(
+            &Request {
+                options: vec![],
+                ..req
+            },
+            &opts,
+            1,
+        );
+        assert_eq!((p.blksize, p.windowsize), (512, 1));
+        assert!(oack.is_empty());
+    }
+
+    #[test]
+    fn netascii_conversion_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        let text = b"a\nb\r\nc\rd".repeat(1000);
+        std::fs::write(&path, &text).unwrap();
+        let file = File::open(&path).unwrap();
+        let size = netascii_size(&file).unwrap();
+        let mut expect = Vec::new();
+        for &b in &text {
+            match b {
+                b'\n' => expect.extend_from_slice(b"\r\n"),
+                b'\r' => expect.extend_from_slice(b"\r\0"),
+                b => expect.push(b),
+            }
+        }
+        assert_eq!(size, expect.len() as u64);
+        let mut src = Source::NetAscii(NetAscii {
+            file,
+            src_pos: 0,
+            eof: false,
+            start: 0,
+            buf: Vec::new(),
+        });
+        let mut got = Vec::new();
+        let blk = 100u64;
+        let total = size / blk + 1;
+        for b in 1..=total {
+            // Re-read the previous block too (a retransmission), then release it.
+            if b > 1 {
+                let mut again = Vec::new();
+                src.read_block(b - 1, blk, size, &mut again).unwrap();
+            }
+            src.read_block(b, blk, size, &mut got).unwrap();
+            src.release(b - 1, blk);
+        }
+        assert_eq!(got, expect);
+    }
+}

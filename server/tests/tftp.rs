@@ -1,0 +1,454 @@
+//! The TFTP server against real clients on loopback: tftp-hpa's `tftp` (RFC 1350, octet and
+//! netascii) and `atftp` (blksize, tsize, windowsize), byte-identical results, many clients at
+//! once, path confinement, a client that stops acknowledging, and garbage on port 69.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use strata_server::boot::tftp::packet::{ErrorCode, Mode, Packet, Request, TftpOption};
+use strata_server::boot::tftp::{TftpOptions, TftpServer};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("strata_server=info")
+        .with_test_writer()
+        .try_init();
+}
+
+fn require(tool: &str, package: &str) -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+    if !found {
+        bail!("{tool} not found: install it with `apt-get install {package}` (scripts/setup.sh)");
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random bytes.
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+struct Fixture {
+    root: tempfile::TempDir,
+    out: tempfile::TempDir,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), strata_server::boot::tftp::TftpError>>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn serve(opts: TftpOptions) -> Result<Fixture> {
+    init_logs();
+    require("tftp", "tftp-hpa")?;
+    require("atftp", "atftp")?;
+    let root = tempfile::tempdir()?;
+    let r = root.path();
+    std::fs::write(r.join("big.bin"), data(3 * 1024 * 1024 + 123, 1))?;
+    std::fs::write(r.join("exact.bin"), data(1468 * 64, 2))?; // a multiple of blksize: empty last block
+    std::fs::write(r.join("empty.bin"), b"")?;
+    std::fs::create_dir(r.join("ipxe"))?;
+    std::fs::write(r.join("ipxe/undionly.kpxe"), data(70_000, 3))?;
+    std::fs::write(
+        r.join("text.txt"),
+        b"line one\nline two\r\nbare cr\rend\n".repeat(500),
+    )?;
+    std::os::unix::fs::symlink("/etc/passwd", r.join("passwd-link"))?;
+    std::os::unix::fs::symlink("ipxe/undionly.kpxe", r.join("inside-link"))?;
+    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let server = TftpServer::new(socket, r, opts)?;
+    let addr = server.local_addr()?;
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(server.run(cancel.child_token()));
+    Ok(Fixture {
+        root,
+        out: tempfile::tempdir()?,
+        addr,
+        cancel,
+        task,
+    })
+}
+
+async fn run(cmd: &mut tokio::process::Command) -> Result<std::process::Output> {
+    cmd.kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .context("client hung")?
+        .context("spawn client")
+}
+
+impl Fixture {
+    fn local(&self, name: &str) -> PathBuf {
+        self.out.path().join(name.replace('/', "_"))
+    }
+
+    async fn atftp(
+        &self,
+        remote: &str,
+        local: &Path,
+        options: &[&str],
+    ) -> Result<std::process::Output> {
+        let mut c = tokio::process::Command::new("atftp");
+        c.args(["-g", "-r", remote, "-l"]).arg(local);
+        for o in options {
+            c.args(["--option", o]);
+        }
+        c.args(["127.0.0.1", &self.addr.port().to_string()]);
+        run(&mut c).await
+    }
+
+    async fn fetch_atftp(&self, remote: &str, options: &[&str]) -> Result<()> {
+        let local = self.local(&format!("{remote}-{}", options.join("-").replace(' ', "")));
+        let out = self.atftp(remote, &local, options).await?;
+        if !out.status.success() {
+            bail!(
+                "atftp {remote} {options:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let want = std::fs::read(self.root.path().join(remote))?;
+        let got = std::fs::read(&local)?;
+        assert!(
+            got == want,
+            "atftp {remote} {options:?}: {} bytes, want {}",
+            got.len(),
+            want.len()
+        );
+        Ok(())
+    }
+
+    async fn tftp_hpa(&self, mode: &str, remote: &str) -> Result<(std::process::Output, PathBuf)> {
+        let local = self.local(&format!("hpa-{mode}-{remote}"));
+        let mut c = tokio::process::Command::new("tftp");
+        c.args([
+            "-m",
+            mode,
+            "127.0.0.1",
+            &self.addr.port().to_string(),
+            "-c",
+            "get",
+            remote,
+        ])
+        .arg(&local);
+        Ok((run(&mut c).await?, local))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tftp_hpa_octet_and_netascii() -> Result<()> {
+    let f = serve(TftpOptions::default()).await?;
+    for name in [
+        "big.bin",
+        "exact.bin",
+        "empty.bin",
+        "ipxe/undionly.kpxe",
+        "inside-link",
+    ] {
+        let (out, local) = f.tftp_hpa("binary", name).await?;
+        let want = std::fs::read(f.root.path().join(name))?;
+        let got = std::fs::read(&local)
+            .with_context(|| format!("{name}: {}", String::from_utf8_lossy(&out.stderr)))?;
+        assert!(
+            got == want,
+            "{name}: {} bytes, want {}",
+            got.len(),
+            want.len()
+        );
+    }
+    // netascii: the client turns CR LF back into LF and CR NUL into CR.
+    let (_, local) = f.tftp_hpa("ascii", "text.txt").await?;
+    assert_eq!(
+        std::fs::read(local)?,
+        std::fs::read(f.root.path().join("text.txt"))?
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atftp_block_sizes_tsize_and_windowsize() -> Result<()> {
+    let f = serve(TftpOptions::default()).await?;
+    for opts in [
+        &[][..],
+        &["blksize 1468", "tsize 0"],
+        &["blksize 8"],
+        &["blksize 8192"],
+        &["blksize 65464", "tsize 0"],
+        &["blksize 1468", "windowsize 16"],
+        &["blksize 1468", "windowsize 64", "tsize 0"],
+        &["windowsize 4", "timeout 2"],
+    ] {
+        for name in ["big.bin", "exact.bin", "empty.bin"] {
+            if opts == ["blksize 8"] && name == "big.bin" {
+                continue; // 400k lock-step round trips: covered by the smaller files
+            }
+            f.fetch_atftp(name, opts).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_at_once() -> Result<()> {
+    let f = serve(TftpOptions::default()).await?;
+    let opts: [&[&str]; 4] = [
+        &[],
+        &["blksize 1468"],
+        &["blksize 1468", "windowsize 16"],
+        &["blksize 65464"],
+    ];
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let name = if i % 3 == 0 {
+            "big.bin"
+        } else {
+            "ipxe/undionly.kpxe"
+        };
+        let want = std::fs::read(f.root.path().join(name))?;
+        let local = f.local(&format!("many-{i}"));
+        let mut c = tokio::process::Command::new("atftp");
+        c.args(["-g", "-r", name, "-l"]).arg(&local);
+        for o in opts[i % 4] {
+            c.args(["--option", o]);
+        }
+        c.args(["127.0.0.1", &f.addr.port().to_string()]);
+        clients.spawn(async move {
+            let out = run(&mut c).await?;
+            anyhow::ensure!(
+                out.status.success(),
+                "client {i}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            anyhow::ensure!(
+                std::fs::read(&local)? == want,
+                "client {i} got different bytes"
+            );
+            Ok(())
+        });
+    }
+    while let Some(r) = clients.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_outside_the_root_are_refused() -> Result<()> {
+    let f = serve(TftpOptions::default()).await?;
+    for (name, why) in [
+        ("../../etc/passwd", "path leaves the TFTP root"),
+        ("ipxe/../../../etc/passwd", "path leaves the TFTP root"),
+        ("/etc/passwd", "absolute paths are not served"),
+        ("passwd-link", "path leaves the TFTP root"),
+        ("missing.bin", "file not found"),
+        ("ipxe", "not a regular file"),
+    ] {
+        let local = f.local(&format!("refused-{name}"));
+        let out = f.atftp(name, &local, &[]).await?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{name} was served");
+        assert!(text.contains(why), "{name}: expected {why:?} in {text:?}");
+        let leaked = std::fs::read(&local).unwrap_or_default();
+        assert!(leaked.is_empty(), "{name}: bytes written");
+    }
+    // tftp-hpa sees the same refusal.
+    let (out, _) = f.tftp_hpa("binary", "../../etc/passwd").await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Error code 2"), "{text}");
+    Ok(())
+}
+
+fn rrq(name: &str, options: Vec<TftpOption>) -> Vec<u8> {
+    Packet::Rrq(Request {
+        filename: name.into(),
+        mode: Mode::Octet,
+        options,
+    })
+    .to_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_client_times_out_without_affecting_others() -> Result<()> {
+    let max_retries = 3;
+    let f = serve(TftpOptions {
+        timeout: Duration::from_millis(200),
+        max_retries,
+        ..Default::default()
+    })
+    .await?;
+    let stalled = UdpSocket::bind("127.0.0.1:0").await?;
+    stalled.send_to(&rrq("big.bin", vec![]), f.addr).await?;
+    let mut buf = vec![0u8; 2048];
+    let (n, tid) = stalled.recv_from(&mut buf).await?;
+    assert!(matches!(
+        Packet::parse(&buf[..n])?,
+        Packet::Data { block: 1, .. }
+    ));
+    stalled.connect(tid).await?;
+
+    // Meanwhile another client gets its file.
+    f.fetch_atftp("ipxe/undionly.kpxe", &["blksize 1468"])
+        .await?;
+
+    // Block 1 is retransmitted max_retries times, then the transfer is abandoned.
+    let mut copies = 1;
+    while copies < 1 + max_retries {
+        let n = tokio::time::timeout(Duration::from_secs(30), stalled.recv(&mut buf)).await??;
+        assert!(matches!(
+            Packet::parse(&buf[..n])?,
+            Packet::Data { block: 1, .. }
+        ));
+        copies += 1;
+    }
+    // Once abandoned, its socket is closed: a stale ACK 0 (ignored while the transfer lives)
+    // draws "port unreachable".
+    let closed = async {
+        loop {
+            stalled.send(&Packet::Ack { block: 0 }.to_bytes()).await?;
+            match tokio::time::timeout(Duration::from_millis(200), stalled.recv(&mut buf)).await {
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    return anyhow::Ok(())
+                }
+                Ok(Ok(n)) => bail!(
+                    "unexpected packet after abandoning: {:?}",
+                    Packet::parse(&buf[..n])
+                ),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), closed)
+        .await
+        .context("transfer never abandoned")??;
+    assert!(!f.task.is_finished());
+    Ok(())
+}
+
+/// Sends `req` until `expect` arrives (other answers, such as a late reply to an earlier
+/// request, are skipped).
+async fn ask(s: &UdpSocket, req: &[u8], to: SocketAddr, expect: Packet) -> Result<()> {
+    let mut buf = vec![0u8; 2048];
+    for _ in 0..100 {
+        s.send_to(req, to).await?;
+        while let Ok(r) = tokio::time::timeout(Duration::from_millis(300), s.recv(&mut buf)).await {
+            if Packet::parse(&buf[..r?])? == expect {
+                return Ok(());
+            }
+        }
+    }
+    bail!("no {expect:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_floods_on_port_69() -> Result<()> {
+    let f = serve(TftpOptions {
+        max_transfers: 8,
+        ..Default::default()
+    })
+    .await?;
+    let s = UdpSocket::bind("127.0.0.1:0").await?;
+    let mut garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0],
+        vec![0, 9, 1, 2],
+        b"\0\x01no-terminator".to_vec(),
+        b"\0\x01\0octet\0".to_vec(),
+        b"\0\x01f\0binary\0".to_vec(),
+        b"\0\x01f\0octet\0blksize\0".to_vec(),
+        vec![0, 3, 0, 1, 1, 2, 3],
+        vec![0, 4, 0, 1],
+    ];
+    let mut many = b"\0\x01big.bin\0octet\0".to_vec();
+    for _ in 0..100 {
+        many.extend_from_slice(b"x\0y\0");
+    }
+    garbage.push(many);
+    for _ in 0..50 {
+        for g in &garbage {
+            s.send_to(g, f.addr).await?;
+        }
+    }
+    // A write request is refused with an error. (The flood may have overflowed the server's
+    // receive buffer, so a lost request is sent again.)
+    let wrq = Packet::Wrq(Request {
+        filename: "x".into(),
+        mode: Mode::Octet,
+        options: vec![],
+    })
+    .to_bytes();
+    ask(
+        &s,
+        &wrq,
+        f.addr,
+        Packet::error(ErrorCode::AccessViolation, "read-only server"),
+    )
+    .await?;
+    // Mail mode is refused clearly.
+    let mail = b"\0\x01big.bin\0mail\0";
+    ask(
+        &s,
+        mail,
+        f.addr,
+        Packet::error(ErrorCode::IllegalOperation, "mail mode is not supported"),
+    )
+    .await?;
+    let mut buf = vec![0u8; 2048];
+
+    // A flood of RRQs from many ports, never acknowledged: beyond max_transfers the server
+    // answers "busy" instead of queueing.
+    let mut flooders = Vec::new();
+    for _ in 0..20 {
+        let c = UdpSocket::bind("127.0.0.1:0").await?;
+        c.send_to(&rrq("big.bin", vec![]), f.addr).await?;
+        flooders.push(c);
+    }
+    let mut busy = 0;
+    for c in &flooders {
+        let n = tokio::time::timeout(Duration::from_secs(30), c.recv(&mut buf)).await??;
+        if Packet::parse(&buf[..n])?
+            == Packet::error(ErrorCode::NotDefined, "server busy, try again")
+        {
+            busy += 1;
+        }
+    }
+    assert_eq!(busy, 12, "8 transfers run, 12 are refused");
+    drop(flooders);
+    // The flooders' transfers end (port unreachable); real clients are served again.
+    let mut served = false;
+    for _ in 0..100 {
+        if f.fetch_atftp("ipxe/undionly.kpxe", &[]).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "server recovered after the flood");
+    assert!(!f.task.is_finished());
+    Ok(())
+}
