@@ -2,7 +2,7 @@
 //! written to a temporary and renamed into place.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::path::Path;
 
 use crate::chain::{Chain, Source};
@@ -24,23 +24,49 @@ pub fn to_raw(chain: &Chain, out: &Path) -> Result<u64> {
     })
 }
 
+/// Copies the file extents of the chain's map into `out` with a few threads, each taking
+/// the next piece of at most [`CHUNK`] bytes: one pread and one pwrite per piece.
 fn copy_extents(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
-    let mut copied = 0;
-    let mut buf = Vec::new();
+    let mut pieces: Vec<(usize, u64, u64, u64)> = Vec::new();
     for e in chain.map()? {
         let Source::File { layer_index, file_offset } = e.source else { continue };
-        let Some(layer) = chain.layers().get(layer_index) else { continue };
         let mut done = 0;
         while done < e.length {
             let n = (e.length - done).min(CHUNK);
-            buf.resize(n as usize, 0);
-            io::read_exact_at(layer.file(), layer.path(), &mut buf, file_offset + done)?;
-            io::write_all_at(out, out_path, &buf, e.virtual_offset + done)?;
+            pieces.push((layer_index, file_offset + done, e.virtual_offset + done, n));
             done += n;
         }
-        copied += e.length;
     }
-    let mut f = out;
-    let _ = f.seek(SeekFrom::Start(0));
+    let copied = pieces.iter().map(|p| p.3).sum();
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    let mut buf = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(layer_index, from, to, n)) = pieces.get(i) else { return Ok(()) };
+                        let Some(layer) = chain.layers().get(layer_index) else { continue };
+                        buf.resize(n as usize, 0);
+                        io::read_exact_at(layer.file(), layer.path(), &mut buf, from)?;
+                        io::write_all_at(out, out_path, &buf, to)?;
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(VhdxError::InvalidArgument { file: out_path.to_path_buf(), reason: "copy thread panicked".into() })
+                })
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
     Ok(copied)
 }

@@ -47,6 +47,10 @@ pub enum VhdxCmd {
         /// reproducible output.
         #[arg(long)]
         data_write_guid: Option<vhdx::Uuid>,
+        /// Also record the parent's absolute path in the parent locator
+        /// (`absolute_win32_path`), which libvhdi's tools use to find the parent.
+        #[arg(long, requires = "parent")]
+        absolute_parent_path: bool,
     },
     /// Validate every structure of a file and its chain; exits non-zero naming the fault.
     Check {
@@ -96,12 +100,22 @@ pub fn run(cmd: VhdxCmd) -> anyhow::Result<ExitCode> {
             vhdx::to_raw(&chain, &out)?;
             Ok(ExitCode::SUCCESS)
         }
-        VhdxCmd::FromRaw { raw, out, parent, block_size, fixed, logical_sector_size, data_write_guid } => {
+        VhdxCmd::FromRaw {
+            raw,
+            out,
+            parent,
+            block_size,
+            fixed,
+            logical_sector_size,
+            data_write_guid,
+            absolute_parent_path,
+        } => {
             let parent = parent.map(Chain::open).transpose()?;
             let mut opts = CreateOptions {
                 block_size: u32::try_from(block_size).context("block size too large")?,
                 disk_type: if fixed { DiskType::Fixed } else { DiskType::Dynamic },
                 logical_sector_size,
+                record_absolute_parent_path: absolute_parent_path,
                 ..CreateOptions::default()
             };
             if let Some(g) = data_write_guid {
