@@ -1,11 +1,11 @@
 //! The HTTP service (axum): iPXE scripts, the kernel and initramfs, layers (with `Range`, for
-//! resumed downloads and chunk repair), node manifests and node reports.
+//! resumed downloads and chunk repair). The API under `/api/v1` (operators, and the nodes'
+//! manifest and report routes) is `crate::api`, merged into this router by `strata serve`.
 //!
-//! Booting nodes reach these without a token: `/boot/*` (iPXE has no credentials), `/layers/*`
-//! (content-addressed: a client must already know the blake3 it asks for, and the bytes are
-//! the same for every node of a version), and the manifest and report routes under
-//! `/api/v1/nodes/by-mac/{mac}` (the manifest is signed; the node layer it names holds the
-//! node's identity). Operator routes come with the orchestrator.
+//! Booting nodes reach these without a token: `/boot/*` (iPXE has no credentials) and
+//! `/layers/*` (content-addressed: a client must already know the blake3 it asks for, and the
+//! bytes are the same for every node of a version). docs/api.md lists what else a node may
+//! reach without a token.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,11 +13,10 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use tower_http::services::ServeFile;
-use wire::manifest::SignedManifest;
 use wire::LayerId;
 
 use crate::boot::ipxe;
@@ -49,8 +48,6 @@ pub fn router(state: HttpState) -> Router {
         .route("/boot/initramfs", get(initramfs))
         .route("/boot/file/{name}", get(boot_file))
         .route("/layers/{id}", get(layer))
-        .route("/api/v1/nodes/by-mac/{mac}/manifest", get(manifest))
-        .route("/api/v1/nodes/by-mac/{mac}/report", post(report))
         .with_state(state)
 }
 
@@ -79,8 +76,8 @@ impl From<FleetError> for HttpError {
     fn from(err: FleetError) -> Self {
         match err {
             FleetError::NoImage { .. } => HttpError::unavailable(err.to_string()),
-            FleetError::Internal(ref detail) => {
-                tracing::error!(error = %detail, "fleet error");
+            ref other => {
+                tracing::error!(error = %other, detail = ?other, "fleet error");
                 HttpError {
                     status: StatusCode::INTERNAL_SERVER_ERROR,
                     code: "internal",
@@ -205,22 +202,4 @@ async fn layer(
         st.fleet.count_layer_bytes(&mac, n);
     }
     Ok(resp)
-}
-
-async fn manifest(
-    State(st): State<HttpState>,
-    Path(mac): Path<String>,
-) -> Result<Json<SignedManifest>, HttpError> {
-    let mac = parse_mac(&mac)?;
-    Ok(Json(st.fleet.signed_manifest(&mac).await?))
-}
-
-async fn report(
-    State(st): State<HttpState>,
-    Path(mac): Path<String>,
-    Json(report): Json<serde_json::Value>,
-) -> Result<StatusCode, HttpError> {
-    let mac = parse_mac(&mac)?;
-    st.fleet.record_report(&mac, report).await?;
-    Ok(StatusCode::NO_CONTENT)
 }

@@ -2,10 +2,12 @@
 //! here. Services take already-bound sockets so tests can bind port 0.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod app;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod db;
 pub mod fleet;
 pub mod http;
 pub mod images;

@@ -5,7 +5,9 @@
 //! [`NodeStatus::diff`] against the status it last reported, a sequence number `seq` and the
 //! `base_seq` the delta applies on (0: the delta is against [`NodeStatus::default`], i.e. a
 //! full report). A server holding a different `base_seq` for the node asks for a full report
-//! by answering [`ReportAck::resend_full`].
+//! by answering [`ReportAck::resend_full`]. The acknowledgement also carries the server's
+//! requests (stage a version, reboot, repair drifted layers); fields added later are optional,
+//! so older nodes and servers understand each other.
 
 use serde::{Deserialize, Serialize};
 
@@ -127,6 +129,17 @@ pub struct ReportAck {
     /// The server's base did not match: send a full report (`base_seq` 0) next.
     #[serde(default)]
     pub resend_full: bool,
+    /// Download this version of the node's image into the cache in the background (its
+    /// manifest: `GET .../manifest?version=N`) without booting it; report the layers in
+    /// `cached_layers` once they are verified. Absent: nothing to stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<u64>,
+    /// Reboot now into the version the node's manifest names (an activation or a rollback).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reboot: bool,
+    /// Cached layers to fetch again (drift repair: their hash no longer matches).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repair: Vec<LayerId>,
 }
 
 /// A field that is present (even as `null`) is `Some`: `null` means "became empty".

@@ -100,7 +100,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     let images: Arc<dyn ImageSource> = crate::images::open(&config, key.clone()).await?;
-    let fleet = Arc::new(Fleet::new(key, images, config.boot.default_role.clone()));
+    let orchestrator = crate::orchestrator::Orchestrator::open(
+        &config.data_dir,
+        key,
+        images,
+        crate::orchestrator::Options::new(config.boot.default_role.clone()),
+    )
+    .await
+    .context("starting the orchestrator")?;
+    let fleet = Arc::clone(&orchestrator.fleet);
 
     let http = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -118,7 +126,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let mut services = Services::new(shutdown.clone());
-    let app = crate::http::router(state);
+    let app = crate::http::router(state).merge(orchestrator.router());
+    orchestrator.spawn(&mut services);
     services.spawn("http", move |token| async move {
         axum::serve(http, app).with_graceful_shutdown(token.cancelled_owned()).await
     });

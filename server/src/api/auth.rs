@@ -1,0 +1,116 @@
+//! Bearer-token authentication: `Authorization: Bearer stk_...`. Operators are `admin`
+//! (changes anything) or `viewer` (reads); a `node` token covers one node's own routes.
+//! Lookups are cached for a few seconds (revocation in this process is immediate; in another
+//! process sharing the database within [`CACHE_TTL`]).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use super::{ApiError, ApiState};
+use crate::db::tokens::{self, Scope, TokenInfo};
+
+/// How long a token lookup is trusted.
+pub const CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// Token lookups.
+#[derive(Default)]
+pub struct TokenCache {
+    map: Mutex<HashMap<[u8; 32], (Option<TokenInfo>, Instant)>>,
+}
+
+impl TokenCache {
+    /// Forgets everything (after a revocation).
+    pub fn clear(&self) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No token.
+    Anonymous,
+    /// An operator or node token.
+    Token(TokenInfo),
+}
+
+impl Caller {
+    /// The actor name recorded in events.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Anonymous => "anonymous".into(),
+            Caller::Token(t) => format!("token:{}:{}", t.id, t.name),
+        }
+    }
+
+    /// Allows operators (admin or viewer).
+    pub fn viewer(&self) -> Result<(), ApiError> {
+        match self {
+            Caller::Token(t) if matches!(t.scope, Scope::Admin | Scope::Viewer) => Ok(()),
+            Caller::Token(_) => Err(ApiError::forbidden("node tokens cannot use operator routes")),
+            Caller::Anonymous => Err(ApiError::Unauthenticated { message: "a bearer token is required".into() }),
+        }
+    }
+
+    /// Allows admins.
+    pub fn admin(&self) -> Result<(), ApiError> {
+        self.viewer()?;
+        match self {
+            Caller::Token(t) if t.scope == Scope::Admin => Ok(()),
+            _ => Err(ApiError::forbidden("this needs an admin token")),
+        }
+    }
+
+    /// Allows the node's own token, an admin (`admin_ok`), or no token for a node that holds
+    /// no token (a booting node has no credentials; docs/api.md).
+    pub fn node(&self, mac: &str, enrolled: bool, admin_ok: bool) -> Result<(), ApiError> {
+        match self {
+            Caller::Token(t) if t.scope == Scope::Node && t.node.as_deref() == Some(mac) => Ok(()),
+            Caller::Token(t) if t.scope == Scope::Node => Err(ApiError::forbidden("a node token covers only its own node")),
+            Caller::Token(t) if admin_ok && t.scope == Scope::Admin => Ok(()),
+            Caller::Token(_) => Err(ApiError::forbidden("this route is for the node itself")),
+            Caller::Anonymous if !enrolled => Ok(()),
+            Caller::Anonymous => Err(ApiError::Unauthenticated { message: format!("node {mac} holds a token: send it") }),
+        }
+    }
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+            return Ok(Caller::Anonymous);
+        };
+        let secret = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|s| s.len() <= 128)
+            .ok_or_else(|| ApiError::Unauthenticated { message: "Authorization must be `Bearer <token>`".into() })?
+            .to_owned();
+        let h = tokens::hash(&secret);
+        let cached = {
+            let map = state.tokens.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.get(&h).filter(|(_, at)| at.elapsed() < CACHE_TTL).map(|(t, _)| t.clone())
+        };
+        let info = match cached {
+            Some(t) => t,
+            None => {
+                let t = state.db.call(move |c| tokens::lookup(c, &secret)).await?;
+                let mut map = state.tokens.map.lock().unwrap_or_else(|e| e.into_inner());
+                if map.len() > 10_000 {
+                    map.clear();
+                }
+                map.insert(h, (t.clone(), Instant::now()));
+                t
+            }
+        };
+        info.map(Caller::Token).ok_or_else(|| ApiError::Unauthenticated { message: "unknown or revoked token".into() })
+    }
+}
