@@ -3,12 +3,18 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
 )]
 
 pub mod chunk;
 pub mod dhcp;
 pub mod manifest;
+pub mod multicast;
 pub mod report;
 
 pub use chunk::{ChunkHash, Digest, LayerId};
