@@ -332,6 +332,15 @@ pub enum VhdxError {
         /// The virtual disk size.
         virtual_size: u64,
     },
+    /// A redundant copy (the other header or region table) is damaged; the file is
+    /// readable from the good copy.
+    #[error("{file}: damaged redundant copy: {reason}")]
+    DamagedCopy {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong with the copy.
+        reason: String,
+    },
     /// A write to a file opened read-only.
     #[error("{file}: opened read-only")]
     ReadOnly {
@@ -375,7 +384,8 @@ impl VhdxError {
             | Self::ParentGeometry { .. }
             | Self::ChainShape { .. }
             | Self::ParentLoop { .. }
-            | Self::ChainTooDeep { .. } => ErrorKind::Corrupt,
+            | Self::ChainTooDeep { .. }
+            | Self::DamagedCopy { .. } => ErrorKind::Corrupt,
         }
     }
 }

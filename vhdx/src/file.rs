@@ -69,6 +69,8 @@ pub struct Vhdx {
     alloc_end: u64,
     /// New FileWriteGuid/DataWriteGuid to use for the write session (deterministic output).
     session_guids: Option<(Uuid, Uuid)>,
+    /// A damaged redundant header or region table found at open (reported by `check`).
+    damaged: Option<VhdxError>,
 }
 
 impl std::fmt::Debug for Vhdx {
@@ -150,7 +152,14 @@ impl Vhdx {
             (Some(a), Some(b)) => (a, b),
             _ => return Err(VhdxError::NotVhdx { file: path.to_path_buf() }),
         };
+        // A damaged redundant copy does not stop the open; `check` reports it.
+        let mut damaged: Option<VhdxError> = None;
+        let note = |r: &Result<Header>| r.as_ref().err().map(|e| e.to_string());
+        let header_faults = (note(&h1), note(&h2));
         let (header, header_slot) = header::choose(path, h1, h2)?;
+        if let Some(reason) = header_faults.0.or(header_faults.1) {
+            damaged = Some(VhdxError::DamagedCopy { file: path.to_path_buf(), reason });
+        }
         let mut tables = [0, 1].map(|i| {
             let offset = REGION_TABLE_OFFSETS.get(i).copied().unwrap_or(0);
             read_struct(&file, path, size, Structure::RegionTable(i as u8 + 1), offset, REGION_TABLE_SIZE as u64)
@@ -158,12 +167,27 @@ impl Vhdx {
         })
         .into_iter();
         let regions = match (tables.next(), tables.next()) {
-            (Some(Ok(r)), _) => r,
+            (Some(Ok(r)), Some(second)) => {
+                match second {
+                    Ok(r2) if r2 == r => {}
+                    Ok(_) => {
+                        damaged.get_or_insert(VhdxError::DamagedCopy {
+                            file: path.to_path_buf(),
+                            reason: "region table 2 differs from region table 1".into(),
+                        });
+                    }
+                    Err(e) => {
+                        damaged.get_or_insert(VhdxError::DamagedCopy { file: path.to_path_buf(), reason: e.to_string() });
+                    }
+                }
+                r
+            }
             (Some(Err(a)), Some(Ok(r))) => {
                 // An unsupported required region is a property of the file, not damage.
                 if matches!(a, VhdxError::Unsupported { .. }) {
                     return Err(a);
                 }
+                damaged.get_or_insert(VhdxError::DamagedCopy { file: path.to_path_buf(), reason: a.to_string() });
                 r
             }
             (Some(Err(a)), Some(Err(_))) if matches!(a, VhdxError::Unsupported { .. }) => return Err(a),
@@ -222,6 +246,7 @@ impl Vhdx {
             session_started: false,
             alloc_end: size.div_ceil(MIB) * MIB,
             session_guids: None,
+            damaged,
         })
     }
 
@@ -679,10 +704,18 @@ impl Vhdx {
         io::sync_data(&self.file, &self.path)
     }
 
-    /// Checks every structure and the sector bitmaps of partially present blocks; returns
-    /// the first fault. (Opening already checks headers, regions, metadata and the BAT.)
+    /// Checks every structure; returns the first fault. Opening already validates the
+    /// current header, a region table, the metadata and the whole BAT; this also reports a
+    /// damaged redundant copy (the other header or region table), which does not stop
+    /// reading but means the file has lost its protection against a torn update.
     pub fn check(&self) -> Result<()> {
-        self.validate_bat()
+        self.validate_bat()?;
+        match &self.damaged {
+            Some(VhdxError::DamagedCopy { file, reason }) => {
+                Err(VhdxError::DamagedCopy { file: file.clone(), reason: reason.clone() })
+            }
+            _ => Ok(()),
+        }
     }
 }
 

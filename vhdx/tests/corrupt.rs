@@ -121,6 +121,7 @@ fn one_torn_header_falls_back_both_torn_fail() -> Result<()> {
     flip(&p, H2 + 300)?;
     let f = Vhdx::open(&p)?;
     assert_eq!(f.header_sequence(), seq - 1, "fell back to header 1");
+    assert!(matches!(f.check(), Err(VhdxError::DamagedCopy { .. })), "check reports the torn copy");
     assert_same("after fallback", &read_chain(&Chain::open(&p)?)?, &want);
     flip(&p, H1 + 40)?;
     let e = open_err(&p);
@@ -168,6 +169,7 @@ fn region_tables() -> Result<()> {
     let want = read_chain(&Chain::open(&p)?)?;
     flip(&p, RT1 + 20)?;
     assert_same("table 2 used", &read_chain(&Chain::open(&p)?)?, &want);
+    assert!(matches!(Vhdx::open(&p)?.check(), Err(VhdxError::DamagedCopy { .. })));
     flip(&p, RT2 + 20)?;
     match open_err(&p) {
         VhdxError::NoValidRegionTable { first, second, .. } => {
@@ -306,7 +308,7 @@ fn parents_missing_mismatched_looping_too_deep() -> Result<()> {
     std::fs::rename(d.join("moved.vhdx"), &base)?;
     let e = Chain::from_paths(&[child.clone(), base.clone()]).expect_err("order");
     assert!(matches!(e, VhdxError::ChainShape { .. }), "{e:?}");
-    let e = Chain::from_paths(&[child.clone()]).expect_err("alone");
+    let e = Chain::from_paths(std::slice::from_ref(&child)).expect_err("alone");
     assert!(matches!(e, VhdxError::ChainShape { .. }), "{e:?}");
     let e = Chain::from_paths(&[base.clone(), child.clone(), child.clone()]).expect_err("loop");
     assert!(matches!(e, VhdxError::ParentLoop { .. }), "{e:?}");

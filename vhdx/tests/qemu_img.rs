@@ -43,6 +43,7 @@ fn qemu_written_files_read_back_like_qemu_convert() -> Result<()> {
             let qemu_raw = std::fs::read(&back_path)?;
 
             let file = Vhdx::open(&vhdx_path)?;
+            file.check()?;
             assert_eq!(file.block_size(), bs_mib * MIB as u32, "case {i} {subformat}");
             let want_type = if subformat == "fixed" { DiskType::Fixed } else { DiskType::Dynamic };
             assert_eq!(file.disk_type(), want_type);
@@ -73,6 +74,7 @@ fn our_files_pass_qemu_check_and_convert_to_the_input() -> Result<()> {
             let opts = CreateOptions { block_size: bs_mib * MIB as u32, disk_type, ..CreateOptions::default() };
             vhdx::from_raw(&raw_path, &out, None, &opts)?;
             run_qemu_img(&["check", "-f", "vhdx", s(&out)])?;
+            Vhdx::open(&out)?.check()?;
             let info = run_qemu_img(&["info", "--output=json", s(&out)])?;
             let info: serde_json::Value = serde_json::from_str(&info)?;
             assert_eq!(info["virtual-size"].as_u64(), Some(size), "case {i}: qemu-img info size");
