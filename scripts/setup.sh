@@ -10,7 +10,7 @@ APT_PACKAGES=(
   ipxe-qemu ipxe ovmf seabios
   busybox-static e2fsprogs cpio zstd xz-utils kmod
   dnsmasq-base iproute2 nftables
-  tftp-hpa atftp
+  tftp-hpa atftp tftpd-hpa
   libiscsi-bin libvhdi-utils tgt
 )
 # Package names without the /release suffix, for the "already installed?" check.
