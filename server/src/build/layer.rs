@@ -1,0 +1,143 @@
+//! Turning raw ext4 images into published VHDX layers with the `vhdx` crate: a base is a
+//! dynamic VHDX (all-zero blocks left out), a role or node layer is a differencing VHDX on its
+//! parent chain holding only the sectors that differ. GUIDs are derived from the content (and
+//! the parent), so the same inputs give the same bytes. Every layer is read back through its
+//! chain and compared with the raw image before it is published.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use vhdx::{Chain, CreateOptions};
+use wire::chunk::LayerId;
+use wire::manifest::LayerKind;
+
+use crate::store::{LayerRecord, Store};
+
+use super::BuildError;
+
+/// Payload block size of our layers: 1 MiB, the smallest VHDX allows. A differencing layer
+/// allocates a whole block for every block in which a sector changed, so small blocks keep a
+/// role or node layer close to what it changed.
+pub const BLOCK_SIZE: u32 = 1 << 20;
+
+fn guid(seed: &blake3::Hash, what: &str) -> uuid::Uuid {
+    let h = blake3::Hasher::new().update(seed.as_bytes()).update(what.as_bytes()).finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h.as_bytes()[..16]);
+    // RFC 9562 version 8 (custom), variant 10.
+    b[6] = (b[6] & 0x0f) | 0x80;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    uuid::Uuid::from_bytes(b)
+}
+
+/// Deterministic creation options: GUIDs from the raw content and the parent.
+fn options(raw: &Path, parent: Option<&LayerId>) -> Result<CreateOptions, BuildError> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"strata layer guid v1\0");
+    if let Some(p) = parent {
+        h.update(p.as_bytes());
+    }
+    h.update_mmap(raw).map_err(|e| BuildError::io("hashing", raw, e))?;
+    let seed = h.finalize();
+    let mut o = CreateOptions::deterministic(guid(&seed, "file"), guid(&seed, "data"), guid(&seed, "page83"));
+    o.block_size = BLOCK_SIZE;
+    o.creator = "strata".to_owned();
+    o.parent_relative_path = parent.map(|p| format!("{p}.vhdx"));
+    Ok(o)
+}
+
+/// Compares the virtual disk of `chain` with the raw file; both must be identical.
+fn verify(chain: &Chain, raw: &Path) -> Result<(), BuildError> {
+    let mut f = File::open(raw).map_err(|e| BuildError::io("opening", raw, e))?;
+    let len = f.metadata().map_err(|e| BuildError::io("reading", raw, e))?.len();
+    if len != chain.virtual_size() {
+        return Err(BuildError::Verify { message: format!("virtual size {} but raw image {len} bytes", chain.virtual_size()) });
+    }
+    let step = 4 << 20;
+    let mut a = vec![0u8; step];
+    let mut b = vec![0u8; step];
+    let mut off = 0u64;
+    while off < len {
+        let n = usize::try_from((len - off).min(step as u64)).unwrap_or(step);
+        let (a, b) = (&mut a[..n], &mut b[..n]);
+        f.read_exact(a).map_err(|e| BuildError::io("reading", raw, e))?;
+        chain.read_at(b, off).map_err(|e| BuildError::Vhdx { what: "reading back".into(), source: e })?;
+        if a != b {
+            return Err(BuildError::Verify { message: format!("content differs from the raw image near offset {off}") });
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Writes `raw` as a layer of `kind` on `parent` (a chain, base first; empty for a base),
+/// verifies it and publishes it.
+pub fn publish(store: &Store, raw: &Path, parent: &[LayerRecord], kind: LayerKind, scratch: &Path) -> Result<LayerRecord, BuildError> {
+    let top = parent.last().map(|l| l.id);
+    let opts = options(raw, top.as_ref())?;
+    let out = scratch.join(format!("layer-{}.vhdx", std::process::id()));
+    let vsize = std::fs::metadata(raw).map_err(|e| BuildError::io("reading", raw, e))?.len();
+    let vx = |what: &str| {
+        let what = what.to_owned();
+        move |source| BuildError::Vhdx { what, source }
+    };
+    if parent.is_empty() {
+        vhdx::from_raw(raw, &out, None, &opts).map_err(vx("writing the base layer"))?;
+        let chain = Chain::from_paths(&[out.clone()]).map_err(vx("opening the new layer"))?;
+        verify(&chain, raw)?;
+    } else {
+        let paths = store.chain_paths(parent);
+        let pchain = Chain::from_paths(&paths).map_err(vx("opening the parent chain"))?;
+        vhdx::from_raw(raw, &out, Some(&pchain), &opts).map_err(vx("writing the differencing layer"))?;
+        let mut all = paths;
+        all.push(out.clone());
+        let chain = Chain::from_paths(&all).map_err(vx("opening the new chain"))?;
+        verify(&chain, raw)?;
+    }
+    // Layers are world-readable (the HTTP and iSCSI services may run as another user).
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(|e| BuildError::io("chmod", &out, e))?;
+    let rec = store.publish_layer(&out, kind, top, vsize)?;
+    let _ = std::fs::remove_file(&out);
+    Ok(rec)
+}
+
+/// Reads a chain (base first) into a raw file.
+pub fn vhdx_to_raw(paths: &[PathBuf], out: &Path) -> Result<(), BuildError> {
+    let chain = Chain::from_paths(paths).map_err(|source| BuildError::Vhdx { what: "opening".into(), source })?;
+    let mut f = File::create(out).map_err(|e| BuildError::io("creating", out, e))?;
+    let len = chain.virtual_size();
+    let step: u64 = 4 << 20;
+    let mut buf = vec![0u8; usize::try_from(step).unwrap_or(4 << 20)];
+    let mut off = 0;
+    while off < len {
+        let n = usize::try_from((len - off).min(step)).unwrap_or(0);
+        let b = &mut buf[..n];
+        chain.read_at(b, off).map_err(|source| BuildError::Vhdx { what: "reading".into(), source })?;
+        if b.iter().all(|&x| x == 0) {
+            // Keep the raw file sparse.
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Current(n as i64)).map_err(|e| BuildError::io("writing", out, e))?;
+        } else {
+            f.write_all(b).map_err(|e| BuildError::io("writing", out, e))?;
+        }
+        off += n as u64;
+    }
+    f.set_len(len).map_err(|e| BuildError::io("writing", out, e))?;
+    Ok(())
+}
+
+/// The raw image of the chain ending at `chain`'s top, from the store's cache (made once,
+/// published atomically).
+pub fn cached_raw(store: &Store, chain: &[LayerRecord], scratch: &Path) -> Result<PathBuf, BuildError> {
+    let Some(top) = chain.last() else {
+        return Err(BuildError::Verify { message: "empty chain".into() });
+    };
+    let path = store.cache_path(&top.id);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let tmp = scratch.join("cache.raw");
+    vhdx_to_raw(&store.chain_paths(chain), &tmp)?;
+    Ok(store.publish_cache(&tmp, &top.id)?)
+}
