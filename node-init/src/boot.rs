@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
+use wire::chunk::VerifyError;
 use wire::manifest::{Manifest, ManifestError, SignedManifest, MAX_MANIFEST_BYTES};
 use wire::report::{NodeState, NodeStatus};
 
@@ -130,6 +131,11 @@ impl InitError {
             InitError::ManifestMac { .. } => "manifest_mac",
             InitError::NothingToBoot => "nothing_to_boot",
             InitError::LayerMissing { .. } => "layer_missing",
+            InitError::Fetch(FetchError::Verify {
+                source: VerifyError::Incomplete { .. } | VerifyError::TooLong { .. },
+                ..
+            })
+            | InitError::Fetch(FetchError::ServerShorter { .. }) => "size_mismatch",
             InitError::Fetch(FetchError::Verify { .. }) => "hash_mismatch",
             InitError::Fetch(FetchError::Cache { .. }) => "cache_write",
             InitError::Fetch(_) => "fetch",

@@ -49,6 +49,16 @@ pub enum FetchError {
         /// What came back.
         got: Option<(u64, u64)>,
     },
+    /// The server has fewer bytes than the manifest says (416 on a resume).
+    #[error("layer {id}: the server has fewer than the {size} bytes the manifest names (resume from {from} refused)")]
+    ServerShorter {
+        /// Layer.
+        id: wire::LayerId,
+        /// Size in the manifest.
+        size: u64,
+        /// Where the resume started.
+        from: u64,
+    },
     /// Writing the cache failed (for instance a full disk).
     #[error("writing layer {id} into the cache")]
     Cache {
@@ -210,9 +220,17 @@ fn fetch_once(
         crate::marker!("stage=resume layer={} from={good} size={}", l.id, l.size);
     }
     let range = (good > 0).then_some((good, None));
-    let mut resp = client
-        .get(&l.url, range)
-        .map_err(|source| (stats, FetchError::Http { id: l.id, source }))?;
+    let mut resp = client.get(&l.url, range).map_err(|source| {
+        let e = match source {
+            HttpError::Status { status: 416, .. } if good > 0 => FetchError::ServerShorter {
+                id: l.id,
+                size: l.size,
+                from: good,
+            },
+            source => FetchError::Http { id: l.id, source },
+        };
+        (stats, e)
+    })?;
     if good > 0 {
         let ok = resp.status == 206
             && resp

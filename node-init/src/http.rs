@@ -273,8 +273,11 @@ fn read_head(mut reader: BufReader<TcpStream>) -> Result<Response, HttpError> {
                 return Err(HttpError::Malformed("unsupported Transfer-Encoding"));
             }
         } else if name.eq_ignore_ascii_case("content-range") {
-            content_range =
-                Some(parse_content_range(value).ok_or(HttpError::Malformed("Content-Range"))?);
+            // `bytes */N` (416) carries no range; only a 206 needs a valid one.
+            content_range = parse_content_range(value);
+            if content_range.is_none() && status == 206 {
+                return Err(HttpError::Malformed("Content-Range"));
+            }
         }
     }
     let framing = if chunked {

@@ -12,6 +12,7 @@ use ed25519_dalek::SigningKey;
 use support::server::Server;
 use support::{field, layer_ref, manifest, ImageSet, Vm, MAC};
 use wire::manifest::{LayerKind, SignedManifest};
+use wire::report::NodeState;
 
 const BOOT: Duration = Duration::from_secs(300);
 
@@ -64,6 +65,29 @@ fn first_boot_fetches_verifies_attaches_and_runs_the_image() -> Result<()> {
     vm.wait_exit(BOOT)?;
     ensure!(srv.sent(&base_ref.id) == base_ref.size);
     ensure!(srv.sent(&role_ref.id) == role_ref.size);
+    // State reports: a full first report, then a delta on it carrying only what changed.
+    let reports = srv
+        .state
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .reports
+        .clone();
+    ensure!(reports.len() == 2, "{reports:?}");
+    let (a, b) = (&reports[0], &reports[1]);
+    ensure!(a.mac == MAC && a.seq == 1 && a.base_seq == 0, "{a:?}");
+    ensure!(
+        a.delta.state == Some(NodeState::Fetching) && a.delta.version == Some(Some(1)),
+        "{a:?}"
+    );
+    ensure!(b.seq == 2 && b.base_seq == 1, "{b:?}");
+    ensure!(
+        b.delta.state == Some(NodeState::Booted) && b.delta.version.is_none(),
+        "{b:?}"
+    );
+    ensure!(
+        b.delta.cached_layers == Some(vec![base_ref.id, role_ref.id]),
+        "{b:?}"
+    );
     Ok(())
 }
 
@@ -313,5 +337,75 @@ fn node_lifecycle_on_one_disk() -> Result<()> {
         BOOT,
     )?;
     vm.wait_exit(BOOT)?;
+    Ok(())
+}
+
+/// Bad input never boots: an unknown layer, then a layer whose manifest size is wrong, each
+/// refused with a clear marker and a retry; once the server is fixed the node boots. A cache
+/// disk too small for the chain is reported as such and nothing boots.
+#[test]
+fn bad_input_is_refused_and_retried() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key = SigningKey::from_bytes(&[42u8; 32]);
+    let images = ImageSet::new(dir.path())?;
+    let role = images.role_layer("web", 1, true)?;
+    let (base, base_bytes) = layer_ref(&images.base_vhdx, LayerKind::Base)?;
+    let (top, top_bytes) = layer_ref(&role, LayerKind::Role)?;
+    let srv = Server::start()?;
+    srv.add_layer(base.id, base_bytes);
+    let initrd = support::initramfs(dir.path(), &key)?;
+    let good = SignedManifest::sign(
+        &manifest("web", 1, 3, vec![base.clone(), top.clone()]),
+        &key,
+    )?;
+
+    // The role layer is unknown to the server (404).
+    srv.set_manifest(MAC, good.to_json());
+    let disk = dir.path().join("disk.raw");
+    support::blank_disk(&disk, 256 << 20)?;
+    let mut vm = Vm::boot(&initrd, &disk, srv.port, "")?;
+    let e = vm.wait_for("STRATA error=", BOOT)?;
+    ensure!(
+        e.starts_with("STRATA error=fetch") && e.contains("404"),
+        "{e}"
+    );
+    vm.wait_for("STRATA fallback=boot_last_known_good", BOOT)?;
+    vm.wait_for("STRATA error=nothing_to_boot", BOOT)?;
+    vm.wait_for("STRATA fallback=retry_after secs=10", BOOT)?;
+
+    // Next try: the layer exists, but the manifest claims one more chunk than it has.
+    srv.add_layer(top.id, top_bytes);
+    let mut long = top.clone();
+    long.size += 1 << 20;
+    long.chunks.push(wire::Digest::of(&[0u8; 1 << 20]));
+    let wrong = manifest("web", 1, 3, vec![base.clone(), long]);
+    srv.set_manifest(MAC, SignedManifest::sign(&wrong, &key)?.to_json());
+    let e = vm.wait_for("STRATA error=", BOOT)?;
+    ensure!(e.starts_with("STRATA error=size_mismatch"), "{e}");
+    vm.wait_for("STRATA fallback=boot_last_known_good", BOOT)?;
+    vm.wait_for("STRATA fallback=retry_after", BOOT)?;
+    ensure!(vm.lines_with("STRATA stage=switch_root").is_empty());
+
+    // Fixed: the next try boots.
+    srv.set_manifest(MAC, good.to_json());
+    vm.wait_for("STRATA stage=switch_root version=1 role=web", BOOT)?;
+    vm.wait_for(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
+    vm.wait_exit(BOOT)?;
+
+    // A 12 MiB cache disk cannot hold the 15 MiB chain.
+    let small = dir.path().join("small.raw");
+    support::blank_disk(&small, 12 << 20)?;
+    let mut vm = Vm::boot(&initrd, &small, srv.port, "")?;
+    let e = vm.wait_for("STRATA error=", BOOT)?;
+    ensure!(
+        e.starts_with("STRATA error=cache_write") && e.contains("No space left"),
+        "{e}"
+    );
+    vm.wait_for("STRATA error=nothing_to_boot", BOOT)?;
+    vm.wait_for("STRATA fallback=retry_after", BOOT)?;
+    ensure!(vm.lines_with("STRATA stage=switch_root").is_empty());
     Ok(())
 }

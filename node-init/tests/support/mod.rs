@@ -282,27 +282,44 @@ pub struct Vm {
 
 impl Vm {
     pub fn boot(initrd: &Path, disk: &Path, port: u16, extra: &str) -> Result<Vm> {
+        let append = format!("{} {extra}", cmdline(port));
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.arg("-kernel")
+            .arg(kernel()?)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", &append]);
+        cmd.args(["-netdev", "user,id=n0"]);
+        Self::spawn(cmd, disk)
+    }
+
+    /// Network boot: QEMU's iPXE ROM gets DHCP and `tftp_dir/boot.ipxe` from QEMU's user
+    /// network, the script fetches kernel and initramfs over HTTP.
+    pub fn pxe(tftp_dir: &Path, disk: &Path) -> Result<Vm> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-boot",
+            "n",
+            "-L",
+            "/usr/lib/ipxe/qemu",
+            "-L",
+            "/usr/share/seabios",
+        ]);
+        cmd.arg("-netdev").arg(format!(
+            "user,id=n0,tftp={},bootfile=boot.ipxe",
+            tftp_dir.display()
+        ));
+        Self::spawn(cmd, disk)
+    }
+
+    fn spawn(mut cmd: Command, disk: &Path) -> Result<Vm> {
         need("qemu-system-x86_64", "qemu-system-x86")?;
-        let append = format!(
-            "console=ttyS0 panic=10 strata.server=http://10.0.2.2:{port} strata.mac={MAC} \
-             strata.ip=10.0.2.15 strata.netmask=255.255.255.0 strata.gw=10.0.2.2 {extra}"
-        );
-        let mut child = Command::new("qemu-system-x86_64")
+        let mut child = cmd
             .args([
                 "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
             ])
             .args(["-serial", "stdio", "-no-reboot"])
-            .arg("-kernel")
-            .arg(kernel()?)
-            .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", &append])
-            .args([
-                "-netdev",
-                "user,id=n0",
-                "-device",
-                &format!("virtio-net-pci,netdev=n0,mac={MAC}"),
-            ])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={MAC}")])
             .arg("-drive")
             .arg(format!("file={},if=virtio,format=raw", disk.display()))
             .stdin(Stdio::null())
@@ -407,6 +424,14 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The kernel command line the server's iPXE script would write for this node.
+pub fn cmdline(port: u16) -> String {
+    format!(
+        "console=ttyS0 panic=10 strata.server=http://10.0.2.2:{port} strata.mac={MAC} \
+         strata.ip=10.0.2.15 strata.netmask=255.255.255.0 strata.gw=10.0.2.2"
+    )
 }
 
 /// Value of `key=` in a marker line.

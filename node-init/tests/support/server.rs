@@ -23,6 +23,8 @@ pub struct State {
     pub cut: Option<(LayerId, u64)>,
     pub reports: Vec<StateReport>,
     pub requests: Vec<String>,
+    /// Plain files by path (kernels, initramfs, iPXE scripts).
+    pub files: HashMap<String, Arc<Vec<u8>>>,
 }
 
 pub struct Server {
@@ -257,5 +259,9 @@ fn handle(mut s: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
         }
         return Ok(());
     }
-    respond(&mut s, "404 Not Found", "", b"not found")
+    let file = st.lock().unwrap().files.get(&path).cloned();
+    match file {
+        Some(f) => respond(&mut s, "200 OK", "", &f),
+        None => respond(&mut s, "404 Not Found", "", b"not found"),
+    }
 }
