@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Services;
-use crate::boot::{dhcp, initramfs};
+use crate::boot::{dhcp, initramfs, tftp};
 use crate::config::{Config, DhcpMode};
 use crate::fleet::{Fleet, ImageSource};
 use crate::http::HttpState;
@@ -131,6 +131,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     services.spawn("http", move |token| async move {
         axum::serve(http, app).with_graceful_shutdown(token.cancelled_owned()).await
     });
+    if config.tftp.enabled {
+        let listen = config.tftp.listen;
+        let socket = tokio::net::UdpSocket::bind(listen)
+            .await
+            .with_context(|| format!("binding TFTP {listen} (port 69 needs root or CAP_NET_BIND_SERVICE)"))?;
+        let tftp_addr = socket.local_addr()?;
+        let server = tftp::TftpServer::new(socket, &config.tftp.root, tftp::TftpOptions::default())
+            .with_context(|| format!("TFTP root {}", config.tftp.root.display()))?;
+        services.spawn("tftp", move |token| server.run(token));
+        tracing::info!(tftp = %tftp_addr, root = %config.tftp.root.display(), "TFTP on");
+    }
     if config.dhcp.mode != DhcpMode::Off {
         start_dhcp(&config, &public_url, &fleet, &mut services).await?;
     }
