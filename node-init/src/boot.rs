@@ -453,10 +453,29 @@ pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitEr
     let server = cmd.server.ok_or(InitError::NoServer)?;
     if env.iface.is_none() {
         let iface = net::find_interface(cmd.mac.as_deref(), Duration::from_secs(10))?;
-        let ip = cmd.ip.ok_or(NetError::NoAddress)?;
-        let mask = cmd.netmask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
-        net::configure_static(&iface, ip, mask, cmd.gw)?;
-        marker!("stage=net iface={iface} ip={ip} netmask={mask} server={server}");
+        match cmd.ip {
+            Some(ip) => {
+                let mask = cmd.netmask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
+                net::configure_static(&iface, ip, mask, cmd.gw)?;
+                marker!(
+                    "stage=net iface={iface} ip={ip} netmask={mask} server={server} via=static"
+                );
+            }
+            None => {
+                let hw = net::interfaces()
+                    .into_iter()
+                    .find(|(n, _)| *n == iface)
+                    .map(|(_, m)| m);
+                let lease =
+                    net::configure_dhcp(&iface, &hw.unwrap_or_default(), Duration::from_secs(60))?;
+                marker!(
+                    "stage=net iface={iface} ip={} netmask={} server={server} via=dhcp dhcp_server={}",
+                    lease.ip,
+                    lease.netmask,
+                    lease.server
+                );
+            }
+        }
         env.iface = Some(iface);
     }
     let mac = match &cmd.mac {

@@ -12,6 +12,7 @@ pub mod boot;
 pub mod bootcount;
 pub mod cache;
 pub mod cmdline;
+pub mod dhcp;
 pub mod fetch;
 pub mod http;
 pub mod marker;

@@ -409,3 +409,41 @@ fn bad_input_is_refused_and_retried() -> Result<()> {
     ensure!(vm.lines_with("STRATA stage=switch_root").is_empty());
     Ok(())
 }
+
+/// Without `strata.ip` the boot interface gets its address by DHCP (QEMU's user network
+/// serves it) and the boot proceeds as usual.
+#[test]
+fn dhcp_when_the_command_line_has_no_address() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key = SigningKey::from_bytes(&[42u8; 32]);
+    let images = ImageSet::new(dir.path())?;
+    let role = images.role_layer("web", 1, true)?;
+    let (base, base_bytes) = layer_ref(&images.base_vhdx, LayerKind::Base)?;
+    let (top, top_bytes) = layer_ref(&role, LayerKind::Role)?;
+    let srv = Server::start()?;
+    srv.add_layer(base.id, base_bytes);
+    srv.add_layer(top.id, top_bytes);
+    srv.set_manifest(
+        MAC,
+        SignedManifest::sign(&manifest("web", 1, 3, vec![base, top]), &key)?.to_json(),
+    );
+    let initrd = support::initramfs(dir.path(), &key)?;
+    let disk = dir.path().join("disk.raw");
+    support::blank_disk(&disk, 256 << 20)?;
+    let append = format!(
+        "console=ttyS0 panic=10 strata.server=http://10.0.2.2:{} strata.mac={MAC}",
+        srv.port
+    );
+    let mut vm = Vm::boot_cmdline(&initrd, &disk, &append)?;
+    let net = vm.wait_for("STRATA stage=net", BOOT)?;
+    ensure!(
+        field(&net, "via") == Some("dhcp") && field(&net, "ip") == Some("10.0.2.15"),
+        "{net}"
+    );
+    vm.wait_for(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
+    vm.wait_exit(BOOT)?;
+    Ok(())
+}

@@ -95,3 +95,54 @@ pub fn add_default_route(gw: Ipv4Addr) -> io::Result<()> {
         Err(e) => Err(e),
     }
 }
+
+/// A UDP socket on port 68 bound to `iface`, broadcast allowed: a DHCP client's socket on an
+/// interface that has no address yet.
+pub fn dhcp_socket(iface: &str) -> io::Result<std::net::UdpSocket> {
+    // SAFETY: plain socket(2) call; the fd is owned right below.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fd is fresh and owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let setopt = |opt: libc::c_int, val: *const libc::c_void, len: usize| {
+        // SAFETY: val points to `len` readable bytes living across the call.
+        check(unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                val,
+                len as libc::socklen_t,
+            )
+        })
+    };
+    setopt(
+        libc::SO_BROADCAST,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>(),
+    )?;
+    setopt(
+        libc::SO_REUSEADDR,
+        (&one as *const libc::c_int).cast(),
+        std::mem::size_of::<libc::c_int>(),
+    )?;
+    setopt(libc::SO_BINDTODEVICE, iface.as_ptr().cast(), iface.len())?;
+    let mut sa: libc::sockaddr_in = sockaddr_in_zero();
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = 68u16.to_be();
+    // SAFETY: sa is a valid sockaddr_in of the length passed.
+    check(unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    })?;
+    Ok(std::net::UdpSocket::from(sock))
+}
+
+fn sockaddr_in_zero() -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}

@@ -282,13 +282,17 @@ pub struct Vm {
 
 impl Vm {
     pub fn boot(initrd: &Path, disk: &Path, port: u16, extra: &str) -> Result<Vm> {
-        let append = format!("{} {extra}", cmdline(port));
+        Self::boot_cmdline(initrd, disk, &format!("{} {extra}", cmdline(port)))
+    }
+
+    /// Direct boot with exactly this kernel command line.
+    pub fn boot_cmdline(initrd: &Path, disk: &Path, append: &str) -> Result<Vm> {
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.arg("-kernel")
             .arg(kernel()?)
             .arg("-initrd")
             .arg(initrd)
-            .args(["-append", &append]);
+            .args(["-append", append]);
         cmd.args(["-netdev", "user,id=n0"]);
         Self::spawn(cmd, disk)
     }
