@@ -5,6 +5,7 @@
 pub mod api;
 pub mod app;
 pub mod boot;
+pub mod build;
 pub mod cli;
 pub mod config;
 pub mod db;
@@ -13,3 +14,4 @@ pub mod http;
 pub mod images;
 pub mod keys;
 pub mod orchestrator;
+pub mod store;

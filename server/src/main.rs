@@ -17,6 +17,9 @@ struct Cli {
 enum Cmd {
     /// Run the appliance: boot services, image store, API.
     Serve(cli::serve::ServeArgs),
+    /// Build, list, inspect, diff and collect images (see docs/images.md).
+    #[command(subcommand)]
+    Image(cli::image::ImageCmd),
     /// Inspect, check and convert VHDX files and chains.
     #[command(subcommand)]
     Vhdx(cli::vhdx::VhdxCmd),
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Serve(args) => cli::serve::run(args),
         Cmd::Vhdx(cmd) => cli::vhdx::run(cmd),
+        Cmd::Image(cmd) => cli::image::run(cmd),
     };
     match result {
         Ok(code) => code,

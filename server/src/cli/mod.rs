@@ -1,4 +1,5 @@
 //! The `strata` subcommands. Each module owns its clap arguments and its `run`.
 
+pub mod image;
 pub mod serve;
 pub mod vhdx;
