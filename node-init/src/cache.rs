@@ -127,6 +127,13 @@ pub fn prepare_disk(
     explicit: Option<&str>,
     mountpoint: &Path,
 ) -> Result<(String, bool), CacheError> {
+    if explicit == Some(crate::cmdline::RAM_DISK) {
+        // Diskless: layers live in memory; same layout, same attach path (loop over tmpfs).
+        fs::create_dir_all(mountpoint).map_err(io_at(mountpoint))?;
+        crate::sys::mount::mount("tmpfs", mountpoint, "tmpfs", 0, Some("mode=0700"))
+            .map_err(io_at(mountpoint))?;
+        return Ok(("ram".into(), true));
+    }
     let candidates: Vec<&str> = match explicit {
         Some(d) => vec![d],
         None => vec!["/dev/vda", "/dev/sda", "/dev/nvme0n1", "/dev/xvda"],

@@ -5,12 +5,15 @@
 //! | `strata.server` | `http://IP[:PORT]` (an IPv4 literal; no DNS in the initramfs) |
 //! | `strata.mac` | boot interface MAC, any case, `:` or `-` separated |
 //! | `strata.ip`, `strata.netmask`, `strata.gw` | static IPv4 configuration (gw may be empty) |
-//! | `strata.disk` | cache block device (default: the first of `/dev/vda`, `/dev/sda`, `/dev/nvme0n1`) |
+//! | `strata.disk` | cache block device (default: the first of `/dev/vda`, `/dev/sda`, `/dev/nvme0n1`), or `ram` (diskless: the cache is a tmpfs) |
 //! | `strata.mode` | `normal` (default) or `lkg` (boot the last known good version without asking the server) |
 //!
 //! Unknown `strata.*` keys are refused, so a typo never silently changes behaviour.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// `strata.disk=ram`: keep the cache in memory (diskless nodes without iSCSI).
+pub const RAM_DISK: &str = "ram";
 
 /// Parsed parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -107,8 +110,8 @@ impl Cmdline {
                 "gw" if !value.is_empty() => c.gw = Some(ip(value)?),
                 "ip" | "netmask" | "gw" => {}
                 "disk" => {
-                    if !value.starts_with("/dev/") || value.contains("..") {
-                        return Err(bad("not a /dev/ path"));
+                    if value != RAM_DISK && (!value.starts_with("/dev/") || value.contains("..")) {
+                        return Err(bad("not a /dev/ path or `ram`"));
                     }
                     c.disk = Some(value.to_owned());
                 }

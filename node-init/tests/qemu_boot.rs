@@ -411,9 +411,10 @@ fn bad_input_is_refused_and_retried() -> Result<()> {
 }
 
 /// Without `strata.ip` the boot interface gets its address by DHCP (QEMU's user network
-/// serves it) and the boot proceeds as usual.
+/// serves it) and the boot proceeds as usual. With `strata.disk=ram` and no disk, the cache
+/// is in memory and the same chain boots.
 #[test]
-fn dhcp_when_the_command_line_has_no_address() -> Result<()> {
+fn dhcp_without_an_address_and_ram_mode_without_a_disk() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let key = SigningKey::from_bytes(&[42u8; 32]);
     let images = ImageSet::new(dir.path())?;
@@ -440,6 +441,19 @@ fn dhcp_when_the_command_line_has_no_address() -> Result<()> {
         field(&net, "via") == Some("dhcp") && field(&net, "ip") == Some("10.0.2.15"),
         "{net}"
     );
+    vm.wait_for(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
+    vm.wait_exit(BOOT)?;
+
+    // RAM mode: no disk at all, the layers are fetched into memory, same attach path.
+    let append = format!("{} strata.disk=ram", support::cmdline(srv.port));
+    let mut vm = Vm::boot_diskless(&initrd, &append)?;
+    let cache = vm.wait_for("STRATA stage=cache", BOOT)?;
+    ensure!(field(&cache, "device") == Some("ram"), "{cache}");
+    vm.wait_for("STRATA stage=fetch", BOOT)?;
+    vm.wait_for("STRATA stage=attach", BOOT)?;
     vm.wait_for(
         "STRATA image=busybox role=web version=1 stage=running",
         BOOT,

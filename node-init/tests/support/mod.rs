@@ -316,16 +316,34 @@ impl Vm {
         Self::spawn(cmd, disk)
     }
 
-    fn spawn(mut cmd: Command, disk: &Path) -> Result<Vm> {
+    /// Direct boot with no disk at all (RAM mode).
+    pub fn boot_diskless(initrd: &Path, append: &str) -> Result<Vm> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.arg("-kernel")
+            .arg(kernel()?)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", append]);
+        cmd.args(["-netdev", "user,id=n0"]);
+        Self::spawn_with(cmd, None)
+    }
+
+    fn spawn(cmd: Command, disk: &Path) -> Result<Vm> {
+        Self::spawn_with(cmd, Some(disk))
+    }
+
+    fn spawn_with(mut cmd: Command, disk: Option<&Path>) -> Result<Vm> {
         need("qemu-system-x86_64", "qemu-system-x86")?;
+        if let Some(disk) = disk {
+            cmd.arg("-drive")
+                .arg(format!("file={},if=virtio,format=raw", disk.display()));
+        }
         let mut child = cmd
             .args([
                 "-accel", "tcg", "-m", "512", "-display", "none", "-monitor", "none",
             ])
             .args(["-serial", "stdio", "-no-reboot"])
             .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={MAC}")])
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw", disk.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
