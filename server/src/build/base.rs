@@ -387,8 +387,8 @@ impl<R: Read> Read for Verified<R> {
 
 impl<R: Read> Verified<R> {
     fn finish(mut self, archive: &Path, name: &str) -> Result<(), BuildError> {
-        io::copy(&mut self.inner, &mut io::sink()).map_err(|e| BuildError::io("reading", archive, e))?;
         // Bytes after the tar end-of-archive still count toward the digest.
+        io::copy(&mut self, &mut io::sink()).map_err(|e| BuildError::io("reading", archive, e))?;
         let got = hex::encode(self.hasher.finalize());
         if got != self.want {
             return Err(arch_err(archive, name, format!("content hashes to sha256:{got}, not sha256:{}", self.want)));

@@ -220,12 +220,19 @@ impl Script {
         Ok(())
     }
 
-    /// `mknod path p|c|b [major minor]`.
+    /// `mknod path p|c|b [major minor]`. debugfs's mknod links the name into its current
+    /// directory without resolving a path, so the command runs after a `cd` to the parent.
     pub fn mknod(&mut self, path: &str, kind: char, major: u32, minor: u32) -> Result<(), Ext4Error> {
+        let (dir, name) = match path.rfind('/') {
+            Some(0) => ("/", &path[1..]),
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => ("/", path),
+        };
+        let (d, n) = (quote(dir)?, quote(name)?);
         let l = if kind == 'p' {
-            format!("mknod {} p", quote(path)?)
+            format!("cd {d}\nmknod {n} p\ncd /")
         } else {
-            format!("mknod {} {kind} {major} {minor}", quote(path)?)
+            format!("cd {d}\nmknod {n} {kind} {major} {minor}\ncd /")
         };
         self.line(l);
         Ok(())

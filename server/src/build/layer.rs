@@ -71,34 +71,53 @@ fn verify(chain: &Chain, raw: &Path) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Writes `raw` as a layer of `kind` on `parent` (a chain, base first; empty for a base),
-/// verifies it and publishes it.
-pub fn publish(store: &Store, raw: &Path, parent: &[LayerRecord], kind: LayerKind, scratch: &Path) -> Result<LayerRecord, BuildError> {
-    let top = parent.last().map(|l| l.id);
+/// A layer written and verified in scratch, not yet published.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The VHDX file (in the store's scratch).
+    pub path: PathBuf,
+    /// Its blake3.
+    pub id: LayerId,
+    /// Virtual disk size.
+    pub virtual_size: u64,
+}
+
+/// Writes `raw` as a VHDX at `out`: dynamic if `parent` is empty, else differencing on the
+/// chain `parent` (id and file of each layer, base first). Reads the new chain back and
+/// compares it with `raw` before returning.
+pub fn prepare(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path) -> Result<Prepared, BuildError> {
+    let top = parent.last().map(|p| p.0);
     let opts = options(raw, top.as_ref())?;
-    let out = scratch.join(format!("layer-{}.vhdx", std::process::id()));
     let vsize = std::fs::metadata(raw).map_err(|e| BuildError::io("reading", raw, e))?.len();
     let vx = |what: &str| {
         let what = what.to_owned();
         move |source| BuildError::Vhdx { what, source }
     };
-    if parent.is_empty() {
-        vhdx::from_raw(raw, &out, None, &opts).map_err(vx("writing the base layer"))?;
-        let chain = Chain::from_paths(&[out.clone()]).map_err(vx("opening the new layer"))?;
-        verify(&chain, raw)?;
+    let paths: Vec<PathBuf> = parent.iter().map(|p| p.1.clone()).collect();
+    if paths.is_empty() {
+        vhdx::from_raw(raw, out, None, &opts).map_err(vx("writing the base layer"))?;
     } else {
-        let paths = store.chain_paths(parent);
         let pchain = Chain::from_paths(&paths).map_err(vx("opening the parent chain"))?;
-        vhdx::from_raw(raw, &out, Some(&pchain), &opts).map_err(vx("writing the differencing layer"))?;
-        let mut all = paths;
-        all.push(out.clone());
-        let chain = Chain::from_paths(&all).map_err(vx("opening the new chain"))?;
-        verify(&chain, raw)?;
+        vhdx::from_raw(raw, out, Some(&pchain), &opts).map_err(vx("writing the differencing layer"))?;
     }
+    let mut all = paths;
+    all.push(out.to_owned());
+    let chain = Chain::from_paths(&all).map_err(vx("opening the new chain"))?;
+    verify(&chain, raw)?;
     // Layers are world-readable (the HTTP and iSCSI services may run as another user).
-    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .map_err(|e| BuildError::io("chmod", &out, e))?;
-    let rec = store.publish_layer(&out, kind, top, vsize)?;
+    std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(|e| BuildError::io("chmod", out, e))?;
+    let (id, _, _) = crate::store::hash_file(out)?;
+    Ok(Prepared { path: out.to_owned(), id, virtual_size: vsize })
+}
+
+/// Writes `raw` as a layer of `kind` on `parent` (a published chain, base first; empty for a
+/// base), verifies it and publishes it.
+pub fn publish(store: &Store, raw: &Path, parent: &[LayerRecord], kind: LayerKind, scratch: &Path) -> Result<LayerRecord, BuildError> {
+    let chain: Vec<(LayerId, PathBuf)> = parent.iter().map(|l| (l.id, store.layer_path(&l.id))).collect();
+    let out = scratch.join("layer.vhdx");
+    let p = prepare(raw, &chain, &out)?;
+    let rec = store.publish_layer(&p.path, kind, parent.last().map(|l| l.id), p.virtual_size)?;
     let _ = std::fs::remove_file(&out);
     Ok(rec)
 }

@@ -444,7 +444,7 @@ fn make_base(l: &Loaded, raw: &Path, scratch: &Path, progress: &dyn Progress) ->
     let base = r.base.as_ref().ok_or_else(|| BuildError::Recipe { file: l.file.clone(), message: "missing [base]".into() })?;
     let epoch = img.epoch.unwrap_or(DEFAULT_EPOCH);
     let mk = ext4::MkfsOptions {
-        size: img.size_mib.saturating_mul(1 << 20),
+        size: img.size_mib.unwrap_or(0).saturating_mul(1 << 20),
         uuid: uuid_from(&img.name, "uuid"),
         hash_seed: uuid_from(&img.name, "hash_seed"),
         epoch,
@@ -670,6 +670,24 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
     }
     opts.progress.stage("checking the base file system");
     ext4::fsck(&raw)?;
+    opts.progress.stage("writing the base layer");
+    let base_vhdx = layer::prepare(&raw, &[], &sdir.join("base.vhdx"))?;
+    let base_chain = vec![(base_vhdx.id, base_vhdx.path.clone())];
+    // Every role (and site) is built and verified before anything is published, so a bad
+    // role leaves the store as it was.
+    let mut prepared = Vec::new();
+    for rl in &roles {
+        let role = rl.recipe.role.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+        let mut sites: Vec<String> = vec![String::new()];
+        sites.extend(rl.recipe.sites.keys().cloned());
+        for site in sites {
+            let label = if site.is_empty() { role.clone() } else { format!("{role}@{site}") };
+            opts.progress.stage(&format!("building role {label}"));
+            let (p, role_raw) = build_role(rl, &name, version, &site, &raw, &base_chain, epoch, sdir)?;
+            prepared.push((role.clone(), site, rl.text.clone(), p, role_raw));
+        }
+    }
+    opts.progress.stage("publishing");
     let kernel = match (kernel, &prev) {
         (Some((file, release)), _) => {
             let (id, _) = store.publish_blob(&file, "kernel", &format!("vmlinuz-{release}"))?;
@@ -678,26 +696,20 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
         (None, Some(p)) => p.kernel.clone(),
         (None, None) => None,
     };
-    opts.progress.stage("writing the base layer");
-    let base_rec = layer::publish(store, &raw, &[], LayerKind::Base, sdir)?;
-    let base_chain = vec![base_rec.clone()];
-    let mut role_infos = Vec::new();
-    let mut role_recs = Vec::new();
-    for rl in &roles {
-        let role = rl.recipe.role.as_ref().map(|r| r.name.clone()).unwrap_or_default();
-        let mut sites: Vec<String> = vec![String::new()];
-        sites.extend(rl.recipe.sites.keys().cloned());
-        for site in sites {
-            let label = if site.is_empty() { role.clone() } else { format!("{role}@{site}") };
-            opts.progress.stage(&format!("building role {label}"));
-            let rec = build_role(store, rl, &name, version, &site, &raw, &base_chain, epoch, sdir)?;
-            role_infos.push(RoleInfo { role: role.clone(), site: site.clone(), layer: rec.id, recipe: rl.text.clone() });
-            role_recs.push((role.clone(), site, rec));
-        }
-    }
+    let base_rec = store.publish_layer(&base_vhdx.path, LayerKind::Base, None, base_vhdx.virtual_size)?;
     // The base raw becomes the cache of the base layer (update recipes start from it).
     if !store.cache_path(&base_rec.id).is_file() {
         store.publish_cache(&raw, &base_rec.id)?;
+    }
+    let mut role_infos = Vec::new();
+    let mut role_recs = Vec::new();
+    for (role, site, text, p, role_raw) in prepared {
+        let rec = store.publish_layer(&p.path, LayerKind::Role, Some(base_rec.id), p.virtual_size)?;
+        if !store.cache_path(&rec.id).is_file() {
+            store.publish_cache(&role_raw, &rec.id)?;
+        }
+        role_infos.push(RoleInfo { role: role.clone(), site: site.clone(), layer: rec.id, recipe: text });
+        role_recs.push((role, site, rec));
     }
     opts.progress.stage("committing the version");
     store.catalog().commit_version(&NewVersion {
@@ -718,16 +730,15 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
 
 #[allow(clippy::too_many_arguments)]
 fn build_role(
-    store: &Store,
     rl: &Loaded,
     image: &str,
     version: u64,
     site: &str,
     base_raw: &Path,
-    base_chain: &[LayerRecord],
+    base_chain: &[(LayerId, PathBuf)],
     epoch: u64,
     sdir: &Path,
-) -> Result<LayerRecord, BuildError> {
+) -> Result<(layer::Prepared, PathBuf), BuildError> {
     let role = rl.recipe.role.as_ref().map(|r| r.name.clone()).unwrap_or_default();
     let rdir = sdir.join(format!("role-{role}-{site}"));
     fs::create_dir_all(&rdir).map_err(|e| BuildError::io("creating", &rdir, e))?;
@@ -743,21 +754,20 @@ fn build_role(
     vars.insert("role".into(), role.clone());
     vars.insert("site".into(), site.to_owned());
     vars.insert("version".into(), version.to_string());
-    let mut all = ops::resolve(rl, &vars, &rdir).map_err(|e| match (e, site.is_empty()) {
+    let in_site = |e: BuildError| match (e, site.is_empty()) {
         (BuildError::Recipe { file, message }, false) => BuildError::Recipe { file, message: format!("site {site}: {message}") },
+        (BuildError::Apply { path, message }, false) => BuildError::Apply { path, message: format!("{message} (role {role}, site {site})") },
+        (BuildError::Apply { path, message }, true) => BuildError::Apply { path, message: format!("{message} (role {role})") },
         (e, _) => e,
-    })?;
+    };
+    let mut all = ops::resolve(rl, &vars, &rdir).map_err(in_site)?;
     all.push(implicit_file("/etc/strata/role", &format!("{role}\n"), &rdir, 1)?);
     all.push(implicit_file("/etc/strata/version", &format!("{version}\n"), &rdir, 2)?);
     all.push(implicit_file("/etc/strata/site", &format!("{site}\n"), &rdir, 3)?);
-    ops::apply(&raw, &all, epoch, &rdir)?;
+    ops::apply(&raw, &all, epoch, &rdir).map_err(in_site)?;
     ext4::fsck(&raw)?;
-    let rec = layer::publish(store, &raw, base_chain, LayerKind::Role, &rdir)?;
-    if !store.cache_path(&rec.id).is_file() {
-        store.publish_cache(&raw, &rec.id)?;
-    }
-    let _ = fs::remove_dir_all(&rdir);
-    Ok(rec)
+    let p = layer::prepare(&raw, base_chain, &rdir.join("role.vhdx"))?;
+    Ok((p, raw))
 }
 
 fn existing(store: &Store, image: &str, version: u64) -> Result<Option<Built>, BuildError> {

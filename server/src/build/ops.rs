@@ -31,6 +31,8 @@ pub enum Op {
     Dir {
         /// Path.
         path: String,
+        /// From a tree: an existing directory keeps its mode and owner.
+        keep_existing: bool,
         /// Permission bits.
         mode: u32,
         /// Owner.
@@ -117,7 +119,7 @@ pub fn resolve(l: &Loaded, vars: &BTreeMap<String, String>, scratch: &Path) -> R
         }
     }
     for d in &r.dir {
-        ops.push(Op::Dir { path: d.path.clone(), mode: d.mode.map_or(0o755, |m| m.0), uid: d.uid, gid: d.gid });
+        ops.push(Op::Dir { path: d.path.clone(), keep_existing: false, mode: d.mode.map_or(0o755, |m| m.0), uid: d.uid, gid: d.gid });
     }
     for (i, t) in r.tree.iter().enumerate() {
         let from = host_path(&l.dir, &t.from);
@@ -194,7 +196,7 @@ fn walk_tree(
         let mode = tree_mode(md.mode());
         let ft = md.file_type();
         if ft.is_dir() {
-            ops.push(Op::Dir { path: path.clone(), mode, uid, gid });
+            ops.push(Op::Dir { path: path.clone(), keep_existing: true, mode, uid, gid });
             walk_tree(l, i, &host, &path, uid, gid, ops)?;
         } else if ft.is_file() {
             ops.push(Op::File { path, host, mode, uid, gid });
@@ -312,9 +314,10 @@ pub fn apply(image: &Path, ops: &[Op], epoch: u64, scratch: &Path) -> Result<(),
                     model.remove_subtree(path);
                 }
             },
-            Op::Dir { path, mode, uid, gid } => {
+            Op::Dir { path, keep_existing, mode, uid, gid } => {
                 ensure_parents(path, &mut model, &mut script, epoch)?;
                 match model.exists(path) {
+                    Some(Kind::Dir) if *keep_existing => continue,
                     Some(Kind::Dir) => {}
                     Some(Kind::Other(_)) => {
                         script.rm(path)?;

@@ -59,8 +59,8 @@ pub struct ImageSection {
     /// What it is, for people.
     #[serde(default)]
     pub description: String,
-    /// File-system size in MiB.
-    pub size_mib: u64,
+    /// File-system size in MiB (not for `source = "disk"`, which keeps the disk's size).
+    pub size_mib: Option<u64>,
     /// Every timestamp in the image (Unix seconds). Default 1700000000.
     pub epoch: Option<u64>,
     /// Inode count (default: mke2fs's).
@@ -372,10 +372,14 @@ fn validate(r: &Recipe, kind: RecipeKind) -> Result<(), String> {
             if !valid_name(&img.name) {
                 return Err(format!("[image] name {:?}: use a-z, 0-9 and -", img.name));
             }
-            if img.size_mib == 0 || img.size_mib > 1 << 20 {
-                return Err(format!("[image] size_mib {} out of range 1..=1048576", img.size_mib));
-            }
             let base = r.base.as_ref().ok_or("a base recipe needs a [base] section")?;
+            match (img.size_mib, base.source) {
+                (Some(_), SourceKind::Disk) => return Err("[image] size_mib does not apply to source = \"disk\" (the disk keeps its size)".into()),
+                (None, SourceKind::Disk) => {}
+                (None, _) => return Err("[image] needs size_mib".into()),
+                (Some(n), _) if n == 0 || n > 1 << 20 => return Err(format!("[image] size_mib {n} out of range 1..=1048576")),
+                (Some(_), _) => {}
+            }
             match (base.source, &base.path) {
                 (SourceKind::Empty, Some(_)) => return Err("[base] source = \"empty\" takes no path".into()),
                 (SourceKind::Empty, None) => {}
