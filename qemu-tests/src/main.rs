@@ -86,6 +86,9 @@ struct ServerArgs {
     /// IPv6 router advertisements (router lifetime 0) from dnsmasq, ending iPXE's IPv6 wait.
     #[arg(long)]
     ra: bool,
+    /// An extra dnsmasq argument (repeatable), e.g. `--dnsmasq-arg=--dhcp-option-force=tag:ipxe,175,b0:01:01`.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    dnsmasq_arg: Vec<String>,
     /// IPv6 on the lab's bridge (implied by --ra; Strata sends its own advertisements).
     #[arg(long)]
     ipv6: bool,
@@ -230,6 +233,7 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
             let mut d = Dnsmasq::pxe(files.clone());
             d.router_advert = kind == "dnsmasq-ra";
             d.chain_undionly = boot == Boot::Undionly;
+            d.extra_args.clone_from(&a.dnsmasq_arg);
             Some(Box::new(d))
         }
         "strata" => {

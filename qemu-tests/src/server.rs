@@ -140,17 +140,19 @@ pub struct Dnsmasq {
     /// script (the plain PXE ROM path: what a non-iPXE BIOS PXE ROM does). The chainloaded
     /// iPXE is told apart by a first-stage iPXE script that looks at its driver.
     pub chain_undionly: bool,
+    /// Extra dnsmasq arguments, appended last.
+    pub extra_args: Vec<String>,
 }
 
 impl Dnsmasq {
     /// A PXE server booting `boot` over HTTP, without router advertisements.
     pub fn pxe(boot: BootFiles) -> Self {
-        Self { boot: Some(boot), transport: Transport::Http, http_port: 8080, router_advert: false, chain_undionly: false }
+        Self { boot: Some(boot), transport: Transport::Http, http_port: 8080, router_advert: false, chain_undionly: false, extra_args: Vec::new() }
     }
 
     /// A plain DHCP server (no boot options), as a site's existing DHCP server.
     pub fn site_dhcp() -> Self {
-        Self { boot: None, transport: Transport::Http, http_port: 8080, router_advert: false, chain_undionly: false }
+        Self { boot: None, transport: Transport::Http, http_port: 8080, router_advert: false, chain_undionly: false, extra_args: Vec::new() }
     }
 
     fn ipxe_script(&self, ctx: &ServerContext<'_>, boot: &BootFiles) -> String {
@@ -257,6 +259,7 @@ impl BootServer for Dnsmasq {
             logs.push(l);
             wait_tcp_listen(ctx.netns, self.http_port, &mut procs)?;
         }
+        args.extend(self.extra_args.iter().cloned());
         let mut cmd = ctx.netns.command("dnsmasq");
         cmd.args(&args);
         let (p, log) = Proc::spawn_logged("dnsmasq", cmd, &ctx.dir.join("dnsmasq.log"), echo(ctx, "dnsmasq"))?;
@@ -360,15 +363,27 @@ impl Strata {
     }
 
     fn render(&self, template: &str, ctx: &ServerContext<'_>) -> String {
-        let data_dir = self.data_dir.clone().unwrap_or_else(|| ctx.dir.join("data"));
+        self.render_with(template, ctx.bridge, ctx.server_ip, ctx.prefix_len, ctx.dhcp_range, &ctx.dir)
+    }
+
+    fn render_with(
+        &self,
+        template: &str,
+        bridge: &str,
+        server_ip: Ipv4Addr,
+        prefix_len: u8,
+        dhcp_range: (Ipv4Addr, Ipv4Addr),
+        dir: &Path,
+    ) -> String {
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| dir.join("data"));
         let pairs = [
-            ("bridge", ctx.bridge.to_owned()),
-            ("server_ip", ctx.server_ip.to_string()),
-            ("prefix_len", ctx.prefix_len.to_string()),
-            ("netmask", netmask(ctx.prefix_len).to_string()),
-            ("range_start", ctx.dhcp_range.0.to_string()),
-            ("range_end", ctx.dhcp_range.1.to_string()),
-            ("dir", ctx.dir.display().to_string()),
+            ("bridge", bridge.to_owned()),
+            ("server_ip", server_ip.to_string()),
+            ("prefix_len", prefix_len.to_string()),
+            ("netmask", netmask(prefix_len).to_string()),
+            ("range_start", dhcp_range.0.to_string()),
+            ("range_end", dhcp_range.1.to_string()),
+            ("dir", dir.display().to_string()),
             ("data_dir", data_dir.display().to_string()),
             ("kernel", self.boot.as_ref().map(|b| b.kernel.display().to_string()).unwrap_or_default()),
             ("initrd", self.boot.as_ref().map(|b| b.initrd.display().to_string()).unwrap_or_default()),
@@ -508,5 +523,39 @@ fn wait_tcp_listen(netns: &Netns, port: u16, procs: &mut [Proc]) -> Result<()> {
             bail!(msg);
         }
         thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netmask_of_prefix() {
+        assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(netmask(0), Ipv4Addr::new(0, 0, 0, 0));
+        assert_eq!(netmask(32), Ipv4Addr::new(255, 255, 255, 255));
+    }
+
+    #[test]
+    fn toml_values_are_escaped() {
+        assert_eq!(toml_escape(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(toml_escape("x\ny"), "x\\u000ay");
+    }
+
+    #[test]
+    fn lab_template_is_filled_in() {
+        let ns_dir = std::path::PathBuf::from("/tmp/x");
+        let mut s = Strata::new("/bin/true");
+        s.boot = Some(BootFiles { kernel: "/k".into(), initrd: "/i".into(), cmdline: "console=ttyS0 x=\"y\"".into() });
+        let pairs = s.render_with(LAB_CONFIG_TEMPLATE, "br0", Ipv4Addr::new(10, 42, 0, 1), 24, (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199)), &ns_dir);
+        assert!(!pairs.contains("{{"), "{pairs}");
+        assert!(pairs.contains("interface = \"br0\""));
+        assert!(pairs.contains("pool_end = \"10.42.0.199\""));
+        assert!(pairs.contains("data_dir = \"/tmp/x/data\""));
+        assert!(pairs.contains("cmdline = \"console=ttyS0 x=\\\"y\\\"\""), "{pairs}");
+        s.boot = None;
+        let text = s.render_with(LAB_CONFIG_TEMPLATE, "br0", Ipv4Addr::new(10, 42, 0, 1), 24, (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199)), &ns_dir);
+        assert!(!text.contains("[boot]"));
     }
 }
