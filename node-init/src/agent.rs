@@ -3,10 +3,13 @@
 //! /run/strata, and the cache mounted at /run/strata/cache).
 //!
 //! - `confirm`: the image is healthy: the running version becomes last known good.
-//! - `stage`: ask the server for this node's assignment; if it names another version,
-//!   download and verify its layers into the cache now. It becomes active at the next boot.
+//! - `stage [version]`: ask the server for this node's assignment (or that version of it); if
+//!   it names another version, download and verify its layers into the cache now. It
+//!   becomes active at the next boot.
 //! - `verify`: re-hash every cached layer of the running version; report drift.
-//! - `run [interval-secs]`: confirm, then every interval stage, verify and report (deltas).
+//! - `run [interval-secs]`: confirm, then every interval stage, verify and report (deltas),
+//!   acting on the server's answer: `stage` (download that version), `repair` (re-fetch
+//!   damaged chunks of those layers), `reboot` (sync and reboot into the assigned version).
 //!
 //! Markers: `STRATA agent=confirmed ...`, `STRATA agent=staged ...`, `STRATA agent=drift ...`.
 
@@ -75,12 +78,20 @@ fn setup(run: &Path) -> Result<Ctx, AgentError> {
 
 /// Runs an agent command; `args` excludes `agent`.
 pub fn main(args: &[String]) -> Result<(), AgentError> {
-    let run = Path::new(RUN_DIR);
-    debug_assert!(Path::new(CACHE_MOUNT).starts_with(run));
+    debug_assert!(Path::new(CACHE_MOUNT).starts_with(RUN_DIR));
+    main_in(Path::new(RUN_DIR), args)
+}
+
+/// Runs an agent command with the files node-init left in `run` (`boot.json`, `server.pub`,
+/// the cache in `cache/`).
+pub fn main_in(run: &Path, args: &[String]) -> Result<(), AgentError> {
     let ctx = setup(run)?;
     match args.first().map(String::as_str) {
         Some("confirm") => confirm(&ctx),
-        Some("stage") => stage(&ctx).map(|_| ()),
+        Some("stage") => {
+            let v = args.get(1).and_then(|s| s.parse().ok());
+            stage(&ctx, v).map(|_| ())
+        }
         Some("verify") => verify(&ctx).map(|_| ()),
         Some("run") => {
             let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60u64);
@@ -111,12 +122,18 @@ fn client(ctx: &Ctx) -> Option<Client> {
     ctx.info.server.map(Client::new)
 }
 
-/// Stages the server's assignment; returns the staged entry if it differs from the running one.
-fn stage(ctx: &Ctx) -> Result<Option<Entry>, AgentError> {
+/// Stages the server's assignment (or, with `version`, that version of the node's image,
+/// as a report answer's `stage` asks); returns the staged entry if it differs from the
+/// running one.
+fn stage(ctx: &Ctx, version: Option<u64>) -> Result<Option<Entry>, AgentError> {
     let Some(c) = client(ctx) else {
         return Ok(None);
     };
-    let Some((signed, m)) = boot::fetch_manifest(&c, &ctx.info.mac, &ctx.key)? else {
+    let fetched = match version {
+        None => boot::fetch_manifest(&c, &ctx.info.mac, &ctx.key)?,
+        Some(v) => boot::fetch_manifest_version(&c, &ctx.info.mac, &ctx.key, v)?,
+    };
+    let Some((signed, m)) = fetched else {
         info!("agent: server unreachable, nothing staged");
         return Ok(None);
     };
@@ -135,6 +152,32 @@ fn stage(ctx: &Ctx) -> Result<Option<Entry>, AgentError> {
         bytes
     );
     Ok(Some(entry))
+}
+
+/// Re-fetches the damaged chunks of the listed layers of the running version.
+fn repair(ctx: &Ctx, ids: &[wire::LayerId]) -> Result<(), AgentError> {
+    let Some(c) = client(ctx) else { return Ok(()) };
+    let m = ctx
+        .cache
+        .load_manifest(&ctx.info.entry, &ctx.key)
+        .map_err(|e| AgentError::Boot(e.into()))?;
+    for l in m.layers.iter().filter(|l| ids.contains(&l.id)) {
+        let bad = ctx
+            .cache
+            .verify_layer(l)
+            .map_err(|e| AgentError::Boot(e.into()))?;
+        if bad.is_empty() {
+            continue;
+        }
+        let bytes = fetch::repair_chunks(&c, &ctx.cache, l, &bad)
+            .map_err(|e| AgentError::Boot(e.into()))?;
+        marker!(
+            "agent=repaired layer={} chunks={} bytes={bytes}",
+            l.id,
+            bad.len()
+        );
+    }
+    Ok(())
 }
 
 /// Re-verifies the running version's layers; returns the drifted ones.
@@ -163,11 +206,14 @@ fn verify(ctx: &Ctx) -> Result<Vec<wire::LayerId>, AgentError> {
 fn run_loop(ctx: &Ctx, every: Duration) -> Result<(), AgentError> {
     confirm(ctx)?;
     let mut reporter = Reporter::new(&ctx.info.mac);
+    let mut stage_version: Option<u64> = None;
+    let mut message = None;
     loop {
-        let staged = stage(ctx).unwrap_or_else(|e| {
-            info!("agent: staging failed: {}", fetch::chain(&e));
-            None
-        });
+        match stage(ctx, stage_version) {
+            Ok(Some(e)) => message = Some(format!("staged version {}", e.version)),
+            Ok(None) => {}
+            Err(e) => info!("agent: staging failed: {}", fetch::chain(&e)),
+        }
         let drift = verify(ctx).unwrap_or_default();
         let state = ctx.cache.load_state();
         let status = NodeStatus {
@@ -176,12 +222,24 @@ fn run_loop(ctx: &Ctx, every: Duration) -> Result<(), AgentError> {
             version: Some(ctx.info.entry.version),
             last_known_good: state.last_known_good.as_ref().map(|e| e.version),
             boot_count: state.boot_count,
-            cached_layers: Vec::new(),
+            cached_layers: ctx.cache.cached_layers(),
             drift,
-            message: staged.map(|e| format!("staged version {}", e.version)),
+            message: message.clone(),
         };
-        if let Some(c) = client(ctx) {
-            reporter.send(&c, &status);
+        let ack = client(ctx).and_then(|c| reporter.send(&c, &status));
+        if let Some(ack) = ack {
+            stage_version = ack.stage;
+            if !ack.repair.is_empty() {
+                if let Err(e) = repair(ctx, &ack.repair) {
+                    info!("agent: repair failed: {}", fetch::chain(&e));
+                }
+            }
+            if ack.reboot {
+                marker!("agent=reboot version={}", ctx.info.entry.version);
+                // The image's root is a throw-away snapshot; the cache is synced.
+                let e = crate::sys::process::reboot();
+                info!("agent: reboot refused: {e}");
+            }
         }
         std::thread::sleep(every);
     }

@@ -78,6 +78,14 @@ pub enum InitError {
         /// Ours.
         want: String,
     },
+    /// A staging manifest names another version than the one asked for.
+    #[error("asked for version {want}, the server's manifest is version {got}")]
+    ManifestVersion {
+        /// In the manifest.
+        got: u64,
+        /// Asked for.
+        want: u64,
+    },
     /// Nothing to boot.
     #[error("nothing bootable: server unreachable and no cached version")]
     NothingToBoot,
@@ -110,6 +118,12 @@ pub enum InitError {
         #[source]
         source: io::Error,
     },
+    /// The image has no /sbin/init.
+    #[error("image version {version} has no {IMAGE_INIT}")]
+    NoInit {
+        /// The version.
+        version: u64,
+    },
     /// switch_root failed.
     #[error("switch_root")]
     SwitchRoot(#[source] io::Error),
@@ -129,6 +143,7 @@ impl InitError {
             InitError::Manifest(ManifestError::BadSignature) => "bad_signature",
             InitError::Manifest(_) => "manifest",
             InitError::ManifestMac { .. } => "manifest_mac",
+            InitError::ManifestVersion { .. } => "manifest_version",
             InitError::NothingToBoot => "nothing_to_boot",
             InitError::LayerMissing { .. } => "layer_missing",
             InitError::Fetch(FetchError::Verify {
@@ -142,6 +157,7 @@ impl InitError {
             InitError::Corrupt { .. } => "corrupt",
             InitError::Attach(_) => "attach",
             InitError::MountRoot { .. } => "mount_root",
+            InitError::NoInit { .. } => "no_init",
             InitError::SwitchRoot(_) => "switch_root",
         }
     }
@@ -287,7 +303,40 @@ pub fn fetch_manifest(
     mac: &str,
     key: &VerifyingKey,
 ) -> Result<Option<(SignedManifest, Manifest)>, InitError> {
-    let path = format!("/api/v1/nodes/by-mac/{mac}/manifest");
+    get_manifest(
+        client,
+        mac,
+        key,
+        format!("/api/v1/nodes/by-mac/{mac}/manifest"),
+    )
+}
+
+/// Fetches and verifies version `version` of this node's image (`?version=`, for staging).
+pub fn fetch_manifest_version(
+    client: &Client,
+    mac: &str,
+    key: &VerifyingKey,
+    version: u64,
+) -> Result<Option<(SignedManifest, Manifest)>, InitError> {
+    let path = format!("/api/v1/nodes/by-mac/{mac}/manifest?version={version}");
+    let got = get_manifest(client, mac, key, path)?;
+    if let Some((_, m)) = &got {
+        if m.version != version {
+            return Err(InitError::ManifestVersion {
+                got: m.version,
+                want: version,
+            });
+        }
+    }
+    Ok(got)
+}
+
+fn get_manifest(
+    client: &Client,
+    mac: &str,
+    key: &VerifyingKey,
+    path: String,
+) -> Result<Option<(SignedManifest, Manifest)>, InitError> {
     let mut last = None;
     for _ in 0..3 {
         match client.get_bytes(&path, MAX_MANIFEST_BYTES) {
@@ -596,6 +645,8 @@ pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitEr
         source,
     })?;
 
+    // A previous attempt of this boot may have left the image mounted.
+    let _ = mount::umount(Path::new(NEW_ROOT));
     let paths: Vec<PathBuf> = manifest
         .layers
         .iter()
@@ -615,6 +666,13 @@ pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitEr
         device: dev.clone(),
         source,
     })?;
+    // A chain without an init is a bad image, not a reason to reboot: check before moving
+    // anything (after the moves there is no way back).
+    if fs::symlink_metadata(new_root.join(IMAGE_INIT.trim_start_matches('/'))).is_err() {
+        return Err(InitError::NoInit {
+            version: entry.version,
+        });
+    }
     marker!(
         "stage=switch_root version={} role={} image={}",
         entry.version,

@@ -231,6 +231,22 @@ impl Cache {
         fs::metadata(self.layer_path(&l.id)).is_ok_and(|m| m.len() == l.size)
     }
 
+    /// Every whole layer in the cache (each was verified when it entered).
+    pub fn cached_layers(&self) -> Vec<LayerId> {
+        let mut out: Vec<LayerId> = fs::read_dir(self.root.join("layers"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name();
+                        name.to_str()?.strip_suffix(".vhdx")?.parse().ok()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
     /// Moves a finished, verified download into `layers/`.
     pub fn commit_partial(&self, id: &LayerId) -> Result<(), CacheError> {
         let from = self.partial_path(id);
@@ -419,6 +435,32 @@ mod tests {
         let mut head = vec![0u8; 2048];
         File::open(&img).unwrap().read_exact(&mut head).unwrap();
         assert_eq!(classify(&head), DiskKind::StrataCache);
+    }
+
+    #[test]
+    fn eviction_keeps_the_kept_and_stays_under_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        let ids: Vec<LayerId> = (0u8..4).map(|i| Digest::of(&[i])).collect();
+        for (i, id) in ids.iter().enumerate() {
+            fs::write(c.layer_path(id), vec![0u8; 1000]).unwrap();
+            // Distinct modification times, oldest first.
+            let f = File::options().write(true).open(c.layer_path(id)).unwrap();
+            let t =
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
+            f.set_modified(t).unwrap();
+        }
+        fs::write(c.partial_path(&Digest::of(b"stale")), b"x").unwrap();
+        fs::write(c.partial_path(&ids[3]), b"y").unwrap();
+        // Keep 0 and 3; limit 3000 bytes: removing the oldest unkept layer (1) is enough.
+        let freed = c.evict(&[ids[0], ids[3]], 3000).unwrap();
+        assert!(c.layer_path(&ids[0]).exists() && c.layer_path(&ids[3]).exists());
+        assert!(!c.layer_path(&ids[1]).exists());
+        assert!(c.layer_path(&ids[2]).exists());
+        assert!(!c.partial_path(&Digest::of(b"stale")).exists());
+        assert!(c.partial_path(&ids[3]).exists());
+        assert_eq!(freed, 1001);
+        assert_eq!(c.cached_layers().len(), 3);
     }
 
     #[test]

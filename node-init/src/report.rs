@@ -27,12 +27,16 @@ impl Reporter {
         }
     }
 
-    /// Sends what changed from the acknowledged status to `now`. Returns whether the server
-    /// accepted it. An empty delta is not sent.
-    pub fn send(&mut self, client: &Client, now: &NodeStatus) -> bool {
+    /// Sends what changed from the acknowledged status to `now`. Returns the server's answer
+    /// when it accepted the report (`None`: not sent, refused, or a full report is wanted
+    /// next). An empty delta after the first report is not sent (`Some(default)`).
+    pub fn send(&mut self, client: &Client, now: &NodeStatus) -> Option<ReportAck> {
         let delta = self.acked.diff(now);
         if delta.is_empty() && self.seq > 0 {
-            return true;
+            return Some(ReportAck {
+                applied_seq: self.seq,
+                ..ReportAck::default()
+            });
         }
         let report = StateReport {
             mac: self.mac.clone(),
@@ -40,9 +44,7 @@ impl Reporter {
             base_seq: self.seq,
             delta,
         };
-        let Ok(body) = serde_json::to_vec(&report) else {
-            return false;
-        };
+        let body = serde_json::to_vec(&report).ok()?;
         let path = format!("/api/v1/nodes/by-mac/{}/report", self.mac);
         match client.post_json(&path, &body, 64 * 1024) {
             Ok((status, resp)) if (200..300).contains(&status) => {
@@ -50,19 +52,19 @@ impl Reporter {
                 if ack.resend_full {
                     self.seq = 0;
                     self.acked = NodeStatus::default();
-                    return false;
+                    return None;
                 }
                 self.seq += 1;
                 self.acked = now.clone();
-                true
+                Some(ack)
             }
             Ok((status, _)) => {
                 crate::info!("report not accepted: HTTP {status}");
-                false
+                None
             }
             Err(e) => {
                 crate::info!("report not sent: {}", crate::fetch::chain(&e));
-                false
+                None
             }
         }
     }

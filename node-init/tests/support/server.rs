@@ -25,6 +25,8 @@ pub struct State {
     pub requests: Vec<String>,
     /// Plain files by path (kernels, initramfs, iPXE scripts).
     pub files: HashMap<String, Arc<Vec<u8>>>,
+    /// JSON body answering reports (default: `{"applied_seq": <seq>}`).
+    pub ack: Option<String>,
 }
 
 pub struct Server {
@@ -160,6 +162,8 @@ fn handle(mut s: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
         }
     }
     st.lock().unwrap().requests.push(format!("{method} {path}"));
+    // Query strings (`?version=`, `?node=`) are recorded above, then ignored.
+    let path = path.split('?').next().unwrap_or("").to_owned();
     if method == "POST" && path.ends_with("/report") {
         let mut body = vec![0u8; content_length.min(1 << 20)];
         r.read_exact(&mut body)?;
@@ -172,7 +176,12 @@ fn handle(mut s: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
             }
             Err(_) => return respond(&mut s, "400 Bad Request", "", b"{}"),
         };
-        let ack = format!("{{\"applied_seq\":{seq}}}");
+        let ack = st
+            .lock()
+            .unwrap()
+            .ack
+            .clone()
+            .unwrap_or_else(|| format!("{{\"applied_seq\":{seq}}}"));
         return respond(
             &mut s,
             "200 OK",
