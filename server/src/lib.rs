@@ -12,6 +12,7 @@ pub mod db;
 pub mod fleet;
 pub mod http;
 pub mod images;
+pub mod iscsi;
 pub mod keys;
 pub mod orchestrator;
 pub mod store;

@@ -23,6 +23,9 @@ enum Cmd {
     /// Inspect, check and convert VHDX files and chains.
     #[command(subcommand)]
     Vhdx(cli::vhdx::VhdxCmd),
+    /// Run the iSCSI target on its own (docs/iscsi.md).
+    #[command(subcommand)]
+    Iscsi(cli::iscsi::IscsiCmd),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Serve(args) => cli::serve::run(args),
         Cmd::Vhdx(cmd) => cli::vhdx::run(cmd),
+        Cmd::Iscsi(cmd) => cli::iscsi::run(cmd),
         Cmd::Image(cmd) => cli::image::run(cmd),
     };
     match result {
