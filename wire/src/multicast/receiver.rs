@@ -603,7 +603,9 @@ impl ReceiverCore {
             return;
         }
         let layout = s.layout;
-        let limit = if s.phase == SessionPhase::Ending {
+        // Once the first pass is over (the announced horizon is the end), everything missing
+        // may be asked for; before, gaps just behind the newest symbol get reordering slack.
+        let limit = if s.phase == SessionPhase::Ending || s.horizon >= layout.symbol_slots() {
             s.horizon
         } else {
             s.horizon.saturating_sub(NACK_LAG)

@@ -1,0 +1,13 @@
+//! The multicast sender for layers (docs/multicast.md): [`session`] is the sans-IO protocol
+//! core (scheduling, first pass, NACK repair with suppression, rate control, eviction,
+//! completion), [`sender`] the socket loop that runs it. Packets and the receiver live in
+//! `wire::multicast`.
+
+pub mod sender;
+pub mod session;
+
+pub use sender::{
+    layer_info, open_sender_socket, run_session, SendError, SendReport, SenderControl,
+    SocketOptions,
+};
+pub use session::{LayerInfo, SendStats, SenderConfig, SenderSession};
