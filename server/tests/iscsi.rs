@@ -350,11 +350,15 @@ fn hostile_input_gets_errors_not_damage() -> Result<()> {
     r.command(&[0xc7, 0, 0, 0, 0, 0], 0, false, vec![])?;
     let (st, key, asc, _) = r.status()?;
     assert_eq!((st, key, asc), (2, 5, 0x20));
-    // A write whose Expected Data Transfer Length is short of what the CDB asks.
+    // A write whose Expected Data Transfer Length is short of what the CDB asks: only
+    // the whole blocks sent are written (GOOD with an overflow residual).
     w16 = vec![0x2a, 0, 0, 0, 0, 0, 0, 0, 4, 0];
     r.command(&w16, 512, true, vec![0xff; 512])?;
-    let (st, key, asc, _) = r.status()?;
-    assert_eq!((st, key, asc), (2, 5, 0x24));
+    let (st, _, _, _) = r.status()?;
+    assert_eq!(st, 0);
+    r.command(&read10(0, 2), 1024, false, vec![])?;
+    let (_, _, _, data) = r.status()?;
+    assert!(data[..512].iter().all(|&b| b == 0xff) && data[512..] != [0xff; 512][..]);
     // The connection still works.
     r.command(&read10(0, 1), 512, false, vec![])?;
     let (st, _, _, data) = r.status()?;

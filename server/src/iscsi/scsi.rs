@@ -366,15 +366,19 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
     match *cmd {
         Command::TestUnitReady | Command::NoOp => Outcome::good(Vec::new()),
         Command::Inquiry { page: None, alloc } => {
-            let mut d = vec![0u8; 36];
+            let mut d = vec![0u8; 96];
             d[0] = if lun_exists { 0x00 } else { 0x7f };
             d[2] = 0x06; // SPC-4
             d[3] = 0x12; // HISUP, response data format 2
-            d[4] = 31;
+            d[4] = 91;
             d[7] = 0x02; // CMDQUE
             d[8..16].copy_from_slice(VENDOR);
             d[16..32].copy_from_slice(PRODUCT);
             d[32..36].copy_from_slice(REVISION);
+            // Version descriptors (SPC-4 §6.4.2): SAM-5, iSCSI, SPC-4, SBC-3.
+            for (i, v) in [0x00a0u16, 0x0960, 0x0460, 0x04c0].iter().enumerate() {
+                d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
+            }
             Outcome::good(cut(d, alloc))
         }
         Command::Inquiry { page: Some(page), alloc } => match vpd(page, dev) {

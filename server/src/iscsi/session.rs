@@ -49,6 +49,10 @@ struct PendingWrite {
     lun_exists: bool,
     /// Expected Data Transfer Length: what the initiator sends.
     edtl: u32,
+    /// Bytes the CDB asked for (for the residual).
+    need: u32,
+    /// DataSN expected next in the current sequence (unsolicited, then per R2T).
+    data_sn: u32,
     buf: Vec<u8>,
     received: u32,
     /// Next offset of unsolicited Data-Out (TTT 0xffffffff), and where it must stop.
@@ -296,11 +300,16 @@ impl Connection {
                 }
                 let lun_ok = t.lun.number() == Some(0);
                 let response = match t.function {
-                    // ABORT TASK: a write waiting for data is dropped; a finished one is
-                    // "function complete" as well (RFC 7143 §11.5.1).
+                    // ABORT TASK: a write waiting for data is dropped and never answered
+                    // (RFC 7143 §11.5.1); every other command was answered already.
+                    1 if !lun_ok => 2,
                     1 => {
-                        ff.pending.remove(&t.referenced_tag);
-                        0
+                        if ff.pending.remove(&t.referenced_tag).is_some() {
+                            0
+                        } else {
+                            // Already answered (or never seen): "task does not exist".
+                            1
+                        }
                     }
                     // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET.
                     2 | 3 | 5 if !lun_ok => 2,
@@ -426,20 +435,26 @@ impl Connection {
         };
         let need = cmd.data_out_len(dev.block_size());
         if need > 0 {
-            if !c.write || u64::from(c.expected_len) < need {
-                // The initiator will not send what the command needs (SPC-4 / RFC 7143
-                // §11.4.5.2): refuse it rather than write part of it.
-                return self.check(c.itt, Sense::invalid_field(0, None), c.expected_len, out);
-            }
             if !lun_exists {
                 return self.check(c.itt, Sense::LUN_NOT_SUPPORTED, c.expected_len, out);
             }
             if ff.pending.len() >= MAX_PENDING_WRITES {
                 return self.check(c.itt, Sense { key: scsi::key::ABORTED_COMMAND, asc: 0x55, ascq: 0x03, field: None }, c.expected_len, out);
             }
-            // EDTL bounds the buffer: at most what the CDB asked for plus nothing (we
-            // checked need <= EDTL; keep only `need` bytes, discard any surplus).
+            // The initiator sends EDTL bytes whatever the CDB says. When that is less
+            // than the CDB asks, only the whole blocks sent are written and the
+            // response carries an overflow residual; when more, the surplus is
+            // dropped with an underflow residual (RFC 7143 §11.4.5.1; what libiscsi's
+            // residual tests and Linux LIO expect).
             let edtl = c.expected_len;
+            let bs = dev.block_size();
+            let take = (u64::from(edtl).min(need) / u64::from(bs)) as u32;
+            let cmd = match cmd {
+                Command::Write { lba, fua, .. } => Command::Write { lba, blocks: take, fua },
+                Command::Verify { lba, bytchk, .. } => Command::Verify { lba, blocks: take, bytchk },
+                other => other,
+            };
+            let need = need.min(u64::from(u32::MAX)) as u32;
             let imm = data.len() as u32;
             let unsol_end = if params.initial_r2t { imm } else { params.first_burst.min(edtl).max(imm) };
             let mut w = PendingWrite {
@@ -447,6 +462,8 @@ impl Connection {
                 cmd,
                 lun_exists,
                 edtl,
+                need,
+                data_sn: 0,
                 buf: vec![0u8; edtl as usize],
                 received: imm,
                 unsol_next: imm,
@@ -549,10 +566,21 @@ impl Connection {
             return;
         };
         let len = data.len() as u32;
+        if d.data_sn != w.data_sn {
+            tracing::warn!(itt = d.itt, got = d.data_sn, want = w.data_sn, "Data-Out with a wrong DataSN; write dropped");
+            out.push(self.reject(reject_reason::PROTOCOL_ERROR, raw));
+            out.push(Action::Close);
+            return;
+        }
+        w.data_sn += 1;
         let ok = if d.ttt == 0xffff_ffff {
             let ok = d.buffer_offset == w.unsol_next && d.buffer_offset.checked_add(len).is_some_and(|e| e <= w.unsol_end);
             if ok {
                 w.unsol_next += len;
+                if d.final_ || w.unsol_next >= w.unsol_end {
+                    // The unsolicited sequence is over; R2T sequences count from 0.
+                    w.data_sn = 0;
+                }
             }
             ok
         } else {
@@ -561,7 +589,13 @@ impl Connection {
                     let ok = d.buffer_offset == next && d.buffer_offset.checked_add(len).is_some_and(|e| e <= end);
                     if ok {
                         let next = next + len;
-                        w.r2t = if next >= end { None } else { Some((ttt, next, end)) };
+                        w.r2t = if next >= end {
+                            // The next R2T's sequence starts at DataSN 0 again.
+                            w.data_sn = 0;
+                            None
+                        } else {
+                            Some((ttt, next, end))
+                        };
                     }
                     ok
                 }
@@ -588,9 +622,9 @@ impl Connection {
     }
 
     fn finish_write(&mut self, itt: u32, w: PendingWrite, dev: &Arc<dyn BlockDevice>, out: &mut Vec<Action>) {
-        let need = w.cmd.data_out_len(dev.block_size()) as usize;
-        let outcome = scsi::execute(&w.cmd, dev.as_ref(), w.lun_exists, w.buf.get(..need).unwrap_or_default());
-        let p = self.scsi_response(itt, &outcome, w.edtl, need);
+        let take = w.cmd.data_out_len(dev.block_size()) as usize;
+        let outcome = scsi::execute(&w.cmd, dev.as_ref(), w.lun_exists, w.buf.get(..take).unwrap_or_default());
+        let p = self.scsi_response(itt, &outcome, w.edtl, w.need as usize);
         out.push(Action::Send(p));
     }
 
