@@ -329,7 +329,12 @@ pub fn create_differencing(out: &Path, parent: &Chain, opts: &CreateOptions) -> 
 pub fn from_raw(raw: &Path, out: &Path, parent: Option<&Chain>, opts: &CreateOptions) -> Result<ConvertStats> {
     let f = File::open(raw).map_err(|source| VhdxError::Open { file: raw.to_path_buf(), source })?;
     let len = io::file_len(&f, raw)?;
-    from_raw_reader(f, len, out, parent, opts)
+    from_raw_reader(f, len, out, parent, opts).map_err(|e| match e {
+        VhdxError::Read { file, offset, len, source } if file.as_os_str() == "<raw input>" => {
+            VhdxError::Read { file: raw.to_path_buf(), offset, len, source }
+        }
+        e => e,
+    })
 }
 
 /// Converts `len` bytes of raw disk image from `reader` into a VHDX at `out`. Without a
@@ -371,7 +376,7 @@ pub fn from_raw_reader(
             let blen = b.block_len(block);
             let buf = data.get_mut(..blen as usize).unwrap_or_default();
             let want = (len - (block * bs).min(len)).min(blen);
-            read_full(&mut reader, buf.get_mut(..want as usize).unwrap_or_default(), path)?;
+            read_full(&mut reader, buf.get_mut(..want as usize).unwrap_or_default(), block * bs)?;
             buf.get_mut(want as usize..).unwrap_or_default().fill(0);
             let buf = data.get(..blen as usize).unwrap_or_default();
             match parent {
@@ -403,10 +408,10 @@ pub fn from_raw_reader(
     })
 }
 
-fn read_full(reader: &mut impl Read, buf: &mut [u8], out: &Path) -> Result<()> {
+fn read_full(reader: &mut impl Read, buf: &mut [u8], offset: u64) -> Result<()> {
     reader.read_exact(buf).map_err(|source| VhdxError::Read {
-        file: out.to_path_buf(),
-        offset: 0,
+        file: PathBuf::from("<raw input>"),
+        offset,
         len: buf.len() as u64,
         source,
     })

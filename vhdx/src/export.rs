@@ -2,7 +2,7 @@
 //! written to a temporary and renamed into place.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::path::Path;
 
 use crate::chain::{Chain, Source};
@@ -39,6 +39,7 @@ fn copy_extents(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
     }
     let copied = pieces.iter().map(|p| p.3).sum();
     let next = AtomicUsize::new(0);
+    let kernel_copy = AtomicBool::new(true);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
@@ -49,6 +50,10 @@ fn copy_extents(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(&(layer_index, from, to, n)) = pieces.get(i) else { return Ok(()) };
                         let Some(layer) = chain.layers().get(layer_index) else { continue };
+                        if kernel_copy.load(Ordering::Relaxed) && copy_range(layer.file(), from, out, to, n) {
+                            continue;
+                        }
+                        kernel_copy.store(false, Ordering::Relaxed);
                         buf.resize(n as usize, 0);
                         io::read_exact_at(layer.file(), layer.path(), &mut buf, from)?;
                         io::write_all_at(out, out_path, &buf, to)?;
@@ -69,4 +74,19 @@ fn copy_extents(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
         r?;
     }
     Ok(copied)
+}
+
+/// Copies `n` bytes between files in the kernel (`copy_file_range`, no copy through user
+/// memory). Returns false when the kernel cannot do it for these files (different file
+/// systems, no support) or copies short; the caller then copies the piece itself.
+fn copy_range(src: &File, mut from: u64, dst: &File, mut to: u64, n: u64) -> bool {
+    let mut left = n;
+    while left > 0 {
+        let chunk = usize::try_from(left).unwrap_or(usize::MAX);
+        match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(k) => left = left.saturating_sub(k as u64),
+        }
+    }
+    true
 }

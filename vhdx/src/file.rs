@@ -16,6 +16,8 @@ use crate::parent::ParentLocator;
 use crate::region::{self, Region, Regions, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE};
 
 const MIB: u64 = 1024 * 1024;
+/// The most of the metadata region read into memory.
+const MAX_METADATA_READ: u64 = 32 * MIB;
 /// Sectors described by one sector bitmap block (MS-VHDX §2.4.2).
 const SECTORS_PER_BITMAP: u64 = 1 << 23;
 
@@ -214,7 +216,10 @@ impl Vhdx {
                 });
             }
         }
-        let md = read_struct(&file, path, size, Structure::MetadataTable, regions.metadata.offset, regions.metadata.length)?;
+        // The metadata region is normally 1 MiB; items past the first 32 MiB are rejected as
+        // outside the region rather than read into memory.
+        let md_len = regions.metadata.length.min(MAX_METADATA_READ);
+        let md = read_struct(&file, path, size, Structure::MetadataTable, regions.metadata.offset, md_len)?;
         let meta = metadata::parse(path, regions.metadata.offset, &md)?;
         let needed = meta.bat_entries();
         let with_bitmaps = meta.bitmap_blocks().saturating_mul(meta.chunk_ratio() + 1);
