@@ -565,3 +565,76 @@ fn updates_rebuild_roles_and_gc_collects_old_versions() -> Result<()> {
     store.catalog().check()?;
     Ok(())
 }
+
+/// Checks what a killed builder may have left: every file in `layers/` hashes to its name,
+/// the catalog is intact, and every version it records is complete.
+fn check_store_after_kill(root: &Path) -> Result<usize> {
+    let store = Store::open(root)?;
+    store.catalog().check()?;
+    let mut layers = 0;
+    for e in fs::read_dir(root.join("layers"))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        let id = name.strip_suffix(".vhdx").with_context(|| format!("stray file {name} in layers/"))?;
+        store.verify_layer(&id.parse()?).with_context(|| format!("layer {name}"))?;
+        layers += 1;
+    }
+    let versions = store.catalog().versions(None)?;
+    for v in versions {
+        store.verify_layer(&v.base)?;
+        for r in &v.roles {
+            let chain = store.chain(&r.layer)?;
+            assert_eq!(chain.first().map(|l| l.id), Some(v.base));
+            store.verify_layer(&r.layer)?;
+        }
+    }
+    assert_eq!(fs::read_dir(root.join("tmp"))?.count(), 0, "scratch of a dead builder left after open");
+    Ok(layers)
+}
+
+#[test]
+fn killing_the_builder_never_leaves_a_bad_layer_or_catalog() -> Result<()> {
+    let (_d, _s, reference) = shared();
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("store");
+    // Kill points spread over a whole build (about 1-3 s here), in a fixed pseudo-random order.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut kills = 0;
+    for round in 0..14 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let delay_ms = 20 + (x % 1400) + round * 10;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["image", "build"])
+            .arg(images().join("busybox"))
+            .arg("--store")
+            .arg(&root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait()?.is_none() {
+            child.kill()?;
+            kills += 1;
+        }
+        child.wait()?;
+        check_store_after_kill(&root).with_context(|| format!("after a kill at {delay_ms} ms"))?;
+        // A build that finished: forget it, so the next round builds (and is killed) again.
+        let store = Store::open(&root)?;
+        let versions = store.catalog().versions(None)?;
+        for v in versions {
+            store.catalog().remove_version(&v.image, v.version)?;
+        }
+        store.gc(false)?;
+    }
+    assert!(kills >= 5, "only {kills} builds were interrupted; the test needs kill points inside builds");
+    // A build after all that completes and gives the reference layers.
+    let store = Store::open(&root)?;
+    let built = build::ensure_builtin(&store, &images())?;
+    assert_eq!(built.base.id, reference.base.id);
+    let ids = |x: &build::Built| x.roles.iter().map(|(r, s, l)| (r.clone(), s.clone(), l.id)).collect::<Vec<_>>();
+    assert_eq!(ids(&built), ids(reference));
+    drop(store);
+    check_store_after_kill(&root)?;
+    Ok(())
+}

@@ -341,7 +341,8 @@ impl Store {
                 remove_if_exists(&entry.path())?;
             }
         }
-        for b in self.catalog().blobs()? {
+        let blobs = self.catalog().blobs()?;
+        for b in blobs {
             if keep_blobs.contains(&b) {
                 continue;
             }
