@@ -25,7 +25,10 @@ cargo build --release --locked -p strata-server -p qemu-tests --bins
 bash "$STRATA_ROOT/scripts/build-initramfs.sh" >/dev/null
 bin=$CARGO_TARGET_DIR/release
 if ((lab)); then
-  exec "$bin/strata-lab" up --vms "$vms" --strata "$bin/strata" "${extra[@]}"
+  # node-init caches images on each VM's disk; IPv6 on the bridge so Strata's router
+  # advertisements end iPXE's IPv6 wait.
+  exec "$bin/strata-lab" up --vms "$vms" --strata "$bin/strata" --ipv6 \
+    --memory 512 --disk-size 512M "${extra[@]}"
 else
   exec "$bin/strata" serve --data-dir "$STRATA_CACHE/data" "${extra[@]}"
 fi
