@@ -7,5 +7,7 @@ bash "$STRATA_ROOT/scripts/setup.sh"
 cd "$STRATA_ROOT"
 log "building (target dir $CARGO_TARGET_DIR)"
 cargo build --workspace --all-targets --locked
+# The node-init initramfs `strata serve` hands to lab VMs by default.
+bash "$STRATA_ROOT/scripts/build-initramfs.sh" >/dev/null
 log "running the test suite"
 cargo test --workspace --locked --no-fail-fast "$@"
