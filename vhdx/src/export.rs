@@ -2,65 +2,83 @@
 //! written to a temporary and renamed into place.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::chain::{Chain, Source};
+use crate::chain::{Chain, Extent, Source};
 use crate::create::atomic_write;
 use crate::error::{Result, VhdxError};
 use crate::io;
 
-/// Copy unit for file extents.
-const CHUNK: u64 = 8 * 1024 * 1024;
+/// The unit of work: one window of the virtual disk.
+const WINDOW: u64 = 8 * 1024 * 1024;
 
-/// Writes the chain's virtual disk to `out` as raw bytes. Extents no layer holds are left
-/// as holes. Returns the number of bytes copied from layer files.
+/// Writes the chain's virtual disk to `out` as raw bytes. Windows of 8 MiB that no layer
+/// holds data for are left as holes. Returns the number of bytes taken from layer files.
 pub fn to_raw(chain: &Chain, out: &Path) -> Result<u64> {
     atomic_write(out, |path, file| {
         io::set_len(&file, path, chain.virtual_size())?;
-        let copied = copy_extents(chain, &file, path)?;
+        let copied = copy_windows(chain, &file, path)?;
         file.sync_all().map_err(|source| VhdxError::Write { file: path.to_path_buf(), offset: 0, source })?;
         Ok(copied)
     })
 }
 
-/// Copies the file extents of the chain's map into `out` with a few threads, each taking
-/// the next piece of at most [`CHUNK`] bytes: one pread and one pwrite per piece.
-fn copy_extents(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
-    let mut pieces: Vec<(usize, u64, u64, u64)> = Vec::new();
-    for e in chain.map()? {
-        let Source::File { layer_index, file_offset } = e.source else { continue };
-        let mut done = 0;
-        while done < e.length {
-            let n = (e.length - done).min(CHUNK);
-            pieces.push((layer_index, file_offset + done, e.virtual_offset + done, n));
-            done += n;
-        }
-    }
-    let copied = pieces.iter().map(|p| p.3).sum();
-    let next = AtomicUsize::new(0);
+/// Copies the disk window by window with a few threads. A window that is one stretch of
+/// one layer file is copied in the kernel (`copy_file_range`); a window of several
+/// extents (partially present blocks, several layers) is composed in memory with one
+/// `pread` per extent and written with one `pwrite`; a window of zeros is skipped.
+fn copy_windows(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
+    let size = chain.virtual_size();
+    let windows = size.div_ceil(WINDOW);
+    let next = AtomicU64::new(0);
+    let copied = AtomicU64::new(0);
     let kernel_copy = AtomicBool::new(true);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
-    let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| -> Result<()> {
-                    let mut buf = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&(layer_index, from, to, n)) = pieces.get(i) else { return Ok(()) };
-                        let Some(layer) = chain.layers().get(layer_index) else { continue };
-                        if kernel_copy.load(Ordering::Relaxed) && copy_range(layer.file(), from, out, to, n) {
-                            continue;
-                        }
-                        kernel_copy.store(false, Ordering::Relaxed);
-                        buf.resize(n as usize, 0);
-                        io::read_exact_at(layer.file(), layer.path(), &mut buf, from)?;
-                        io::write_all_at(out, out_path, &buf, to)?;
+    let worker = || -> Result<()> {
+        let mut buf = Vec::new();
+        loop {
+            let w = next.fetch_add(1, Ordering::Relaxed);
+            if w >= windows {
+                return Ok(());
+            }
+            let start = w * WINDOW;
+            let len = WINDOW.min(size - start);
+            let extents = chain.map_range(start, len)?;
+            let data: u64 = extents.iter().filter(|e| e.source != Source::Zero).map(|e| e.length).sum();
+            copied.fetch_add(data, Ordering::Relaxed);
+            match extents.as_slice() {
+                _ if data == 0 => {}
+                [Extent { source: Source::File { layer_index, file_offset }, .. }] => {
+                    let Some(layer) = chain.layers().get(*layer_index) else { continue };
+                    if kernel_copy.load(Ordering::Relaxed) && copy_range(layer.file(), *file_offset, out, start, len) {
+                        continue;
                     }
-                })
-            })
-            .collect();
+                    kernel_copy.store(false, Ordering::Relaxed);
+                    buf.resize(len as usize, 0);
+                    io::read_exact_at(layer.file(), layer.path(), &mut buf, *file_offset)?;
+                    io::write_all_at(out, out_path, &buf, start)?;
+                }
+                _ => {
+                    buf.resize(len as usize, 0);
+                    for e in &extents {
+                        let at = (e.virtual_offset - start) as usize;
+                        let dst = buf.get_mut(at..at + e.length as usize).unwrap_or_default();
+                        match e.source {
+                            Source::Zero => dst.fill(0),
+                            Source::File { layer_index, file_offset } => {
+                                let Some(layer) = chain.layers().get(layer_index) else { continue };
+                                io::read_exact_at(layer.file(), layer.path(), dst, file_offset)?;
+                            }
+                        }
+                    }
+                    io::write_all_at(out, out_path, &buf, start)?;
+                }
+            }
+        }
+    };
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers).map(|_| scope.spawn(worker)).collect();
         handles
             .into_iter()
             .map(|h| {
@@ -73,12 +91,12 @@ fn copy_extents(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
     for r in results {
         r?;
     }
-    Ok(copied)
+    Ok(copied.into_inner())
 }
 
 /// Copies `n` bytes between files in the kernel (`copy_file_range`, no copy through user
 /// memory). Returns false when the kernel cannot do it for these files (different file
-/// systems, no support) or copies short; the caller then copies the piece itself.
+/// systems, no support) or copies short; the caller then copies the window itself.
 fn copy_range(src: &File, mut from: u64, dst: &File, mut to: u64, n: u64) -> bool {
     let mut left = n;
     while left > 0 {

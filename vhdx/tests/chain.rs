@@ -50,6 +50,9 @@ fn chains_of_depth_one_to_three_read_back_the_last_image() -> Result<()> {
             assert_same(&format!("lss {lss} depth {depth}: map"), &read_via_map(&chain)?, want);
             let chain = Chain::from_paths(&paths)?;
             assert_same(&format!("lss {lss} depth {depth}: from_paths"), &read_chain(&chain)?, want);
+            let out = sub.join("out.raw");
+            vhdx::to_raw(&chain, &out)?;
+            assert_same(&format!("lss {lss} depth {depth}: to_raw"), &std::fs::read(&out)?, want);
             for (i, l) in chain.layers().iter().enumerate() {
                 let want_type = if i == 0 { DiskType::Dynamic } else { DiskType::Differencing };
                 assert_eq!(l.disk_type(), want_type);
@@ -95,5 +98,27 @@ fn differencing_size_grows_with_changed_sectors_not_disk_size() -> Result<()> {
         assert_eq!(Vhdx::open(&out)?.allocated_bytes(), blocks_touched * MIB + MIB);
     }
     assert!(sizes.windows(2).all(|w| w[0] < w[1]));
+    Ok(())
+}
+
+#[test]
+fn to_raw_leaves_holes_where_the_chain_has_no_data() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch();
+    let p = dir.path().join("sparse.vhdx");
+    let mut f = vhdx::create(&p, 64 * MIB, &CreateOptions { block_size: MIB as u32, ..CreateOptions::default() })?;
+    drop(f);
+    let mut chain = Chain::open_writable(&p)?;
+    chain.write_at(&[7u8; 4096], 40 * MIB)?;
+    let out = dir.path().join("sparse.raw");
+    assert_eq!(vhdx::to_raw(&chain, &out)?, MIB, "one allocated block copied");
+    let meta = std::fs::metadata(&out)?;
+    assert_eq!(meta.len(), 64 * MIB);
+    assert!(meta.blocks() * 512 <= 8 * MIB, "{} bytes allocated", meta.blocks() * 512);
+    let data = std::fs::read(&out)?;
+    assert!(data[40 * MIB as usize..40 * MIB as usize + 4096].iter().all(|&b| b == 7));
+    assert_eq!(data.iter().filter(|&&b| b != 0).count(), 4096);
+    f = Vhdx::open(&p)?;
+    assert_eq!(f.allocated_bytes(), MIB);
     Ok(())
 }
