@@ -83,3 +83,62 @@ pub mod fuzzing {
         ok
     }
 }
+
+/// Property tests: every structure both parsed and written round-trips.
+#[cfg(test)]
+mod roundtrip_props {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    use crate::header::{parse_header, Header};
+    use crate::log::{encode_entry, scan, LogOp};
+    use crate::metadata::{self, Metadata};
+    use crate::parent::{self, ParentLocator};
+    use crate::region::{self, Region, Regions};
+
+    fn guid() -> impl Strategy<Value = Uuid> {
+        any::<u128>().prop_map(Uuid::from_u128)
+    }
+
+    proptest! {
+        #[test]
+        fn header(seq in any::<u64>(), fw in guid(), dw in guid(), lg in guid(), log_mib in 0u32..64, log_at in 1u64..1000) {
+            let h = Header { sequence_number: seq, file_write_guid: fw, data_write_guid: dw, log_guid: lg,
+                log_offset: log_at << 20, log_length: log_mib << 20 };
+            prop_assert_eq!(parse_header(Path::new("p"), 1, 0, &h.to_block()).ok(), Some(h));
+        }
+
+        #[test]
+        fn regions(bat in 1u64..100, md in 101u64..200, bl in 1u64..50, ml in 1u64..50) {
+            let r = Regions { bat: Region { offset: bat << 20, length: bl << 20 }, metadata: Region { offset: (md + 50) << 20, length: ml << 20 } };
+            prop_assert_eq!(region::parse(Path::new("p"), 1, 0, &region::to_block(&r)).ok(), Some(r));
+        }
+
+        #[test]
+        fn metadata_and_locator(bs_log in 20u32..=28, big in any::<bool>(), sectors in 1u64..(1 << 30), fixed in any::<bool>(),
+                                parent in proptest::option::of((guid(), "[a-zA-Z0-9 ._\\\\-]{1,40}")), p83 in guid()) {
+            let lss: u32 = if big { 4096 } else { 512 };
+            let loc = parent.map(|(g, path)| ParentLocator::new(g, Some(path), None));
+            let m = Metadata { block_size: 1 << bs_log, leave_blocks_allocated: fixed && loc.is_none(), has_parent: loc.is_some(),
+                virtual_size: sectors * u64::from(lss), logical_sector_size: lss, physical_sector_size: 4096, page83: p83, parent: loc.clone() };
+            prop_assert_eq!(metadata::parse(Path::new("p"), 0, &metadata::to_region(&m, 1 << 20)).ok(), Some(m));
+            if let Some(l) = loc {
+                prop_assert_eq!(parent::parse(Path::new("p"), &l.to_bytes()).ok(), Some(l));
+            }
+        }
+
+        #[test]
+        fn log_entry(g in guid(), seq in 1u64..u64::MAX, ops in proptest::collection::vec(
+            prop_oneof![
+                (1u64..1000, any::<u8>()).prop_map(|(o, b)| LogOp::Data { offset: o << 12, bytes: vec![b; 4096] }),
+                (1u64..1000, 1u64..100).prop_map(|(o, n)| LogOp::Zero { offset: o << 12, len: n << 12 }),
+            ], 0..20)) {
+            let mut log = encode_entry(g, seq, 0, 0, 0, &ops);
+            log.resize(1 << 20, 0);
+            let r = scan(Path::new("p"), &log, g).ok().flatten().map(|r| r.ops);
+            prop_assert_eq!(r, Some(ops));
+        }
+    }
+}
