@@ -164,6 +164,22 @@ pub enum Command {
     },
     /// SYNCHRONIZE CACHE (10/16).
     SyncCache,
+    /// WRITE SAME (10/16): one block of Data-Out written `blocks` times.
+    WriteSame {
+        /// First block.
+        lba: u64,
+        /// Number of blocks.
+        blocks: u32,
+    },
+    /// GET LBA STATUS: every block is mapped (no thin provisioning exposed).
+    GetLbaStatus {
+        /// Starting LBA.
+        lba: u64,
+        /// Allocation length.
+        alloc: u32,
+    },
+    /// PRE-FETCH (10/16): a range check, nothing to load.
+    Prefetch,
     /// START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL: accepted, nothing to do.
     NoOp,
 }
@@ -276,8 +292,53 @@ impl Command {
                     Command::Write { lba, blocks: n, fua: b(1) & 0x08 != 0 }
                 }
             }
-            op @ (0x2f | 0x8f) => {
-                let (lba, n) = if op == 0x2f { (f(2..6), f(7..9) as u32) } else { (f(2..10), f(10..14) as u32) };
+            op @ (0x2e | 0xae | 0x8e) => {
+                // WRITE AND VERIFY: written durably, then it reads back as written.
+                let (lba, n) = match op {
+                    0x2e => (f(2..6), f(7..9) as u32),
+                    0xae => (f(2..6), f(6..10) as u32),
+                    _ => (f(2..10), f(10..14) as u32),
+                };
+                if b(1) & 0xe0 != 0 {
+                    return Err(Sense::invalid_field(1, Some(5)));
+                }
+                range(lba, n)?;
+                Command::Write { lba, blocks: n, fua: true }
+            }
+            op @ (0x34 | 0x90) => {
+                let (lba, n) = if op == 0x34 { (f(2..6), f(7..9) as u32) } else { (f(2..10), f(10..14) as u32) };
+                range(lba, n)?;
+                Command::Prefetch
+            }
+            op @ (0x41 | 0x93) => {
+                let (lba, n) = if op == 0x41 { (f(2..6), f(7..9) as u32) } else { (f(2..10), f(10..14) as u32) };
+                // No UNMAP/ANCHOR (no logical block provisioning), no protection info.
+                if b(1) & 0xe0 != 0 {
+                    return Err(Sense::invalid_field(1, Some(5)));
+                }
+                if b(1) & 0x18 != 0 {
+                    return Err(Sense::invalid_field(1, Some(3)));
+                }
+                // WSNZ=1 (VPD 0xB0): a count of zero is refused.
+                if n == 0 || n > MAX_TRANSFER_BLOCKS {
+                    return Err(Sense::invalid_field(if op == 0x41 { 7 } else { 10 }, None));
+                }
+                range(lba, n)?;
+                Command::WriteSame { lba, blocks: n }
+            }
+            0x9e if b(1) & 0x1f == 0x12 => {
+                let lba = f(2..10);
+                if lba >= blocks {
+                    return Err(Sense::LBA_OUT_OF_RANGE);
+                }
+                Command::GetLbaStatus { lba, alloc: f(10..14) as u32 }
+            }
+            op @ (0x2f | 0xaf | 0x8f) => {
+                let (lba, n) = match op {
+                    0x2f => (f(2..6), f(7..9) as u32),
+                    0xaf => (f(2..6), f(6..10) as u32),
+                    _ => (f(2..10), f(10..14) as u32),
+                };
                 if b(1) & 0xe0 != 0 {
                     return Err(Sense::invalid_field(1, Some(5)));
                 }
@@ -308,13 +369,14 @@ impl Command {
             Command::Write { blocks, .. } | Command::Verify { blocks, bytchk: true, .. } => {
                 u64::from(blocks) * u64::from(block_size)
             }
+            Command::WriteSame { .. } => u64::from(block_size),
             _ => 0,
         }
     }
 
     /// Whether the command writes the medium.
     pub fn is_write(&self) -> bool {
-        matches!(self, Command::Write { .. })
+        matches!(self, Command::Write { .. } | Command::WriteSame { .. })
     }
 }
 
@@ -450,6 +512,36 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
                 Err(_) => Outcome::check(Sense::READ_ERROR),
             }
         }
+        Command::Prefetch => Outcome::good(Vec::new()),
+        Command::GetLbaStatus { lba, alloc } => {
+            // One descriptor: from `lba` to the end, mapped (SBC-3 §5.4).
+            let mut d = vec![0u8; 24];
+            d[0..4].copy_from_slice(&20u32.to_be_bytes());
+            d[8..16].copy_from_slice(&lba.to_be_bytes());
+            let n = (blocks - lba).min(u64::from(u32::MAX)) as u32;
+            d[16..20].copy_from_slice(&n.to_be_bytes());
+            Outcome::good(cut(d, alloc))
+        }
+        Command::WriteSame { lba, blocks: n } => {
+            if dev.read_only() {
+                return Outcome::check(Sense::WRITE_PROTECTED);
+            }
+            let Some(block) = data_out.get(..bs as usize) else { return Outcome::check(Sense::invalid_field(0, None)) };
+            // Write in runs of up to 1 MiB.
+            let per = (1 << 20) / bs.max(1) as usize;
+            let run = block.repeat(per.min(n as usize).max(1));
+            let mut done = 0u64;
+            while done < u64::from(n) {
+                let k = (u64::from(n) - done).min(per as u64) as usize;
+                let buf = run.get(..k * bs as usize).unwrap_or_default();
+                if let Err(e) = dev.write_at(buf, (lba + done) * u64::from(bs)) {
+                    tracing::error!(error = %e, lba, blocks = n, "LUN write failed");
+                    return Outcome::check(Sense::WRITE_ERROR);
+                }
+                done += k as u64;
+            }
+            Outcome::good(Vec::new())
+        }
         Command::SyncCache => match dev.flush() {
             Ok(()) => Outcome::good(Vec::new()),
             Err(e) => {
@@ -482,10 +574,11 @@ fn vpd(page: u8, dev: &dyn BlockDevice) -> Option<Vec<u8>> {
         }
         0xb0 => {
             let mut d = vec![0u8; 0x3c];
-            d[1] = 0; // WSNZ = 0, no COMPARE AND WRITE
+            d[0] = 0x01; // WSNZ: WRITE SAME with a count of zero is refused
             d[2..4].copy_from_slice(&8u16.to_be_bytes()); // optimal transfer length granularity
             d[4..8].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
             d[8..12].copy_from_slice(&2048u32.to_be_bytes()); // optimal transfer length
+            d[32..40].copy_from_slice(&u64::from(MAX_TRANSFER_BLOCKS).to_be_bytes()); // max WRITE SAME length
             d
         }
         0xb1 => {
