@@ -133,7 +133,7 @@ pub fn open_sender_socket(group: SocketAddrV4, opts: &SocketOptions) -> Result<U
             .map_err(sock_err(format!("SO_BINDTODEVICE {name}")))?;
         // With the socket bound to the device, udp_sendmsg routes multicast out of it
         // (the output interface defaults to the bound device).
-        wire::multicast::net::iface_index(name).map_err(sock_err(format!("interface {name}")))?;
+        wire::multicast::net::iface_index(&s, name).map_err(sock_err(format!("interface {name}")))?;
     }
     s.set_multicast_ttl_v4(opts.ttl.unwrap_or(1))
         .map_err(sock_err("IP_MULTICAST_TTL"))?;

@@ -147,15 +147,13 @@ pub fn rmem_max() -> Option<usize> {
         .ok()
 }
 
-/// The kernel index of interface `name` (from sysfs).
-pub fn iface_index(name: &str) -> io::Result<u32> {
-    if name.is_empty() || name.contains('/') || name.len() > 15 {
+/// The kernel index of interface `name` in the calling thread's network namespace
+/// (`SIOCGIFINDEX` on `sock`).
+pub fn iface_index(sock: &Socket, name: &str) -> io::Result<u32> {
+    if name.is_empty() || name.len() > 15 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
     }
-    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))?;
-    text.trim()
-        .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad ifindex"))
+    Ok(rustix::net::netdevice::name_to_index(sock, name)?)
 }
 
 /// Opens a UDP socket bound to the group's port on any address, joined to the group on
@@ -176,7 +174,7 @@ pub fn open_receiver_socket(
         .map_err(sock_err("IP_MULTICAST_ALL"))?;
     let mut index = 0;
     if let Some(name) = iface {
-        index = iface_index(name).map_err(sock_err(format!("interface {name}")))?;
+        index = iface_index(&s, name).map_err(sock_err(format!("interface {name}")))?;
         s.bind_device(Some(name.as_bytes()))
             .map_err(sock_err(format!("SO_BINDTODEVICE {name}")))?;
     }
