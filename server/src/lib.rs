@@ -14,5 +14,6 @@ pub mod http;
 pub mod images;
 pub mod iscsi;
 pub mod keys;
+pub mod multicast;
 pub mod orchestrator;
 pub mod store;
