@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the node-init initramfs: a gzip'd newc cpio holding
 #   /init                              node-init, static (crt-static), profile node-init
-#   /bin/busybox                       busybox-static, only for `mke2fs` (formatting the cache)
+#   /sbin/mke2fs + its shared libraries  e2fsprogs' mke2fs, only for formatting the cache (ext4)
 #   /lib/modules/<kver>/...            the modules node-init needs, dependencies resolved
 #   /lib/modules/strata-modules.list   their paths in load order (node-init finit_module()s them)
 #   /dev/console, /etc/strata/         (the server appends /etc/strata/server.pub as a 2nd archive)
@@ -31,12 +31,11 @@ done
 MODULES="virtio_pci virtio_net virtio_blk virtio_scsi sd_mod e1000 e1000e
   loop dm_mod dm_zero dm_snapshot crc32c_generic ext4 nbd $extra"
 
-for tool in cpio gzip depmod busybox; do
+for tool in cpio gzip depmod ldd; do
   command -v "$tool" >/dev/null || { echo "$tool missing: run scripts/setup.sh" >&2; exit 1; }
 done
-busybox_bin=$(command -v busybox)
-file -L "$busybox_bin" 2>/dev/null | grep -q 'statically linked' \
-  || { echo "$busybox_bin is not static: apt-get install busybox-static" >&2; exit 1; }
+mke2fs_bin=/sbin/mke2fs
+[ -x "$mke2fs_bin" ] || { echo "$mke2fs_bin missing: apt-get install e2fsprogs" >&2; exit 1; }
 [ -d "$kroot/lib/modules" ] || { echo "no kernel at $kroot: run scripts/setup.sh" >&2; exit 1; }
 kver=$(ls "$kroot/lib/modules" | head -n1)
 
@@ -87,9 +86,15 @@ for m in $MODULES; do
 done
 
 root=$work/root
-mkdir -p "$root"/{bin,dev,etc/strata,proc,sys,run,newroot,lib/modules}
+mkdir -p "$root"/{sbin,dev,etc/strata,proc,sys,run,newroot,lib/modules}
 install -m 0755 "$bin" "$root/init"
-install -m 0755 "$busybox_bin" "$root/bin/busybox"
+# mke2fs with the shared libraries and loader it needs (ldd), and its configuration.
+install -m 0755 "$mke2fs_bin" "$root/sbin/mke2fs"
+for lib in $(ldd "$mke2fs_bin" | grep -o '/[^ ]*'); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+[ -f /etc/mke2fs.conf ] && install -m 0644 /etc/mke2fs.conf "$root/etc/mke2fs.conf"
 mknod -m 0600 "$root/dev/console" c 5 1
 mknod -m 0666 "$root/dev/null" c 1 3
 list=$root/lib/modules/strata-modules.list

@@ -645,6 +645,8 @@ pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitEr
         source,
     })?;
 
+    // The cache as this boot leaves it is on the disk before the image runs.
+    process::sync();
     // A previous attempt of this boot may have left the image mounted.
     let _ = mount::umount(Path::new(NEW_ROOT));
     let paths: Vec<PathBuf> = manifest

@@ -1,9 +1,9 @@
 //! The node's layer cache on its local disk.
 //!
-//! Disk: a whole disk (or partition) holding an ext2 file system labelled [`LABEL`], made on
-//! first use with busybox's `mke2fs` (the initramfs carries busybox for that alone) and
-//! mounted with the kernel's ext4 driver. A disk node-init chose by itself is formatted only
-//! if it is blank (no partition table, no file system signature); a disk named on the kernel
+//! Disk: a whole disk (or partition) holding an ext4 file system (with its journal) labelled
+//! [`LABEL`], made on first use with e2fsprogs' `mke2fs` (the initramfs carries it and its
+//! shared libraries for that alone). A disk node-init chose by itself is formatted only if it
+//! is blank (no partition table, no file system signature); a disk named on the kernel
 //! command line (`strata.disk=`) is formatted whenever it lacks the label.
 //!
 //! Layout under the mount point:
@@ -33,6 +33,8 @@ use crate::bootcount::{Entry, State};
 
 /// The cache file system's volume label.
 pub const LABEL: &str = "strata-cache";
+/// e2fsprogs' mke2fs in the initramfs.
+pub const MKE2FS: &str = "/sbin/mke2fs";
 
 /// A cache failure.
 #[derive(Debug, thiserror::Error)]
@@ -156,12 +158,15 @@ pub fn prepare_disk(
         DiskKind::Foreign if explicit.is_none() => return Err(CacheError::Foreign { device }),
         DiskKind::Blank | DiskKind::Foreign => {
             crate::info!("formatting {device} as the Strata cache ({LABEL})");
-            let out = std::process::Command::new("/bin/busybox")
+            // ext4 with a journal: the cache's metadata survives a node reset at any moment
+            // (nodes are often powered off hard), with no fsck at boot.
+            let out = std::process::Command::new(MKE2FS)
                 .args([
-                    "mke2fs", "-F", "-L", LABEL, "-b", "4096", "-m", "0", &device,
+                    "-q", "-F", "-t", "ext4", "-b", "4096", "-L", LABEL, "-m", "0",
                 ])
+                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1", &device])
                 .output()
-                .map_err(io_at(Path::new("/bin/busybox")))?;
+                .map_err(io_at(Path::new(MKE2FS)))?;
             if !out.status.success() {
                 let mut detail = String::from_utf8_lossy(&out.stderr).into_owned();
                 detail.truncate(400);
@@ -427,7 +432,7 @@ mod tests {
         let img = dir.path().join("disk");
         File::create(&img).unwrap().set_len(8 << 20).unwrap();
         let st = std::process::Command::new("mke2fs")
-            .args(["-q", "-F", "-L", LABEL, "-t", "ext2"])
+            .args(["-q", "-F", "-L", LABEL, "-t", "ext4"])
             .arg(&img)
             .status()
             .expect("mke2fs missing: apt-get install e2fsprogs");
