@@ -36,8 +36,16 @@ use super::session::{Action, FailReason, Params, Session};
 pub struct TftpOptions {
     /// Concurrent transfers; requests beyond get "server busy".
     pub max_transfers: usize,
-    /// First retransmission timeout when the client does not ask for one.
+    /// First retransmission timeout when the client does not ask for one, and the ceiling of
+    /// the adaptive timeout.
     pub timeout: Duration,
+    /// Floor of the adaptive timeout (4 × smoothed RTT). A client that asks for a `timeout`
+    /// (RFC 2349) gets exactly that instead.
+    pub min_timeout: Duration,
+    /// Largest window in payload bytes (windowsize × blksize) granted, so a window fits the
+    /// client's socket receive buffer (Linux's default is 208 KiB, and each datagram costs
+    /// more than its payload there).
+    pub max_window_bytes: u32,
     /// Timeouts in a row before a transfer is abandoned.
     pub max_retries: u32,
     /// Largest blksize granted (8..=65464).
@@ -53,6 +61,8 @@ impl Default for TftpOptions {
         TftpOptions {
             max_transfers: 256,
             timeout: Duration::from_secs(1),
+            min_timeout: Duration::from_millis(100),
+            max_window_bytes: 96 * 1024,
             max_retries: 5,
             max_blksize: MAX_BLKSIZE,
             max_windowsize: 64,
@@ -188,23 +198,22 @@ impl NetAscii {
 }
 
 impl Source {
-    /// Appends block `block` (1-based) of `blksize` bytes to `out`.
+    /// Reads block `block` (1-based) of `blksize` bytes into the front of `buf` (at least
+    /// `blksize` long); returns its length (short for the last block).
     fn read_block(
         &mut self,
         block: u64,
         blksize: u64,
         size: u64,
-        out: &mut Vec<u8>,
-    ) -> io::Result<()> {
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
         let off = (block - 1) * blksize;
-        let len = size.saturating_sub(off).min(blksize);
-        let len = usize::try_from(len).unwrap_or(0);
+        let len = usize::try_from(size.saturating_sub(off).min(blksize)).unwrap_or(0);
+        let dst = buf
+            .get_mut(..len)
+            .ok_or_else(|| io::Error::other("block buffer too small"))?;
         match self {
-            Source::Octet(f) => {
-                let at = out.len();
-                out.resize(at + len, 0);
-                f.read_exact_at(out.get_mut(at..).unwrap_or_default(), off)
-            }
+            Source::Octet(f) => f.read_exact_at(dst, off)?,
             Source::NetAscii(n) => {
                 n.fill_to(off + len as u64)?;
                 let from = usize::try_from(off.saturating_sub(n.start)).unwrap_or(usize::MAX);
@@ -212,10 +221,10 @@ impl Source {
                     .buf
                     .get(from..from + len)
                     .ok_or_else(|| io::Error::other("netascii window lost"))?;
-                out.extend_from_slice(part);
-                Ok(())
+                dst.copy_from_slice(part);
             }
         }
+        Ok(len)
     }
 
     fn release(&mut self, acked: u64, blksize: u64) {
@@ -408,6 +417,7 @@ fn negotiate(req: &Request, opts: &TftpOptions, size: u64) -> (Params, Vec<TftpO
         blksize: DEFAULT_BLKSIZE,
         windowsize: 1,
         timeout: opts.timeout,
+        min_timeout: opts.min_timeout.min(opts.timeout),
         max_retries: opts.max_retries,
     };
     let mut oack = Vec::new();
@@ -425,6 +435,7 @@ fn negotiate(req: &Request, opts: &TftpOptions, size: u64) -> (Params, Vec<TftpO
             TftpOption::TSize(_) => oack.push(TftpOption::TSize(size)),
             TftpOption::Timeout(t) => {
                 p.timeout = Duration::from_secs(u64::from(*t));
+                p.min_timeout = p.timeout;
                 oack.push(TftpOption::Timeout(*t));
             }
             TftpOption::WindowSize(w) => {
@@ -432,6 +443,18 @@ fn negotiate(req: &Request, opts: &TftpOptions, size: u64) -> (Params, Vec<TftpO
                 oack.push(TftpOption::WindowSize(p.windowsize));
             }
             TftpOption::Unknown { .. } => {}
+        }
+    }
+    // The window must fit the client's receive buffer (RFC 7440 lets the server answer
+    // with a smaller windowsize).
+    let fit = (opts.max_window_bytes / u32::from(p.blksize)).max(1);
+    let fit = u16::try_from(fit).unwrap_or(u16::MAX);
+    if p.windowsize > fit {
+        p.windowsize = fit;
+        for o in &mut oack {
+            if let TftpOption::WindowSize(w) = o {
+                *w = fit;
+            }
         }
     }
     (p, oack)
@@ -503,24 +526,38 @@ async fn transfer(ctx: &Ctx, peer: SocketAddr, req: Request) {
         Session::start(params, size, !oack.is_empty(), started.into_std());
     debug!(size, blksize = params.blksize, windowsize = params.windowsize, mode = %req.mode, "transfer started");
     let blksize = u64::from(params.blksize);
-    let mut out = Vec::with_capacity(usize::from(params.blksize) + 4);
+    // One DATA buffer for the transfer: header, then at most blksize bytes.
+    let mut out = vec![0u8; usize::from(params.blksize) + 4];
     let mut inbuf = vec![0u8; 1024];
+    // One timer for the whole transfer. Every window moves the session's deadline forward;
+    // re-arming the timer each time would cost a timer-wheel update per ACK, so the timer is
+    // only moved when it fires early or when the deadline moves before it.
+    let mut armed = tokio::time::Instant::from_std(session.deadline());
+    let timer = tokio::time::sleep_until(armed);
+    tokio::pin!(timer);
     loop {
         for a in actions.drain(..) {
             let sent = match a {
                 Action::SendOack => socket.send(&oack_bytes).await.map(|_| ()),
                 Action::SendData { block } => {
-                    out.clear();
-                    out.extend_from_slice(&[0, 3]);
-                    out.extend_from_slice(&((block & 0xffff) as u16).to_be_bytes());
-                    if let Err(e) = source.read_block(block, blksize, size, &mut out) {
-                        warn!(error = %e, block, "read failed; transfer aborted");
-                        let _ = socket
-                            .send(&Packet::error(ErrorCode::NotDefined, "read error").to_bytes())
-                            .await;
-                        return;
-                    }
-                    socket.send(&out).await.map(|_| ())
+                    let (head, body) = out.split_at_mut(4);
+                    head.copy_from_slice(&[0, 3, (block >> 8) as u8, block as u8]);
+                    let n = match source.read_block(block, blksize, size, body) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            warn!(error = %e, block, "read failed; transfer aborted");
+                            let _ = socket
+                                .send(
+                                    &Packet::error(ErrorCode::NotDefined, "read error").to_bytes(),
+                                )
+                                .await;
+                            return;
+                        }
+                    };
+                    socket
+                        .send(out.get(..4 + n).unwrap_or_default())
+                        .await
+                        .map(|_| ())
                 }
                 Action::SendError { code, message } => socket
                     .send(&Packet::error(code, message).to_bytes())
@@ -567,6 +604,10 @@ async fn transfer(ctx: &Ctx, peer: SocketAddr, req: Request) {
         }
         source.release(session.acked(), blksize);
         let deadline = tokio::time::Instant::from_std(session.deadline());
+        if deadline < armed {
+            armed = deadline;
+            timer.as_mut().reset(armed);
+        }
         tokio::select! {
             r = socket.recv(&mut inbuf) => match r {
                 Ok(n) => match Packet::parse(inbuf.get(..n).unwrap_or_default()) {
@@ -579,8 +620,13 @@ async fn transfer(ctx: &Ctx, peer: SocketAddr, req: Request) {
                 }
                 Err(e) => debug!(error = %e, "receive error"),
             },
-            _ = tokio::time::sleep_until(deadline) => {
-                actions = session.on_timeout(tokio::time::Instant::now().into_std());
+            _ = &mut timer => {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    actions = session.on_timeout(now.into_std());
+                }
+                armed = tokio::time::Instant::from_std(session.deadline()).max(now + Duration::from_millis(1));
+                timer.as_mut().reset(armed);
             }
         }
     }
@@ -650,6 +696,23 @@ mod tests {
         );
         assert_eq!((p.blksize, p.windowsize), (512, 1));
         assert!(oack.is_empty());
+        // Big blocks: the window shrinks to fit 96 KiB; a client timeout fixes the timeout.
+        let big = Request {
+            filename: "f".into(),
+            mode: Mode::Octet,
+            options: vec![
+                TftpOption::WindowSize(16),
+                TftpOption::BlkSize(8192),
+                TftpOption::Timeout(3),
+            ],
+        };
+        let (p, oack) = negotiate(&big, &TftpOptions::default(), 1);
+        assert_eq!(p.windowsize, 12);
+        assert_eq!(oack[0], TftpOption::WindowSize(12));
+        assert_eq!(
+            (p.timeout, p.min_timeout),
+            (Duration::from_secs(3), Duration::from_secs(3))
+        );
     }
 
     #[test]
@@ -679,13 +742,14 @@ mod tests {
         let mut got = Vec::new();
         let blk = 100u64;
         let total = size / blk + 1;
+        let mut buf = [0u8; 100];
         for b in 1..=total {
             // Re-read the previous block too (a retransmission), then release it.
             if b > 1 {
-                let mut again = Vec::new();
-                src.read_block(b - 1, blk, size, &mut again).unwrap();
+                src.read_block(b - 1, blk, size, &mut buf).unwrap();
             }
-            src.read_block(b, blk, size, &mut got).unwrap();
+            let n = src.read_block(b, blk, size, &mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
             src.release(b - 1, blk);
         }
         assert_eq!(got, expect);

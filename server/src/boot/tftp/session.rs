@@ -24,8 +24,14 @@ pub struct Params {
     pub blksize: u16,
     /// Blocks per window.
     pub windowsize: u16,
-    /// First retransmission timeout.
+    /// First retransmission timeout, and the most an adaptive timeout grows to before
+    /// backoff.
     pub timeout: Duration,
+    /// Floor of the adaptive timeout. Once the client has acknowledged windows, the timeout
+    /// follows 4 × the smoothed round-trip time (Karn's rule: only windows sent once give
+    /// samples), clamped to `min_timeout..=timeout`. Equal to `timeout`: fixed timeout (what
+    /// a client asking for RFC 2349 `timeout` gets).
+    pub min_timeout: Duration,
     /// Timeouts in a row before giving up.
     pub max_retries: u32,
 }
@@ -96,6 +102,10 @@ pub struct Session {
     deadline: Instant,
     rto: Duration,
     retries: u32,
+    /// When the current window went out, and whether any of it was a retransmission.
+    window_sent: Instant,
+    retransmitted: bool,
+    srtt: Option<Duration>,
 }
 
 impl Session {
@@ -115,6 +125,9 @@ impl Session {
             deadline: now + params.timeout,
             rto: params.timeout,
             retries: 0,
+            window_sent: now,
+            retransmitted: false,
+            srtt: None,
         };
         let actions = if oack {
             vec![Action::SendOack]
@@ -152,6 +165,9 @@ impl Session {
     fn send_window(&mut self, now: Instant) -> Vec<Action> {
         let first = self.acked + 1;
         let last = (self.acked + u64::from(self.params.windowsize)).min(self.total_blocks);
+        // A window that resends blocks already sent gives no clean RTT sample (Karn).
+        self.retransmitted = first <= self.sent;
+        self.window_sent = now;
         self.sent = last;
         self.deadline = now + self.rto;
         (first..=last)
@@ -194,7 +210,9 @@ impl Session {
             self.state = State::Data;
             self.retries = 0;
             self.rto = self.params.timeout;
-            return self.send_window(now);
+            let out = self.send_window(now);
+            self.retransmitted = false;
+            return out;
         }
         // The block in [acked, sent] whose low 16 bits are `wire` (the span is at most a
         // window, far less than 65536, so there is at most one).
@@ -214,13 +232,36 @@ impl Session {
         }
         self.acked = k;
         self.retries = 0;
-        self.rto = self.params.timeout;
+        self.rto = self.adapt(now);
         if k == self.total_blocks {
             self.state = State::Closed;
             return vec![Action::Done];
         }
         // The whole window, or part of it, arrived: the next window starts right after `k`.
         self.send_window(now)
+    }
+
+    /// The retransmission timeout after progress at `now`: 4 × smoothed RTT, clamped.
+    fn adapt(&mut self, now: Instant) -> Duration {
+        if self.params.min_timeout >= self.params.timeout {
+            return self.params.timeout;
+        }
+        if !self.retransmitted {
+            let sample = now.saturating_duration_since(self.window_sent);
+            self.srtt = Some(match self.srtt {
+                Some(s) => (s * 7 + sample) / 8,
+                None => sample,
+            });
+        }
+        match self.srtt {
+            Some(s) => (s * 4).clamp(self.params.min_timeout, self.params.timeout),
+            None => self.params.timeout,
+        }
+    }
+
+    /// The current retransmission timeout.
+    pub fn rto(&self) -> Duration {
+        self.rto
     }
 
     /// Handles the deadline passing: retransmits the outstanding window (or OACK) with a
@@ -240,7 +281,11 @@ impl Session {
                 self.deadline = now + self.rto;
                 vec![Action::SendOack]
             }
-            _ => self.send_window(now),
+            _ => {
+                let out = self.send_window(now);
+                self.retransmitted = true;
+                out
+            }
         }
     }
 }
@@ -255,6 +300,7 @@ mod tests {
             blksize,
             windowsize,
             timeout: Duration::from_secs(1),
+            min_timeout: Duration::from_secs(1),
             max_retries: 5,
         }
     }
@@ -334,6 +380,40 @@ mod tests {
     }
 
     #[test]
+    fn timeout_adapts_to_round_trip_time() {
+        let t0 = Instant::now();
+        let p = Params {
+            min_timeout: Duration::from_millis(50),
+            ..params(512, 4)
+        };
+        let (mut s, _) = Session::start(p, 100_000, false, t0);
+        assert_eq!(s.rto(), Duration::from_secs(1), "no sample yet");
+        // Windows acknowledged 2 ms after they went out: 4 x 2 ms is below the floor.
+        let mut t = t0;
+        for k in [4u64, 8, 12] {
+            t += Duration::from_millis(2);
+            s.on_packet(&ack(k), t);
+        }
+        assert_eq!(s.rto(), Duration::from_millis(50));
+        assert_eq!(s.deadline(), t + Duration::from_millis(50));
+        // Slow acknowledgements raise it again, up to `timeout`.
+        for k in [16u64, 20, 24, 28, 32, 36, 40] {
+            t += Duration::from_millis(400);
+            s.on_packet(&ack(k), t);
+        }
+        assert!(s.rto() > Duration::from_millis(900), "{:?}", s.rto());
+        for k in [44u64, 48, 52, 56, 60, 64, 68, 72, 76, 80] {
+            t += Duration::from_millis(400);
+            s.on_packet(&ack(k), t);
+        }
+        assert_eq!(s.rto(), Duration::from_secs(1), "clamped to timeout");
+        // A fixed timeout (min == timeout) never adapts.
+        let (mut f, _) = Session::start(params(512, 4), 100_000, false, t0);
+        f.on_packet(&ack(4), t0 + Duration::from_millis(1));
+        assert_eq!(f.rto(), Duration::from_secs(1));
+    }
+
+    #[test]
     fn block_numbers_wrap() {
         let t0 = Instant::now();
         let (mut s, _) = Session::start(params(8, 16), 8 * 70_000, false, t0);
@@ -377,7 +457,7 @@ mod tests {
             fate in proptest::collection::vec(prop_oneof![6 => Just(Net::Deliver), 2 => Just(Net::Drop), 1 => Just(Net::Duplicate)], 0..4000),
         ) {
             let mut now = Instant::now();
-            let p = Params { blksize, windowsize: window, timeout: Duration::from_secs(1), max_retries: 1000 };
+            let p = Params { blksize, windowsize: window, timeout: Duration::from_secs(1), min_timeout: Duration::from_millis(20), max_retries: 1000 };
             let (mut s, mut actions) = Session::start(p, size, true, now);
             let mut fate = fate.into_iter().chain(std::iter::repeat(Net::Deliver));
             let mut expected = 1u64; // receiver's next block
