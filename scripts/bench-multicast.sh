@@ -6,14 +6,14 @@
 # with HTTP (python http.server + one curl per receiver). Prints wall time, the sender's
 # wire bytes (tx_bytes of its veth) per file byte, and checks every receiver's copy.
 #
-# Usage: scripts/bench-multicast.sh            (256 MiB, 3 and 8 receivers, 0% and 5% loss)
+# Usage: scripts/bench-multicast.sh            (256 MiB, 3 and 8 receivers, 0%, 1% and 5% loss)
 #        SIZE_MIB=64 COUNTS="3" LOSSES="0 1 5" scripts/bench-multicast.sh
 # Needs root, udpcast, uftp, nftables, python3, curl (scripts/setup.sh installs them).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 SIZE_MIB=${SIZE_MIB:-256}
 COUNTS=${COUNTS:-"3 8"}
-LOSSES=${LOSSES:-"0 5"}
+LOSSES=${LOSSES:-"0 1 5"}
 RATE=${RATE:-1500M}          # ceiling for strata (bit/s) and udpcast (--max-bitrate)
 TOOLS=${TOOLS:-"strata udpcast uftp http"}
 TAG=${TAG:-b$$}
@@ -173,7 +173,7 @@ for n in $COUNTS; do
         [ -f "$WORK/r$i/out" ] && [ "$(sha256sum "$WORK/r$i/out" | cut -d' ' -f1)" = "$SUM" ] && ok=$((ok + 1))
       done
       if [ "$tool" = strata ]; then
-        notes=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(f"repairs={d[\"repair_packets\"]} min_rate={d[\"min_rate_bps\"]/1e6:.0f}M evicted={d[\"receivers_evicted\"]}")' "$WORK/strata-send.json" 2>/dev/null || echo "no report")
+        notes=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("repairs=%d min_rate=%dM evicted=%d" % (d["repair_packets"], d["min_rate_bps"] / 1e6, d["receivers_evicted"]))' "$WORK/strata-send.json" 2>/dev/null || echo "no report")
       fi
       printf '%-9s %-5s %-8s %9.2f %10.3f %5s/%-2s %s\n' "$n" "$loss%" "$tool" "$secs" \
         "$(echo "scale=4; $tx / $BYTES" | bc)" "$ok" "$n" "$notes"
