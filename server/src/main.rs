@@ -26,6 +26,12 @@ enum Cmd {
     /// Run the iSCSI target on its own (docs/iscsi.md).
     #[command(subcommand)]
     Iscsi(cli::iscsi::IscsiCmd),
+    /// List and change nodes through the API (docs/api.md).
+    Nodes(cli::nodes::NodesArgs),
+    /// List and change roles through the API.
+    Roles(cli::roles::RolesArgs),
+    /// Plan, approve, apply, pause, resume and abort rollouts; the event log.
+    Rollout(cli::rollout::RolloutArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +49,9 @@ fn main() -> ExitCode {
         Cmd::Vhdx(cmd) => cli::vhdx::run(cmd),
         Cmd::Iscsi(cmd) => cli::iscsi::run(cmd),
         Cmd::Image(cmd) => cli::image::run(cmd),
+        Cmd::Nodes(args) => cli::nodes::run(args),
+        Cmd::Roles(args) => cli::roles::run(args),
+        Cmd::Rollout(args) => cli::rollout::run(args),
     };
     match result {
         Ok(code) => code,

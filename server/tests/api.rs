@@ -1,0 +1,239 @@
+//! The operator and node API: auth scopes, bad input, delta reports (duplicates, reordering,
+//! illegal transitions), drift, and the OpenAPI document against the router.
+
+mod orch_sim;
+
+use std::sync::{Arc, RwLock};
+
+use anyhow::{Context, Result};
+use orch_sim::{mac, setup_fleet, Api, Server, Sim};
+use serde_json::{json, Value};
+use wire::report::{NodeState, NodeStatus, StateDelta, StateReport};
+
+async fn counts(api: &Api) -> Result<(Value, Value, Value, usize)> {
+    let mut nodes = api.ok("GET", "/api/v1/nodes", None).await?;
+    // Last seen is a fact of any request, not a change.
+    for n in nodes.as_array_mut().into_iter().flatten() {
+        n["last_seen_ms"] = Value::Null;
+    }
+    let roles = api.ok("GET", "/api/v1/roles", None).await?;
+    let rollouts = api.ok("GET", "/api/v1/rollouts", None).await?;
+    let events = api.ok("GET", "/api/v1/events?limit=10000", None).await?.as_array().map_or(0, Vec::len);
+    Ok((nodes, roles, rollouts, events))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_scope_what_callers_may_do() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let admin = server.api();
+    let url = Arc::new(RwLock::new(server.url.clone()));
+    let mut sims = setup_fleet(&admin, Arc::clone(&url), &[("web", 0, 2)]).await?;
+    let (a, b) = (sims[0].mac.clone(), sims[1].mac.clone());
+
+    // Tokens are created by admins and listed without their secrets.
+    let viewer = admin.ok("POST", "/api/v1/tokens", Some(json!({ "scope": "viewer", "name": "ops" }))).await?;
+    let viewer_secret = viewer["token"].as_str().context("secret")?.to_owned();
+    let node_a = admin.ok("POST", &format!("/api/v1/nodes/{a}/tokens"), Some(json!({}))).await?;
+    let node_secret = node_a["token"].as_str().context("secret")?.to_owned();
+    let listed = admin.ok("GET", "/api/v1/tokens", None).await?.to_string();
+    assert!(!listed.contains(&viewer_secret[4..]) && !listed.contains(&node_secret[4..]));
+
+    // Anonymous callers reach no operator route.
+    let anon = admin.with_token(None);
+    let (s, v) = anon.call("GET", "/api/v1/nodes", None).await?;
+    assert_eq!((s, v["error"]["code"].as_str()), (401, Some("unauthenticated")));
+    let (s, _) = admin.with_token(Some("stk_0000")).call("GET", "/api/v1/nodes", None).await?;
+    assert_eq!(s, 401);
+
+    // A viewer reads but cannot write.
+    let v_api = admin.with_token(Some(&viewer_secret));
+    v_api.ok("GET", "/api/v1/nodes", None).await?;
+    v_api.ok("GET", "/api/v1/roles/web", None).await?;
+    let before = counts(&admin).await?;
+    for (m, p, body) in [
+        ("PUT", "/api/v1/roles/web", json!({ "version": { "image": "img", "version": 2 } })),
+        ("PATCH", &format!("/api/v1/nodes/{a}") as &str, json!({ "role": "db" })),
+        ("POST", "/api/v1/rollouts", json!({ "roles": [{ "role": "web", "to": { "image": "img", "version": 2 } }] })),
+        ("POST", "/api/v1/tokens", json!({ "scope": "admin", "name": "x" })),
+        ("DELETE", &format!("/api/v1/nodes/{b}"), json!({})),
+    ] {
+        let (s, v) = v_api.call(m, p, Some(body)).await?;
+        assert_eq!((s, v["error"]["code"].as_str()), (403, Some("forbidden")), "{m} {p}");
+    }
+    assert_eq!(counts(&admin).await?, before, "a viewer changed nothing");
+
+    // A node token: its own manifest and reports, nothing else.
+    let mut sim_a = sims.remove(0);
+    sim_a.token = Some(node_secret.clone());
+    sim_a.manifest(None).await?;
+    sim_a.report().await?;
+    let n_api = admin.with_token(Some(&node_secret));
+    let (s, _) = n_api.call("GET", &format!("/api/v1/nodes/by-mac/{b}/manifest"), None).await?;
+    assert_eq!(s, 403, "a node cannot read another node's assignment");
+    let forged = StateReport { mac: b.clone(), seq: 99, base_seq: 0, delta: StateDelta { state: Some(NodeState::Failed), ..Default::default() } };
+    let (s, _) = n_api.raw("POST", &format!("/api/v1/nodes/by-mac/{b}/report"), Some(serde_json::to_vec(&forged)?)).await?;
+    assert_eq!(s, 403, "a node cannot report for another");
+    for (m, p) in [("GET", "/api/v1/nodes".to_owned()), ("GET", format!("/api/v1/nodes/{a}")), ("PUT", "/api/v1/roles/web".to_owned()), ("GET", "/api/v1/events".to_owned())] {
+        let (s, _) = n_api.call(m, &p, Some(json!({}))).await?;
+        assert_eq!(s, 403, "{m} {p}");
+    }
+    let node_b = admin.ok("GET", &format!("/api/v1/nodes/{b}"), None).await?;
+    assert_eq!(node_b["state"], "healthy", "B's state untouched");
+
+    // Once A holds a token, anonymous requests for A are refused; B (no token) still boots
+    // without one (documented in docs/api.md).
+    let (s, _) = anon.call("GET", &format!("/api/v1/nodes/by-mac/{a}/manifest"), None).await?;
+    assert_eq!(s, 401);
+    anon.ok("GET", &format!("/api/v1/nodes/by-mac/{b}/manifest"), None).await?;
+    // Revoking A's token takes effect at once.
+    let id = node_a["info"]["id"].as_u64().context("id")?;
+    admin.ok("DELETE", &format!("/api/v1/tokens/{id}"), None).await?;
+    let (s, _) = n_api.call("GET", &format!("/api/v1/nodes/by-mac/{a}/manifest"), None).await?;
+    assert_eq!(s, 401);
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_changes_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let api = server.api();
+    let url = Arc::new(RwLock::new(server.url.clone()));
+    let sims = setup_fleet(&api, url, &[("web", 0, 2)]).await?;
+    let a = sims[0].mac.clone();
+    let before = counts(&api).await?;
+    let huge = format!("{{\"description\": \"{}\"}}", "x".repeat(300 << 10));
+    let cases: Vec<(&str, String, Vec<u8>, u16, &str, &str)> = vec![
+        ("PUT", "/api/v1/roles/web".into(), b"{\"version\": ".to_vec(), 400, "invalid_request", "EOF"),
+        ("PUT", "/api/v1/roles/web".into(), b"{\"order\": 1, \"colour\": 2}".to_vec(), 400, "invalid_request", "unknown field `colour`"),
+        ("PUT", "/api/v1/roles/web".into(), b"[1, 2]".to_vec(), 400, "invalid_request", "request body"),
+        ("PUT", "/api/v1/roles/web".into(), b"{\"version\": {\"image\": \"img\", \"version\": -1}}".to_vec(), 400, "invalid_request", "expected u64"),
+        ("PUT", "/api/v1/roles/Bad%20Name".into(), b"{}".to_vec(), 400, "invalid_request", "role name"),
+        ("PUT", "/api/v1/sites/s1".into(), huge.into_bytes(), 413, "too_large", "exceeds"),
+        ("PATCH", "/api/v1/nodes/not-a-mac".into(), b"{\"role\": \"x\"}".to_vec(), 400, "invalid_request", "MAC"),
+        ("PATCH", format!("/api/v1/nodes/{a}"), b"{\"role\": \"x\", \"pin\": 7}".to_vec(), 400, "invalid_request", "VersionRef"),
+        ("PATCH", "/api/v1/nodes/52:54:00:99:99:99".into(), b"{\"role\": \"x\"}".to_vec(), 404, "not_found", "node"),
+        ("GET", "/api/v1/rollouts/abc".into(), vec![], 400, "invalid_request", "not an id"),
+        ("GET", "/api/v1/rollouts/99999999999999999999".into(), vec![], 400, "invalid_request", "not an id"),
+        ("GET", "/api/v1/rollouts/42".into(), vec![], 404, "not_found", "rollout"),
+        ("POST", "/api/v1/rollouts".into(), b"{\"roles\": [{\"role\": \"nope\", \"to\": {\"image\": \"img\", \"version\": 2}}]}".to_vec(), 400, "invalid_request", "no role"),
+        ("POST", "/api/v1/rollouts".into(), b"{\"roles\": [], \"batch_size\": 0}".to_vec(), 400, "invalid_request", "at least one role"),
+        ("POST", "/api/v1/rollouts".into(), b"{\"roles\": [{\"role\": \"web\", \"to\": {\"image\": \"img\", \"version\": 2}}], \"batch_size\": 0}".to_vec(), 400, "invalid_request", "batch_size"),
+        ("GET", "/api/v1/events?limit=banana".into(), vec![], 400, "invalid_request", "limit"),
+        ("GET", "/api/v1/nowhere".into(), vec![], 404, "not_found", "route"),
+        ("POST", format!("/api/v1/nodes/by-mac/{a}/report"), b"{\"mac\": 1}".to_vec(), 400, "invalid_request", "request body"),
+        ("POST", format!("/api/v1/nodes/by-mac/{a}/report"), vec![b' '; 70 << 10], 413, "too_large", "exceeds"),
+        ("GET", format!("/api/v1/nodes/by-mac/{a}/manifest?version=9"), vec![], 404, "not_found", "not assigned"),
+    ];
+    for (m, p, body, status, code, needle) in cases {
+        let (s, v) = api.raw(m, &p, if body.is_empty() { None } else { Some(body) }).await?;
+        assert_eq!(s, status, "{m} {p}: {v}");
+        assert_eq!(v["error"]["code"], code, "{m} {p}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert!(msg.contains(needle), "{m} {p}: message {msg:?} should mention {needle:?}");
+        assert_eq!(v["error"]["retryable"], false);
+    }
+    assert_eq!(counts(&api).await?, before, "nothing changed");
+    server.stop().await;
+    Ok(())
+}
+
+async fn post(api: &Api, m: &str, r: &StateReport) -> Result<(u16, Value)> {
+    api.with_token(None).raw("POST", &format!("/api/v1/nodes/by-mac/{m}/report"), Some(serde_json::to_vec(r)?)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_idempotent_ordered_and_checked_against_the_state_machine() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let api = server.api();
+    let m = mac(77);
+    let s0 = NodeStatus::default();
+    let s1 = NodeStatus { state: NodeState::Fetching, version: Some(1), ..Default::default() };
+    let s2 = NodeStatus { state: NodeState::Booted, ..s1.clone() };
+    let s3 = NodeStatus { state: NodeState::Healthy, message: Some("up".into()), ..s2.clone() };
+    let s4 = NodeStatus { boot_count: 1, ..s3.clone() };
+    let r = |seq: u64, a: &NodeStatus, b: &NodeStatus| StateReport { mac: m.clone(), seq, base_seq: seq - 1, delta: a.diff(b) };
+    let (r1, r2, r3, r4) = (r(1, &s0, &s1), r(2, &s1, &s2), r(3, &s2, &s3), r(4, &s3, &s4));
+    for rep in [&r1, &r2, &r3] {
+        let (s, v) = post(&api, &m, rep).await?;
+        assert_eq!((s, v["applied_seq"].as_u64()), (200, Some(rep.seq)));
+    }
+    let transitions = |api: Api| async move { api.events("node.transition").await.map(|e| e.len()) };
+    let t_before = transitions(api.clone()).await?;
+    // Duplicates and reordered copies: acknowledged, applied zero times.
+    for rep in [&r3, &r2, &r3, &r2] {
+        let (s, v) = post(&api, &m, rep).await?;
+        assert_eq!((s, v["applied_seq"].as_u64(), v["resend_full"].as_bool()), (200, Some(3), Some(false)), "{v}");
+    }
+    // A delta from the future (seq 4 lost, seq 5 on base 4): the server asks for a full report.
+    let r5 = StateReport { seq: 5, base_seq: 4, ..r4.clone() };
+    let (_, v) = post(&api, &m, &r5).await?;
+    assert_eq!(v["resend_full"], true);
+    // The same seq with other content: also a full report, nothing applied.
+    let r3x = StateReport { delta: s2.diff(&NodeStatus { message: Some("other".into()), ..s3.clone() }), ..r3.clone() };
+    let (_, v) = post(&api, &m, &r3x).await?;
+    assert_eq!(v["resend_full"], true);
+    let node = api.ok("GET", &format!("/api/v1/nodes/{m}"), None).await?;
+    assert_eq!(node["status"], serde_json::to_value(&s3)?);
+    assert_eq!(transitions(api.clone()).await?, t_before, "no transition recorded twice");
+
+    // An illegal transition: healthy → fetching without a reboot. Rejected, recorded, no change.
+    let bad = StateReport { mac: m.clone(), seq: 4, base_seq: 3, delta: StateDelta { state: Some(NodeState::Fetching), ..Default::default() } };
+    let (s, v) = post(&api, &m, &bad).await?;
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("illegal_transition")), "{v}");
+    let illegal = api.events("node.illegal_transition").await?;
+    assert_eq!(illegal.len(), 1);
+    assert_eq!(illegal[0]["detail"]["from"], "healthy");
+    assert_eq!(illegal[0]["detail"]["to"], "fetching");
+    let node = api.ok("GET", &format!("/api/v1/nodes/{m}"), None).await?;
+    assert_eq!(node["state"], "healthy");
+    // The legal next delta still applies.
+    let (_, v) = post(&api, &m, &r4).await?;
+    assert_eq!(v["applied_seq"], 4);
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_recorded_and_a_repair_scheduled() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let api = server.api();
+    let url = Arc::new(RwLock::new(server.url.clone()));
+    let mut sim = Sim::new(&mac(5), url);
+    sim.boot().await?;
+    let layer = sim.manifest(None).await?.layers[0].id;
+    sim.status.drift = vec![layer];
+    let ack = sim.report().await?;
+    assert_eq!(ack.repair, vec![layer], "the server asks for the layer again");
+    let node = api.ok("GET", &format!("/api/v1/nodes/{}", sim.mac), None).await?;
+    assert_eq!(node["drifted"], true);
+    let ev = api.events("node.drifted").await?;
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0]["detail"]["repair"], "scheduled");
+    sim.status.drift.clear();
+    let ack = sim.report().await?;
+    assert!(ack.repair.is_empty());
+    assert_eq!(api.events("node.repaired").await?.len(), 1);
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_route_exists_and_the_document_is_served() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let api = server.api();
+    let doc = api.ok("GET", "/api/v1/openapi.json", None).await?;
+    assert_eq!(doc, strata_server::api::openapi::document());
+    for r in strata_server::api::openapi::ROUTES {
+        let path = r.path.replace("{mac}", &mac(1)).replace("{name}", "zzz").replace("{id}", "7");
+        let (s, v) = api.call(&r.method.to_uppercase(), &path, Some(json!({}))).await?;
+        assert!(s != 405 && !(s == 404 && v["error"]["message"].as_str().is_some_and(|m| m.contains("route"))), "{} {}: {s} {v}", r.method, r.path);
+    }
+    server.stop().await;
+    Ok(())
+}
