@@ -17,7 +17,7 @@ use wire::report::NodeState;
 const BOOT: Duration = Duration::from_secs(300);
 
 #[test]
-fn first_boot_fetches_verifies_attaches_and_runs_the_image() -> Result<()> {
+fn first_boot_then_a_cached_boot_after_power_loss() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let key = SigningKey::from_bytes(&[42u8; 32]);
     let images = ImageSet::new(dir.path())?;
@@ -62,7 +62,8 @@ fn first_boot_fetches_verifies_attaches_and_runs_the_image() -> Result<()> {
         BOOT,
     )?;
     vm.wait_for("STRATA agent=confirmed version=1 role=web", BOOT)?;
-    vm.wait_exit(BOOT)?;
+    // Pull the plug: no shutdown, no unmount. The cache must come back intact.
+    vm.kill()?;
     ensure!(srv.sent(&base_ref.id) == base_ref.size);
     ensure!(srv.sent(&role_ref.id) == role_ref.size);
     // State reports: a full first report, then a delta on it carrying only what changed.
@@ -88,6 +89,19 @@ fn first_boot_fetches_verifies_attaches_and_runs_the_image() -> Result<()> {
         b.delta.cached_layers == Some(vec![base_ref.id, role_ref.id]),
         "{b:?}"
     );
+
+    // A cached boot after the power loss: confirmed version, nothing downloaded.
+    srv.reset_counters();
+    let mut vm = Vm::boot(&initrd, &disk, srv.port, "")?;
+    let cache = vm.wait_for("STRATA stage=cache", BOOT)?;
+    ensure!(field(&cache, "formatted") == Some("false"), "{cache}");
+    vm.wait_for("STRATA stage=decide version=1 role=web why=confirmed", BOOT)?;
+    vm.wait_for(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
+    vm.wait_exit(BOOT)?;
+    ensure!(vm.lines_with("STRATA stage=fetch").is_empty() && srv.total_sent() == 0);
     Ok(())
 }
 

@@ -422,6 +422,13 @@ impl Vm {
         }
     }
 
+    /// Pulls the plug: kills QEMU with no shutdown at all.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// All lines so far that start with `prefix`.
     pub fn lines_with(&self, prefix: &str) -> Vec<String> {
         self.log
