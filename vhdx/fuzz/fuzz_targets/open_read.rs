@@ -64,12 +64,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             r = &r[n..];
         }
     }
-    // The child's parent locator names base.vhdx next to it: write the pristine base there
-    // unless this input is the base.
-    let path = t.dir.join(if mode % 3 == 2 { "child.vhdx" } else { "base.vhdx" });
-    if mode % 3 == 2 {
-        std::fs::write(t.dir.join("base.vhdx"), &t.base).expect("write base");
-    }
+    // The child's parent locator names base.vhdx next to it, which stays pristine; damaged
+    // bases are written under another name.
+    let path = t.dir.join(if mode % 3 == 2 { "child.vhdx" } else { "input.vhdx" });
     std::fs::write(&path, &file).expect("write input");
     let before = std::fs::read(&path).expect("read back");
     if let Ok(f) = Vhdx::open(&path) {
