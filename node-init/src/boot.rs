@@ -222,6 +222,8 @@ pub struct Env {
     iface: Option<String>,
     cache: Option<Cache>,
     reporter: Option<Reporter>,
+    /// Consecutive attempts that failed on a damaged cache file system.
+    cache_damage: u32,
 }
 
 /// Mounts /proc, /sys, /dev (devtmpfs), /run (tmpfs).
@@ -478,7 +480,21 @@ fn status_now(
 }
 
 /// One attempt of the boot flow. Returns only on failure (success execs the image's init).
+/// Counts consecutive failures on a damaged cache file system (the second one reformats it).
 pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitError> {
+    let r = run_once(env, mode);
+    if let Err(e) = &r {
+        let damaged = match e {
+            InitError::Cache(c) => cache::is_damage(c),
+            InitError::Fetch(FetchError::Cache { source, .. }) => cache::is_damage(source),
+            _ => false,
+        };
+        env.cache_damage = if damaged { env.cache_damage + 1 } else { 0 };
+    }
+    r
+}
+
+fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitError> {
     if !env.early_done {
         early_mounts()?;
         env.early_done = true;
@@ -538,11 +554,19 @@ pub fn run(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitEr
                 .unwrap_or_default()
         }
     };
+    // A cache whose file system keeps failing with I/O errors is made again (only a cache).
+    let reformat = env.cache_damage >= 2;
+    if reformat {
+        if let Some(_old) = env.cache.take() {
+            let _ = mount::umount(Path::new(CACHE_MOUNT));
+        }
+        env.cache_damage = 0;
+    }
     let cache = match &env.cache {
         Some(c) => c.clone(),
         None => {
             let mnt = Path::new(CACHE_MOUNT);
-            let (device, formatted) = cache::prepare_disk(cmd.disk.as_deref(), mnt)?;
+            let (device, formatted) = cache::prepare_disk(cmd.disk.as_deref(), mnt, reformat)?;
             let c = Cache::open(mnt)?;
             marker!("stage=cache device={device} formatted={formatted}");
             env.cache = Some(c.clone());

@@ -124,10 +124,13 @@ pub fn classify(head: &[u8]) -> DiskKind {
 }
 
 /// Finds the cache disk, formats it if allowed and needed, and mounts it at `mountpoint`.
-/// `explicit` is the `strata.disk=` value.
+/// `explicit` is the `strata.disk=` value. `reformat` formats our own cache disk again (its
+/// file system is damaged beyond use: it is only a cache, everything in it can be fetched
+/// again). A labelled cache that no longer mounts is formatted again too.
 pub fn prepare_disk(
     explicit: Option<&str>,
     mountpoint: &Path,
+    reformat: bool,
 ) -> Result<(String, bool), CacheError> {
     if explicit == Some(crate::cmdline::RAM_DISK) {
         // Diskless: layers live in memory; same layout, same attach path (loop over tmpfs).
@@ -152,32 +155,68 @@ pub fn prepare_disk(
         let mut f = File::open(&device).map_err(io_at(Path::new(&device)))?;
         f.read_exact(&mut head).map_err(io_at(Path::new(&device)))?;
     }
+    let kind = classify(&head);
     let mut formatted = false;
-    match classify(&head) {
-        DiskKind::StrataCache => {}
+    match kind {
+        DiskKind::StrataCache if !reformat => {}
+        DiskKind::StrataCache => {
+            crate::info!("the cache file system on {device} is damaged: formatting it again");
+            format(&device)?;
+            formatted = true;
+        }
         DiskKind::Foreign if explicit.is_none() => return Err(CacheError::Foreign { device }),
         DiskKind::Blank | DiskKind::Foreign => {
             crate::info!("formatting {device} as the Strata cache ({LABEL})");
-            // ext4 with a journal: the cache's metadata survives a node reset at any moment
-            // (nodes are often powered off hard), with no fsck at boot.
-            let out = std::process::Command::new(MKE2FS)
-                .args([
-                    "-q", "-F", "-t", "ext4", "-b", "4096", "-L", LABEL, "-m", "0",
-                ])
-                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1", &device])
-                .output()
-                .map_err(io_at(Path::new(MKE2FS)))?;
-            if !out.status.success() {
-                let mut detail = String::from_utf8_lossy(&out.stderr).into_owned();
-                detail.truncate(400);
-                return Err(CacheError::Format { device, detail });
-            }
+            format(&device)?;
             formatted = true;
         }
     }
     fs::create_dir_all(mountpoint).map_err(io_at(mountpoint))?;
-    crate::sys::mount::mount(&device, mountpoint, "ext4", 0, None).map_err(io_at(mountpoint))?;
+    if let Err(e) = crate::sys::mount::mount(&device, mountpoint, "ext4", 0, None) {
+        if formatted || kind != DiskKind::StrataCache {
+            return Err(CacheError::Io {
+                path: mountpoint.to_owned(),
+                source: e,
+            });
+        }
+        crate::info!("the cache on {device} does not mount ({e}): formatting it again");
+        format(&device)?;
+        formatted = true;
+        crate::sys::mount::mount(&device, mountpoint, "ext4", 0, None)
+            .map_err(io_at(mountpoint))?;
+    }
     Ok((device, formatted))
+}
+
+/// True if `e` says the cache's file system is damaged (not full, not missing).
+pub fn is_damage(e: &CacheError) -> bool {
+    match e {
+        CacheError::Io { source, .. } => {
+            matches!(source.raw_os_error(), Some(libc::EIO) | Some(libc::EUCLEAN))
+        }
+        _ => false,
+    }
+}
+
+fn format(device: &str) -> Result<(), CacheError> {
+    // ext4 with a journal: the cache's metadata survives a node reset at any moment (nodes
+    // are often powered off hard), with no fsck at boot.
+    let out = std::process::Command::new(MKE2FS)
+        .args([
+            "-q", "-F", "-t", "ext4", "-b", "4096", "-L", LABEL, "-m", "0",
+        ])
+        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1", device])
+        .output()
+        .map_err(io_at(Path::new(MKE2FS)))?;
+    if !out.status.success() {
+        let mut detail = String::from_utf8_lossy(&out.stderr).into_owned();
+        detail.truncate(400);
+        return Err(CacheError::Format {
+            device: device.to_owned(),
+            detail,
+        });
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `dir/name` atomically (temp file, fsync, rename, fsync dir).

@@ -475,3 +475,47 @@ fn dhcp_without_an_address_and_ram_mode_without_a_disk() -> Result<()> {
     vm.wait_exit(BOOT)?;
     Ok(())
 }
+
+/// A cache disk whose file system no longer mounts (here: a garbled superblock, label intact)
+/// is formatted again, and the node boots from the server as on a first boot.
+#[test]
+fn damaged_cache_file_system_is_formatted_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let key = SigningKey::from_bytes(&[42u8; 32]);
+    let images = ImageSet::new(dir.path())?;
+    let role = images.role_layer("web", 1, true)?;
+    let (base, base_bytes) = layer_ref(&images.base_vhdx, LayerKind::Base)?;
+    let (top, top_bytes) = layer_ref(&role, LayerKind::Role)?;
+    let srv = Server::start()?;
+    srv.add_layer(base.id, base_bytes);
+    srv.add_layer(top.id, top_bytes);
+    srv.set_manifest(
+        MAC,
+        SignedManifest::sign(&manifest("web", 1, 3, vec![base, top]), &key)?.to_json(),
+    );
+    let initrd = support::initramfs(dir.path(), &key)?;
+    let disk = dir.path().join("disk.raw");
+    support::blank_disk(&disk, 256 << 20)?;
+    let st = std::process::Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-L", node_init::cache::LABEL])
+        .arg(&disk)
+        .status()?;
+    ensure!(st.success(), "mke2fs");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&disk)?;
+        // s_log_block_size (superblock offset 24) = 20: no kernel mounts that.
+        f.seek(SeekFrom::Start(1024 + 24))?;
+        f.write_all(&20u32.to_le_bytes())?;
+        f.sync_all()?;
+    }
+    let mut vm = Vm::boot(&initrd, &disk, srv.port, "")?;
+    let cache = vm.wait_for("STRATA stage=cache", BOOT)?;
+    ensure!(field(&cache, "formatted") == Some("true"), "{cache}");
+    vm.wait_for(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
+    vm.wait_exit(BOOT)?;
+    Ok(())
+}
