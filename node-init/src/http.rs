@@ -91,15 +91,16 @@ enum Framing {
     Close,
 }
 
-/// A response whose body is read through `Read`.
-pub struct Response {
+/// A response whose body is read through `Read` (from a connection, or any `BufRead` for
+/// [`parse_response`]).
+pub struct Response<R: BufRead = BufReader<TcpStream>> {
     /// Status code.
     pub status: u16,
     /// `Content-Length`, if sent.
     pub content_length: Option<u64>,
     /// `Content-Range`, if sent.
     pub content_range: Option<ContentRange>,
-    reader: BufReader<TcpStream>,
+    reader: R,
     framing: Framing,
 }
 
@@ -214,7 +215,7 @@ fn read_limited(r: &mut impl Read, limit: usize) -> Result<Vec<u8>, HttpError> {
     Ok(out)
 }
 
-fn read_line(r: &mut BufReader<TcpStream>, budget: &mut usize) -> Result<String, HttpError> {
+fn read_line<R: BufRead>(r: &mut R, budget: &mut usize) -> Result<String, HttpError> {
     let mut line = Vec::new();
     let n = r
         .by_ref()
@@ -236,7 +237,12 @@ fn read_line(r: &mut BufReader<TcpStream>, budget: &mut usize) -> Result<String,
     String::from_utf8(line).map_err(|_| HttpError::Malformed("non-UTF-8 header"))
 }
 
-fn read_head(mut reader: BufReader<TcpStream>) -> Result<Response, HttpError> {
+/// Parses a response head from `reader`; the body is then read from the returned value.
+pub fn parse_response<R: BufRead>(reader: R) -> Result<Response<R>, HttpError> {
+    read_head(reader)
+}
+
+fn read_head<R: BufRead>(mut reader: R) -> Result<Response<R>, HttpError> {
     let mut budget = MAX_HEAD;
     let status_line = read_line(&mut reader, &mut budget)?;
     let mut parts = status_line.splitn(3, ' ');
@@ -319,7 +325,14 @@ pub fn parse_content_range(v: &str) -> Option<ContentRange> {
     Some(ContentRange { first, last, total })
 }
 
-impl Read for Response {
+impl<R: BufRead> Response<R> {
+    /// True if the body is `Transfer-Encoding: chunked`.
+    pub fn is_chunked(&self) -> bool {
+        matches!(self.framing, Framing::Chunked { .. })
+    }
+}
+
+impl<R: BufRead> Read for Response<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match &mut self.framing {
             Framing::Length(left) => {
@@ -396,6 +409,84 @@ fn to_io(e: HttpError) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn encode(body: &[u8], framing: u8, cuts: &[usize]) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 200 OK\r\nServer: t\r\n".to_vec();
+        match framing {
+            0 => {
+                out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+                out.extend_from_slice(body);
+            }
+            1 => {
+                out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                let mut points: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+                points.push(0);
+                points.push(body.len());
+                points.sort_unstable();
+                points.dedup();
+                for w in points.windows(2) {
+                    out.extend_from_slice(format!("{:x};ext=1\r\n", w[1] - w[0]).as_bytes());
+                    out.extend_from_slice(&body[w[0]..w[1]]);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\nTrailer: x\r\n\r\n");
+            }
+            _ => {
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(body);
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn every_framing_gives_back_the_body(
+            body in proptest::collection::vec(any::<u8>(), 0..3000),
+            framing in 0u8..3,
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        ) {
+            let wire = encode(&body, framing, &cuts);
+            let mut r = parse_response(&wire[..]).unwrap();
+            prop_assert_eq!(r.status, 200);
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).unwrap();
+            prop_assert_eq!(got, body);
+        }
+
+        #[test]
+        fn cut_bodies_are_errors_not_short_reads(
+            body in proptest::collection::vec(any::<u8>(), 1..3000),
+            framing in 0u8..2,
+            keep in any::<prop::sample::Index>(),
+        ) {
+            let wire = encode(&body, framing, &[body.len() / 2]);
+            let head_end = wire.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let cut = head_end + keep.index(wire.len() - head_end);
+            let mut r = parse_response(&wire[..cut]).unwrap();
+            let mut got = Vec::new();
+            prop_assert!(r.read_to_end(&mut got).is_err());
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            if let Ok(mut r) = parse_response(&bytes[..]) {
+                let mut sink = Vec::new();
+                let _ = r.by_ref().take(1 << 16).read_to_end(&mut sink);
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_head_is_refused() {
+        let mut wire = b"HTTP/1.1 200 OK\r\n".to_vec();
+        wire.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
+        assert!(matches!(
+            parse_response(&wire[..]),
+            Err(HttpError::Malformed(_))
+        ));
+    }
 
     #[test]
     fn content_range_forms() {
