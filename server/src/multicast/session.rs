@@ -734,4 +734,22 @@ mod tests {
         let symbols = stats.data_packets as f64;
         assert!((stats.repair_packets as f64) < symbols * 0.30, "{stats:?}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+        /// Any loss pattern up to 20% per receiver: every receiver ends with the exact file.
+        #[test]
+        fn any_loss_pattern_completes(
+            losses in proptest::collection::vec(0u32..=20, 1..4),
+            seed in 1u64..,
+            len in 1usize..400_000,
+        ) {
+            let data: Vec<u8> = (0..len as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+            let (stats, outs) = simulate(&data, &losses, seed);
+            for o in outs {
+                proptest::prop_assert!(o == data);
+            }
+            proptest::prop_assert_eq!(stats.receivers_done, losses.len() as u64);
+        }
+    }
 }

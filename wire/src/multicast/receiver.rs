@@ -386,10 +386,14 @@ impl ReceiverCore {
     fn on_announce(&mut self, a: Announce, from: SocketAddr, now: Instant, out: &mut Vec<Action>) {
         if let Some(s) = &mut self.session {
             if s.id == a.session {
+                if from != s.sender {
+                    // Same session id from another address: a forger, not our sender.
+                    self.stats.foreign += 1;
+                    return;
+                }
                 s.horizon = s.horizon.max(a.horizon);
                 s.phase = a.phase;
                 s.last_heard = now;
-                s.sender = from;
                 if a.phase == SessionPhase::Ending && !self.complete {
                     out.push(Action::SessionEnded);
                 }
