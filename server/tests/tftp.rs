@@ -428,16 +428,22 @@ async fn garbage_and_floods_on_port_69() -> Result<()> {
         c.send_to(&rrq("big.bin", vec![]), f.addr).await?;
         flooders.push(c);
     }
-    let mut busy = 0;
+    let (mut busy, mut data) = (0, 0);
     for c in &flooders {
         let n = tokio::time::timeout(Duration::from_secs(30), c.recv(&mut buf)).await??;
-        if Packet::parse(&buf[..n])?
-            == Packet::error(ErrorCode::NotDefined, "server busy, try again")
-        {
-            busy += 1;
+        match Packet::parse(&buf[..n])? {
+            Packet::Data { block: 1, .. } => data += 1,
+            p if p == Packet::error(ErrorCode::NotDefined, "server busy, try again") => busy += 1,
+            p => bail!("unexpected answer to a flood RRQ: {p:?}"),
         }
     }
-    assert_eq!(busy, 12, "8 transfers run, 12 are refused");
+    // At most 8 transfers run; the rest are refused at once rather than queued. (A refused
+    // transfer from the requests above may still hold a slot, so "at most".)
+    assert!(
+        data <= 8 && data >= 1,
+        "{data} transfers started, {busy} refused"
+    );
+    assert_eq!(data + busy, 20);
     drop(flooders);
     // The flooders' transfers end (port unreachable); real clients are served again.
     let mut served = false;
