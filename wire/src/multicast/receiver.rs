@@ -709,3 +709,172 @@ fn nack(session: SessionId, receiver: u64, to: SocketAddr, ranges: Vec<SymbolRan
         .to_bytes(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::chunk_hashes;
+    use crate::multicast::packet::Hashes;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    const CS: u32 = 4096;
+    const SY: u16 = 1024;
+
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 9000))
+    }
+
+    fn setup() -> (Vec<u8>, LayerId, Vec<ChunkHash>, Layout, Vec<u8>) {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let (id, size, chunks) = chunk_hashes(&data[..], CS).unwrap();
+        let layout = Layout::new(size, CS, SY).unwrap();
+        let ann = Packet::Announce(Announce {
+            session: SessionId::new(5).unwrap(),
+            phase: SessionPhase::Sending,
+            layer: id,
+            layout,
+            hash_list: hash_list_digest(&chunks),
+            horizon: 0,
+            receivers: 1,
+            rate_kbps: 0,
+        })
+        .to_bytes();
+        (data, id, chunks, layout, ann)
+    }
+
+    fn data_pkt(session: u32, layout: Layout, symbol: u32, bytes: &[u8]) -> Vec<u8> {
+        let r = layout.symbol_range(symbol).unwrap();
+        Packet::Data(Data {
+            session: SessionId::new(session).unwrap(),
+            seq: symbol,
+            symbol,
+            repair: false,
+            payload: &bytes[r.start as usize..r.end as usize],
+        })
+        .to_bytes()
+    }
+
+    fn writes(acts: &[Action]) -> Vec<u32> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::Write { chunk, .. } => Some(*chunk),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn known(id: LayerId, chunks: &[ChunkHash]) -> Expect {
+        Expect::Known { id, size: 10_000, chunk_size: CS, chunks: chunks.to_vec() }
+    }
+
+    #[test]
+    fn forged_payload_is_never_written_and_chunk_is_asked_again() {
+        let (data, id, chunks, layout, ann) = setup();
+        let now = Instant::now();
+        let mut rx = ReceiverCore::new(known(id, &chunks), 1, 4);
+        rx.on_packet(&ann, addr(1), now);
+        let mut bad = data.clone();
+        bad[10] ^= 0xff;
+        let mut acts = Vec::new();
+        for s in 0..layout.symbols_in(0) {
+            let src = if s == 0 { &bad } else { &data };
+            acts.extend(rx.on_packet(&data_pkt(5, layout, s, src), addr(1), now));
+        }
+        assert!(writes(&acts).is_empty());
+        assert_eq!(rx.stats().bad_chunks, 1);
+        // The real symbols again: now the chunk verifies.
+        let mut acts = Vec::new();
+        for s in 0..layout.symbols_in(0) {
+            acts.extend(rx.on_packet(&data_pkt(5, layout, s, &data), addr(1), now));
+        }
+        assert_eq!(writes(&acts), vec![0]);
+    }
+
+    #[test]
+    fn other_sessions_and_wrong_layers_are_dropped_and_counted() {
+        let (data, id, chunks, layout, ann) = setup();
+        let now = Instant::now();
+        let mut rx = ReceiverCore::new(known(id, &chunks), 1, 4);
+        rx.on_packet(&ann, addr(1), now);
+        for s in 0..layout.symbols_in(0) {
+            assert!(rx.on_packet(&data_pkt(6, layout, s, &data), addr(1), now).is_empty());
+        }
+        assert_eq!(rx.stats().foreign, u64::from(layout.symbols_in(0)));
+        // An announcement for another layer does not take over.
+        let mut other = match Packet::parse(&ann).unwrap() {
+            Packet::Announce(a) => a,
+            _ => unreachable!(),
+        };
+        other.session = SessionId::new(9).unwrap();
+        other.layer = Digest([1; 32]);
+        rx.on_packet(&Packet::Announce(other).to_bytes(), addr(1), now);
+        assert_eq!(rx.layer().unwrap().0, id);
+        // Nor does a forged announcement of our session from another address.
+        let mut end = match Packet::parse(&ann).unwrap() {
+            Packet::Announce(a) => a,
+            _ => unreachable!(),
+        };
+        end.phase = SessionPhase::Ending;
+        assert!(rx.on_packet(&Packet::Announce(end).to_bytes(), addr(66), now).is_empty());
+    }
+
+    #[test]
+    fn a_session_whose_hashes_differ_from_the_manifest_is_not_followed() {
+        let (_, id, mut chunks, _, ann) = setup();
+        chunks[1] = Digest([0; 32]);
+        let mut rx = ReceiverCore::new(known(id, &chunks), 1, 4);
+        rx.on_packet(&ann, addr(1), Instant::now());
+        assert!(rx.layer().is_none());
+        assert_eq!(rx.stats().foreign, 1);
+    }
+
+    #[test]
+    fn announced_hashes_must_match_the_announced_digest() {
+        let (data, _, chunks, layout, ann) = setup();
+        let now = Instant::now();
+        let mut rx = ReceiverCore::new(Expect::Any, 1, 4);
+        rx.on_packet(&ann, addr(1), now);
+        let forged = Hashes { session: SessionId::new(5).unwrap(), first: 0, hashes: vec![Digest([3; 32]); 3] };
+        rx.on_packet(&Packet::Hashes(forged).to_bytes(), addr(2), now);
+        // Chunk 0 assembled while the list is wrong: held, not written.
+        let mut acts = Vec::new();
+        for s in 0..layout.symbols_in(0) {
+            acts.extend(rx.on_packet(&data_pkt(5, layout, s, &data), addr(1), now));
+        }
+        assert!(writes(&acts).is_empty());
+        let real = Hashes { session: SessionId::new(5).unwrap(), first: 0, hashes: chunks.clone() };
+        let acts = rx.on_packet(&Packet::Hashes(real).to_bytes(), addr(1), now);
+        assert_eq!(writes(&acts), vec![0]);
+    }
+
+    #[test]
+    fn resume_asks_only_for_missing_chunks() {
+        let (_, id, chunks, layout, ann) = setup();
+        let t0 = Instant::now();
+        let mut rx = ReceiverCore::new(known(id, &chunks), 1, 4);
+        rx.on_packet(&ann, addr(1), t0);
+        rx.mark_present(0);
+        rx.mark_present(2);
+        let mut end = match Packet::parse(&ann).unwrap() {
+            Packet::Announce(a) => a,
+            _ => unreachable!(),
+        };
+        end.horizon = layout.symbol_slots();
+        rx.on_packet(&Packet::Announce(end).to_bytes(), addr(1), t0);
+        let acts = rx.on_timeout(t0 + Duration::from_secs(1));
+        let nacks: Vec<Nack> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { bytes, .. } => match Packet::parse(bytes).ok()? {
+                    Packet::Nack(n) => Some(n),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert_eq!(nacks.len(), 1);
+        let first = layout.first_symbol(1);
+        assert_eq!(nacks[0].ranges, vec![SymbolRange { start: first, count: layout.symbols_in(1) }]);
+        assert_eq!(rx.missing_chunks(), vec![1]);
+    }
+}
