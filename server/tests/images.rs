@@ -638,3 +638,14 @@ fn killing_the_builder_never_leaves_a_bad_layer_or_catalog() -> Result<()> {
     check_store_after_kill(&root)?;
     Ok(())
 }
+
+#[test]
+fn every_recipe_in_the_repository_parses() -> Result<()> {
+    let mut n = 0;
+    for dir in [images().join("busybox"), images().join("debian-bookworm"), images().join("roles/web"), images().join("roles/db")] {
+        build::recipe::load(&dir).with_context(|| format!("{}", dir.display()))?;
+        n += 1;
+    }
+    assert_eq!(n, 4);
+    Ok(())
+}

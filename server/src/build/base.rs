@@ -345,7 +345,7 @@ fn index_archive(archive: &Path) -> Result<Index, BuildError> {
 
 const MAX_JSON: u64 = 4 << 20;
 
-fn member<'a>(archive: &'a Path, idx: &Index, name: &str) -> Result<io::Take<BufReader<File>>, BuildError> {
+fn member(archive: &Path, idx: &Index, name: &str) -> Result<io::Take<BufReader<File>>, BuildError> {
     let &(off, size) = idx.get(name).ok_or_else(|| arch_err(archive, name, "member missing from the archive"))?;
     let mut f = File::open(archive).map_err(|e| BuildError::io("opening", archive, e))?;
     f.seek(SeekFrom::Start(off)).map_err(|e| BuildError::io("seeking", archive, e))?;
@@ -534,6 +534,75 @@ fn qemu_img_convert(src: &Path, fmt: &str, out: &Path) -> Result<(), BuildError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn entry() -> impl Strategy<Value = (String, u8, String)> {
+        let comp = prop_oneof![Just("a"), Just("b"), Just(".."), Just("."), Just("out")];
+        let name = proptest::collection::vec(comp.clone(), 1..4).prop_map(|v| v.join("/"));
+        let target = prop_oneof![
+            proptest::collection::vec(comp, 1..4).prop_map(|v| v.join("/")),
+            Just("/".to_owned()),
+            Just("OUTSIDE".to_owned()),
+        ];
+        (name, 0u8..4, target)
+    }
+
+    fn archive(entries: &[(String, u8, String)], outside: &Path) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, target) in entries {
+            let target = if target == "OUTSIDE" { outside.display().to_string() } else { target.clone() };
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            let raw = name.as_bytes();
+            let n = raw.len().min(99);
+            h.as_old_mut().name[..n].copy_from_slice(&raw[..n]);
+            let (ty, data): (tar::EntryType, &[u8]) = match kind {
+                0 => (tar::EntryType::Regular, b"data"),
+                1 => (tar::EntryType::Directory, b""),
+                2 => (tar::EntryType::Symlink, b""),
+                _ => (tar::EntryType::Link, b""),
+            };
+            h.set_entry_type(ty);
+            h.set_size(data.len() as u64);
+            if *kind >= 2 {
+                let _ = h.set_link_name(&target);
+            }
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Whatever the archive says, nothing is created or changed outside the stage.
+        #[test]
+        fn unpacking_never_escapes_the_stage(entries in proptest::collection::vec(entry(), 1..8)) {
+            let dir = tempfile::tempdir().unwrap();
+            let outside = dir.path().join("outside");
+            fs::create_dir(&outside).unwrap();
+            let root = dir.path().join("stage").join("root");
+            fs::create_dir_all(&root).unwrap();
+            let bytes = archive(&entries, &outside);
+            let mut stage = Stage::new(root.clone());
+            let _ = stage.unpack(Path::new("t.tar"), &bytes[..], true);
+            prop_assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+            let top: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            prop_assert_eq!(top.len(), 2);
+            prop_assert_eq!(fs::read_dir(dir.path().join("stage")).unwrap().count(), 1);
+        }
+
+        /// Random bytes are an error or an empty stage, never a panic.
+        #[test]
+        fn random_bytes_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut stage = Stage::new(dir.path().to_owned());
+            let _ = stage.unpack(Path::new("t.tar"), &bytes[..], true);
+        }
+    }
 
     #[test]
     fn member_paths_normalise_and_reject_dotdot() {

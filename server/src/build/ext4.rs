@@ -112,7 +112,7 @@ pub fn mkfs(image: &Path, root: Option<&Path>, opts: &MkfsOptions) -> Result<(),
     cmd.env("E2FSPROGS_FAKE_TIME", opts.epoch.to_string())
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0"])
         .arg("-U")
-        .arg(opts.uuid.to_string())
+        .arg(&opts.uuid)
         .arg("-E")
         .arg(format!("hash_seed={},root_owner=0:0,lazy_itable_init=0,nodiscard", opts.hash_seed))
         .arg("-L")

@@ -721,10 +721,12 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
         recipe: l.text.clone(),
         roles: role_infos,
     })?;
-    let kernel = match kernel {
-        Some((id, release)) => Some(KernelRef { id, release, path: store.blob_path(&id), size: fs::metadata(store.blob_path(&id)).map(|m| m.len()).unwrap_or(0) }),
-        None => None,
-    };
+    let kernel = kernel.map(|(id, release)| KernelRef {
+        id,
+        release,
+        path: store.blob_path(&id),
+        size: fs::metadata(store.blob_path(&id)).map(|m| m.len()).unwrap_or(0),
+    });
     Ok(Built { image: name, version, reused: false, base: base_rec, roles: role_recs, kernel })
 }
 

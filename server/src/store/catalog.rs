@@ -237,6 +237,9 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// A `layers` row as SQLite returns it: id, size, virtual size, parent, kind, chunk size, chunks.
+type LayerRow = (String, i64, i64, Option<String>, String, u32, Vec<u8>);
+
 /// The catalog database.
 #[derive(Debug)]
 pub struct Catalog {
@@ -298,13 +301,11 @@ impl Catalog {
         Ok(())
     }
 
-    fn layer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64, i64, Option<String>, String, u32, Vec<u8>)> {
+    fn layer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LayerRow> {
         Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
     }
 
-    fn layer_decode(
-        raw: (String, i64, i64, Option<String>, String, u32, Vec<u8>),
-    ) -> Result<LayerRecord, CatalogError> {
+    fn layer_decode(raw: LayerRow) -> Result<LayerRecord, CatalogError> {
         let (id, size, vsize, parent, kind, chunk_size, chunks) = raw;
         if chunks.len() % 32 != 0 {
             return Err(CatalogError::Corrupt { what: format!("chunk list of layer {id}") });

@@ -1,0 +1,169 @@
+//! Image builder benchmark: prints the time to build the busybox base and its roles, the time
+//! and size of 1,000 node layers, and a role layer built on a 1 GiB base, each with the figure
+//! of a peer measured in the same run (see docs/benchmarks.md).
+//!
+//! `cargo run --release -p strata-server --example images_bench [-- NODES [WORKDIR]]`
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use strata_server::build::{self, BuildOptions, NodeFacts};
+use strata_server::store::Store;
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let o = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    if !o.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
+
+fn du(path: &Path) -> Result<u64> {
+    let o = Command::new("du").args(["-s", "-B1"]).arg(path).output()?;
+    Ok(String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("0").parse()?)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let nodes: u32 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+    let work = args.get(2).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/strata-images-bench"));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let images = build::default_images_dir();
+
+    // 1. The busybox base alone, then base + roles, each in a fresh store.
+    let empty_roles = work.join("no-roles");
+    fs::create_dir_all(&empty_roles)?;
+    let s1 = Store::open(&work.join("s1"))?;
+    let t = Instant::now();
+    let base = build::build(&s1, &images.join("busybox"), &BuildOptions { roles_dir: Some(empty_roles), ..Default::default() })?;
+    let t_base = t.elapsed().as_secs_f64();
+    let s2 = Store::open(&work.join("s2"))?;
+    let t = Instant::now();
+    let all = build::build(&s2, &images.join("busybox"), &BuildOptions { roles_dir: Some(images.join("roles")), ..Default::default() })?;
+    let t_all = t.elapsed().as_secs_f64();
+    let n_roles = all.roles.len() as f64;
+    let t = Instant::now();
+    let again = build::ensure_builtin(&s2, &images)?;
+    let t_again = t.elapsed().as_secs_f64();
+    assert!(again.reused);
+    // Peer: mke2fs -d of the same tree + qemu-img convert to VHDX.
+    let tree = work.join("tree");
+    fs::create_dir_all(&tree)?;
+    let raw = s1.cache_path(&base.base.id);
+    run(Command::new("debugfs").arg("-R").arg(format!("rdump / {}", tree.display())).arg(&raw))?;
+    let t = Instant::now();
+    run(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4", "-d"]).arg(&tree).arg(work.join("peer.raw")).arg("32M"))?;
+    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "vhdx"]).arg(work.join("peer.raw")).arg(work.join("peer.vhdx")))?;
+    let t_peer = t.elapsed().as_secs_f64();
+    println!("busybox base: {t_base:.3} s ({} MiB layer); peer mke2fs -d + qemu-img convert -O vhdx: {t_peer:.3} s; ratio {:.2}", mib(base.base.size), t_base / t_peer);
+    println!(
+        "busybox base + {} role layers: {t_all:.3} s, {:.3} s per role layer ({:.1} MiB each); rebuild with unchanged inputs: {:.1} ms",
+        all.roles.len(),
+        (t_all - t_base) / n_roles,
+        all.roles.iter().map(|r| mib(r.2.size)).sum::<f64>() / n_roles,
+        t_again * 1e3
+    );
+
+    // 2. Node layers on the web role.
+    let web = s2.image_for_role("web")?.context("web role")?;
+    let t = Instant::now();
+    let mut bytes = 0;
+    for n in 0..nodes {
+        let f = NodeFacts {
+            hostname: format!("node{n}"),
+            mac: format!("52:54:00:00:{:02x}:{:02x}", n >> 8, n & 0xff),
+            ip: Some(format!("10.1.{}.{}/16", n >> 8, n & 0xff)),
+            gateway: Some("10.1.0.1".into()),
+            node_id: format!("node-{n}"),
+            token: format!("{:064x}", u128::from(n) * 0x9e37_79b9_7f4a_7c15),
+        };
+        bytes += build::node_layer(&s2, &web, &f)?.size;
+    }
+    let t_nodes = t.elapsed().as_secs_f64();
+    let alloc = du(&s2.root().join("layers"))?;
+    // Peer: the naive way without layers, a full copy of the role's image per node (cp of the
+    // sparse raw image, then the same files written with debugfs), for 50 nodes.
+    let role_raw = s2.cache_path(&web.layers[1].id);
+    let peer_n = 50.min(nodes);
+    let pdir = work.join("peer-nodes");
+    fs::create_dir_all(&pdir)?;
+    fs::write(pdir.join("hostname"), "x\n")?;
+    let t = Instant::now();
+    for n in 0..peer_n {
+        let out = pdir.join(format!("node{n}.raw"));
+        run(Command::new("cp").arg("--sparse=always").arg(&role_raw).arg(&out))?;
+        run(Command::new("debugfs").arg("-w").arg("-R").arg(format!("write {} /etc/hostname", pdir.join("hostname").display())).arg(&out))?;
+    }
+    let t_peer_nodes = t.elapsed().as_secs_f64() / f64::from(peer_n) * f64::from(nodes);
+    let peer_alloc = du(&pdir)? / u64::from(peer_n) * u64::from(nodes);
+    println!(
+        "{nodes} node layers: {t_nodes:.2} s ({:.1} ms each), {:.0} MiB of layer files ({:.1} MiB each), {:.0} MiB allocated on disk; \
+         peer full image copy per node: {t_peer_nodes:.2} s, {:.0} MiB allocated (extrapolated from {peer_n}); time ratio {:.2}",
+        t_nodes * 1e3 / f64::from(nodes),
+        mib(bytes),
+        mib(bytes) / f64::from(nodes),
+        mib(alloc),
+        mib(peer_alloc),
+        t_nodes / t_peer_nodes
+    );
+
+    // 3. A role adding 1 MiB of files to a 1 GiB base.
+    let big = work.join("big");
+    let root = big.join("root");
+    fs::create_dir_all(root.join("data"))?;
+    let mut x: u64 = 1;
+    let mut chunk = vec![0u8; 8 << 20];
+    for i in 0..96 {
+        for b in chunk.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        fs::write(root.join("data").join(format!("blob{i:03}")), &chunk)?;
+    }
+    fs::create_dir_all(big.join("base"))?;
+    fs::write(big.join("base/recipe.toml"), "[image]\nname = \"big\"\nsize_mib = 1024\n[base]\nsource = \"dir\"\npath = \"../root\"\n")?;
+    let rfiles = big.join("roles/add/files/opt/add");
+    fs::create_dir_all(&rfiles)?;
+    let mut added = 0;
+    for i in 0..16 {
+        let part: Vec<u8> = chunk[i * 65536..(i + 1) * 65536].iter().map(|b| b ^ 0x5a).collect();
+        added += part.len() as u64;
+        fs::write(rfiles.join(format!("f{i:02}")), part)?;
+    }
+    fs::write(big.join("roles/add/recipe.toml"), "[role]\nname = \"add\"\nimage = \"big\"\n[[tree]]\nfrom = \"files\"\n")?;
+    let s3 = Store::open(&work.join("s3"))?;
+    let t = Instant::now();
+    let b0 = build::build(&s3, &big.join("base"), &BuildOptions { roles_dir: Some(work.join("no-roles")), ..Default::default() })?;
+    let t_bigbase = t.elapsed().as_secs_f64();
+    let s4 = Store::open(&work.join("s4"))?;
+    let t = Instant::now();
+    let b1 = build::build(&s4, &big.join("base"), &BuildOptions { roles_dir: Some(big.join("roles")), ..Default::default() })?;
+    let t_bigall = t.elapsed().as_secs_f64();
+    let role = &b1.roles.first().context("role add")?.2;
+    let t = Instant::now();
+    run(Command::new("cp").arg("--sparse=always").arg(s3.cache_path(&b0.base.id)).arg(work.join("peer-big.raw")))?;
+    let t_copy = t.elapsed().as_secs_f64();
+    println!(
+        "1 GiB base ({} MiB data): base {t_bigbase:.2} s ({:.0} MiB layer); role adding {:.2} MiB of files: {:.2} s, layer {:.2} MiB = {:.1}x what it added \
+         ({} MiB allocated); peer full copy of the base image: {t_copy:.2} s",
+        96 * 8,
+        mib(b0.base.size),
+        mib(added),
+        t_bigall - t_bigbase,
+        mib(role.size),
+        role.size as f64 / added as f64,
+        mib(du(&s4.layer_path(&role.id))?) as u64,
+    );
+    let _ = fs::remove_dir_all(&work);
+    Ok(())
+}
