@@ -11,6 +11,9 @@ use super::boot::{self, BootAnswer, ClientInfo, ClientKind};
 use super::config::{BootConfig, UnknownPolicy};
 use super::lease::{LeaseChange, LeaseTable};
 
+/// iPXE encapsulated option (175) body: sub-option 176 (no-pxedhcp), length 1, value 1.
+pub const IPXE_NO_PXEDHCP: [u8; 3] = [176, 1, 1];
+
 /// DHCP client port.
 pub const CLIENT_PORT: u16 = 68;
 /// DHCP server port.
@@ -208,6 +211,14 @@ impl DhcpCore {
         }
         let answer = boot::select(&self.boot, info, Some(mac));
         boot::apply(&answer, r);
+        if info.kind == ClientKind::Ipxe {
+            // iPXE's encapsulated option 175, "no-pxedhcp" (176) = 1: this server is the
+            // whole answer, so iPXE need not wait ~3 s for ProxyDHCP offers after this one.
+            r.options.set(DhcpOption::Other {
+                code: wire::dhcp::code::IPXE_ENCAP,
+                data: IPXE_NO_PXEDHCP.to_vec(),
+            });
+        }
         match answer {
             BootAnswer::NoFileForArch { .. } => {
                 Some("boot client architecture has no boot file configured")
@@ -668,9 +679,19 @@ mod tests {
         let mut ipxe = pxe.clone();
         ipxe.options.set(DhcpOption::UserClass(b"iPXE".to_vec()));
         let out = c.handle(&ipxe, 0);
+        let reply = out.reply.unwrap().packet;
+        assert_eq!(reply.file, b"http://10.0.0.1:8080/boot/ipxe");
         assert_eq!(
-            out.reply.unwrap().packet.file,
-            b"http://10.0.0.1:8080/boot/ipxe"
+            reply.options.get(wire::dhcp::code::IPXE_ENCAP),
+            Some(&DhcpOption::Other {
+                code: 175,
+                data: IPXE_NO_PXEDHCP.to_vec()
+            }),
+            "iPXE is told not to wait for proxyDHCP"
+        );
+        assert!(
+            r.options.get(wire::dhcp::code::IPXE_ENCAP).is_none(),
+            "only for iPXE"
         );
         assert_eq!(out.discovered.unwrap().user_class.as_deref(), Some("iPXE"));
     }
