@@ -17,8 +17,9 @@ use crate::tools;
 pub const BOOT_MARKER: &str = "STRATA lab-init ok";
 
 /// The kernel command line for the test initramfs: serial console, quiet kernel, and a panic
-/// that stops (no reboot loop) the VM.
-pub const TEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+/// that stops (no reboot loop) the VM; `no_timer_check` because under TCG on a loaded host the
+/// kernel's IO-APIC timer check can fail and panic.
+pub const TEST_CMDLINE: &str = "console=ttyS0 quiet panic=-1 no_timer_check";
 
 /// The strata cache directory (`$STRATA_CACHE`, else `$XDG_CACHE_HOME/strata`, else
 /// `~/.cache/strata`), as in scripts/common.sh.

@@ -98,7 +98,7 @@ struct ServerArgs {
     /// Initramfs to boot (default: a test initramfs printing "STRATA lab-init ok").
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// Kernel command line (default: "console=ttyS0 quiet panic=-1").
+    /// Kernel command line (default: "console=ttyS0 quiet panic=-1 no_timer_check").
     #[arg(long)]
     cmdline: Option<String>,
     /// The lab's directory (logs, VM files); a temporary one when unset.

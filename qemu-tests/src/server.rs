@@ -400,7 +400,9 @@ impl Strata {
                 toml_escape(&b.initrd.display().to_string()),
                 toml_escape(&b.cmdline)
             ),
-            None => String::new(),
+            // Strata's own kernel and node-init. `no_timer_check`: under TCG on a loaded host
+            // the kernel's IO-APIC timer check can fail and panic the boot.
+            None => "\n[boot]\ncmdline = \"no_timer_check\"\n".to_owned(),
         };
         out.replace("{{boot}}", &boot)
     }
