@@ -558,6 +558,7 @@ mod tests {
         assert!(pairs.contains("cmdline = \"console=ttyS0 x=\\\"y\\\"\""), "{pairs}");
         s.boot = None;
         let text = s.render_with(LAB_CONFIG_TEMPLATE, "br0", Ipv4Addr::new(10, 42, 0, 1), 24, (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199)), &ns_dir);
-        assert!(!text.contains("[boot]"));
+        assert!(text.contains("[boot]\ncmdline = \"no_timer_check\"\n"), "{text}");
+        assert!(!text.contains("kernel ="), "{text}");
     }
 }
