@@ -47,6 +47,54 @@ fn options(raw: &Path, parent: Option<&LayerId>) -> Result<CreateOptions, BuildE
     Ok(o)
 }
 
+/// The 1 MiB blocks in which two equally long raw files differ.
+pub fn changed_blocks(a: &Path, b: &Path) -> Result<Vec<u64>, BuildError> {
+    let mut fa = File::open(a).map_err(|e| BuildError::io("opening", a, e))?;
+    let mut fb = File::open(b).map_err(|e| BuildError::io("opening", b, e))?;
+    let len = fa.metadata().map_err(|e| BuildError::io("reading", a, e))?.len();
+    let step = u64::from(BLOCK_SIZE);
+    let mut x = vec![0u8; BLOCK_SIZE as usize];
+    let mut y = vec![0u8; BLOCK_SIZE as usize];
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < len {
+        let n = usize::try_from((len - off).min(step)).unwrap_or(0);
+        fa.read_exact(&mut x[..n]).map_err(|e| BuildError::io("reading", a, e))?;
+        fb.read_exact(&mut y[..n]).map_err(|e| BuildError::io("reading", b, e))?;
+        if x[..n] != y[..n] {
+            out.push(off / step);
+        }
+        off += n as u64;
+    }
+    Ok(out)
+}
+
+/// Compares blocks `blocks` (1 MiB each) of the chain's virtual disk with the raw file.
+fn verify_blocks(chain: &Chain, raw: &Path, blocks: &[u64]) -> Result<(), BuildError> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(raw).map_err(|e| BuildError::io("opening", raw, e))?;
+    let len = f.metadata().map_err(|e| BuildError::io("reading", raw, e))?.len();
+    if len != chain.virtual_size() {
+        return Err(BuildError::Verify { message: format!("virtual size {} but raw image {len} bytes", chain.virtual_size()) });
+    }
+    let step = u64::from(BLOCK_SIZE);
+    let mut a = vec![0u8; BLOCK_SIZE as usize];
+    let mut b = vec![0u8; BLOCK_SIZE as usize];
+    for &blk in blocks {
+        let off = blk.saturating_mul(step);
+        if off >= len {
+            continue;
+        }
+        let n = usize::try_from((len - off).min(step)).unwrap_or(0);
+        f.read_exact_at(&mut a[..n], off).map_err(|e| BuildError::io("reading", raw, e))?;
+        chain.read_at(&mut b[..n], off).map_err(|e| BuildError::Vhdx { what: "reading back".into(), source: e })?;
+        if a[..n] != b[..n] {
+            return Err(BuildError::Verify { message: format!("content differs from the raw image in block {blk}") });
+        }
+    }
+    Ok(())
+}
+
 /// Compares the virtual disk of `chain` with the raw file; both must be identical.
 fn verify(chain: &Chain, raw: &Path) -> Result<(), BuildError> {
     let mut f = File::open(raw).map_err(|e| BuildError::io("opening", raw, e))?;
@@ -86,6 +134,13 @@ pub struct Prepared {
 /// chain `parent` (id and file of each layer, base first). Reads the new chain back and
 /// compares it with `raw` before returning.
 pub fn prepare(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path) -> Result<Prepared, BuildError> {
+    prepare_checked(raw, parent, out, None)
+}
+
+/// Like [`prepare`]; with `changed`, only those blocks (where `raw` differs from the parent's
+/// image) are read back: the writer has compared every sector with the parent already, and
+/// everything else must come from the parent.
+pub fn prepare_checked(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, changed: Option<&[u64]>) -> Result<Prepared, BuildError> {
     let top = parent.last().map(|p| p.0);
     let opts = options(raw, top.as_ref())?;
     let vsize = std::fs::metadata(raw).map_err(|e| BuildError::io("reading", raw, e))?.len();
@@ -103,7 +158,10 @@ pub fn prepare(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path) -> Result<
     let mut all = paths;
     all.push(out.to_owned());
     let chain = Chain::from_paths(&all).map_err(vx("opening the new chain"))?;
-    verify(&chain, raw)?;
+    match changed {
+        None => verify(&chain, raw)?,
+        Some(blocks) => verify_blocks(&chain, raw, blocks)?,
+    }
     // Layers are world-readable (the HTTP and iSCSI services may run as another user).
     std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .map_err(|e| BuildError::io("chmod", out, e))?;
@@ -113,10 +171,17 @@ pub fn prepare(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path) -> Result<
 
 /// Writes `raw` as a layer of `kind` on `parent` (a published chain, base first; empty for a
 /// base), verifies it and publishes it.
-pub fn publish(store: &Store, raw: &Path, parent: &[LayerRecord], kind: LayerKind, scratch: &Path) -> Result<LayerRecord, BuildError> {
+pub fn publish(
+    store: &Store,
+    raw: &Path,
+    parent: &[LayerRecord],
+    kind: LayerKind,
+    scratch: &Path,
+    changed: Option<&[u64]>,
+) -> Result<LayerRecord, BuildError> {
     let chain: Vec<(LayerId, PathBuf)> = parent.iter().map(|l| (l.id, store.layer_path(&l.id))).collect();
     let out = scratch.join("layer.vhdx");
-    let p = prepare(raw, &chain, &out)?;
+    let p = prepare_checked(raw, &chain, &out, changed)?;
     let rec = store.publish_layer(&p.path, kind, parent.last().map(|l| l.id), p.virtual_size)?;
     let _ = std::fs::remove_file(&out);
     Ok(rec)

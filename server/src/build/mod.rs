@@ -893,7 +893,10 @@ pub fn node_layer(store: &Store, role: &ImageVersion, facts: &NodeFacts) -> Resu
         all.push(Op::File { path: path.to_owned(), host, mode, uid: 0, gid: 0 });
     }
     ops::apply(&raw, &all, DEFAULT_EPOCH, sdir)?;
-    let rec = layer::publish(store, &raw, &role.layers, LayerKind::Node, sdir)?;
+    // The template is the role chain's image: the blocks that differ from it are the only
+    // ones the node layer holds, and the only ones read back.
+    let changed = layer::changed_blocks(&template, &raw)?;
+    let rec = layer::publish(store, &raw, &role.layers, LayerKind::Node, sdir, Some(&changed))?;
     store.catalog().record_node_layer(&facts.node_id, &top.id, &rec.id, &digest)?;
     Ok(rec)
 }
