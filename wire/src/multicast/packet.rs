@@ -92,6 +92,11 @@ pub enum LayoutError {
     /// Symbol size outside `MIN_SYMBOL_SIZE..=MAX_SYMBOL_SIZE`.
     #[error("symbol size {0} out of range")]
     SymbolSize(u16),
+    /// More chunks than a manifest may list ([`crate::manifest::MAX_TOTAL_CHUNKS`]): receivers
+    /// size per-chunk state from an announcement, so this bounds what one can make them
+    /// allocate.
+    #[error("layer has {0} chunks, more than the limit")]
+    TooManyChunks(u64),
     /// More symbols than a 32-bit index can name.
     #[error("layer needs {0} symbols, more than 2^32 - 1")]
     TooManySymbols(u64),
@@ -146,6 +151,9 @@ impl Layout {
             chunk_size,
             symbol_size,
         };
+        if l.chunks() > crate::manifest::MAX_TOTAL_CHUNKS as u64 {
+            return Err(LayoutError::TooManyChunks(l.chunks()));
+        }
         let total = l.chunks() * u64::from(l.per_chunk());
         if total >= u64::from(u32::MAX) {
             return Err(LayoutError::TooManySymbols(total));
@@ -774,7 +782,7 @@ mod tests {
 
     fn any_layout() -> impl Strategy<Value = Layout> {
         (
-            0u64..(1 << 40),
+            0u64..(1 << 36),
             MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE,
             MIN_SYMBOL_SIZE..=MAX_SYMBOL_SIZE,
         )
