@@ -446,7 +446,7 @@ fn dhcp_without_an_address_and_ram_mode_without_a_disk() -> Result<()> {
     let disk = dir.path().join("disk.raw");
     support::blank_disk(&disk, 256 << 20)?;
     let append = format!(
-        "console=ttyS0 panic=10 strata.server=http://10.0.2.2:{} strata.mac={MAC}",
+        "console=ttyS0 panic=10 no_timer_check strata.server=http://10.0.2.2:{} strata.mac={MAC}",
         srv.port
     );
     let mut vm = Vm::boot_cmdline(&initrd, &disk, &append)?;

@@ -455,10 +455,11 @@ impl Drop for Vm {
     }
 }
 
-/// The kernel command line the server's iPXE script would write for this node.
+/// The kernel command line the server's iPXE script would write for this node, plus
+/// `no_timer_check` (under TCG on a loaded host the IO-APIC timer check can panic the kernel).
 pub fn cmdline(port: u16) -> String {
     format!(
-        "console=ttyS0 panic=10 strata.server=http://10.0.2.2:{port} strata.mac={MAC} \
+        "console=ttyS0 panic=10 no_timer_check strata.server=http://10.0.2.2:{port} strata.mac={MAC} \
          strata.ip=10.0.2.15 strata.netmask=255.255.255.0 strata.gw=10.0.2.2"
     )
 }
