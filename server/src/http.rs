@@ -10,8 +10,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -21,6 +22,8 @@ use wire::LayerId;
 
 use crate::boot::ipxe;
 use crate::fleet::{Fleet, FleetError};
+
+mod file;
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -135,16 +138,82 @@ async fn node_script(
     })))
 }
 
+/// Serves a file with `GET` or `HEAD`. `ServeFile` decides the status and headers
+/// (`Range`: 206 with `Content-Range` or 416; conditional requests: 304 or 412; HEAD) from a
+/// `HEAD` twin of the request, so it never opens a body; a `GET` answered 200 or 206 then gets
+/// [`file::FileBody`], which streams the range with large positioned reads, one read ahead.
 async fn serve_file(path: Option<&PathBuf>, what: &str, req: Request) -> Result<Response, HttpError> {
     let path = path.ok_or_else(|| {
         HttpError::unavailable(format!("no {what} configured (boot.{what} in the configuration)"))
     })?;
-    match ServeFile::new(path).try_call(req).await {
-        Ok(resp) => Ok(resp.into_response()),
+    let get = req.method() == Method::GET;
+    let (parts, _) = req.into_parts();
+    let mut twin = Request::new(Body::empty());
+    *twin.method_mut() = if get { Method::HEAD } else { parts.method };
+    *twin.uri_mut() = parts.uri;
+    *twin.headers_mut() = parts.headers;
+    let resp = match ServeFile::new(path).try_call(twin).await {
+        Ok(resp) => resp.into_response(),
         Err(err) => {
             tracing::error!(file = %path.display(), error = %err, "serving file");
+            return Err(HttpError::not_found(format!("{what} unreadable")));
+        }
+    };
+    if !get {
+        return Ok(resp);
+    }
+    let (range, size) = match resp.status() {
+        StatusCode::OK => {
+            let len = header_str(&resp, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+            match len {
+                Some(len) => (0..len, len),
+                None => return Err(file_internal(path, "200 without Content-Length")),
+            }
+        }
+        StatusCode::PARTIAL_CONTENT => {
+            match header_str(&resp, header::CONTENT_RANGE).and_then(file::parse_content_range) {
+                Some(found) => found,
+                None => return Err(file_internal(path, "206 without a Content-Range")),
+            }
+        }
+        // 304, 412, 416 and the like carry no file bytes.
+        _ => return Ok(resp),
+    };
+    let open = path.clone();
+    let file = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&open)?;
+        let len = file.metadata()?.len();
+        Ok::<_, std::io::Error>((file, len))
+    })
+    .await;
+    match file {
+        Ok(Ok((file, len))) if len == size => {
+            let (parts, _) = resp.into_parts();
+            Ok(Response::from_parts(parts, Body::new(file::FileBody::new(file, range))))
+        }
+        // Replaced between the headers and the open (a kernel or initramfs; layers never change).
+        Ok(Ok((_, len))) => {
+            tracing::warn!(file = %path.display(), size, now = len, "file changed while being served");
+            Err(HttpError::unavailable(format!("{what} changed while being served; retry")))
+        }
+        Ok(Err(err)) => {
+            tracing::error!(file = %path.display(), error = %err, "opening file");
             Err(HttpError::not_found(format!("{what} unreadable")))
         }
+        Err(err) => Err(file_internal(path, &format!("open task: {err}"))),
+    }
+}
+
+fn header_str(resp: &Response, name: header::HeaderName) -> Option<&str> {
+    resp.headers().get(name)?.to_str().ok()
+}
+
+fn file_internal(path: &std::path::Path, detail: &str) -> HttpError {
+    tracing::error!(file = %path.display(), detail, "serving file");
+    HttpError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        code: "internal",
+        message: "internal error; see the server log".into(),
     }
 }
 
