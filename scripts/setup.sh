@@ -12,6 +12,8 @@ APT_PACKAGES=(
   dnsmasq-base iproute2 nftables
   tftp-hpa atftp tftpd-hpa
   libiscsi-bin libvhdi-utils tgt
+  udpcast uftp
+  nginx-light
 )
 # Package names without the /release suffix, for the "already installed?" check.
 missing=()
