@@ -25,9 +25,13 @@ for t in udp-sender udp-receiver uftp uftpd nft curl python3; do
 done
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)" >&2; exit 1; }
 
-log "building strata (release)"
-cargo build -q --release -p strata-server --bin strata
-STRATA=$CARGO_TARGET_DIR/release/strata
+if [ -n "${STRATA_BIN:-}" ]; then
+  STRATA=$STRATA_BIN   # an already-built binary (skips the release build)
+else
+  log "building strata (release)"
+  cargo build -q --release -p strata-server --bin strata
+  STRATA=$CARGO_TARGET_DIR/release/strata
+fi
 
 NS_S=mc${TAG}s NS_B=mc${TAG}br
 MAXN=0
@@ -76,6 +80,20 @@ set_loss() { # receivers percent
 tx_bytes() { ip netns exec "$NS_S" cat /sys/class/net/eth0/statistics/tx_bytes; }
 now() { date +%s.%N; }
 
+# Waits for receivers after the sender is done: 30 s at most, then kills the stragglers (a
+# udp-receiver that lost its sender's handshake waits forever); they count as failed copies.
+reap() {
+  local deadline=$((SECONDS + 30))
+  while ((SECONDS < deadline)); do
+    local alive=0
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.2
+  done
+  for p in "$@"; do kill "$p" 2>/dev/null || true; done
+  wait "$@" 2>/dev/null || true
+}
+
 # Each runner: $1 receivers; leaves receiver i's copy at $WORK/r$i/out (or prints why not).
 run_strata() {
   local n=$1 pids=()
@@ -103,7 +121,7 @@ run_udpcast() {
     --min-receivers "$n" --max-bitrate "${RATE,,}" --portbase 9100 \
     --mcast-rdv-address 239.255.91.1 --mcast-data-address 239.255.91.2 \
     >"$WORK/udpcast-send.log" 2>&1 || true
-  wait "${pids[@]}" || true
+  reap "${pids[@]}"
 }
 
 run_uftp() {
