@@ -5,7 +5,9 @@
 # client: one client for the whole file, and CLIENTS clients at once (aggregate: CLIENTS x the
 # file size over the wall time from the first start to the last finish). Runs alternate between
 # the servers so load from elsewhere hits all of them alike; prints medians of RUNS runs in MB/s
-# and the ratio strata / nginx, and the load average before and after.
+# and the ratio strata / nginx, each server's CPU seconds per GiB served (user + system of its
+# processes, from /proc: unlike throughput, not set by the share of a loaded machine it gets),
+# and the load average before and after.
 #
 #   scripts/bench-http.sh                 SIZE_MIB=1024 RUNS=3 CLIENTS=8 by default
 #   STRATA=/path/to/strata scripts/bench-http.sh   use a prebuilt release binary
