@@ -50,8 +50,9 @@ pub struct CreateOptions {
     /// The `relative_path` written into a differencing disk's parent locator; by default
     /// the path from the output's directory to the parent file (Windows separators).
     pub parent_relative_path: Option<String>,
-    /// Also record the parent's absolute path (`absolute_win32_path`). Off by default:
-    /// it makes the output depend on where the parent lives.
+    /// Also record the parent's absolute path (`absolute_win32_path`, `\\` separators).
+    /// Off by default: it makes the output depend on where the parent lives. libvhdi
+    /// (20210425 and later) needs it: it never matches the `relative_path` key.
     pub record_absolute_parent_path: bool,
     /// The creator string of the file type identifier.
     pub creator: String,
@@ -291,7 +292,7 @@ fn locator_for(out: &Path, parent: &Chain, opts: &CreateOptions) -> ParentLocato
         .parent_relative_path
         .clone()
         .or_else(|| parent::relative_win_path(out_dir, &abs_parent));
-    let absolute = opts.record_absolute_parent_path.then(|| abs_parent.to_string_lossy().into_owned());
+    let absolute = opts.record_absolute_parent_path.then(|| parent::host_to_win(&abs_parent));
     ParentLocator::new(parent.top().data_write_guid(), relative, absolute)
 }
 

@@ -29,7 +29,12 @@ const LOGICAL_SECTOR_SIZE: Uuid =
     guid::constant((0x8141_BF1D, 0xA96F, 0x4709, [0xBA, 0x47, 0xF2, 0x33, 0xA8, 0xFA, 0xAB, 0x5F]));
 const PHYSICAL_SECTOR_SIZE: Uuid =
     guid::constant((0xCDA3_48C7, 0x445D, 0x4471, [0x9C, 0xC9, 0xE9, 0x88, 0x52, 0x51, 0xC5, 0x56]));
+/// MS-VHDX §2.6.2.6: {A8D35F2D-B30B-454D-ABF7-D3D84834AB0C}.
 const PARENT_LOCATOR: Uuid =
+    guid::constant((0xA8D3_5F2D, 0xB30B, 0x454D, [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C]));
+/// The mistyped item ID ({A8D35F2B-...}) that strata wrote for the parent locator before it
+/// was corrected; read as the parent locator so layers made then still open, never written.
+const PARENT_LOCATOR_LEGACY: Uuid =
     guid::constant((0xA8D3_5F2B, 0xB30B, 0x454D, [0xAB, 0xF7, 0xD3, 0xD8, 0x48, 0x34, 0xAB, 0x0C]));
 
 /// MS-VHDX §2.6.1.1: metadata table header.
@@ -178,6 +183,7 @@ pub(crate) fn parse(file: &Path, region_offset: u64, region: &[u8]) -> Result<Me
         let index = if is_user {
             None
         } else {
+            let id = if id == PARENT_LOCATOR_LEGACY { PARENT_LOCATOR } else { id };
             [FILE_PARAMETERS, VIRTUAL_DISK_SIZE, PAGE_83_DATA, LOGICAL_SECTOR_SIZE, PHYSICAL_SECTOR_SIZE, PARENT_LOCATOR]
                 .iter()
                 .position(|&g| g == id)

@@ -196,6 +196,12 @@ fn win_to_host(p: &str) -> PathBuf {
     PathBuf::from(p.replace('\\', "/"))
 }
 
+/// A host path in the Win32 form the locator's path values use (`\` separators), so readers
+/// that take the file name after the last `\` (libvhdi's vhdimount does) find it.
+pub(crate) fn host_to_win(p: &Path) -> String {
+    p.to_string_lossy().replace('/', "\\")
+}
+
 /// Removes `.` components and folds `..` lexically (as Windows does for relative_path).
 fn normalize(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
