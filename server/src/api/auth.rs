@@ -16,10 +16,13 @@ use crate::db::tokens::{self, Scope, TokenInfo};
 /// How long a token lookup is trusted.
 pub const CACHE_TTL: Duration = Duration::from_secs(5);
 
+/// A cached lookup: the token (None: unknown) and when it was read.
+type Cached = (Option<TokenInfo>, Instant);
+
 /// Token lookups.
 #[derive(Default)]
 pub struct TokenCache {
-    map: Mutex<HashMap<[u8; 32], (Option<TokenInfo>, Instant)>>,
+    map: Mutex<HashMap<[u8; 32], Cached>>,
 }
 
 impl TokenCache {
