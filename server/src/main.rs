@@ -26,6 +26,9 @@ enum Cmd {
     /// Run the iSCSI target on its own (docs/iscsi.md).
     #[command(subcommand)]
     Iscsi(cli::iscsi::IscsiCmd),
+    /// Send or receive a file by reliable multicast (docs/multicast.md).
+    #[command(subcommand)]
+    Mcast(cli::mcast::McastCmd),
     /// List and change nodes through the API (docs/api.md).
     Nodes(cli::nodes::NodesArgs),
     /// List and change roles through the API.
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Cmd::Serve(args) => cli::serve::run(args),
         Cmd::Vhdx(cmd) => cli::vhdx::run(cmd),
         Cmd::Iscsi(cmd) => cli::iscsi::run(cmd),
+        Cmd::Mcast(cmd) => cli::mcast::run(cmd),
         Cmd::Image(cmd) => cli::image::run(cmd),
         Cmd::Nodes(args) => cli::nodes::run(args),
         Cmd::Roles(args) => cli::roles::run(args),

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod image;
 pub mod iscsi;
+pub mod mcast;
 pub mod nodes;
 pub mod roles;
 pub mod rollout;
