@@ -13,9 +13,10 @@ use wire::LayerId;
 
 use crate::build::{self, NodeFacts};
 use crate::config::Config;
-use crate::fleet::{FleetError, ImageChain, ImageSource, NodeRecord};
+use crate::fleet::{FleetError, ImageChain, ImageInfo, ImageSource, NodeRecord};
 use crate::keys;
-use crate::store::catalog::LayerRecord;
+use crate::orchestrator::VersionRef;
+use crate::store::catalog::{ImageVersion, LayerRecord};
 use crate::store::Store;
 
 /// Boot tries a new version gets before node-init rolls it back.
@@ -56,12 +57,9 @@ fn layer_ref(rec: &LayerRecord) -> LayerRef {
     }
 }
 
-impl ImageSource for StoreImages {
-    fn chain_for(&self, role: &str, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
-        let internal = |e: &dyn std::fmt::Display| FleetError::Internal(format!("{role}: {e}"));
-        let Some(image) = self.store.image_for_role(role).map_err(|e| internal(&e))? else {
-            return Ok(None);
-        };
+impl StoreImages {
+    /// `image`'s chain plus the node layer of `node`.
+    fn with_node_layer(&self, image: ImageVersion, node: &NodeRecord) -> Result<ImageChain, FleetError> {
         let facts = NodeFacts {
             hostname: node.name.clone(),
             mac: node.mac.clone(),
@@ -70,15 +68,55 @@ impl ImageSource for StoreImages {
             node_id: node.name.clone(),
             token: keys::node_token(&self.key, &node.mac),
         };
-        let node_layer = build::node_layer(&self.store, &image, &facts).map_err(|e| internal(&e))?;
+        let node_layer = build::node_layer(&self.store, &image, &facts)
+            .map_err(|e| FleetError::Internal(format!("node layer for {}: {e}", node.mac)))?;
         let mut layers: Vec<LayerRef> = image.layers.iter().map(layer_ref).collect();
         layers.push(layer_ref(&node_layer));
-        Ok(Some(ImageChain {
-            image: image.image.clone(),
-            version: image.version,
-            layers,
-            boot_tries: DEFAULT_BOOT_TRIES,
-        }))
+        Ok(ImageChain { image: image.image, version: image.version, layers, boot_tries: DEFAULT_BOOT_TRIES })
+    }
+}
+
+impl ImageSource for StoreImages {
+    fn chain_for(&self, role: &str, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
+        let image = self
+            .store
+            .image_for_role_site(role, node.site.as_deref())
+            .map_err(|e| FleetError::Internal(format!("{role}: {e}")))?;
+        image.map(|image| self.with_node_layer(image, node)).transpose()
+    }
+
+    fn chain_at(&self, role: &str, version: &VersionRef, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
+        let lookup = |site: Option<&str>| {
+            self.store
+                .image_version(&version.image, version.version, Some(role), site)
+                .map_err(|e| FleetError::Internal(format!("{role} {version}: {e}")))
+        };
+        // The node's site variant of the role where one was built, else the generic role.
+        let image = match node.site.as_deref() {
+            Some(site) => match lookup(Some(site))? {
+                Some(image) => Some(image),
+                None => lookup(None)?,
+            },
+            None => lookup(None)?,
+        };
+        image.map(|image| self.with_node_layer(image, node)).transpose()
+    }
+
+    fn versions(&self) -> Result<Vec<ImageInfo>, FleetError> {
+        let versions = self
+            .store
+            .catalog()
+            .versions(None)
+            .map_err(|e| FleetError::Internal(format!("listing versions: {e}")))?;
+        Ok(versions
+            .into_iter()
+            .map(|v| {
+                let mut roles: Vec<String> = v.roles.into_iter().map(|r| r.role).collect();
+                roles.sort();
+                roles.dedup();
+                ImageInfo { image: v.image, version: v.version, roles, created: v.created }
+            })
+            .collect())
     }
 
     fn layer_path(&self, id: &LayerId) -> Option<PathBuf> {
