@@ -421,3 +421,71 @@ fn hostile_input_gets_errors_not_damage() -> Result<()> {
     assert_eq!(b3(&f.role)?, role_hash);
     Ok(())
 }
+
+/// A boot sector that prints a marker on COM1 and halts (x86 real mode, loaded at 0x7c00).
+fn boot_sector(marker: &[u8]) -> Vec<u8> {
+    let mut s = vec![
+        0x31, 0xc0, // xor ax, ax
+        0x8e, 0xd8, // mov ds, ax
+        0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xbe, 0x16, 0x7c, // mov si, 0x7c16 (the message)
+        0xac, // lodsb
+        0x84, 0xc0, // test al, al
+        0x74, 0x03, // jz done
+        0xee, // out dx, al
+        0xeb, 0xf8, // jmp lodsb
+        0xfa, // done: cli
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp hlt
+    ];
+    s.extend_from_slice(marker);
+    s.extend_from_slice(b"\r\n\0");
+    s.resize(510, 0);
+    s.extend_from_slice(&[0x55, 0xaa]);
+    s
+}
+
+#[test]
+fn qemu_boots_a_vm_from_the_lun() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let raw = dir.path().join("boot.raw");
+    let marker = b"STRATA-ISCSI-BOOT-OK";
+    let mut img = boot_sector(marker);
+    img.resize(4 * MIB as usize, 0);
+    std::fs::write(&raw, &img)?;
+    let opts = vhdx::CreateOptions { block_size: MIB as u32, ..Default::default() };
+    let base = dir.path().join("base.vhdx");
+    vhdx::from_raw(&raw, &base, None, &opts)?;
+    let node = dir.path().join("node.vhdx");
+    vhdx::create_differencing(&node, &vhdx::Chain::from_paths(&[base.clone()])?, &opts)?;
+    let mut luns = StaticLuns::new();
+    let iqn = node_target_iqn("vm");
+    luns.insert(iqn.clone(), TargetAccess::default(), Backing::Shared(Arc::new(VhdxLun::open_node(&[base, node])?)));
+    let t = Running::start(luns)?;
+    let serial = dir.path().join("serial.log");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "64", "-nodefaults", "-display", "none", "-no-reboot"])
+        .args(["-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=ide", t.url(&iqn)))
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("qemu-system-x86_64: {e} (apt-get install qemu-system-x86)"))?;
+    // Wait for the marker; give up (and fail) only if QEMU exits or after 120 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let found = loop {
+        let log = std::fs::read(&serial).unwrap_or_default();
+        if log.windows(marker.len()).any(|w| w == marker) {
+            break true;
+        }
+        if qemu.try_wait()?.is_some() || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert!(found, "the VM did not boot from the iSCSI LUN: {}", String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()));
+    Ok(())
+}

@@ -208,6 +208,11 @@ impl Command {
         let b = |i: usize| cdb.get(i).copied().unwrap_or(0);
         let f = |r: std::ops::Range<usize>| be(cdb.get(r).unwrap_or_default());
         let range = |lba: u64, n: u32| -> Result<(), Sense> {
+            // One command moves at most MAX_TRANSFER_BLOCKS (VPD 0xB0 says so): the
+            // buffers it needs stay bounded whatever the CDB asks.
+            if n > MAX_TRANSFER_BLOCKS {
+                return Err(Sense::invalid_field(if cdb_len(b(0)) == Some(16) { 10 } else { 7 }, None));
+            }
             match lba.checked_add(u64::from(n)) {
                 Some(end) if end <= blocks => Ok(()),
                 _ => Err(Sense::LBA_OUT_OF_RANGE),
@@ -680,6 +685,15 @@ mod tests {
         );
         assert_eq!(Command::parse(&cdb(&[0x2a, 0x08, 0, 0, 0, 0, 0, 0, 4, 0]), blocks), Ok(Command::Write { lba: 0, blocks: 4, fua: true }));
         assert_eq!(Command::parse(&cdb(&[0xee]), blocks), Err(Sense::INVALID_OPCODE));
+    }
+
+    #[test]
+    fn transfers_are_bounded() {
+        let mut c = cdb(&[0x88]);
+        c[10..14].copy_from_slice(&(MAX_TRANSFER_BLOCKS + 1).to_be_bytes());
+        assert_eq!(Command::parse(&c, u64::MAX), Err(Sense::invalid_field(10, None)));
+        c[10..14].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
+        assert!(Command::parse(&c, u64::MAX).is_ok());
     }
 
     #[test]

@@ -23,7 +23,9 @@ use super::text::TextPairs;
 /// How many commands past ExpCmdSN an initiator may queue (MaxCmdSN - ExpCmdSN + 1).
 pub const CMD_WINDOW: u32 = 128;
 /// Most writes waiting for data at once, per connection.
-pub const MAX_PENDING_WRITES: usize = 256;
+pub const MAX_PENDING_WRITES: usize = 128;
+/// Most bytes buffered for writes waiting for data, per connection.
+pub const MAX_PENDING_BYTES: usize = 64 << 20;
 
 /// What the I/O side must do, in order.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,9 +71,33 @@ struct FullFeature {
     est: Established,
     dev: Option<Arc<dyn BlockDevice>>,
     pending: HashMap<u32, PendingWrite>,
+    /// Sum of the pending writes' buffers.
+    pending_bytes: usize,
     /// A Text response cut in pieces: (ITT, TTT, remaining bytes).
     text_cont: Option<(u32, u32, Vec<u8>)>,
     next_ttt: u32,
+}
+
+impl FullFeature {
+    fn take_pending(&mut self, itt: u32) -> Option<PendingWrite> {
+        let w = self.pending.remove(&itt)?;
+        self.pending_bytes = self.pending_bytes.saturating_sub(w.buf.len());
+        Some(w)
+    }
+    fn clear_pending(&mut self) {
+        self.pending.clear();
+        self.pending_bytes = 0;
+    }
+}
+
+/// Copies `data` into `buf` at `at`, dropping whatever falls past its end.
+fn copy_into(buf: &mut [u8], at: usize, data: &[u8]) {
+    if let Some(dst) = buf.get_mut(at..) {
+        let n = dst.len().min(data.len());
+        if let (Some(d), Some(s)) = (dst.get_mut(..n), data.get(..n)) {
+            d.copy_from_slice(s);
+        }
+    }
 }
 
 enum State {
@@ -226,6 +252,7 @@ impl Connection {
                             est: *est,
                             dev,
                             pending: HashMap::new(),
+                            pending_bytes: 0,
                             text_cont: None,
                             next_ttt: 1,
                         }));
@@ -304,7 +331,7 @@ impl Connection {
                     // (RFC 7143 §11.5.1); every other command was answered already.
                     1 if !lun_ok => 2,
                     1 => {
-                        if ff.pending.remove(&t.referenced_tag).is_some() {
+                        if ff.take_pending(t.referenced_tag).is_some() {
                             0
                         } else {
                             // Already answered (or never seen): "task does not exist".
@@ -314,14 +341,14 @@ impl Connection {
                     // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET.
                     2 | 3 | 5 if !lun_ok => 2,
                     2 | 3 | 5 => {
-                        ff.pending.clear();
+                        ff.clear_pending();
                         0
                     }
                     // CLEAR ACA: no ACA support.
                     4 => 5,
                     // TARGET WARM RESET, TARGET COLD RESET.
                     6 | 7 => {
-                        ff.pending.clear();
+                        ff.clear_pending();
                         0
                     }
                     // TASK REASSIGN: needs ERL 2.
@@ -438,8 +465,13 @@ impl Connection {
             if !lun_exists {
                 return self.check(c.itt, Sense::LUN_NOT_SUPPORTED, c.expected_len, out);
             }
-            if ff.pending.len() >= MAX_PENDING_WRITES {
-                return self.check(c.itt, Sense { key: scsi::key::ABORTED_COMMAND, asc: 0x55, ascq: 0x03, field: None }, c.expected_len, out);
+            let buffered = u64::from(c.expected_len).min(need) as usize;
+            if ff.pending.len() >= MAX_PENDING_WRITES || ff.pending_bytes + buffered > MAX_PENDING_BYTES {
+                // TASK SET FULL: the initiator retries later.
+                let o = Outcome { status: 0x28, sense: None, data: Vec::new() };
+                let p = self.scsi_response(c.itt, &o, c.expected_len, 0);
+                out.push(Action::Send(p));
+                return;
             }
             // The initiator sends EDTL bytes whatever the CDB says. When that is less
             // than the CDB asks, only the whole blocks sent are written and the
@@ -464,7 +496,9 @@ impl Connection {
                 edtl,
                 need,
                 data_sn: 0,
-                buf: vec![0u8; edtl as usize],
+                // Only what will be written is kept: at most `need`, itself bounded by
+                // MAX_TRANSFER_BLOCKS; surplus Data-Out bytes are counted, not stored.
+                buf: vec![0u8; buffered],
                 received: imm,
                 unsol_next: imm,
                 unsol_end,
@@ -472,13 +506,12 @@ impl Connection {
                 r2t_next: unsol_end,
                 r2t_sn: 0,
             };
-            if let Some(dst) = w.buf.get_mut(..data.len()) {
-                dst.copy_from_slice(&data);
-            }
+            copy_into(&mut w.buf, 0, &data);
             if w.received >= edtl {
                 return self.finish_write(c.itt, w, &dev, out);
             }
             self.maybe_r2t(ff, c.itt, &mut w, out);
+            ff.pending_bytes += w.buf.len();
             ff.pending.insert(c.itt, w);
             return;
         }
@@ -557,7 +590,7 @@ impl Connection {
     }
 
     fn data_out(&mut self, ff: &mut FullFeature, d: DataOut, data: Vec<u8>, raw: &[u8], out: &mut Vec<Action>) {
-        let Some(mut w) = ff.pending.remove(&d.itt) else {
+        let Some(mut w) = ff.take_pending(d.itt) else {
             // Unsolicited data for a command already answered (for instance one refused
             // with CHECK CONDITION) is dropped silently; anything else is an error.
             if d.ttt != 0xffff_ffff {
@@ -608,16 +641,14 @@ impl Connection {
             out.push(Action::Close);
             return;
         }
-        let start = d.buffer_offset as usize;
-        if let Some(dst) = w.buf.get_mut(start..start + data.len()) {
-            dst.copy_from_slice(&data);
-        }
+        copy_into(&mut w.buf, d.buffer_offset as usize, &data);
         w.received += len;
         let Some(dev) = ff.dev.clone() else { return };
         if w.received >= w.edtl {
             return self.finish_write(d.itt, w, &dev, out);
         }
         self.maybe_r2t(ff, d.itt, &mut w, out);
+        ff.pending_bytes += w.buf.len();
         ff.pending.insert(d.itt, w);
     }
 
