@@ -3,7 +3,6 @@
 # on the same raw image in /dev/shm, with the same clients:
 #   - server/examples/iscsi_bench.rs (fio-like: sequential/random 4 KiB reads and writes,
 #     queue depth QD; Debian's fio has no libiscsi engine),
-#   - libiscsi's iscsi-perf (reads only) as an independent client.
 # Ours is measured twice: on the raw file, and on a VHDX chain (base from the raw file plus an
 # empty node layer, the way a diskless node's LUN looks). Prints IOPS and MB/s per row and the
 # ratio ours/tgt.
@@ -11,7 +10,7 @@
 #   scripts/bench-iscsi.sh              SIZE_MIB=256 SECONDS_PER=5 QD=32 by default
 source "$(dirname "$0")/common.sh"
 
-for t in tgtd:tgt tgtadm:tgt iscsi-perf:libiscsi-bin; do
+for t in tgtd:tgt tgtadm:tgt; do
   command -v "${t%%:*}" >/dev/null || { echo "missing ${t%%:*}: apt-get install ${t#*:} (scripts/setup.sh)" >&2; exit 1; }
 done
 SIZE_MIB=${SIZE_MIB:-256}
@@ -66,21 +65,11 @@ run() { # name port target lun mode
   R[$1.$5]=$(sed -n 's/.*iops=\([0-9]*\).*/\1/p' <<<"$out")
   printf '%-10s %-10s %s\n' "$1" "$5" "$out" >&2
 }
-perf() { # name url random?
-  local out
-  out=$(timeout $((SECS + 10)) iscsi-perf -m "$QD" -b $((BS / 512)) -t "$SECS" ${3:+-r} "$2" 2>&1 | tr '\r' '\n' | grep -E 'IOPS' | tail -1 || true)
-  printf '%-10s %-10s %s\n' "$1" "perf${3:+-rand}" "$out" >&2
-}
 
 for mode in seqread randread seqwrite randwrite; do
   run ours $PORT_OURS iqn.2026-11.io.strata:bench 0 $mode
   run vhdx $PORT_VHDX iqn.2026-11.io.strata:bench 0 $mode
   run tgt $PORT_TGT iqn.2026-11.test:bench 1 $mode
-done
-for r in "" 1; do
-  perf ours "iscsi://127.0.0.1:$PORT_OURS/iqn.2026-11.io.strata:bench/0" $r
-  perf vhdx "iscsi://127.0.0.1:$PORT_VHDX/iqn.2026-11.io.strata:bench/0" $r
-  perf tgt "iscsi://127.0.0.1:$PORT_TGT/iqn.2026-11.test:bench/1" $r
 done
 
 echo
