@@ -195,6 +195,8 @@ struct Setup {
     /// None for `direct`: QEMU loads the kernel itself (`-kernel`), no network boot.
     server: Option<Box<dyn BootServer>>,
     label: String,
+    /// The server boots its own kernel and initramfs (node-init), not `files`.
+    own_boot: bool,
 }
 
 fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -> Result<Setup> {
@@ -227,6 +229,7 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
     if let Some(c) = &a.cmdline {
         files.cmdline.clone_from(c);
     }
+    let mut own_boot = false;
     let server: Option<Box<dyn BootServer>> = match kind.as_str() {
         "direct" => None,
         "dnsmasq" | "dnsmasq-ra" => {
@@ -245,6 +248,7 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
             // The lab's marker initramfs unless the server is to boot its own (node-init).
             let own = a.strata_own_boot || (up && a.kernel.is_none() && a.initrd.is_none());
             s.boot = (!own).then(|| files.clone());
+            own_boot = own;
             s.config = match (&a.strata_config, &a.strata_template) {
                 (Some(f), _) => StrataConfig::File(f.clone()),
                 (None, Some(t)) => StrataConfig::Template(
@@ -264,7 +268,7 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
     if kind == "dnsmasq" && a.ra {
         lab.ipv6 = true;
     }
-    Ok(Setup { lab, files, server, label: kind })
+    Ok(Setup { lab, files, server, label: kind, own_boot })
 }
 
 fn vm_config(name: &str, fw: Fw, boot: Boot, memory: u32) -> Result<VmConfig> {
@@ -301,7 +305,11 @@ fn up(a: UpArgs) -> Result<()> {
     }
     println!("lab up: namespace {} (enter it with `ip netns exec {} bash`)", lab.netns_name(), lab.netns_name());
     println!("  server: {} at {} on br0; files in {}", s.label, lab.config().server_ip, lab.dir().display());
-    println!("  boot files: kernel {} initrd {}", s.files.kernel.display(), s.files.initrd.display());
+    if s.own_boot {
+        println!("  boot files: the server's own kernel and node-init initramfs (the built-in busybox image)");
+    } else {
+        println!("  boot files: kernel {} initrd {}", s.files.kernel.display(), s.files.initrd.display());
+    }
     for vm in &vms {
         println!("  {} ({}): serial log {}", vm.name(), vm.mac(), vm.serial_path().display());
     }
