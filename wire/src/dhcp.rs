@@ -670,7 +670,8 @@ impl std::str::FromStr for MacAddr {
         let mut parts = s.split([':', '-']);
         for b in &mut out {
             let p = parts.next().ok_or_else(err)?;
-            if p.len() != 2 {
+            // Two hex digits exactly: `from_str_radix` alone would also take a sign ("+f").
+            if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
                 return Err(err());
             }
             *b = u8::from_str_radix(p, 16).map_err(|_| err())?;

@@ -50,11 +50,7 @@ pub fn node_script(b: &NodeBoot<'_>) -> String {
 /// A MAC address in the canonical form `aa:bb:cc:dd:ee:ff` (from `:` or `-` separated hex, any
 /// case), or `None`.
 pub fn normalize_mac(text: &str) -> Option<String> {
-    let parts: Vec<&str> = text.trim().split([':', '-']).collect();
-    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit())) {
-        return None;
-    }
-    Some(parts.join(":").to_ascii_lowercase())
+    text.trim().parse::<wire::dhcp::MacAddr>().ok().map(|m| m.to_string())
 }
 
 #[cfg(test)]
@@ -67,6 +63,7 @@ mod tests {
         assert_eq!(normalize_mac("52:54:00:ab:cd"), None);
         assert_eq!(normalize_mac("52:54:00:ab:cd:0g"), None);
         assert_eq!(normalize_mac("525:4:00:ab:cd:01"), None);
+        assert_eq!(normalize_mac("52:54:00:ab:cd:+1"), None);
     }
 
     #[test]

@@ -215,11 +215,10 @@ async fn start_dhcp(
                 seen = rx.recv() => match seen {
                     None => return Ok(()),
                     Some(seen) => {
+                        // MacAddr prints the canonical form the fleet keys nodes by.
                         let mac = seen.mac.to_string();
                         tracing::debug!(%mac, arch = ?seen.arch, vendor = ?seen.vendor_class, user = ?seen.user_class, "DHCP client");
-                        if let Some(mac) = crate::boot::ipxe::normalize_mac(&mac) {
-                            let _ = discovered_fleet.node_booting(&mac).await;
-                        }
+                        let _ = discovered_fleet.node_booting(&mac).await;
                     }
                 }
             }
