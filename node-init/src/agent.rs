@@ -11,7 +11,12 @@
 //!   acting on the server's answer: `stage` (download that version), `repair` (re-fetch
 //!   damaged chunks of those layers), `reboot` (sync and reboot into the assigned version).
 //!
-//! Markers: `STRATA agent=confirmed ...`, `STRATA agent=staged ...`, `STRATA agent=drift ...`.
+//! Every API call carries `Authorization: Bearer <token>` when the node has a token: the
+//! image's `/etc/strata/token` (its node layer), else the copy node-init kept in the cache. A
+//! report the server refuses (401/403) is logged and the loop goes on.
+//!
+//! Markers: `STRATA agent=confirmed ...`, `STRATA agent=staged ...`, `STRATA agent=drift ...`,
+//! `STRATA agent=repaired ...`, `STRATA agent=reboot ...`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -54,9 +59,10 @@ struct Ctx {
     info: BootInfo,
     cache: Cache,
     key: ed25519_dalek::VerifyingKey,
+    token: Option<String>,
 }
 
-fn setup(run: &Path) -> Result<Ctx, AgentError> {
+fn setup(run: &Path, image_root: Option<&Path>) -> Result<Ctx, AgentError> {
     let read = |name: &str| {
         let p = run.join(name);
         std::fs::read(&p).map_err(|source| AgentError::Setup {
@@ -73,19 +79,33 @@ fn setup(run: &Path) -> Result<Ctx, AgentError> {
     let key = wire::manifest::parse_verifying_key(&key_text)
         .map_err(|e| AgentError::Boot(InitError::Key(e.to_string())))?;
     let cache = Cache::open(&run.join("cache")).map_err(|e| AgentError::Boot(e.into()))?;
-    Ok(Ctx { info, cache, key })
+    let token = image_root
+        .and_then(|r| std::fs::read_to_string(r.join(boot::NODE_TOKEN)).ok())
+        .and_then(|t| crate::http::parse_token(&t))
+        .or_else(|| cache.load_token());
+    Ok(Ctx {
+        info,
+        cache,
+        key,
+        token,
+    })
 }
 
 /// Runs an agent command; `args` excludes `agent`.
 pub fn main(args: &[String]) -> Result<(), AgentError> {
     debug_assert!(Path::new(CACHE_MOUNT).starts_with(RUN_DIR));
-    main_in(Path::new(RUN_DIR), args)
+    main_with(Path::new(RUN_DIR), Some(Path::new("/")), args)
 }
 
 /// Runs an agent command with the files node-init left in `run` (`boot.json`, `server.pub`,
-/// the cache in `cache/`).
+/// the cache in `cache/`); the token comes from the cache's copy.
 pub fn main_in(run: &Path, args: &[String]) -> Result<(), AgentError> {
-    let ctx = setup(run)?;
+    main_with(run, None, args)
+}
+
+/// [`main_in`], reading the node token from `<image_root>/etc/strata/token` first.
+pub fn main_with(run: &Path, image_root: Option<&Path>, args: &[String]) -> Result<(), AgentError> {
+    let ctx = setup(run, image_root)?;
     match args.first().map(String::as_str) {
         Some("confirm") => confirm(&ctx),
         Some("stage") => {
@@ -94,7 +114,11 @@ pub fn main_in(run: &Path, args: &[String]) -> Result<(), AgentError> {
         }
         Some("verify") => verify(&ctx).map(|_| ()),
         Some("run") => {
-            let secs = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(60u64);
+            let secs = args
+                .get(1)
+                .and_then(|s| s.parse().ok())
+                .or(ctx.info.agent_interval)
+                .unwrap_or(60u64);
             run_loop(&ctx, Duration::from_secs(secs.max(1)))
         }
         _ => Err(AgentError::Usage),
@@ -119,7 +143,9 @@ fn confirm(ctx: &Ctx) -> Result<(), AgentError> {
 }
 
 fn client(ctx: &Ctx) -> Option<Client> {
-    ctx.info.server.map(Client::new)
+    ctx.info
+        .server
+        .map(|a| Client::new(a).with_token(ctx.token.as_deref()))
 }
 
 /// Stages the server's assignment (or, with `version`, that version of the node's image,
@@ -236,7 +262,7 @@ fn run_loop(ctx: &Ctx, every: Duration) -> Result<(), AgentError> {
             }
             if ack.reboot {
                 marker!("agent=reboot version={}", ctx.info.entry.version);
-                // The image's root is a throw-away snapshot; the cache is synced.
+                // The image's root is a throw-away snapshot; reboot() syncs the cache.
                 let e = crate::sys::process::reboot();
                 info!("agent: reboot refused: {e}");
             }

@@ -340,6 +340,7 @@ fn get_manifest(
     path: String,
 ) -> Result<Option<(SignedManifest, Manifest)>, InitError> {
     let mut last = None;
+    let mut client = client.clone();
     for _ in 0..3 {
         match client.get_bytes(&path, MAX_MANIFEST_BYTES) {
             Ok(bytes) => {
@@ -352,6 +353,15 @@ fn get_manifest(
                     });
                 }
                 return Ok(Some((signed, m)));
+            }
+            // The manifest by MAC is open to a node without a token: a token the server does
+            // not (or no longer) accept must not keep the node from booting.
+            Err(HttpError::Status {
+                status: status @ (401 | 403),
+                ..
+            }) if client.has_token() => {
+                info!("manifest: the server refused this node's token (HTTP {status}); asking without it");
+                client = client.without_token();
             }
             Err(e) if e.is_unreachable() => {
                 info!("server {}: {}", client.addr(), chain(&e));
@@ -445,6 +455,9 @@ pub struct BootInfo {
     pub mac: String,
     /// The entry booted.
     pub entry: Entry,
+    /// The agent's report interval in seconds (`strata.agent=`), if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_interval: Option<u64>,
 }
 
 fn write_run_files(info: &BootInfo) -> io::Result<()> {
@@ -476,6 +489,25 @@ fn status_now(
         cached_layers: cache_layers,
         drift: Vec::new(),
         message: msg,
+    }
+}
+
+/// Where a node layer keeps the node's bearer token (inside the image).
+pub const NODE_TOKEN: &str = "etc/strata/token";
+
+/// Copies the node's token from the mounted image (`<root>/etc/strata/token`) into the cache
+/// (0600), so the next boot's reports before switch_root carry it. Best effort.
+fn keep_token(cache: &Cache, root: &Path) {
+    let Ok(text) = fs::read_to_string(root.join(NODE_TOKEN)) else {
+        return;
+    };
+    match crate::http::parse_token(&text) {
+        Some(t) => match cache.save_token(&t) {
+            Ok(true) => info!("node token kept in the cache for early reports"),
+            Ok(false) => {}
+            Err(e) => info!("node token not kept: {}", chain(&e)),
+        },
+        None => info!("{NODE_TOKEN} in the image is not a usable token; ignored"),
     }
 }
 
@@ -573,7 +605,8 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
             c
         }
     };
-    let client = Client::new(SocketAddr::V4(server));
+    // The token a previous boot kept from the node layer: early reports are authenticated.
+    let client = Client::new(SocketAddr::V4(server)).with_token(cache.load_token().as_deref());
     let reporter = env.reporter.get_or_insert_with(|| Reporter::new(&mac));
     let state = cache.load_state();
 
@@ -663,6 +696,7 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
         server: Some(SocketAddr::V4(server)),
         mac: mac.clone(),
         entry: entry.clone(),
+        agent_interval: cmd.agent_interval,
     })
     .map_err(|source| InitError::EarlyMount {
         target: RUN_DIR.into(),
@@ -692,6 +726,7 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
         device: dev.clone(),
         source,
     })?;
+    keep_token(&cache, new_root);
     // A chain without an init is a bad image, not a reason to reboot: check before moving
     // anything (after the moves there is no way back).
     if fs::symlink_metadata(new_root.join(IMAGE_INIT.trim_start_matches('/'))).is_err() {

@@ -33,6 +33,8 @@ use crate::bootcount::{Entry, State};
 
 /// The cache file system's volume label.
 pub const LABEL: &str = "strata-cache";
+/// The node's bearer token in the cache (mode 0600; the token contract in docs/node-init.md).
+pub const TOKEN_FILE: &str = "token";
 /// e2fsprogs' mke2fs in the initramfs.
 pub const MKE2FS: &str = "/sbin/mke2fs";
 
@@ -221,13 +223,23 @@ fn format(device: &str) -> Result<(), CacheError> {
 
 /// Writes `bytes` to `dir/name` atomically (temp file, fsync, rename, fsync dir).
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_mode(dir, name, bytes, 0o644)
+}
+
+/// [`write_atomic`] with the file's permission bits (the temp file is created with them, so
+/// a secret is never readable by others, not even for a moment).
+pub fn write_atomic_mode(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
     {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(mode)
             .open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -362,6 +374,29 @@ impl Cache {
             source: io::Error::other(e),
         })?;
         write_atomic(&self.root, "state.json", &bytes).map_err(io_at(&self.root.join("state.json")))
+    }
+
+    /// The node's bearer token as saved by a previous boot (`token`, 0600), if usable.
+    pub fn load_token(&self) -> Option<String> {
+        let text = fs::read_to_string(self.root.join(TOKEN_FILE)).ok()?;
+        crate::http::parse_token(&text)
+    }
+
+    /// Keeps the node's bearer token (from its node layer) for the next boot's early
+    /// reports: written atomically, mode 0600, only when it changed. Returns whether it did.
+    pub fn save_token(&self, token: &str) -> Result<bool, CacheError> {
+        if self.load_token().as_deref() == Some(token) {
+            return Ok(false);
+        }
+        let path = self.root.join(TOKEN_FILE);
+        write_atomic_mode(
+            &self.root,
+            TOKEN_FILE,
+            format!("{token}\n").as_bytes(),
+            0o600,
+        )
+        .map_err(io_at(&path))?;
+        Ok(true)
     }
 
     /// Stores a verified signed manifest for offline boots.
@@ -526,5 +561,25 @@ mod tests {
         assert!(!dir.path().join(".state.json.tmp").exists());
         fs::write(dir.path().join("state.json"), b"{garbage").unwrap();
         assert_eq!(c.load_state(), State::default());
+    }
+
+    #[test]
+    fn token_is_kept_private_and_replaced_only_when_changed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        assert_eq!(c.load_token(), None);
+        assert!(c.save_token("stk_one").unwrap());
+        let path = dir.path().join(TOKEN_FILE);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(c.load_token().as_deref(), Some("stk_one"));
+        assert!(!c.save_token("stk_one").unwrap());
+        assert!(c.save_token("stk_two").unwrap());
+        assert_eq!(c.load_token().as_deref(), Some("stk_two"));
+        fs::write(&path, b"bad token with spaces").unwrap();
+        assert_eq!(c.load_token(), None);
     }
 }

@@ -7,6 +7,7 @@
 //! | `strata.ip`, `strata.netmask`, `strata.gw` | static IPv4 configuration (gw may be empty) |
 //! | `strata.disk` | cache block device (default: the first of `/dev/vda`, `/dev/sda`, `/dev/nvme0n1`), or `ram` (diskless: the cache is a tmpfs) |
 //! | `strata.mode` | `normal` (default) or `lkg` (boot the last known good version without asking the server) |
+//! | `strata.agent` | the agent's report interval in seconds (1-86400; default 60), handed to `node-init agent run` through `boot.json` |
 //!
 //! Unknown `strata.*` keys are refused, so a typo never silently changes behaviour.
 
@@ -32,6 +33,8 @@ pub struct Cmdline {
     pub disk: Option<String>,
     /// Skip the server and boot the last known good version.
     pub lkg_only: bool,
+    /// The agent's report interval (seconds).
+    pub agent_interval: Option<u64>,
 }
 
 /// A bad parameter.
@@ -115,6 +118,15 @@ impl Cmdline {
                     }
                     c.disk = Some(value.to_owned());
                 }
+                "agent" => {
+                    c.agent_interval = Some(
+                        value
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|s| (1..=86_400).contains(s))
+                            .ok_or_else(|| bad("not a number of seconds in 1..=86400"))?,
+                    )
+                }
                 "mode" => match value {
                     "normal" => c.lkg_only = false,
                     "lkg" => c.lkg_only = true,
@@ -169,6 +181,14 @@ mod tests {
             Cmdline::parse("strata.bogus=1"),
             Err(CmdlineError::UnknownKey { .. })
         ));
+        assert!(matches!(
+            Cmdline::parse("strata.agent=0"),
+            Err(CmdlineError::Value { ref key, .. }) if key == "strata.agent"
+        ));
+        assert_eq!(
+            Cmdline::parse("strata.agent=2").unwrap().agent_interval,
+            Some(2)
+        );
         assert!(matches!(
             Cmdline::parse("strata.disk=/etc/x/../y"),
             Err(CmdlineError::Value { .. })

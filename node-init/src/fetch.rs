@@ -18,6 +18,11 @@ use crate::http::{Client, HttpError};
 /// Attempts per layer (each resumes where the previous stopped).
 pub const ATTEMPTS: u32 = 4;
 
+/// A `STRATA stage=progress layer=ID bytes=N size=S` marker each time a download passes a
+/// multiple of this many bytes (so a watcher, or the lab's interrupted-download test, sees a
+/// long download advance).
+pub const PROGRESS_EVERY: u64 = 4 << 20;
+
 /// A fetch failure.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -287,6 +292,14 @@ fn fetch_once(
         file.write_all(data)
             .map_err(cache_io(l.id, &path))
             .map_err(wrap(stats))?;
+        if (pos + n as u64) / PROGRESS_EVERY > pos / PROGRESS_EVERY && pos + (n as u64) < l.size {
+            crate::marker!(
+                "stage=progress layer={} bytes={} size={}",
+                l.id,
+                pos + n as u64,
+                l.size
+            );
+        }
         pos += n as u64;
         stats.received += n as u64;
     }

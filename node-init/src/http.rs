@@ -67,11 +67,33 @@ impl HttpError {
 }
 
 /// A client for one server.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     addr: SocketAddr,
     connect_timeout: Duration,
     io_timeout: Duration,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Longest bearer token sent (the server's node tokens are far shorter).
+pub const MAX_TOKEN: usize = 4096;
+
+/// A bearer token from a token file's text: trimmed, 1..=[`MAX_TOKEN`] visible ASCII
+/// characters (anything else could break the request head), else `None`.
+pub fn parse_token(text: &str) -> Option<String> {
+    let t = text.trim();
+    let ok = !t.is_empty() && t.len() <= MAX_TOKEN && t.bytes().all(|b| b.is_ascii_graphic());
+    ok.then(|| t.to_owned())
 }
 
 /// `Content-Range: bytes first-last/total`.
@@ -111,6 +133,35 @@ impl Client {
             addr,
             connect_timeout: Duration::from_secs(3),
             io_timeout: Duration::from_secs(15),
+            token: None,
+        }
+    }
+
+    /// This client sending `Authorization: Bearer <token>` on every API call (paths under
+    /// `/api/`); layer downloads carry none. An unusable token (see [`parse_token`]) is
+    /// dropped.
+    pub fn with_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.and_then(parse_token);
+        self
+    }
+
+    /// The same client without a token.
+    pub fn without_token(&self) -> Self {
+        Self {
+            token: None,
+            ..self.clone()
+        }
+    }
+
+    /// Whether a token is sent on API calls.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    fn auth_header(&self, path: &str) -> String {
+        match &self.token {
+            Some(t) if path.starts_with("/api/") => format!("Authorization: Bearer {t}\r\n"),
+            _ => String::new(),
         }
     }
 
@@ -140,8 +191,9 @@ impl Client {
         range: Option<(u64, Option<u64>)>,
     ) -> Result<Response, HttpError> {
         let mut req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-            self.addr
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{}",
+            self.addr,
+            self.auth_header(path)
         );
         if let Some((from, to)) = range {
             match to {
@@ -174,8 +226,9 @@ impl Client {
         limit: usize,
     ) -> Result<(u16, Vec<u8>), HttpError> {
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.addr,
+            self.auth_header(path),
             body.len()
         );
         let mut resp = self.send(head.as_bytes(), body)?;
@@ -410,6 +463,63 @@ fn to_io(e: HttpError) -> io::Error {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Serves one request on loopback and returns its head.
+    fn one_request_head(call: impl FnOnce(Client) + Send + 'static) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || call(Client::new(addr).with_token(Some("stk_abc\n"))));
+        let (s, _) = l.accept().unwrap();
+        let mut r = BufReader::new(s);
+        let mut head = String::new();
+        while !head.ends_with("\r\n\r\n") {
+            if r.read_line(&mut head).unwrap() == 0 {
+                break;
+            }
+        }
+        r.get_mut()
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            .unwrap();
+        t.join().unwrap();
+        head
+    }
+
+    #[test]
+    fn api_calls_carry_the_token_and_layer_downloads_do_not() {
+        let head = one_request_head(|c| {
+            c.post_json("/api/v1/nodes/by-mac/x/report", b"{}", 16)
+                .unwrap();
+        });
+        assert!(
+            head.contains("\r\nAuthorization: Bearer stk_abc\r\n"),
+            "{head}"
+        );
+        let head = one_request_head(|c| {
+            c.get_bytes("/api/v1/nodes/by-mac/x/manifest", 16).unwrap();
+        });
+        assert!(head.contains("Authorization: Bearer stk_abc\r\n"), "{head}");
+        let head = one_request_head(|c| {
+            c.get_bytes("/layers/abc", 16).unwrap();
+        });
+        assert!(!head.contains("Authorization"), "{head}");
+        let head = one_request_head(|c| {
+            c.without_token()
+                .get_bytes("/api/v1/nodes/by-mac/x/manifest", 16)
+                .unwrap();
+        });
+        assert!(!head.contains("Authorization"), "{head}");
+    }
+
+    #[test]
+    fn tokens_that_could_break_the_head_are_refused() {
+        assert_eq!(parse_token(" stk_1\n").as_deref(), Some("stk_1"));
+        assert_eq!(parse_token(""), None);
+        assert_eq!(parse_token("a\r\nX-Evil: 1"), None);
+        assert_eq!(parse_token("a b"), None);
+        assert_eq!(parse_token(&"a".repeat(MAX_TOKEN + 1)), None);
+        let c = Client::new("127.0.0.1:1".parse().unwrap()).with_token(Some("stk_secret"));
+        assert!(!format!("{c:?}").contains("stk_secret"));
+    }
 
     fn encode(body: &[u8], framing: u8, cuts: &[usize]) -> Vec<u8> {
         let mut out = b"HTTP/1.1 200 OK\r\nServer: t\r\n".to_vec();

@@ -77,6 +77,7 @@ fn agent_confirms_stages_and_verifies() {
         server: Some(server),
         mac: MAC.into(),
         entry: e1.clone(),
+        agent_interval: None,
     };
     std::fs::write(
         run.path().join("boot.json"),
