@@ -25,9 +25,9 @@ use crate::region::{self, Region, Regions, REGION_TABLE_OFFSETS};
 const MIB: u64 = 1024 * 1024;
 const LOG_OFFSET: u64 = MIB;
 const LOG_LENGTH: u64 = MIB;
-const METADATA_OFFSET: u64 = 2 * MIB;
 const METADATA_LENGTH: u64 = MIB;
-const BAT_OFFSET: u64 = 3 * MIB;
+/// Payload bytes are written in runs of this many; all-zero runs are left as holes.
+const PAGE: usize = 4096;
 
 /// Options for new files. `Default` gives a dynamic disk with 32 MiB blocks, 512-byte
 /// logical and 4096-byte physical sectors and random GUIDs.
@@ -56,6 +56,18 @@ pub struct CreateOptions {
     pub record_absolute_parent_path: bool,
     /// The creator string of the file type identifier.
     pub creator: String,
+    /// Reserve a 1 MiB log region (the default). Without one the file is 1 MiB smaller:
+    /// the header's LogLength is 0 (MS-VHDX §2.2.2 allows it; qemu-img and libvhdi read
+    /// such files). This crate orders its writes instead of logging them, so it can still
+    /// write the file; writers that log metadata updates (qemu, Hyper-V) cannot. Meant
+    /// for immutable layers.
+    pub log: bool,
+    /// Differencing output only: store every block holding a changed sector as a fully
+    /// present block (the parent's sectors copied into the rest of it) instead of a
+    /// partially present block plus a 1 MiB sector bitmap block per chunk. Payload blocks
+    /// cost their whole size in the file either way, so this makes the file smaller by the
+    /// bitmap blocks; holes keep the unchanged all-zero pages from using disk space.
+    pub whole_blocks: bool,
 }
 
 impl Default for CreateOptions {
@@ -71,6 +83,8 @@ impl Default for CreateOptions {
             parent_relative_path: None,
             record_absolute_parent_path: false,
             creator: "strata vhdx".to_string(),
+            log: true,
+            whole_blocks: false,
         }
     }
 }
@@ -110,6 +124,8 @@ struct Builder {
     creator: String,
     bat: Vec<u64>,
     bitmaps: BTreeMap<u64, Vec<u8>>,
+    metadata_offset: u64,
+    bat_offset: u64,
     end: u64,
     stats: ConvertStats,
 }
@@ -119,13 +135,19 @@ impl Builder {
         meta.validate(path)?;
         let entries = meta.bitmap_blocks() * (meta.chunk_ratio() + 1);
         let bat_len = (entries * 8).div_ceil(MIB).max(1) * MIB;
+        // Layout: headers in the first MiB, then the log (if any), the metadata region and
+        // the BAT, each a whole number of MiB (MS-VHDX §2.2, §2.3), then payload.
+        let log_length = if opts.log { LOG_LENGTH } else { 0 };
+        let metadata_offset = LOG_OFFSET + log_length;
+        let bat_offset = metadata_offset + METADATA_LENGTH;
         let header = Header {
             sequence_number: 1,
             file_write_guid: opts.file_write_guid.unwrap_or_else(Uuid::new_v4),
             data_write_guid: opts.data_write_guid.unwrap_or_else(Uuid::new_v4),
             log_guid: Uuid::nil(),
+            // With no log, LogOffset still names a 1 MiB multiple of at least 1 MiB.
             log_offset: LOG_OFFSET,
-            log_length: LOG_LENGTH as u32,
+            log_length: log_length as u32,
         };
         Ok(Builder {
             path: path.to_path_buf(),
@@ -135,7 +157,9 @@ impl Builder {
             creator: opts.creator.clone(),
             bat: vec![0; entries as usize],
             bitmaps: BTreeMap::new(),
-            end: BAT_OFFSET + bat_len,
+            metadata_offset,
+            bat_offset,
+            end: bat_offset + bat_len,
             stats: ConvertStats::default(),
         })
     }
@@ -148,7 +172,20 @@ impl Builder {
     /// Stores a whole block (`data` is the block's bytes within the virtual disk).
     fn put_full(&mut self, block: u64, data: &[u8]) -> Result<()> {
         let at = self.end;
-        io::write_all_at(&self.file, &self.path, data, at)?;
+        // The file is new: pages not written read as zeros, so all-zero pages stay holes.
+        let mut page = 0;
+        while page < data.len() {
+            let run_start = page;
+            while page < data.len() && data.get(page..(page + PAGE).min(data.len())).is_some_and(|p| p.iter().any(|&b| b != 0)) {
+                page += PAGE;
+            }
+            if page > run_start {
+                let run = data.get(run_start..page.min(data.len())).unwrap_or_default();
+                io::write_all_at(&self.file, &self.path, run, at + run_start as u64)?;
+            } else {
+                page += PAGE;
+            }
+        }
         self.end += u64::from(self.meta.block_size);
         let idx = bat::payload_index(block, self.meta.chunk_ratio()) as usize;
         if let Some(e) = self.bat.get_mut(idx) {
@@ -199,6 +236,25 @@ impl Builder {
         Ok(())
     }
 
+    /// Stores the sectors of `data` (block `block` of the new disk) that differ from
+    /// `parent`: nothing if none differ, a fully present block if all differ or if
+    /// `whole`, else a partially present block. `scratch` is a buffer for the parent's
+    /// bytes.
+    fn put_diff(&mut self, parent: &Chain, block: u64, data: &[u8], scratch: &mut Vec<u8>, whole: bool) -> Result<()> {
+        let lss = self.meta.logical_sector_size as usize;
+        scratch.resize(data.len(), 0);
+        let pb = scratch.get_mut(..data.len()).unwrap_or_default();
+        parent.read_at(pb, block * u64::from(self.meta.block_size))?;
+        let present: Vec<bool> = data.chunks(lss).zip(pb.chunks(lss)).map(|(a, c)| a != c).collect();
+        let count = present.iter().filter(|&&x| x).count();
+        if count == present.len() || (count > 0 && whole) {
+            self.put_full(block, data)?;
+        } else if count > 0 {
+            self.put_partial(block, data, &present)?;
+        }
+        Ok(())
+    }
+
     /// Writes bitmaps, BAT, metadata, region tables, headers and the file identifier.
     fn finish(mut self) -> Result<(File, ConvertStats)> {
         let cr = self.meta.chunk_ratio();
@@ -215,12 +271,12 @@ impl Builder {
         io::set_len(&self.file, &self.path, self.end)?;
         let bat_bytes: Vec<u8> = self.bat.iter().flat_map(|e| e.to_le_bytes()).collect();
         let bat_len = (bat_bytes.len() as u64).div_ceil(MIB).max(1) * MIB;
-        io::write_all_at(&self.file, &self.path, &bat_bytes, BAT_OFFSET)?;
+        io::write_all_at(&self.file, &self.path, &bat_bytes, self.bat_offset)?;
         let md = metadata::to_region(&self.meta, METADATA_LENGTH as usize);
-        io::write_all_at(&self.file, &self.path, &md, METADATA_OFFSET)?;
+        io::write_all_at(&self.file, &self.path, &md, self.metadata_offset)?;
         let regions = Regions {
-            bat: Region { offset: BAT_OFFSET, length: bat_len },
-            metadata: Region { offset: METADATA_OFFSET, length: METADATA_LENGTH },
+            bat: Region { offset: self.bat_offset, length: bat_len },
+            metadata: Region { offset: self.metadata_offset, length: METADATA_LENGTH },
         };
         let rt = region::to_block(&regions);
         for off in REGION_TABLE_OFFSETS {
@@ -371,7 +427,7 @@ pub fn from_raw_reader(
         let mut b = Builder::new(path, file, meta, &o)?;
         let bs = u64::from(o.block_size);
         let mut data = vec![0u8; bs as usize];
-        let mut base = vec![0u8; if parent.is_some() { bs as usize } else { 0 }];
+        let mut base = Vec::new();
         let fixed = parent.is_none() && o.disk_type == DiskType::Fixed;
         for block in 0..b.meta.data_blocks() {
             let blen = b.block_len(block);
@@ -387,21 +443,7 @@ pub fn from_raw_reader(
                         b.put_full(block, buf)?;
                     }
                 }
-                Some(p) => {
-                    let pb = base.get_mut(..blen as usize).unwrap_or_default();
-                    p.read_at(pb, block * bs)?;
-                    let present: Vec<bool> = buf
-                        .chunks(lss as usize)
-                        .zip(pb.chunks(lss as usize))
-                        .map(|(a, c)| a != c)
-                        .collect();
-                    let count = present.iter().filter(|&&x| x).count();
-                    if count == present.len() {
-                        b.put_full(block, buf)?;
-                    } else if count > 0 {
-                        b.put_partial(block, buf, &present)?;
-                    }
-                }
+                Some(p) => b.put_diff(p, block, buf, &mut base, o.whole_blocks)?,
             }
         }
         let (_, stats) = b.finish()?;
@@ -415,5 +457,47 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8], offset: u64) -> Result<()> 
         offset,
         len: buf.len() as u64,
         source,
+    })
+}
+
+/// Writes a differencing disk at `out` on the top of `parent` from the blocks that changed:
+/// each item is a block index (in units of `opts.block_size`) and the block's bytes as the
+/// new virtual disk holds them (the whole block; only the disk's last block may be
+/// shorter), in strictly increasing block order. Blocks not given come from the parent.
+/// A given block is compared with the parent sector by sector and stored as
+/// [`from_raw`] would store it, so for the same content and options both give the same
+/// bytes; but only the given blocks are read, of the input and of the parent chain, which
+/// makes small layers on large disks cheap.
+pub fn differencing_from_blocks<B: AsRef<[u8]>>(
+    out: &Path,
+    parent: &Chain,
+    opts: &CreateOptions,
+    blocks: impl IntoIterator<Item = (u64, B)>,
+) -> Result<ConvertStats> {
+    let mut o = opts.clone();
+    o.logical_sector_size = parent.logical_sector_size();
+    let meta = new_metadata(out, parent.virtual_size(), &o, Some(locator_for(out, parent, opts)))?;
+    let bad = |reason: String| VhdxError::InvalidArgument { file: out.to_path_buf(), reason };
+    atomic_write(out, |path, file| {
+        let mut b = Builder::new(path, file, meta, &o)?;
+        let mut scratch = Vec::new();
+        let mut next = 0u64;
+        for (block, data) in blocks {
+            let data = data.as_ref();
+            if block < next {
+                return Err(bad(format!("block {block} given out of order (blocks must increase)")));
+            }
+            if block >= b.meta.data_blocks() {
+                return Err(bad(format!("block {block} past the disk's {} blocks", b.meta.data_blocks())));
+            }
+            let blen = b.block_len(block);
+            if data.len() as u64 != blen {
+                return Err(bad(format!("block {block} given as {} bytes, the block is {blen}", data.len())));
+            }
+            b.put_diff(parent, block, data, &mut scratch, o.whole_blocks)?;
+            next = block + 1;
+        }
+        let (_, stats) = b.finish()?;
+        Ok(stats)
     })
 }

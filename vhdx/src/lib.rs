@@ -9,7 +9,7 @@
 //!   [`Chain::from_paths`] takes the order from the caller. Both check parent linkage.
 //! - [`Chain::read_at`], [`Chain::write_at`] (top file only), [`Chain::map`] (extents for a
 //!   device-mapper linear table).
-//! - [`create`], [`create_differencing`], [`from_raw`]: new files, written to a temporary
+//! - [`create`], [`create_differencing`], [`from_raw`], [`differencing_from_blocks`]: new files, written to a temporary
 //!   and renamed into place; reproducible with [`CreateOptions::deterministic`].
 //!
 //! docs/vhdx.md describes the write ordering that keeps files consistent across a crash.
@@ -37,7 +37,7 @@ mod region;
 
 pub use bat::BlockState;
 pub use chain::{Chain, Extent, Source, MAX_CHAIN_DEPTH};
-pub use create::{create, create_differencing, from_raw, from_raw_reader, ConvertStats, CreateOptions};
+pub use create::{create, create_differencing, differencing_from_blocks, from_raw, from_raw_reader, ConvertStats, CreateOptions};
 pub use export::to_raw;
 pub use error::{ErrorKind, MetadataItem, Result, Structure, VhdxError};
 pub use file::{DiskType, Vhdx};

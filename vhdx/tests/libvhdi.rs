@@ -174,3 +174,37 @@ fn legacy_parent_locator_item_id_still_reads() -> Result<()> {
     assert!(back == r1, "legacy-ID child does not read back as R1");
     Ok(())
 }
+
+/// A log-less base and a log-less, whole-block differencing child (the store's layers)
+/// mount with vhdimount and read as R0 and R1; the child holds no sector bitmap block.
+#[test]
+fn vhdimount_reads_logless_whole_block_layers() -> Result<()> {
+    let dir = scratch();
+    let size = 6 * MIB;
+    let r0 = random_raw(7301, size);
+    let r1 = mutate(7302, &r0, 5, 512);
+    let (p0, p1) = (dir.path().join("r0.raw"), dir.path().join("r1.raw"));
+    std::fs::write(&p0, &r0)?;
+    std::fs::write(&p1, &r1)?;
+    let layers = dir.path().join("layers");
+    std::fs::create_dir(&layers)?;
+    let base = layers.join("base.vhdx");
+    let child = layers.join("child.vhdx");
+    let opts = CreateOptions { block_size: MIB as u32, log: false, record_absolute_parent_path: true, ..CreateOptions::default() };
+    vhdx::from_raw(&p0, &base, None, &opts)?;
+    let stats = vhdx::from_raw(&p1, &child, Some(&Chain::open(&base)?), &CreateOptions { whole_blocks: true, ..opts })?;
+    assert_eq!(stats.partial_blocks, 0, "whole-block output has no partially present block");
+    // Headers, metadata and BAT (1 MiB each) plus the changed blocks, no bitmap block.
+    assert_eq!(stats.file_size, (3 + stats.blocks) * MIB);
+    let changed = (0..size / MIB).filter(|b| r0[(b * MIB) as usize..((b + 1) * MIB) as usize] != r1[(b * MIB) as usize..((b + 1) * MIB) as usize]).count();
+    assert_eq!(stats.blocks, changed as u64);
+    let mnt = Mount::new(&child, &dir.path().join("mnt"))?;
+    let layer = |n: u32| -> Result<Vec<u8>> {
+        let p = mnt.dir.join(format!("vhdi{n}"));
+        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    assert!(layer(1)? == r0, "vhdimount's vhdi1 (log-less base) differs from R0");
+    assert!(layer(2)? == r1, "vhdimount's vhdi2 (whole-block child) differs from R1");
+    drop(mnt);
+    Ok(())
+}

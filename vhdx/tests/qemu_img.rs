@@ -104,3 +104,27 @@ fn deterministic_output_is_byte_identical() -> Result<()> {
     assert_eq!(Vhdx::open(&a)?.data_write_guid(), uuid::Uuid::from_u128(2));
     Ok(())
 }
+
+/// Files without a log region (`log: false`, LogLength 0: our immutable layers) pass
+/// `qemu-img check` and convert to the input; they are 1 MiB smaller than with a log.
+#[test]
+fn logless_files_pass_qemu_check_and_convert() -> Result<()> {
+    let dir = scratch();
+    for (i, &(size, bs_mib)) in CASES.iter().enumerate() {
+        let raw = random_raw(300 + i as u64, size);
+        let raw_path = dir.path().join(format!("in{i}.raw"));
+        std::fs::write(&raw_path, &raw)?;
+        let with_log = dir.path().join(format!("log{i}.vhdx"));
+        let out = dir.path().join(format!("nolog{i}.vhdx"));
+        let opts = CreateOptions { block_size: bs_mib * MIB as u32, ..CreateOptions::default() };
+        vhdx::from_raw(&raw_path, &with_log, None, &opts)?;
+        vhdx::from_raw(&raw_path, &out, None, &CreateOptions { log: false, ..opts })?;
+        assert_eq!(std::fs::metadata(&with_log)?.len() - std::fs::metadata(&out)?.len(), MIB, "case {i}: the log region is 1 MiB");
+        run_qemu_img(&["check", "-f", "vhdx", s(&out)])?;
+        Vhdx::open(&out)?.check()?;
+        let back = dir.path().join(format!("nolog{i}.raw"));
+        run_qemu_img(&["convert", "-f", "vhdx", "-O", "raw", s(&out), s(&back)])?;
+        assert_same(&format!("case {i}: qemu-img convert of a log-less file"), &std::fs::read(&back)?, &raw);
+    }
+    Ok(())
+}
