@@ -249,6 +249,34 @@ fn node_layers_hold_the_node_facts() -> Result<()> {
     Ok(())
 }
 
+/// Node layers come from the role's node template (patched inodes and data blocks, no
+/// debugfs); they must hold exactly the image the general way (debugfs on a copy of the
+/// role image) makes, for several nodes, a file needing two blocks (a new shape), DHCP and
+/// static addresses, and pass e2fsck (Image::top runs it).
+#[test]
+fn node_layers_from_the_template_equal_the_general_way() -> Result<()> {
+    let (_d, store, _) = shared();
+    let db = store.image_for_role("db")?.context("db")?;
+    let mut cases: Vec<NodeFacts> = (400..404).map(facts).collect();
+    cases[1].ip = None;
+    cases[1].gateway = None;
+    cases[2].token = "t".repeat(4096);
+    cases[3].hostname = "a-much-longer-host-name-than-the-others-0123456789".into();
+    for f in &cases {
+        let rec = build::node_layer(store, &db, f)?;
+        assert!(build::node::node_template_in_use(store, &db.layers[1].id), "{}: the fast path was not used", f.node_id);
+        let img = Image::top(&store.layer_path(&rec.id))?;
+        let general = img._dir.path().join("general.raw");
+        build::node::node_image_general(store, &db, f, &general)?;
+        assert!(fs::read(&img.raw)? == fs::read(&general)?, "{}: the templated node image differs from debugfs's", f.node_id);
+        assert_eq!(img.cat("/etc/strata/token"), format!("{}\n", f.token));
+        // 3 MiB of VHDX structures plus whole 1 MiB blocks; a node changes a few.
+        assert_eq!(rec.size % (1 << 20), 0);
+        assert!(rec.size <= 6 << 20, "{}: node layer is {} bytes", f.node_id, rec.size);
+    }
+    Ok(())
+}
+
 /// Everything in `layers/` plus the catalog's versions: what "the store is unchanged" means.
 fn snapshot(store: &Store) -> Result<(Vec<String>, Vec<(String, u64)>)> {
     let mut files: Vec<String> = fs::read_dir(store.root().join("layers"))?

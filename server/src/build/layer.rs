@@ -40,11 +40,35 @@ fn options(raw: &Path, parent: Option<&LayerId>) -> Result<CreateOptions, BuildE
     }
     h.update_mmap(raw).map_err(|e| BuildError::io("hashing", raw, e))?;
     let seed = h.finalize();
-    let mut o = CreateOptions::deterministic(guid(&seed, "file"), guid(&seed, "data"), guid(&seed, "page83"));
+    let o = CreateOptions::deterministic(guid(&seed, "file"), guid(&seed, "data"), guid(&seed, "page83"));
+    Ok(layer_options(o, parent))
+}
+
+/// The store's layer format: 1 MiB blocks, no log region (layers are never written after
+/// they are published), changed blocks stored whole (no sector bitmap block). Together
+/// these make a differencing layer 3 MiB (headers, metadata, BAT) plus 1 MiB per block it
+/// changes; see docs/images.md.
+fn layer_options(mut o: CreateOptions, parent: Option<&LayerId>) -> CreateOptions {
     o.block_size = BLOCK_SIZE;
     o.creator = "strata".to_owned();
     o.parent_relative_path = parent.map(|p| format!("{p}.vhdx"));
-    Ok(o)
+    o.log = false;
+    o.whole_blocks = true;
+    o
+}
+
+/// Deterministic options for a layer given as blocks: GUIDs from the blocks and the parent.
+fn options_for_blocks(blocks: &[(u64, Vec<u8>)], parent: &LayerId) -> CreateOptions {
+    let mut h = blake3::Hasher::new();
+    h.update(b"strata layer guid v1 blocks\0");
+    h.update(parent.as_bytes());
+    for (i, b) in blocks {
+        h.update(&i.to_le_bytes());
+        h.update(b);
+    }
+    let seed = h.finalize();
+    let o = CreateOptions::deterministic(guid(&seed, "file"), guid(&seed, "data"), guid(&seed, "page83"));
+    layer_options(o, Some(parent))
 }
 
 /// The 1 MiB blocks in which two equally long raw files differ.
@@ -167,6 +191,37 @@ pub fn prepare_checked(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, ch
         .map_err(|e| BuildError::io("chmod", out, e))?;
     let (id, _, _) = crate::store::hash_file(out)?;
     Ok(Prepared { path: out.to_owned(), id, virtual_size: vsize })
+}
+
+/// Writes a differencing layer on the chain `parent` (base first) from the 1 MiB blocks of the
+/// new image that may differ from the parent's (increasing block order; blocks equal to the
+/// parent's are left out), reads those blocks back through the new chain and compares them.
+/// Only these blocks are read, so the cost follows the change, not the disk.
+pub fn prepare_blocks(blocks: &[(u64, Vec<u8>)], parent: &[(LayerId, PathBuf)], out: &Path) -> Result<Prepared, BuildError> {
+    let Some(top) = parent.last() else {
+        return Err(BuildError::Verify { message: "a layer given as blocks needs a parent".into() });
+    };
+    let opts = options_for_blocks(blocks, &top.0);
+    let vx = |what: &'static str| move |source| BuildError::Vhdx { what: what.into(), source };
+    let mut paths: Vec<PathBuf> = parent.iter().map(|p| p.1.clone()).collect();
+    let pchain = Chain::from_paths(&paths).map_err(vx("opening the parent chain"))?;
+    vhdx::differencing_from_blocks(out, &pchain, &opts, blocks.iter().map(|(i, b)| (*i, b.as_slice())))
+        .map_err(vx("writing the differencing layer"))?;
+    paths.push(out.to_owned());
+    let chain = Chain::from_paths(&paths).map_err(vx("opening the new chain"))?;
+    let step = u64::from(BLOCK_SIZE);
+    let mut back = Vec::new();
+    for (i, want) in blocks {
+        back.resize(want.len(), 0);
+        chain.read_at(&mut back, i.saturating_mul(step)).map_err(vx("reading back"))?;
+        if back != *want {
+            return Err(BuildError::Verify { message: format!("content differs from the image in block {i}") });
+        }
+    }
+    std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(|e| BuildError::io("chmod", out, e))?;
+    let (id, _, _) = crate::store::hash_file(out)?;
+    Ok(Prepared { path: out.to_owned(), id, virtual_size: chain.virtual_size() })
 }
 
 /// Writes `raw` as a layer of `kind` on `parent` (a published chain, base first; empty for a

@@ -11,6 +11,7 @@
 pub mod base;
 pub mod ext4;
 pub mod layer;
+pub mod node;
 pub mod ops;
 pub mod recipe;
 pub mod template;
@@ -26,7 +27,8 @@ use wire::chunk::{Digest, LayerId};
 use wire::manifest::LayerKind;
 
 use crate::store::catalog::NewVersion;
-use crate::store::{CatalogError, ImageVersion, KernelRef, LayerRecord, RoleInfo, Store, StoreError};
+use crate::store::{CatalogError, KernelRef, LayerRecord, RoleInfo, Store, StoreError};
+pub use node::{machine_id, node_files, node_layer, NodeFacts};
 use ops::Op;
 use recipe::{host_path, Loaded, RecipeKind, SourceKind};
 
@@ -34,7 +36,7 @@ use recipe::{host_path, Loaded, RecipeKind, SourceKind};
 pub const DEFAULT_EPOCH: u64 = 1_700_000_000;
 
 /// Bumped when the builder's output for the same inputs changes.
-const BUILDER_FORMAT: &str = "strata-builder-1";
+pub(crate) const BUILDER_FORMAT: &str = "strata-builder-2";
 
 /// Builder errors. Each names the recipe, source or path concerned.
 #[derive(Debug, thiserror::Error)]
@@ -595,7 +597,7 @@ fn make_readable(dir: &Path) -> Result<(), BuildError> {
     Ok(())
 }
 
-fn copy_sparse(src: &Path, dst: &Path) -> Result<(), BuildError> {
+pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> Result<(), BuildError> {
     // `cp --sparse=always` keeps holes (fs::copy may fill them).
     let o = Command::new("cp").arg("--sparse=always").arg(src).arg(dst).output().map_err(|e| BuildError::io("running cp on", src, e))?;
     if !o.status.success() {
@@ -788,117 +790,6 @@ fn existing(store: &Store, image: &str, version: u64) -> Result<Option<Built>, B
     }
     let kernel = store.image_version(image, version, None, None)?.and_then(|v| v.kernel);
     Ok(Some(Built { image: image.to_owned(), version, reused: true, base, roles, kernel }))
-}
-
-/// What the server knows about a node, written into its node layer.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct NodeFacts {
-    /// Host name (RFC 1123 label).
-    pub hostname: String,
-    /// Canonical MAC `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
-    /// Static address in CIDR form (`10.0.0.5/24`), or None for DHCP.
-    pub ip: Option<String>,
-    /// Default gateway for a static address.
-    pub gateway: Option<String>,
-    /// Stable node identifier.
-    pub node_id: String,
-    /// The node's identity token (written 0600).
-    pub token: String,
-}
-
-fn check_facts(f: &NodeFacts) -> Result<(), BuildError> {
-    let bad = |m: String| BuildError::NodeFacts { node: f.node_id.clone(), message: m };
-    let h = f.hostname.as_bytes();
-    if h.is_empty() || h.len() > 63 || !h.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-') || h.first() == Some(&b'-') {
-        return Err(bad(format!("hostname {:?} is not an RFC 1123 label", f.hostname)));
-    }
-    if !wire::manifest::is_canonical_mac(&f.mac) {
-        return Err(bad(format!("MAC {:?} is not aa:bb:cc:dd:ee:ff", f.mac)));
-    }
-    if f.node_id.is_empty() || f.node_id.len() > 128 || f.node_id.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(bad(format!("node id {:?} must be 1-128 printable characters", f.node_id)));
-    }
-    if f.token.is_empty() || f.token.len() > 4096 || f.token.chars().any(|c| c.is_control()) {
-        return Err(bad("token must be 1-4096 printable characters".into()));
-    }
-    if let Some(ip) = &f.ip {
-        let (addr, len) = ip.split_once('/').ok_or_else(|| bad(format!("ip {ip:?} needs a /prefix")))?;
-        addr.parse::<std::net::IpAddr>().map_err(|_| bad(format!("ip {ip:?} is not an address")))?;
-        len.parse::<u8>().ok().filter(|l| *l <= 128).ok_or_else(|| bad(format!("ip {ip:?} has a bad prefix")))?;
-    }
-    if let Some(g) = &f.gateway {
-        g.parse::<std::net::IpAddr>().map_err(|_| bad(format!("gateway {g:?} is not an address")))?;
-    }
-    Ok(())
-}
-
-/// The machine id (32 hex digits) of a node: derived from its id, so rebuilding gives the same.
-pub fn machine_id(node_id: &str) -> String {
-    let h = blake3::Hasher::new().update(b"strata machine-id\0").update(node_id.as_bytes()).finalize();
-    hex::encode(&h.as_bytes()[..16])
-}
-
-/// The files of a node layer: (path, content, mode).
-pub fn node_files(f: &NodeFacts) -> Vec<(&'static str, String, u32)> {
-    let mut net = format!("mac={}\n", f.mac);
-    match &f.ip {
-        Some(ip) => {
-            net.push_str(&format!("address={ip}\n"));
-            if let Some(g) = &f.gateway {
-                net.push_str(&format!("gateway={g}\n"));
-            }
-        }
-        None => net.push_str("dhcp=yes\n"),
-    }
-    vec![
-        ("/etc/hostname", format!("{}\n", f.hostname), 0o644),
-        ("/etc/hosts", format!("127.0.0.1\tlocalhost\n127.0.1.1\t{}\n", f.hostname), 0o644),
-        ("/etc/machine-id", format!("{}\n", machine_id(&f.node_id)), 0o444),
-        ("/etc/strata/node-id", format!("{}\n", f.node_id), 0o644),
-        ("/etc/strata/network", net, 0o644),
-        ("/etc/strata/token", format!("{}\n", f.token), 0o600),
-    ]
-}
-
-/// Builds (or finds) the node layer of `node` on the chain `role` (its top is the role layer):
-/// deterministic, recorded in the catalog, reused while the facts and the role are unchanged.
-pub fn node_layer(store: &Store, role: &ImageVersion, facts: &NodeFacts) -> Result<LayerRecord, BuildError> {
-    check_facts(facts)?;
-    let top = role.layers.last().ok_or_else(|| BuildError::NotFound { what: "role chain layers".into() })?;
-    let digest = {
-        let json = serde_json::to_vec(facts).map_err(|e| BuildError::NodeFacts { node: facts.node_id.clone(), message: e.to_string() })?;
-        blake3::Hasher::new().update(BUILDER_FORMAT.as_bytes()).update(&json).finalize().to_hex().to_string()
-    };
-    let known = store.catalog().node_layer(&facts.node_id, &top.id)?;
-    if let Some((id, d)) = known {
-        if d == digest {
-            if let Some(rec) = store.layer_info(&id)? {
-                if store.layer_path(&id).is_file() {
-                    return Ok(rec);
-                }
-            }
-        }
-    }
-    let _lock = store.lock_shared()?;
-    let scratch = store.scratch("node")?;
-    let sdir = scratch.path();
-    let template = layer::cached_raw(store, &role.layers, sdir)?;
-    let raw = sdir.join("node.raw");
-    copy_sparse(&template, &raw)?;
-    let mut all = Vec::new();
-    for (i, (path, content, mode)) in node_files(facts).into_iter().enumerate() {
-        let host = sdir.join(format!("node-{i}"));
-        fs::write(&host, content).map_err(|e| BuildError::io("writing", &host, e))?;
-        all.push(Op::File { path: path.to_owned(), host, mode, uid: 0, gid: 0 });
-    }
-    ops::apply(&raw, &all, DEFAULT_EPOCH, sdir)?;
-    // The template is the role chain's image: the blocks that differ from it are the only
-    // ones the node layer holds, and the only ones read back.
-    let changed = layer::changed_blocks(&template, &raw)?;
-    let rec = layer::publish(store, &raw, &role.layers, LayerKind::Node, sdir, Some(&changed))?;
-    store.catalog().record_node_layer(&facts.node_id, &top.id, &rec.id, &digest)?;
-    Ok(rec)
 }
 
 /// Looks up a layer id given as a prefix of at least 8 hex digits.

@@ -101,6 +101,7 @@ pub struct StoreLock {
 pub struct Store {
     root: PathBuf,
     catalog: Mutex<Catalog>,
+    node_templates: crate::build::node::TemplateCache,
 }
 
 impl Store {
@@ -116,7 +117,7 @@ impl Store {
             atomic::clean_stale(&p).map_err(io_err("cleaning", &p))?;
         }
         let catalog = Catalog::open(&root.join("catalog.sqlite3"))?;
-        Ok(Store { root: root.to_owned(), catalog: Mutex::new(catalog) })
+        Ok(Store { root: root.to_owned(), catalog: Mutex::new(catalog), node_templates: Default::default() })
     }
 
     /// The store's root directory.
@@ -137,6 +138,11 @@ impl Store {
     /// Where the flattened raw image of chain top `id` is cached.
     pub fn cache_path(&self, id: &LayerId) -> PathBuf {
         self.root.join("cache").join(format!("{id}.raw"))
+    }
+
+    /// The node templates of this store's roles (see `build::node`).
+    pub(crate) fn node_templates(&self) -> &crate::build::node::TemplateCache {
+        &self.node_templates
     }
 
     /// The catalog (locked for the caller; keep the guard short).
