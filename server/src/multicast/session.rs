@@ -38,8 +38,13 @@ pub struct SenderConfig {
     /// A receiver still incomplete this long after the first pass ends is evicted (it
     /// fetches the rest by unicast); None: `max(10 s, first pass duration)`.
     pub slow_bound: Option<Duration>,
-    /// Reported loss (per mille) above which the rate backs off.
+    /// Reported loss (per mille) above which a receiver counts as struggling; one above it
+    /// for 10 ticks in a row is lagging and no longer steers the rate.
     pub loss_threshold_permille: u16,
+    /// Loss (per mille) above a receiver's learned floor that means congestion: the rate
+    /// backs off when any steering receiver exceeds its floor by this much, and climbs back
+    /// while every one stays within half of it.
+    pub congestion_permille: u16,
     /// After the first pass, with no receiver known, end after this much silence.
     pub idle_end: Duration,
     /// How long the end is announced.
@@ -58,6 +63,7 @@ impl Default for SenderConfig {
             receiver_timeout: Duration::from_secs(3),
             slow_bound: None,
             loss_threshold_permille: 150,
+            congestion_permille: 20,
             idle_end: Duration::from_secs(2),
             end_linger: Duration::from_millis(600),
         }
@@ -116,6 +122,11 @@ struct Rx {
     phase: ReceiverPhase,
     last_seen: Instant,
     loss: u16,
+    /// Highest loss reported since the last tick (None: no report).
+    window: Option<u16>,
+    /// Learned random-loss floor (per mille): follows the loss down at once and up slowly,
+    /// so a steady loss (a bad link, or injected) is learnt and bursts (queue overflow) are not.
+    floor: Option<u16>,
     missing: u32,
     high_loss_streak: u32,
     lagging: bool,
@@ -184,7 +195,6 @@ pub struct SenderSession {
     last_refill: Instant,
     next_announce: Instant,
     next_hash: u32,
-    window_loss: u16,
     queue: VecDeque<(Dest, Vec<u8>)>,
     last_activity: Instant,
     stats: SendStats,
@@ -218,7 +228,6 @@ impl SenderSession {
             last_refill: now,
             next_announce: now,
             next_hash: 0,
-            window_loss: 0,
             queue: VecDeque::new(),
             last_activity: now,
             stats,
@@ -302,6 +311,8 @@ impl SenderSession {
             phase: ReceiverPhase::Waiting,
             last_seen: now,
             loss: 0,
+            window: None,
+            floor: None,
             missing: u32::MAX,
             high_loss_streak: 0,
             lagging: false,
@@ -322,8 +333,9 @@ impl SenderSession {
         }
         r.loss = s.loss_permille;
         r.missing = s.missing_symbols;
-        if !r.lagging && !r.evicted {
-            self.window_loss = self.window_loss.max(s.loss_permille);
+        // Loss means something only from a receiver taking data while data flows.
+        if s.phase == ReceiverPhase::Receiving && self.phase == Phase::Sending {
+            r.window = Some(r.window.map_or(s.loss_permille, |w| w.max(s.loss_permille)));
         }
     }
 
@@ -427,13 +439,18 @@ impl SenderSession {
             keep
         });
         self.stats.receivers_lost += lost;
-        // Rate control: back off on loss above the threshold, recover slowly below half of it.
-        // A receiver above the threshold for 10 ticks in a row is lagging: its loss no longer
-        // slows the group (it will be evicted if it cannot keep up).
+        // Rate control (docs/multicast.md, "Rate control"): each receiver's loss is judged
+        // against its own learned floor, so steady random loss does not slow the group and
+        // loss that comes with the rate (queues overflowing) does. A receiver above the
+        // absolute threshold for 10 ticks in a row is lagging: it no longer steers the rate
+        // (it will be evicted if it cannot keep up).
         let ceiling = self.cfg.rate_bps as f64 / 8.0;
         let threshold = self.cfg.loss_threshold_permille;
+        let congestion = self.cfg.congestion_permille;
+        let mut excess: u16 = 0;
         for r in self.receivers.values_mut() {
-            if r.loss > threshold {
+            let Some(w) = r.window.take() else { continue };
+            if w > threshold {
                 r.high_loss_streak += 1;
                 if r.high_loss_streak >= 10 {
                     r.lagging = true;
@@ -441,16 +458,24 @@ impl SenderSession {
             } else {
                 r.high_loss_streak = 0;
             }
+            let floor = match r.floor {
+                None => w,
+                Some(f) if w <= f => w,
+                Some(f) => f + (w - f).div_ceil(16),
+            };
+            r.floor = Some(floor);
+            if !r.lagging && !r.evicted {
+                excess = excess.max(w.saturating_sub(floor));
+            }
         }
         if self.phase == Phase::Sending {
-            if self.window_loss > threshold {
+            if excess > congestion {
                 self.rate = (self.rate * 0.75).max(ceiling / 16.0);
-            } else if self.window_loss < threshold / 2 {
+            } else if excess <= congestion / 2 {
                 self.rate = (self.rate + ceiling / 10.0).min(ceiling);
             }
             self.stats.min_rate_bps = self.stats.min_rate_bps.min((self.rate * 8.0) as u64);
         }
-        self.window_loss = 0;
         self.recent
             .retain(|_, t| now.duration_since(*t) < self.cfg.repair_holdoff);
         // Slow receivers: evicted a bound after the first pass ends.
@@ -733,6 +758,55 @@ mod tests {
         eprintln!("{stats:?}");
         let symbols = stats.data_packets as f64;
         assert!((stats.repair_packets as f64) < symbols * 0.30, "{stats:?}");
+    }
+
+    /// Drives a started session through `reports.len()` ticks; at each, receiver `i` reports
+    /// `reports[t][i]` per mille of loss. Returns the lowest rate reached.
+    fn rate_under(reports: &[Vec<u16>]) -> u64 {
+        let data = vec![7u8; 64 << 20];
+        let (id, size, chunks) = wire::chunk::chunk_hashes(&data[..], 1 << 20).unwrap();
+        let layout = Layout::new(size, 1 << 20, DEFAULT_SYMBOL_SIZE).unwrap();
+        let cfg = SenderConfig {
+            rate_bps: 1_000_000_000,
+            min_receivers: 0,
+            ..SenderConfig::default()
+        };
+        let t0 = Instant::now();
+        let mut tx = SenderSession::new(LayerInfo { id, layout, chunks }, cfg, SessionId::new(9).unwrap(), t0);
+        let from = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 9));
+        let mut now = t0;
+        let _ = tx.poll(now);
+        for row in reports {
+            for (i, loss) in row.iter().enumerate() {
+                let st = Packet::Status(Status {
+                    session: tx.id(),
+                    receiver: i as u64 + 1,
+                    phase: ReceiverPhase::Receiving,
+                    loss_permille: *loss,
+                    have_chunks: 0,
+                    missing_symbols: 1,
+                });
+                tx.on_packet(&st.to_bytes(), from, now);
+            }
+            now += Duration::from_millis(200);
+            // Run the tick (and drain what it queued).
+            while !matches!(tx.poll(now), Poll::Wait(_) | Poll::Data { .. }) {}
+        }
+        tx.stats().min_rate_bps
+    }
+
+    #[test]
+    fn steady_random_loss_does_not_slow_the_group() {
+        // 5% and 1% random loss (a bad cable, or injected), with jitter: learnt as the floor.
+        let rows: Vec<Vec<u16>> = (0..40).map(|t| vec![48 + (t % 5) as u16, 10 + (t % 3) as u16]).collect();
+        assert_eq!(rate_under(&rows), 1_000_000_000);
+    }
+
+    #[test]
+    fn bursts_of_loss_above_the_floor_back_off() {
+        // A starved receiver: no loss most of the time, bursts of 8% (its buffer overflowing).
+        let rows: Vec<Vec<u16>> = (0..40).map(|t| vec![0, if t % 4 == 3 { 80 } else { 0 }]).collect();
+        assert!(rate_under(&rows) < 800_000_000);
     }
 
     proptest::proptest! {

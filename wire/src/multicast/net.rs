@@ -18,6 +18,11 @@ use super::receiver::{Action, Expect, ReceiverCore, RecvStats, NACK_TICK};
 
 /// Largest receive buffer asked for when `net.core.rmem_max` cannot be read.
 const FALLBACK_RCVBUF: usize = 4 << 20;
+/// Receive buffer asked for with `SO_RCVBUFFORCE` (root, `CAP_NET_ADMIN`) when no size is
+/// configured: at 1.5 Gbit/s it holds about 170 ms of stream, so a receiver the scheduler
+/// leaves off the CPU for that long loses nothing (4 MiB, the usual `rmem_max`, holds 20 ms;
+/// docs/multicast.md, "Sockets"). The kernel charges it only as packets queue.
+pub const FORCED_RCVBUF: usize = 32 << 20;
 /// A receiver gives up on a session whose sender it has not heard for this long.
 pub const SENDER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -158,7 +163,9 @@ pub fn iface_index(sock: &Socket, name: &str) -> io::Result<u32> {
 
 /// Opens a UDP socket bound to the group's port on any address, joined to the group on
 /// `iface`, receiving only that group (`IP_MULTICAST_ALL` off), with a receive buffer of
-/// `rcvbuf` bytes (or `net.core.rmem_max`). Returns the socket and the buffer granted.
+/// `rcvbuf` bytes, or else [`FORCED_RCVBUF`] where the caller may exceed `net.core.rmem_max`
+/// (`SO_RCVBUFFORCE`), or else `rmem_max`. Returns the socket and the buffer granted (the
+/// kernel reports twice the size asked for: its bookkeeping overhead).
 pub fn open_receiver_socket(
     group: SocketAddrV4,
     iface: Option<&str>,
@@ -178,8 +185,12 @@ pub fn open_receiver_socket(
         s.bind_device(Some(name.as_bytes()))
             .map_err(sock_err(format!("SO_BINDTODEVICE {name}")))?;
     }
-    let want = rcvbuf.or_else(rmem_max).unwrap_or(FALLBACK_RCVBUF);
-    s.set_recv_buffer_size(want).map_err(sock_err("SO_RCVBUF"))?;
+    let forced = rcvbuf.is_none()
+        && rustix::net::sockopt::set_socket_recv_buffer_size_force(&s, FORCED_RCVBUF).is_ok();
+    if !forced {
+        let want = rcvbuf.or_else(rmem_max).unwrap_or(FALLBACK_RCVBUF);
+        s.set_recv_buffer_size(want).map_err(sock_err("SO_RCVBUF"))?;
+    }
     let granted = s.recv_buffer_size().map_err(sock_err("SO_RCVBUF"))?;
     s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, group.port()).into())
         .map_err(sock_err(format!("bind port {}", group.port())))?;
