@@ -49,6 +49,8 @@ pub struct Config {
     pub ra: RaConfig,
     /// What booting nodes get.
     pub boot: BootConfig,
+    /// The iSCSI target for diskless nodes.
+    pub iscsi: IscsiConfig,
 }
 
 impl Default for Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             dhcp: DhcpConfig::default(),
             ra: RaConfig::default(),
             boot: BootConfig::default(),
+            iscsi: IscsiConfig::default(),
         }
     }
 }
@@ -205,6 +208,49 @@ impl Default for BootConfig {
     }
 }
 
+/// `[iscsi]`: every known node's chain as LUN 0 of its own target (docs/iscsi.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IscsiConfig {
+    /// Serve iSCSI at all.
+    pub enabled: bool,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Require CHAP: each node proves its own secret (derived from the server key unless
+    /// set in `[[iscsi.nodes]]`). Off only on a boot network nothing else can reach.
+    pub chap: bool,
+    /// Default for every node: writes go to a scratch layer discarded at logout.
+    pub stateless: bool,
+    /// Per-node settings.
+    pub nodes: Vec<IscsiNodeConfig>,
+}
+
+impl Default for IscsiConfig {
+    fn default() -> Self {
+        IscsiConfig {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 3260)),
+            chap: true,
+            stateless: false,
+            nodes: Vec::new(),
+        }
+    }
+}
+
+/// `[[iscsi.nodes]]`: one node's iSCSI settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IscsiNodeConfig {
+    /// The node's MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Its CHAP secret (12 to 255 bytes) instead of the derived one.
+    pub chap_secret: Option<String>,
+    /// A secret the target proves back (mutual CHAP).
+    pub target_secret: Option<String>,
+    /// Overrides `iscsi.stateless` for this node.
+    pub stateless: Option<bool>,
+}
+
 impl Config {
     /// Reads a TOML file. Unknown keys are errors naming the key and line.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -242,6 +288,16 @@ impl Config {
                     return Err(ConfigError::Invalid(
                         "dhcp.pool_start and dhcp.pool_end are required in full mode".into(),
                     ))
+                }
+            }
+        }
+        for n in &self.iscsi.nodes {
+            if n.mac.parse::<wire::dhcp::MacAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!("iscsi.nodes: bad MAC {:?}", n.mac)));
+            }
+            for (key, s) in [("chap_secret", &n.chap_secret), ("target_secret", &n.target_secret)] {
+                if s.as_ref().is_some_and(|s| !(12..=255).contains(&s.len())) {
+                    return Err(ConfigError::Invalid(format!("iscsi.nodes {}: {key} must be 12 to 255 bytes", n.mac)));
                 }
             }
         }

@@ -17,6 +17,49 @@ use crate::iscsi::{Backing, ChapCredentials, IscsiTarget, RawLun, StaticLuns, Ta
 pub enum IscsiCmd {
     /// Serve LUNs over iSCSI until SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// Print a node's target, initiator name and CHAP credentials under `strata serve`'s
+    /// configuration and key (for an operator setting up iPXE or open-iscsi by hand).
+    Node(NodeArgs),
+}
+
+/// Arguments of `strata iscsi node`.
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// The node's MAC.
+    #[arg(long)]
+    pub mac: String,
+    /// `strata serve`'s configuration file (for `[iscsi]` and `data_dir`).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Data directory (overrides `data_dir`): the server key is read from `keys/` in it.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Prints `target=`, `initiator=`, `chap_user=`, `chap_secret=` and `stateless=` lines.
+fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => crate::config::Config::load(path)?,
+        None => crate::config::Config::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    let mac: wire::dhcp::MacAddr = args.mac.parse()?;
+    let keys = config.data_dir.join("keys");
+    if !keys.join("server.key").is_file() {
+        bail!("no server key in {}: run `strata serve` with this data directory first", keys.display());
+    }
+    let key = crate::keys::load_or_create(&keys)?;
+    let c = crate::iscsi::node_credentials(&config.iscsi, &key, &mac);
+    println!("target={}", c.target);
+    println!("initiator={}", c.initiator);
+    if let Some(chap) = &c.chap {
+        println!("chap_user={}", chap.user);
+        println!("chap_secret={}", String::from_utf8_lossy(&chap.secret));
+    }
+    println!("stateless={}", c.stateless);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Arguments of `strata iscsi serve`.
@@ -110,7 +153,10 @@ pub fn build_luns(args: &ServeArgs) -> anyhow::Result<StaticLuns> {
 
 /// Runs a `strata iscsi` subcommand.
 pub fn run(cmd: IscsiCmd) -> anyhow::Result<ExitCode> {
-    let IscsiCmd::Serve(args) = cmd;
+    let args = match cmd {
+        IscsiCmd::Serve(args) => args,
+        IscsiCmd::Node(args) => return node(args),
+    };
     let luns = build_luns(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {

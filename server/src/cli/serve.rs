@@ -100,6 +100,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     let images: Arc<dyn ImageSource> = crate::images::open(&config, key.clone()).await?;
+    let iscsi_key = key.clone();
     let orchestrator = crate::orchestrator::Orchestrator::open(
         &config.data_dir,
         key,
@@ -144,6 +145,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if config.dhcp.mode != DhcpMode::Off {
         start_dhcp(&config, &public_url, &fleet, &mut services).await?;
+    }
+    if config.iscsi.enabled {
+        let listen = config.iscsi.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding iSCSI {listen}"))?;
+        let iscsi_addr = listener.local_addr()?;
+        let luns = crate::iscsi::FleetLuns::new(
+            Arc::clone(&fleet),
+            config.iscsi.clone(),
+            iscsi_key,
+            config.data_dir.join("iscsi"),
+            tokio::runtime::Handle::current(),
+        );
+        let target = crate::iscsi::IscsiTarget::new(listener, Arc::new(luns), crate::iscsi::TargetOptions::default());
+        services.spawn("iscsi", move |token| target.run(token));
+        tracing::info!(iscsi = %iscsi_addr, chap = config.iscsi.chap, stateless = config.iscsi.stateless, "iSCSI on");
     }
     if let Some(iface) = config.ra.interface.as_deref() {
         let ra = crate::boot::ra::RaResponder::bind(iface)

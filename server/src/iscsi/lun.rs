@@ -43,6 +43,14 @@ pub enum LunError {
     /// No such target.
     #[error("no target named {0}")]
     NoTarget(String),
+    /// A node's chain cannot be served (no image, a layer missing from the store).
+    #[error("node {node}: {reason}")]
+    Node {
+        /// The node's MAC.
+        node: String,
+        /// Why.
+        reason: String,
+    },
     /// A scratch layer for a stateless session could not be made.
     #[error("scratch layer in {dir}")]
     Scratch {

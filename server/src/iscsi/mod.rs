@@ -7,6 +7,7 @@
 //! - [`scsi`]: the SPC-4/SBC-3 commands and sense data.
 //! - [`session`]: one connection's full feature phase, sans-IO.
 //! - [`lun`]: LUN backings (VHDX chains, raw files), target names, [`lun::LunProvider`].
+//! - [`nodes`]: the appliance's targets, one per fleet node ([`nodes::FleetLuns`]).
 //! - [`target`]: the tokio TCP server, [`IscsiTarget`].
 //!
 //! docs/iscsi.md describes the design, the peers it is tested against and its limits.
@@ -17,6 +18,7 @@
 
 pub mod login;
 pub mod lun;
+pub mod nodes;
 pub mod pdu;
 pub mod scsi;
 pub mod session;
@@ -27,6 +29,7 @@ pub use lun::{
     node_initiator_iqn, node_target_iqn, Backing, BlockDevice, ChapCredentials, LunError, LunProvider, RawLun,
     StaticLuns, TargetAccess, VhdxLun,
 };
+pub use nodes::{node_credentials, FleetLuns, NodeCredentials};
 pub use target::{IscsiTarget, TargetOptions};
 
 /// Entry points for the fuzz targets in `server/fuzz/` (not a stable API).
