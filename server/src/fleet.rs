@@ -298,6 +298,7 @@ impl Fleet {
             issued_at: now_ms() / 1000,
             boot_tries: chain.boot_tries,
             layers,
+            multicast: Vec::new(),
         };
         SignedManifest::sign(&manifest, &self.key).map_err(|e| FleetError::Internal(format!("signing manifest: {e}")))
     }

@@ -30,6 +30,27 @@ pub const MAX_TEXT: usize = 256;
 /// Most boot tries a manifest may grant a new version.
 pub const MAX_BOOT_TRIES: u32 = 100;
 
+/// Most multicast offers in one manifest (one per layer at most).
+pub const MAX_MULTICAST_OFFERS: usize = MAX_LAYERS;
+/// Longest a manifest may tell a node to wait for a multicast session (seconds).
+pub const MAX_MULTICAST_WAIT: u32 = 3600;
+
+/// A multicast session the server runs (or will start) for one layer of the chain
+/// (docs/multicast.md, "Sessions scheduled by the server"). Signed with the rest of the
+/// manifest: a node joins only the group its server named, and still checks every chunk
+/// against the layer's hashes in this manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MulticastOffer {
+    /// The layer (one of the chain's).
+    pub layer: LayerId,
+    /// IPv4 multicast group and UDP port of the session.
+    pub group: std::net::SocketAddrV4,
+    /// Seconds the node waits for the session to deliver before it fetches what is still
+    /// missing over HTTP (1..=[`MAX_MULTICAST_WAIT`]).
+    pub wait_secs: u32,
+}
+
 /// The role a layer plays in a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,6 +101,10 @@ pub struct Manifest {
     pub boot_tries: u32,
     /// The chain: base first, top last.
     pub layers: Vec<LayerRef>,
+    /// Multicast sessions offered for layers of the chain (absent in older manifests; a node
+    /// that ignores them fetches everything over HTTP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub multicast: Vec<MulticastOffer>,
 }
 
 /// The wire form: the exact signed text and its signature.
@@ -195,6 +220,15 @@ pub enum InvalidManifest {
     /// `boot_tries` is 0 or over [`MAX_BOOT_TRIES`].
     #[error("boot_tries {0} out of range 1..={MAX_BOOT_TRIES}")]
     BootTries(u32),
+    /// A multicast offer names a layer not in the chain (or one already offered), a group
+    /// that is not IPv4 multicast, port 0, or a wait out of range; or there are too many.
+    #[error("multicast offer {index} is invalid: {why}")]
+    MulticastOffer {
+        /// Offer index.
+        index: usize,
+        /// What is wrong.
+        why: &'static str,
+    },
 }
 
 fn check_text(field: &'static str, s: &str) -> Result<(), InvalidManifest> {
@@ -286,6 +320,30 @@ impl Manifest {
                 return Err(InvalidManifest::DuplicateLayer { id: l.id });
             }
         }
+        if self.multicast.len() > MAX_MULTICAST_OFFERS {
+            return Err(InvalidManifest::MulticastOffer {
+                index: MAX_MULTICAST_OFFERS,
+                why: "more offers than layers allowed",
+            });
+        }
+        for (index, o) in self.multicast.iter().enumerate() {
+            let why = if !self.layers.iter().any(|l| l.id == o.layer) {
+                Some("layer not in the chain")
+            } else if self.multicast.iter().take(index).any(|p| p.layer == o.layer) {
+                Some("layer offered twice")
+            } else if !o.group.ip().is_multicast() {
+                Some("group is not an IPv4 multicast address")
+            } else if o.group.port() == 0 {
+                Some("port 0")
+            } else if o.wait_secs == 0 || o.wait_secs > MAX_MULTICAST_WAIT {
+                Some("wait_secs out of range")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(InvalidManifest::MulticastOffer { index, why });
+            }
+        }
         Ok(())
     }
 
@@ -298,6 +356,11 @@ impl Manifest {
         let m: Manifest = serde_json::from_str(text).map_err(ManifestError::Json)?;
         m.validate()?;
         Ok(m)
+    }
+
+    /// The multicast offer for layer `id`, if any.
+    pub fn multicast_offer(&self, id: &LayerId) -> Option<&MulticastOffer> {
+        self.multicast.iter().find(|o| o.layer == *id)
     }
 
     /// The base layer (the first one).
@@ -419,7 +482,74 @@ mod tests {
                 layer(LayerKind::Role, &[2u8; 5000], CHUNK_SIZE),
                 layer(LayerKind::Node, &[3u8; 1], 4096),
             ],
+            multicast: Vec::new(),
         }
+    }
+
+    fn offered() -> Manifest {
+        let mut m = sample();
+        m.multicast = vec![MulticastOffer {
+            layer: m.layers[0].id,
+            group: "239.255.77.1:9300".parse().unwrap(),
+            wait_secs: 120,
+        }];
+        m
+    }
+
+    #[test]
+    fn a_manifest_without_offers_has_no_multicast_field_and_old_ones_parse() {
+        let m = sample();
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(!text.contains("multicast"));
+        assert_eq!(Manifest::from_json_unverified(&text).unwrap(), m);
+        let o = offered();
+        let text = serde_json::to_string(&o).unwrap();
+        assert!(text.contains(r#""multicast":[{"layer":"#), "{text}");
+        assert!(text.contains(r#""group":"239.255.77.1:9300""#), "{text}");
+        assert_eq!(Manifest::from_json_unverified(&text).unwrap(), o);
+        assert_eq!(o.multicast_offer(&o.layers[0].id), Some(&o.multicast[0]));
+        assert_eq!(o.multicast_offer(&o.layers[1].id), None);
+    }
+
+    #[test]
+    fn the_signature_covers_the_offer() {
+        let s = SignedManifest::sign(&offered(), &key(1)).unwrap();
+        let mut forged = s.clone();
+        forged.manifest = forged.manifest.replace("239.255.77.1:9300", "239.255.77.2:9300");
+        assert_ne!(forged.manifest, s.manifest);
+        assert!(matches!(
+            forged.verify(&key(1).verifying_key()),
+            Err(ManifestError::BadSignature)
+        ));
+        assert_eq!(s.verify(&key(1).verifying_key()).unwrap(), offered());
+    }
+
+    #[test]
+    fn bad_offers_are_refused() {
+        let cases: [(&str, fn(&mut MulticastOffer)); 5] = [
+            ("layer not in the chain", |o| o.layer = Digest([9; 32])),
+            ("group is not an IPv4 multicast address", |o| {
+                o.group = "10.0.0.1:9300".parse().unwrap()
+            }),
+            ("port 0", |o| o.group.set_port(0)),
+            ("wait_secs out of range", |o| o.wait_secs = 0),
+            ("wait_secs out of range", |o| o.wait_secs = MAX_MULTICAST_WAIT + 1),
+        ];
+        for (want, f) in cases {
+            let mut m = offered();
+            f(&mut m.multicast[0]);
+            assert_eq!(
+                m.validate(),
+                Err(InvalidManifest::MulticastOffer { index: 0, why: want })
+            );
+            assert!(SignedManifest::sign(&m, &key(1)).is_err());
+        }
+        let mut m = offered();
+        m.multicast.push(m.multicast[0].clone());
+        assert_eq!(
+            m.validate(),
+            Err(InvalidManifest::MulticastOffer { index: 1, why: "layer offered twice" })
+        );
     }
 
     #[test]
@@ -554,6 +684,7 @@ mod tests {
             issued_at in any::<u64>(),
             boot_tries in 1u32..=MAX_BOOT_TRIES,
             layers in proptest::collection::vec((any_kindless_layer(), any::<[u8; 32]>()), 1..5),
+            offer in proptest::option::of((any::<[u8; 3]>(), 1u16.., 1u32..=MAX_MULTICAST_WAIT)),
         ) -> Manifest {
             let layers = layers.into_iter().enumerate().map(|(i, ((size, cs, url), seed))| {
                 let n = chunk_count(size, cs);
@@ -567,11 +698,16 @@ mod tests {
                     chunks: (0..n).map(|c| Digest::of(&c.to_le_bytes())).collect(),
                     url,
                 }
-            }).collect();
+            }).collect::<Vec<LayerRef>>();
+            let multicast = offer.map(|([a, b, c], port, wait_secs)| MulticastOffer {
+                layer: layers[0].id,
+                group: std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(224 | (a & 15), b, c, 1), port),
+                wait_secs,
+            }).into_iter().collect();
             Manifest {
                 node,
                 mac: mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
-                role, image, version, issued_at, boot_tries, layers,
+                role, image, version, issued_at, boot_tries, layers, multicast,
             }
         }
     }

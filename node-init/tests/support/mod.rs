@@ -179,6 +179,7 @@ pub fn manifest(role: &str, version: u64, tries: u32, layers: Vec<LayerRef>) -> 
         issued_at: 1_700_000_000 + version,
         boot_tries: tries,
         layers,
+        multicast: Vec::new(),
     }
 }
 
