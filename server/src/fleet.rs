@@ -93,6 +93,11 @@ pub struct NodeRecord {
     pub layer_bytes_sent: u64,
     /// The last state report it sent.
     pub last_report: Option<serde_json::Value>,
+    /// The token its node layer carries in `/etc/strata/token` (an API node token scoped to
+    /// this node, `db::tokens::layer_token`). Set when the fleet asks for its chain; `None`
+    /// elsewhere (the iPXE script needs none). Never serialised.
+    #[serde(skip)]
+    pub token: Option<String>,
 }
 
 /// The chain a role's node boots.
@@ -156,6 +161,8 @@ struct Live {
     events: Vec<NewEvent>,
     rev: u64,
     enrolled: HashSet<String>,
+    /// Node tokens this process has recorded as used.
+    used_tokens: HashSet<u64>,
 }
 
 /// Nodes, their assignments and manifests, and their reports.
@@ -188,6 +195,7 @@ fn record_of(r: &NodeRow) -> NodeRecord {
         last_seen: r.last_seen_ms / 1000,
         layer_bytes_sent: r.layer_bytes,
         last_report: serde_json::to_value(&r.status).ok(),
+        token: None,
     }
 }
 
@@ -213,6 +221,11 @@ impl Fleet {
     /// The database.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// The key manifests are signed with (and node layer tokens derived from).
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
     }
 
     /// The image source.
@@ -259,6 +272,35 @@ impl Fleet {
         self.lock().nodes.get(mac).map(|n| n.row.clone())
     }
 
+    /// The token `mac`'s node layer carries (creating its first generation if needed).
+    pub async fn layer_token(&self, mac: &str) -> Result<String, FleetError> {
+        let key = self.key.clone();
+        let m = mac.to_owned();
+        let (_, secret) = self
+            .db
+            .call(move |c| crate::db::tokens::layer_token(c, &m, &|gen| crate::keys::node_token(&key, &m, gen)))
+            .await?;
+        Ok(secret)
+    }
+
+    /// Records that node token `token` authenticated a request for `mac`: from now on the
+    /// node's anonymous reports are refused, and older generations of its layer token are
+    /// revoked. Returns the ids of tokens revoked by it (the caller drops cached lookups).
+    pub async fn token_used(&self, mac: &str, token: &crate::db::tokens::TokenInfo) -> Result<Vec<u64>, FleetError> {
+        if token.used_ms.is_some() || self.lock().used_tokens.contains(&token.id) {
+            return Ok(Vec::new());
+        }
+        let (id, m) = (token.id, mac.to_owned());
+        let used = self.db.call(move |c| crate::db::tokens::first_use(c, id, &m, now_ms())).await?;
+        let mut live = self.lock();
+        live.used_tokens.insert(id);
+        live.enrolled.insert(mac.to_owned());
+        if used.marked {
+            tracing::info!(%mac, token = id, superseded = ?used.superseded, "node authenticated with its token for the first time");
+        }
+        Ok(used.superseded)
+    }
+
     /// The signed manifest for `mac`: its assigned version, or with `version`, a version it is
     /// assigned or asked to stage.
     pub async fn signed_manifest(self: &Arc<Self>, mac: &str, version: Option<u64>) -> Result<SignedManifest, FleetError> {
@@ -270,7 +312,8 @@ impl Fleet {
                 Some(ok.cloned().ok_or_else(|| FleetError::NotAssigned { mac: mac.to_owned(), version: v })?)
             }
         };
-        let node = record_of(&row);
+        let mut node = record_of(&row);
+        node.token = Some(self.layer_token(mac).await?);
         let images = Arc::clone(&self.images);
         let role = row.role.clone();
         let chain = tokio::task::spawn_blocking(move || match &want {
@@ -371,7 +414,8 @@ impl Fleet {
         if let Some((target, row)) = lookup {
             // First time this stage target is checked: look its layers up (store I/O).
             let images = Arc::clone(&self.images);
-            let node = record_of(&row);
+            let mut node = record_of(&row);
+            node.token = Some(self.layer_token(mac).await?);
             let t = target.clone();
             let chain = tokio::task::spawn_blocking(move || images.chain_at(&node.role, &t, &node))
                 .await
@@ -429,6 +473,7 @@ impl Fleet {
         let mut live = self.lock();
         if let Some(e) = enrolled {
             live.enrolled = e.into_iter().collect();
+            live.used_tokens.clear();
         }
         for r in changed {
             live.rev = live.rev.max(r.rev);
@@ -446,8 +491,8 @@ impl Fleet {
     /// Forgets a node deleted from the database.
     pub fn forget(&self, mac: &str) {
         let mut live = self.lock();
+        // Still enrolled: a node that used a token must keep using one (db::tokens).
         live.nodes.remove(mac);
-        live.enrolled.remove(mac);
     }
 
     /// Flushes every `every` until `shutdown`, then once more.

@@ -1,20 +1,19 @@
 //! The bridge between the image store/builder and the fleet: which chain a node boots. A
 //! node's chain is its role's current image (base, role layer) plus its own node layer
-//! (hostname, machine-id, identity token), built on first request and reused while its facts
+//! (hostname, machine-id, and the node's API token from `db::tokens::layer_token`, which the
+//! fleet passes in [`NodeRecord::token`]), built on first request and reused while its facts
 //! and its role's layer are unchanged.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use ed25519_dalek::SigningKey;
 use wire::manifest::LayerRef;
 use wire::LayerId;
 
 use crate::build::{self, NodeFacts};
 use crate::config::Config;
 use crate::fleet::{FleetError, ImageChain, ImageInfo, ImageSource, NodeRecord};
-use crate::keys;
 use crate::orchestrator::VersionRef;
 use crate::store::catalog::{ImageVersion, LayerRecord};
 use crate::store::Store;
@@ -25,12 +24,11 @@ pub const DEFAULT_BOOT_TRIES: u32 = 3;
 /// Images from the store under the data directory.
 pub struct StoreImages {
     store: Store,
-    key: SigningKey,
 }
 
 /// Opens the store under the data directory and makes sure the built-in busybox test image
 /// and its roles are in it (built on first start, reused after).
-pub async fn open(config: &Config, key: SigningKey) -> anyhow::Result<Arc<dyn ImageSource>> {
+pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn ImageSource>> {
     let root = config.data_dir.join("store");
     let images_dir = build::default_images_dir();
     let store = tokio::task::spawn_blocking(move || -> anyhow::Result<Store> {
@@ -43,7 +41,7 @@ pub async fn open(config: &Config, key: SigningKey) -> anyhow::Result<Arc<dyn Im
     })
     .await
     .context("image store task")??;
-    Ok(Arc::new(StoreImages { store, key }))
+    Ok(Arc::new(StoreImages { store }))
 }
 
 fn layer_ref(rec: &LayerRecord) -> LayerRef {
@@ -66,7 +64,10 @@ impl StoreImages {
             ip: None,
             gateway: None,
             node_id: node.name.clone(),
-            token: keys::node_token(&self.key, &node.mac),
+            token: node
+                .token
+                .clone()
+                .ok_or_else(|| FleetError::Internal(format!("node layer for {}: no node token given", node.mac)))?,
         };
         let node_layer = build::node_layer(&self.store, &image, &facts)
             .map_err(|e| FleetError::Internal(format!("node layer for {}: {e}", node.mac)))?;

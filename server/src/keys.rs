@@ -60,14 +60,16 @@ pub fn public_hex(key: &VerifyingKey) -> String {
     hex::encode(key.to_bytes())
 }
 
-/// A node's identity token: a keyed blake3 of its MAC under the server's secret key. Stable
-/// (so a node layer carrying it is rebuilt only when its facts change), unguessable without
-/// the key, and checkable by recomputing, so the server stores no per-node secret.
-pub fn node_token(key: &SigningKey, mac: &str) -> String {
-    let mut hasher = blake3::Hasher::new_derive_key("strata 2026 node token v1");
+/// The secret of generation `generation` of a node's layer token (`db::tokens::layer_token`):
+/// an API bearer token (`stk_` and 64 hex digits) derived with blake3 from the server's secret
+/// key, the MAC and the generation. The server can recompute it whenever it rebuilds the
+/// node's layer, so the database stores only its hash; it is unguessable without the key.
+pub fn node_token(key: &SigningKey, mac: &str, generation: u64) -> String {
+    let mut hasher = blake3::Hasher::new_derive_key("strata 2026 node layer token v2");
     hasher.update(&key.to_bytes());
+    hasher.update(&generation.to_le_bytes());
     hasher.update(mac.as_bytes());
-    hasher.finalize().to_hex().to_string()
+    format!("stk_{}", hasher.finalize().to_hex())
 }
 
 #[cfg(test)]
@@ -85,12 +87,15 @@ mod tests {
     }
 
     #[test]
-    fn node_tokens_differ_per_node_and_key() {
+    fn node_tokens_differ_per_node_generation_and_key() {
         let a = SigningKey::from_bytes(&[1; 32]);
         let b = SigningKey::from_bytes(&[2; 32]);
-        assert_eq!(node_token(&a, "52:54:00:00:00:01"), node_token(&a, "52:54:00:00:00:01"));
-        assert_ne!(node_token(&a, "52:54:00:00:00:01"), node_token(&a, "52:54:00:00:00:02"));
-        assert_ne!(node_token(&a, "52:54:00:00:00:01"), node_token(&b, "52:54:00:00:00:01"));
+        let t = node_token(&a, "52:54:00:00:00:01", 1);
+        assert!(t.starts_with("stk_") && t.len() == 68, "an API token: {t}");
+        assert_eq!(t, node_token(&a, "52:54:00:00:00:01", 1));
+        assert_ne!(t, node_token(&a, "52:54:00:00:00:02", 1));
+        assert_ne!(t, node_token(&a, "52:54:00:00:00:01", 2));
+        assert_ne!(t, node_token(&b, "52:54:00:00:00:01", 1));
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! The operator and node API: auth scopes, bad input, delta reports (duplicates, reordering,
-//! illegal transitions), drift, and the OpenAPI document against the router.
+//! The operator and node API: auth scopes, node layer tokens, bad input, delta reports
+//! (duplicates, reordering, illegal transitions), drift, and the OpenAPI document against the
+//! router. One test runs the real `strata serve` with its image store and reads the token out
+//! of a real node layer with debugfs.
 
 mod orch_sim;
+mod support;
 
 use std::sync::{Arc, RwLock};
 
@@ -81,16 +84,106 @@ async fn tokens_scope_what_callers_may_do() -> Result<()> {
     let node_b = admin.ok("GET", &format!("/api/v1/nodes/{b}"), None).await?;
     assert_eq!(node_b["state"], "healthy", "B's state untouched");
 
-    // Once A holds a token, anonymous requests for A are refused; B (no token) still boots
-    // without one (documented in docs/api.md).
-    let (s, _) = anon.call("GET", &format!("/api/v1/nodes/by-mac/{a}/manifest"), None).await?;
-    assert_eq!(s, 401);
-    anon.ok("GET", &format!("/api/v1/nodes/by-mac/{b}/manifest"), None).await?;
-    // Revoking A's token takes effect at once.
+    // A has used a token: its anonymous reports are refused. Its manifest stays readable without
+    // one (a booting node with an empty cache has none; documented in docs/api.md), and a node
+    // never seen before reports without a token.
+    let heartbeat = |m: &str| StateReport { mac: m.to_owned(), seq: 1, base_seq: 0, delta: StateDelta::default() };
+    let (s, v) = anon.raw("POST", &format!("/api/v1/nodes/by-mac/{a}/report"), Some(serde_json::to_vec(&heartbeat(&a))?)).await?;
+    assert_eq!((s, v["error"]["code"].as_str()), (401, Some("unauthenticated")), "{v}");
+    anon.ok("GET", &format!("/api/v1/nodes/by-mac/{a}/manifest"), None).await?;
+    let c = mac(200);
+    anon.ok("GET", &format!("/api/v1/nodes/by-mac/{c}/manifest"), None).await?;
+    let (s, v) = anon.raw("POST", &format!("/api/v1/nodes/by-mac/{c}/report"), Some(serde_json::to_vec(&heartbeat(&c))?)).await?;
+    assert_eq!(s, 200, "{v}");
+    // Revoking A's token takes effect at once, and does not reopen anonymous reports.
     let id = node_a["info"]["id"].as_u64().context("id")?;
     admin.ok("DELETE", &format!("/api/v1/tokens/{id}"), None).await?;
-    let (s, _) = n_api.call("GET", &format!("/api/v1/nodes/by-mac/{a}/manifest"), None).await?;
+    let (s, _) = n_api.raw("POST", &format!("/api/v1/nodes/by-mac/{a}/report"), Some(serde_json::to_vec(&heartbeat(&a))?)).await?;
     assert_eq!(s, 401);
+    // The manifest stays readable: a revoked token counts as none there.
+    n_api.ok("GET", &format!("/api/v1/nodes/by-mac/{a}/manifest"), None).await?;
+    let (s, _) = anon.raw("POST", &format!("/api/v1/nodes/by-mac/{a}/report"), Some(serde_json::to_vec(&heartbeat(&a))?)).await?;
+    assert_eq!(s, 401);
+    server.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_layer_token_is_the_nodes_api_token() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let admin = server.api();
+    let anon = admin.with_token(None);
+    let url = Arc::new(RwLock::new(server.url.clone()));
+    admin.ok("PUT", "/api/v1/roles/web", Some(json!({ "version": { "image": "img", "version": 1 } }))).await?;
+    let mut other = Sim::new(&mac(9), Arc::clone(&url));
+    other.boot().await?;
+
+    // A new node: its first reports go without a token (it has none yet); booting its node
+    // layer gives it the token, an API node token, which its later reports carry.
+    let mut sim = Sim::new(&mac(8), Arc::clone(&url));
+    sim.boot().await?;
+    let token = sim.token.clone().context("the node layer carries a token")?;
+    assert!(token.starts_with("stk_") && token.len() == 68, "{token}");
+    let tokens = admin.ok("GET", "/api/v1/tokens", None).await?;
+    assert!(!tokens.to_string().contains(&token[4..]), "listed without the secret");
+    let mine: Vec<&Value> = tokens.as_array().context("list")?.iter().filter(|t| t["node"] == sim.mac.as_str()).collect();
+    assert_eq!(mine.len(), 1, "{tokens}");
+    assert_eq!((mine[0]["scope"].as_str(), mine[0]["layer_gen"].as_u64()), (Some("node"), Some(1)));
+    assert!(mine[0]["used_ms"].as_u64().is_some(), "used by the booted node's reports: {tokens}");
+    let first_id = mine[0]["id"].as_u64().context("id")?;
+
+    // Scoped to its node: not another node's reports or manifest, no operator route.
+    let n_api = admin.with_token(Some(&token));
+    let forged = StateReport { mac: other.mac.clone(), seq: 50, base_seq: 0, delta: StateDelta { state: Some(NodeState::Failed), ..Default::default() } };
+    let (s, _) = n_api.raw("POST", &format!("/api/v1/nodes/by-mac/{}/report", other.mac), Some(serde_json::to_vec(&forged)?)).await?;
+    assert_eq!(s, 403);
+    let (s, _) = n_api.call("GET", &format!("/api/v1/nodes/by-mac/{}/manifest", other.mac), None).await?;
+    assert_eq!(s, 403);
+    let (s, _) = n_api.call("GET", "/api/v1/nodes", None).await?;
+    assert_eq!(s, 403);
+    // Having used it, the node must: anonymous reports for it are refused.
+    let anon_report = StateReport { mac: sim.mac.clone(), seq: 90, base_seq: 0, delta: StateDelta { state: Some(NodeState::Failed), ..Default::default() } };
+    let (s, _) = anon.raw("POST", &format!("/api/v1/nodes/by-mac/{}/report", sim.mac), Some(serde_json::to_vec(&anon_report)?)).await?;
+    assert_eq!(s, 401);
+    assert_eq!(admin.ok("GET", &format!("/api/v1/nodes/{}", sim.mac), None).await?["state"], "healthy");
+
+    // Stable: a rebuilt node layer (the role moves to version 2) carries the same token.
+    let m1 = sim.manifest(None).await?;
+    admin.ok("PUT", "/api/v1/roles/web", Some(json!({ "version": { "image": "img", "version": 2 } }))).await?;
+    let m2 = sim.manifest(None).await?;
+    let node_layer = |m: &wire::manifest::Manifest| m.layers.last().map(|l| l.id);
+    assert_eq!(m2.version, 2);
+    assert_ne!(node_layer(&m1), node_layer(&m2), "a new node layer");
+    assert_eq!(sim.layer_token(&m2).await?, token, "the same token in it");
+
+    // Rotated deliberately: the next node layer carries a new token; the old one keeps working
+    // until the node uses the new one (after its next boot), then it is revoked.
+    let rotated = admin.ok("POST", &format!("/api/v1/nodes/{}/tokens/rotate", sim.mac), None).await?;
+    assert_eq!(rotated["layer_gen"], 2);
+    let m3 = sim.manifest(None).await?;
+    let new_token = sim.layer_token(&m3).await?;
+    assert_ne!(new_token, token);
+    assert_ne!(node_layer(&m3), node_layer(&m2));
+    sim.report().await?;
+    sim.boot().await?;
+    assert_eq!(sim.token.as_deref(), Some(new_token.as_str()));
+    let (s, _) = admin.with_token(Some(&token)).raw("POST", &format!("/api/v1/nodes/by-mac/{}/report", sim.mac), Some(serde_json::to_vec(&anon_report)?)).await?;
+    assert_eq!(s, 401, "the old generation was revoked at the new one's first use");
+    let used = admin.events("token.first_use").await?;
+    assert!(used.iter().any(|e| e["detail"]["superseded"] == json!([first_id])), "{used:?}");
+
+    // Revoked: refused at once; the next node layer carries the next generation.
+    let id = rotated["id"].as_u64().context("id")?;
+    admin.ok("DELETE", &format!("/api/v1/tokens/{id}"), None).await?;
+    let (s, _) = sim.post_report(&anon_report).await?;
+    assert_eq!(s, 401);
+    let m4 = sim.manifest(None).await?;
+    let third = sim.layer_token(&m4).await?;
+    assert!(third != new_token && third != token);
+    sim.boot().await?;
+    sim.report().await?;
+    assert_eq!(admin.ok("GET", &format!("/api/v1/nodes/{}", sim.mac), None).await?["state"], "healthy");
     server.stop().await;
     Ok(())
 }
@@ -235,5 +328,60 @@ async fn every_documented_route_exists_and_the_document_is_served() -> Result<()
         assert!(s != 405 && !(s == 404 && v["error"]["message"].as_str().is_some_and(|m| m.contains("route"))), "{} {}: {s} {v}", r.method, r.path);
     }
     server.stop().await;
+    Ok(())
+}
+
+/// The real `strata serve` and its image store: the node layer it builds for a node holds, in
+/// `/etc/strata/token`, a token the API accepts as that node's (debugfs reads the layer chain
+/// exactly as downloaded from `/layers/{id}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_node_layer_holds_the_nodes_api_token() -> Result<()> {
+    for (tool, hint) in [("debugfs", "apt-get install e2fsprogs")] {
+        let found = std::process::Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output()?.status.success();
+        anyhow::ensure!(found, "{tool} is missing: {hint}");
+    }
+    let server = support::TestServer::start("")?;
+    let url = server.url("");
+    let admin_secret = std::fs::read_to_string(server.data_dir.join("admin.token"))?.trim().to_owned();
+    let admin = Api::new(&url, Some(&admin_secret));
+    let anon = admin.with_token(None);
+    let m = "52:54:00:aa:00:01";
+    let signed: wire::manifest::SignedManifest = serde_json::from_value(anon.ok("GET", &format!("/api/v1/nodes/by-mac/{m}/manifest"), None).await?)?;
+    let key_hex = std::fs::read_to_string(server.data_dir.join("keys/server.key"))?;
+    let mut secret = [0u8; 32];
+    hex::decode_to_slice(key_hex.trim(), &mut secret)?;
+    let vk = ed25519_dalek::SigningKey::from_bytes(&secret).verifying_key();
+    let manifest = signed.verify(&vk)?;
+    let dir = tempfile::tempdir()?;
+    let http = reqwest::Client::new();
+    for l in &manifest.layers {
+        let bytes = http.get(format!("{url}{}", l.url)).send().await?.error_for_status()?.bytes().await?;
+        std::fs::write(dir.path().join(format!("{}.vhdx", l.id)), &bytes)?;
+    }
+    let top = dir.path().join(format!("{}.vhdx", manifest.layers.last().context("chain")?.id));
+    let raw = dir.path().join("root.raw");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_strata")).args(["vhdx", "to-raw"]).arg(&top).arg(&raw).output()?;
+    anyhow::ensure!(o.status.success(), "strata vhdx to-raw: {}", String::from_utf8_lossy(&o.stderr));
+    let o = std::process::Command::new("debugfs").arg("-R").arg("cat /etc/strata/token").arg(&raw).output()?;
+    let token = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    assert!(token.starts_with("stk_") && token.len() == 68, "token file: {token:?}");
+
+    // The API knows it: a node token of this node, stored hashed, accepted for its reports.
+    let node = admin.with_token(Some(&token));
+    let report = StateReport { mac: m.to_owned(), seq: 1, base_seq: 0, delta: StateDelta { state: Some(NodeState::Booting), ..Default::default() } };
+    let (s, v) = node.raw("POST", &format!("/api/v1/nodes/by-mac/{m}/report"), Some(serde_json::to_vec(&report)?)).await?;
+    assert_eq!(s, 200, "{v}");
+    let tokens = admin.ok("GET", "/api/v1/tokens", None).await?;
+    assert!(!tokens.to_string().contains(&token[4..]));
+    assert!(tokens.as_array().context("list")?.iter().any(|t| t["node"] == m && t["layer_gen"] == 1 && t["used_ms"].is_u64()), "{tokens}");
+    let db = rusqlite::Connection::open(server.data_dir.join("orchestrator.db"))?;
+    let stored: Vec<u8> = db.query_row("SELECT hash FROM tokens WHERE node = ?1 AND layer_gen = 1", [m], |r| r.get(0))?;
+    assert_eq!(stored, blake3::hash(token.as_bytes()).as_bytes().to_vec());
+    // Not another node's.
+    let (s, _) = node.call("GET", "/api/v1/nodes/by-mac/52:54:00:aa:00:02/manifest", None).await?;
+    assert_eq!(s, 403);
+    // Rebuilt for the same node: the same layer, the same token.
+    let again: wire::manifest::SignedManifest = serde_json::from_value(node.ok("GET", &format!("/api/v1/nodes/by-mac/{m}/manifest"), None).await?)?;
+    assert_eq!(again.verify(&vk)?.layers.last().map(|l| l.id), manifest.layers.last().map(|l| l.id));
     Ok(())
 }

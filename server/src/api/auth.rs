@@ -16,6 +16,9 @@ use crate::db::tokens::{self, Scope, TokenInfo};
 /// How long a token lookup is trusted.
 pub const CACHE_TTL: Duration = Duration::from_secs(5);
 
+/// Most cached lookups (a fleet of 10,000 nodes with a token each fits).
+const MAX_CACHED: usize = 50_000;
+
 /// A cached lookup: the token (None: unknown) and when it was read.
 type Cached = (Option<TokenInfo>, Instant);
 
@@ -68,16 +71,25 @@ impl Caller {
         }
     }
 
-    /// Allows the node's own token, an admin (`admin_ok`), or no token for a node that holds
-    /// no token (a booting node has no credentials; docs/api.md).
-    pub fn node(&self, mac: &str, enrolled: bool, admin_ok: bool) -> Result<(), ApiError> {
+    /// Allows the node's own token, an admin (`admin_ok`), or no token (`anonymous_ok`: the
+    /// manifest of any node, a report of a node that has not authenticated with its token yet;
+    /// docs/api.md).
+    pub fn node(&self, mac: &str, anonymous_ok: bool, admin_ok: bool) -> Result<(), ApiError> {
         match self {
             Caller::Token(t) if t.scope == Scope::Node && t.node.as_deref() == Some(mac) => Ok(()),
             Caller::Token(t) if t.scope == Scope::Node => Err(ApiError::forbidden("a node token covers only its own node")),
             Caller::Token(t) if admin_ok && t.scope == Scope::Admin => Ok(()),
             Caller::Token(_) => Err(ApiError::forbidden("this route is for the node itself")),
-            Caller::Anonymous if !enrolled => Ok(()),
-            Caller::Anonymous => Err(ApiError::Unauthenticated { message: format!("node {mac} holds a token: send it") }),
+            Caller::Anonymous if anonymous_ok => Ok(()),
+            Caller::Anonymous => Err(ApiError::Unauthenticated { message: format!("node {mac} has used its token: send it") }),
+        }
+    }
+
+    /// The node token, if the caller holds one.
+    pub fn node_token(&self) -> Option<&TokenInfo> {
+        match self {
+            Caller::Token(t) if t.scope == Scope::Node => Some(t),
+            _ => None,
         }
     }
 }
@@ -107,7 +119,7 @@ impl FromRequestParts<ApiState> for Caller {
             None => {
                 let t = state.db.call(move |c| tokens::lookup(c, &secret)).await?;
                 let mut map = state.tokens.map.lock().unwrap_or_else(|e| e.into_inner());
-                if map.len() > 10_000 {
+                if map.len() > MAX_CACHED {
                     map.clear();
                 }
                 map.insert(h, (t.clone(), Instant::now()));

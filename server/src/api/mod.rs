@@ -55,6 +55,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/nodes", get(nodes::list))
         .route("/api/v1/nodes/{mac}", get(nodes::get_one).patch(nodes::patch).delete(nodes::delete))
         .route("/api/v1/nodes/{mac}/tokens", post(nodes::create_token))
+        .route("/api/v1/nodes/{mac}/tokens/rotate", post(nodes::rotate_token))
         .route("/api/v1/nodes/by-mac/{mac}/manifest", get(nodes::manifest))
         .route("/api/v1/nodes/by-mac/{mac}/report", post(nodes::report))
         .route("/api/v1/roles", get(roles::list))

@@ -159,12 +159,16 @@ pub(super) struct ManifestQuery {
 
 pub(super) async fn manifest(
     State(st): State<ApiState>,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     Path(mac): Path<String>,
     Q(q): Q<ManifestQuery>,
 ) -> Result<Json<SignedManifest>, ApiError> {
+    // Open to anonymous callers, so a token it does not know (a revoked one still in a node's
+    // cache) counts as none rather than locking the node out of its assignment.
+    let caller = caller.unwrap_or(Caller::Anonymous);
     let mac = parse_mac(&mac)?;
-    caller.node(&mac, st.fleet.enrolled(&mac), true)?;
+    caller.node(&mac, true, true)?;
+    first_use(&st, &caller, &mac).await?;
     Ok(Json(st.fleet.signed_manifest(&mac, q.version).await?))
 }
 
@@ -175,6 +179,36 @@ pub(super) async fn report(
     Body(report): Body<StateReport>,
 ) -> Result<Json<ReportAck>, ApiError> {
     let mac = parse_mac(&mac)?;
-    caller.node(&mac, st.fleet.enrolled(&mac), false)?;
+    caller.node(&mac, !st.fleet.enrolled(&mac), false)?;
+    first_use(&st, &caller, &mac).await?;
     Ok(Json(st.fleet.record_report(&mac, report).await?))
+}
+
+/// A node token authenticated a request of its node: record its first use (anonymous reports
+/// stop; older layer-token generations are revoked, and their cached lookups dropped).
+async fn first_use(st: &ApiState, caller: &Caller, mac: &str) -> Result<(), ApiError> {
+    if let Some(t) = caller.node_token() {
+        if !st.fleet.token_used(mac, t).await?.is_empty() {
+            st.tokens.clear();
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn rotate_token(State(st): State<ApiState>, caller: Caller, Path(mac): Path<String>) -> Result<(StatusCode, Json<TokenInfo>), ApiError> {
+    caller.admin()?;
+    let mac = parse_mac(&mac)?;
+    let actor = caller.actor();
+    let key = st.fleet.signing_key().clone();
+    let info = st
+        .db
+        .call(move |c| {
+            if crate::db::nodes::get(c, &mac)?.is_none() {
+                return Err(crate::db::DbError::NotFound { kind: "node", id: mac });
+            }
+            crate::db::tokens::rotate(c, &mac, &|gen| crate::keys::node_token(&key, &mac, gen), &actor)
+        })
+        .await?;
+    st.fleet.flush().await?;
+    Ok((StatusCode::CREATED, Json(info)))
 }

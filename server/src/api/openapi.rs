@@ -21,7 +21,8 @@ pub enum Access {
     Viewer,
     /// Admin tokens.
     Admin,
-    /// The node's own token; no token for a node that holds none; admin for reads.
+    /// The node's own token; admin for reads; no token for manifests, and for reports of a
+    /// node that has not used its token yet.
     Node,
 }
 
@@ -56,6 +57,7 @@ pub const ROUTES: &[Route] = &[
     r!("patch", "/api/v1/nodes/{mac}", "Rename, place, pin or reboot a node", Admin, Some("NodePatch"), 200, Some("Node")),
     r!("delete", "/api/v1/nodes/{mac}", "Forget a node (revokes its tokens)", Admin, None, 204, None),
     r!("post", "/api/v1/nodes/{mac}/tokens", "Issue a node token", Admin, Some("NodeTokenRequest"), 201, Some("NewToken")),
+    r!("post", "/api/v1/nodes/{mac}/tokens/rotate", "Rotate the node's layer token (the next node layer carries a new one)", Admin, None, 201, Some("TokenInfo")),
     r!("get", "/api/v1/nodes/by-mac/{mac}/manifest", "The node's signed manifest (query: version, for staging)", Node, None, 200, Some("SignedManifest")),
     r!("post", "/api/v1/nodes/by-mac/{mac}/report", "A node's state report (delta)", Node, Some("StateReport"), 200, Some("ReportAck")),
     r!("get", "/api/v1/roles", "List roles", Viewer, None, 200, Some("RoleList")),
@@ -118,7 +120,9 @@ fn schemas() -> Value {
     all.insert("NodeTokenRequest".into(), json!(obj(json!({ "name": { "type": "string" } }), &[])));
     all.insert("TokenInfo".into(), json!({ "type": "object", "properties": { "id": { "type": "integer" },
             "scope": { "type": "string", "enum": ["admin", "viewer", "node"] }, "node": { "type": ["string", "null"] },
-            "name": { "type": "string" }, "created_ms": { "type": "integer" } } }));
+            "name": { "type": "string" }, "created_ms": { "type": "integer" },
+            "layer_gen": { "type": ["integer", "null"], "description": "generation of the node's layer token (/etc/strata/token); null for operator-issued tokens" },
+            "used_ms": { "type": ["integer", "null"], "description": "first request it authenticated (node tokens)" } } }));
     all.insert("TokenList".into(), json!(list("TokenInfo")));
     all.insert("TokenRequest".into(), json!(obj(json!({ "scope": { "type": "string", "enum": ["admin", "viewer"] }, "name": { "type": "string" } }), &["scope", "name"])));
     all.insert("NewToken".into(), json!(obj(json!({ "token": { "type": "string" }, "info": { "$ref": "#/components/schemas/TokenInfo" } }), &["token", "info"])));
@@ -190,7 +194,7 @@ pub fn document() -> Value {
             Access::Public => "public",
             Access::Viewer => "viewer or admin",
             Access::Admin => "admin",
-            Access::Node => "the node's own token (none for a node without one; admin may read)",
+            Access::Node => "the node's own token (manifest: none needed, admin may read; report: none until the node has used its token)",
         };
         let ok = match r.response.1 {
             Some(s) => json!({ "description": "success", "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{s}") } } } }),

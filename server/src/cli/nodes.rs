@@ -1,4 +1,4 @@
-//! `strata nodes`: list, show, change, token, delete (the `/api/v1/nodes` routes).
+//! `strata nodes`: list, show, change, token, rotate-token, delete (the `/api/v1/nodes` routes).
 
 use std::process::ExitCode;
 
@@ -57,6 +57,12 @@ enum NodesCmd {
     },
     /// Issue a node token (printed once).
     Token {
+        /// MAC address.
+        mac: String,
+    },
+    /// Rotate the token the node's layer carries (its next node layer gets a new one; the old
+    /// one works until the node first uses the new one).
+    RotateToken {
         /// MAC address.
         mac: String,
     },
@@ -141,6 +147,10 @@ pub fn run(args: NodesArgs) -> Result<ExitCode> {
         NodesCmd::Token { mac } => {
             let v = c.call("POST", &format!("/api/v1/nodes/{mac}/tokens"), Some(&json!({})))?;
             c.print(&v, |t| format!("{}\n", s(&t["token"])));
+        }
+        NodesCmd::RotateToken { mac } => {
+            let v = c.call("POST", &format!("/api/v1/nodes/{mac}/tokens/rotate"), None)?;
+            c.print(&v, |t| format!("token {} is generation {} of {}'s layer token\n", t["id"], t["layer_gen"], s(&t["node"])));
         }
         NodesCmd::Delete { mac } => {
             c.call("DELETE", &format!("/api/v1/nodes/{mac}"), None)?;

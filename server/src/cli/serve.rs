@@ -99,7 +99,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
 
-    let images: Arc<dyn ImageSource> = crate::images::open(&config, key.clone()).await?;
+    let images: Arc<dyn ImageSource> = crate::images::open(&config).await?;
     let iscsi_key = key.clone();
     let orchestrator = crate::orchestrator::Orchestrator::open(
         &config.data_dir,

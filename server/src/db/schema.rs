@@ -89,6 +89,13 @@ CREATE TABLE events (
     detail TEXT NOT NULL
 );
 CREATE INDEX events_subject ON events(subject);
+"#, r#"
+-- Node layer tokens (db::tokens::layer_token) and first use (anonymous node calls stop).
+ALTER TABLE tokens ADD COLUMN layer_gen INTEGER;
+ALTER TABLE tokens ADD COLUMN used_ms INTEGER;
+CREATE UNIQUE INDEX tokens_layer_gen ON tokens(node, layer_gen) WHERE layer_gen IS NOT NULL;
+-- Node tokens issued before: they locked anonymous calls out at once, as they still do.
+UPDATE tokens SET used_ms = created_ms WHERE scope = 'node';
 "#];
 
 /// Brings the schema up to date.

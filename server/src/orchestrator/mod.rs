@@ -135,11 +135,20 @@ impl Orchestrator {
         services.spawn("rollouts", move |token| d.run(token));
     }
 
-    /// Serves the API on `listener` with the background tasks until `shutdown` (for tests,
-    /// benchmarks and tools that run the orchestrator without the boot services).
+    /// Serves the API and the layer files (`/layers/{id}`, which carry the node layers' tokens)
+    /// on `listener` with the background tasks until `shutdown` (for tests, benchmarks and
+    /// tools that run the orchestrator without the boot services).
     pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<(), crate::app::ServiceError> {
         let mut services = Services::new(shutdown);
-        let app = self.router();
+        let files = crate::http::HttpState {
+            public_url: String::new(),
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            tftp_root: PathBuf::new(),
+            fleet: Arc::clone(&self.fleet),
+        };
+        let app = crate::http::router(files).merge(self.router());
         services.spawn("http", move |token| async move {
             axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await
         });

@@ -3,6 +3,11 @@
 //! and simulated nodes that speak the node protocol of docs/api.md over real HTTP: they
 //! report deltas, stage what the server asks, reboot when told, verify their manifests'
 //! signatures, and can be made to fail a version (node-init's boot-counting rollback).
+//!
+//! The fake source also gives each node a node layer, a file under the data directory holding
+//! the token the fleet passed for it (`NodeRecord::token`), served at `/layers/{id}` like a
+//! real layer: a booting sim downloads it and uses that token from then on, as node-init does
+//! with `/etc/strata/token` of its mounted root.
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
@@ -20,9 +25,11 @@ use wire::manifest::{LayerKind, LayerRef, Manifest, SignedManifest};
 use wire::report::{NodeState, NodeStatus, ReportAck, StateReport};
 use wire::{Digest, LayerId};
 
-/// Image `img`, versions 1..=`versions`, every role on every version: a base and a role layer.
+/// Image `img`, versions 1..=`versions`, every role on every version: a base and a role layer,
+/// plus a node layer per node holding its token (files in `dir`).
 pub struct FakeImages {
     pub versions: u64,
+    pub dir: PathBuf,
 }
 
 fn layer(tag: &str, kind: LayerKind) -> LayerRef {
@@ -34,23 +41,39 @@ impl FakeImages {
     pub fn layers(role: &str, version: u64) -> Vec<LayerRef> {
         vec![layer(&format!("base {version}"), LayerKind::Base), layer(&format!("{role} {version}"), LayerKind::Role)]
     }
+
+    /// The role's chain at `version` plus the node's layer (written on first use).
+    fn chain(&self, role: &str, version: u64, node: &NodeRecord) -> Result<ImageChain, FleetError> {
+        let token = node.token.clone().ok_or_else(|| FleetError::Internal(format!("no token for {}", node.mac)))?;
+        let content = format!("{token}\n");
+        let id = Digest(*blake3::hash(format!("{role} {version}\n{content}").as_bytes()).as_bytes());
+        let path = self.dir.join(id.to_hex());
+        if !path.is_file() {
+            std::fs::create_dir_all(&self.dir).map_err(|e| FleetError::Internal(e.to_string()))?;
+            std::fs::write(&path, &content).map_err(|e| FleetError::Internal(e.to_string()))?;
+        }
+        let mut layers = Self::layers(role, version);
+        layers.push(LayerRef { id, size: content.len() as u64, kind: LayerKind::Node, chunk_size: 4096, chunks: vec![id], url: format!("/layers/{id}") });
+        Ok(ImageChain { image: "img".into(), version, layers, boot_tries: 3 })
+    }
 }
 
 impl ImageSource for FakeImages {
-    fn chain_for(&self, role: &str, _node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
-        Ok(Some(ImageChain { image: "img".into(), version: self.versions, layers: Self::layers(role, self.versions), boot_tries: 3 }))
+    fn chain_for(&self, role: &str, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
+        self.chain(role, self.versions, node).map(Some)
     }
-    fn chain_at(&self, role: &str, v: &VersionRef, _node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
+    fn chain_at(&self, role: &str, v: &VersionRef, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
         if v.image != "img" || v.version == 0 || v.version > self.versions {
             return Ok(None);
         }
-        Ok(Some(ImageChain { image: "img".into(), version: v.version, layers: Self::layers(role, v.version), boot_tries: 3 }))
+        self.chain(role, v.version, node).map(Some)
     }
     fn versions(&self) -> Result<Vec<ImageInfo>, FleetError> {
         Ok((1..=self.versions).map(|v| ImageInfo { image: "img".into(), version: v, roles: vec![], created: 0 }).collect())
     }
-    fn layer_path(&self, _id: &LayerId) -> Option<PathBuf> {
-        None
+    fn layer_path(&self, id: &LayerId) -> Option<PathBuf> {
+        let path = self.dir.join(id.to_hex());
+        path.is_file().then_some(path)
     }
 }
 
@@ -81,7 +104,7 @@ impl Server {
     /// Starts on `data_dir` (created if needed).
     pub async fn start(data_dir: &Path) -> Result<Server> {
         std::fs::create_dir_all(data_dir)?;
-        let orch = Orchestrator::open(data_dir, key(), Arc::new(FakeImages { versions: 3 }), fast_options()).await?;
+        let orch = Orchestrator::open(data_dir, key(), Arc::new(FakeImages { versions: 3, dir: data_dir.join("fake-layers") }), fast_options()).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
@@ -197,6 +220,8 @@ pub struct Sim {
     pub mac: String,
     pub url: Arc<RwLock<String>>,
     pub token: Option<String>,
+    /// Take the token from the node layer at each boot (node-init's behaviour; default).
+    pub use_layer_token: bool,
     /// A version this node cannot boot (it rolls back by itself).
     pub fail: Option<u64>,
     pub running: u64,
@@ -219,6 +244,7 @@ impl Sim {
             mac: mac.to_owned(),
             url,
             token: None,
+            use_layer_token: true,
             fail: None,
             running: 0,
             lkg: 0,
@@ -235,7 +261,7 @@ impl Sim {
         self.url.read().map(|u| u.clone()).unwrap_or_default()
     }
 
-    async fn post_report(&mut self, report: &StateReport) -> Result<(u16, Value)> {
+    pub async fn post_report(&mut self, report: &StateReport) -> Result<(u16, Value)> {
         let mut req = self
             .client
             .post(format!("{}/api/v1/nodes/by-mac/{}/report", self.base(), self.mac))
@@ -296,6 +322,17 @@ impl Sim {
         self.status.cached_layers = self.cached.iter().copied().collect();
     }
 
+    /// The token the node layer of `m` carries (node-init reads `/etc/strata/token` of the
+    /// mounted root): downloads the layer.
+    pub async fn layer_token(&self, m: &Manifest) -> Result<String> {
+        let node = m.layers.iter().find(|l| l.kind == LayerKind::Node).context("no node layer")?;
+        let resp = self.client.get(format!("{}{}", self.base(), node.url)).timeout(Duration::from_secs(10)).send().await?;
+        if !resp.status().is_success() {
+            bail!("node layer {}: HTTP {}", node.id, resp.status());
+        }
+        Ok(resp.text().await?.trim().to_owned())
+    }
+
     /// First boot: fetch the assignment, boot it, report healthy.
     pub async fn boot(&mut self) -> Result<()> {
         self.new_session();
@@ -304,7 +341,16 @@ impl Sim {
         self.status.state = NodeState::Fetching;
         self.status.role = Some(m.role.clone());
         self.status.version = Some(m.version);
-        self.report().await?;
+        if let Err(e) = self.report().await {
+            // A token the server no longer accepts (revoked): logged, not fatal (node-init).
+            if self.token.is_none() {
+                return Err(e);
+            }
+        }
+        if self.use_layer_token {
+            // The root is mounted: from now on the node has its layer's token.
+            self.token = Some(self.layer_token(&m).await?);
+        }
         if self.fail == Some(m.version) && self.lkg != 0 {
             // Boot counting ran out: node-init boots the last known good version.
             self.status.state = NodeState::RolledBack;
