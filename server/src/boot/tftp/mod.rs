@@ -2,7 +2,8 @@
 //! timeout and tsize (RFC 2349) and windowsize (RFC 7440).
 //!
 //! [`packet`] parses and serialises, [`session`] is the sans-IO transfer state machine,
-//! [`server`] owns the sockets and runs one task per transfer. Written here rather than taken
+//! [`server`] owns the port-69 socket and starts one transfer per request, and [`transfer`]
+//! runs a transfer on its own thread around the session. Written here rather than taken
 //! from the `tftp-server` crate (0.0.3: mio 0.6, no windowsize, no tokio) or `async-tftp`
 //! (runs on its own async-io reactor beside tokio, follows symlinks out of the root, no
 //! cancellation, no sans-IO core to property-test).
@@ -10,5 +11,6 @@
 pub mod packet;
 pub mod server;
 pub mod session;
+pub mod transfer;
 
 pub use server::{TftpError, TftpOptions, TftpServer};

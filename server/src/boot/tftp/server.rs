@@ -8,15 +8,13 @@
 //! the fly (RFC 764), with a tsize that counts the converted bytes; mail mode and writes are
 //! refused.
 //!
-//! File blocks are read with `pread` on the runtime thread: a window is a few tens of
-//! kilobytes from the page cache, which costs microseconds, far less than handing each read
-//! to the blocking pool.
+//! Each transfer runs on a blocking thread with a blocking socket ([`super::transfer`] says
+//! why); this task only answers port 69, so a slow disk or a stalled client never holds it.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::unix::fs::FileExt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +27,8 @@ use tracing::{debug, info, warn};
 use super::packet::{
     ErrorCode, Mode, Packet, Request, TftpOption, DEFAULT_BLKSIZE, MAX_BLKSIZE, MIN_BLKSIZE,
 };
-use super::session::{Action, FailReason, Params, Session};
+use super::session::Params;
+use super::transfer::{self, netascii_size, NetAscii, Source};
 
 /// Server limits and defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,108 +129,6 @@ pub fn resolve(root: &Path, name: &str) -> Result<PathBuf, Refusal> {
         ));
     }
     Ok(canon)
-}
-
-/// Where DATA bytes come from.
-#[derive(Debug)]
-enum Source {
-    Octet(File),
-    NetAscii(NetAscii),
-}
-
-/// A netascii view of a file: converted bytes from `start` kept in `buf`.
-#[derive(Debug)]
-struct NetAscii {
-    file: File,
-    src_pos: u64,
-    eof: bool,
-    start: u64,
-    buf: Vec<u8>,
-}
-
-/// The size of `file` after netascii conversion.
-fn netascii_size(file: &File) -> io::Result<u64> {
-    let mut r = io::BufReader::with_capacity(1 << 16, file);
-    let mut chunk = [0u8; 1 << 16];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(total);
-        }
-        let part = chunk.get(..n).unwrap_or_default();
-        total += n as u64 + part.iter().filter(|&&b| b == b'\n' || b == b'\r').count() as u64;
-    }
-}
-
-impl NetAscii {
-    fn fill_to(&mut self, end: u64) -> io::Result<()> {
-        let mut raw = vec![0u8; 1 << 16];
-        while !self.eof && self.start + (self.buf.len() as u64) < end {
-            let n = self.file.read_at(&mut raw, self.src_pos)?;
-            if n == 0 {
-                self.eof = true;
-                break;
-            }
-            self.src_pos += n as u64;
-            for &b in raw.get(..n).unwrap_or_default() {
-                match b {
-                    b'\n' => self.buf.extend_from_slice(b"\r\n"),
-                    b'\r' => self.buf.extend_from_slice(b"\r\0"),
-                    b => self.buf.push(b),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Drops converted bytes before `offset` (no longer needed for retransmission).
-    fn release(&mut self, offset: u64) {
-        if offset > self.start {
-            let drop = usize::try_from(offset - self.start)
-                .unwrap_or(usize::MAX)
-                .min(self.buf.len());
-            self.buf.drain(..drop);
-            self.start += drop as u64;
-        }
-    }
-}
-
-impl Source {
-    /// Reads block `block` (1-based) of `blksize` bytes into the front of `buf` (at least
-    /// `blksize` long); returns its length (short for the last block).
-    fn read_block(
-        &mut self,
-        block: u64,
-        blksize: u64,
-        size: u64,
-        buf: &mut [u8],
-    ) -> io::Result<usize> {
-        let off = (block - 1) * blksize;
-        let len = usize::try_from(size.saturating_sub(off).min(blksize)).unwrap_or(0);
-        let dst = buf
-            .get_mut(..len)
-            .ok_or_else(|| io::Error::other("block buffer too small"))?;
-        match self {
-            Source::Octet(f) => f.read_exact_at(dst, off)?,
-            Source::NetAscii(n) => {
-                n.fill_to(off + len as u64)?;
-                let from = usize::try_from(off.saturating_sub(n.start)).unwrap_or(usize::MAX);
-                let part = n
-                    .buf
-                    .get(from..from + len)
-                    .ok_or_else(|| io::Error::other("netascii window lost"))?;
-                dst.copy_from_slice(part);
-            }
-        }
-        Ok(len)
-    }
-
-    fn release(&mut self, acked: u64, blksize: u64) {
-        if let Source::NetAscii(n) = self {
-            n.release(acked * blksize);
-        }
-    }
 }
 
 /// A read-only TFTP server.
@@ -346,13 +243,10 @@ impl TftpServer {
             let ctx = ctx.clone();
             let active = active.clone();
             let token = cancel.child_token();
-            tasks.spawn(async move {
+            tasks.spawn_blocking(move || {
                 let _permit = permit;
                 let _guard = ActiveGuard { set: active, peer };
-                tokio::select! {
-                    _ = token.cancelled() => {}
-                    _ = transfer(&ctx, peer, req) => {}
-                }
+                transfer::run(&ctx, peer, req, &token);
             });
         }
         tasks.shutdown().await;
@@ -375,11 +269,12 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// What every transfer needs from the server.
 #[derive(Debug)]
-struct Ctx {
-    root: PathBuf,
-    opts: TftpOptions,
-    local_ip: IpAddr,
+pub(super) struct Ctx {
+    pub(super) root: PathBuf,
+    pub(super) opts: TftpOptions,
+    pub(super) local_ip: IpAddr,
 }
 
 async fn reply_error(socket: &UdpSocket, peer: SocketAddr, code: ErrorCode, message: &str) {
@@ -388,31 +283,8 @@ async fn reply_error(socket: &UdpSocket, peer: SocketAddr, code: ErrorCode, mess
         .await;
 }
 
-fn transfer_socket(ctx: &Ctx, peer: SocketAddr) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let (domain, any) = match peer {
-        SocketAddr::V4(_) => (Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-        SocketAddr::V6(_) => (Domain::IPV6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
-    };
-    let ip = if ctx.local_ip.is_unspecified() || ctx.local_ip.is_ipv4() != peer.is_ipv4() {
-        any
-    } else {
-        ctx.local_ip
-    };
-    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if let Some(dev) = &ctx.opts.bind_device {
-        s.bind_device(Some(dev.as_bytes()))?;
-    }
-    // Room for a whole window of large blocks.
-    let _ = s.set_send_buffer_size(4 << 20);
-    s.set_nonblocking(true)?;
-    s.bind(&SocketAddr::new(ip, 0).into())?;
-    s.connect(&peer.into())?;
-    UdpSocket::from_std(s.into())
-}
-
 /// Negotiation result: parameters, OACK options (empty: no OACK).
-fn negotiate(req: &Request, opts: &TftpOptions, size: u64) -> (Params, Vec<TftpOption>) {
+pub(super) fn negotiate(req: &Request, opts: &TftpOptions, size: u64) -> (Params, Vec<TftpOption>) {
     let mut p = Params {
         blksize: DEFAULT_BLKSIZE,
         windowsize: 1,
@@ -460,7 +332,7 @@ fn negotiate(req: &Request, opts: &TftpOptions, size: u64) -> (Params, Vec<TftpO
     (p, oack)
 }
 
-fn open(ctx: &Ctx, req: &Request) -> Result<(Source, u64), Refusal> {
+pub(super) fn open(ctx: &Ctx, req: &Request) -> Result<(Source, u64), Refusal> {
     if req.mode == Mode::Mail {
         return Err(refuse(
             ErrorCode::IllegalOperation,
@@ -482,153 +354,9 @@ fn open(ctx: &Ctx, req: &Request) -> Result<(Source, u64), Refusal> {
         Mode::NetAscii => {
             let size =
                 netascii_size(&file).map_err(|_| refuse(ErrorCode::NotDefined, "read error"))?;
-            Ok((
-                Source::NetAscii(NetAscii {
-                    file,
-                    src_pos: 0,
-                    eof: false,
-                    start: 0,
-                    buf: Vec::new(),
-                }),
-                size,
-            ))
+            Ok((Source::NetAscii(NetAscii::new(file)), size))
         }
         _ => Ok((Source::Octet(file), meta.len())),
-    }
-}
-
-#[tracing::instrument(skip_all, fields(peer = %peer, file = %req.filename))]
-async fn transfer(ctx: &Ctx, peer: SocketAddr, req: Request) {
-    let socket = match transfer_socket(ctx, peer) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot open a transfer socket");
-            return;
-        }
-    };
-    let (mut source, size) = match open(ctx, &req) {
-        Ok(x) => x,
-        Err(r) => {
-            warn!(reason = r.message, "request refused");
-            let _ = socket
-                .send(&Packet::error(r.code, r.message).to_bytes())
-                .await;
-            return;
-        }
-    };
-    let (params, oack) = negotiate(&req, &ctx.opts, size);
-    let oack_bytes = Packet::Oack {
-        options: oack.clone(),
-    }
-    .to_bytes();
-    let started = tokio::time::Instant::now();
-    let (mut session, mut actions) =
-        Session::start(params, size, !oack.is_empty(), started.into_std());
-    debug!(size, blksize = params.blksize, windowsize = params.windowsize, mode = %req.mode, "transfer started");
-    let blksize = u64::from(params.blksize);
-    // One DATA buffer for the transfer: header, then at most blksize bytes.
-    let mut out = vec![0u8; usize::from(params.blksize) + 4];
-    let mut inbuf = vec![0u8; 1024];
-    // One timer for the whole transfer. Every window moves the session's deadline forward;
-    // re-arming the timer each time would cost a timer-wheel update per ACK, so the timer is
-    // only moved when it fires early or when the deadline moves before it.
-    let mut armed = tokio::time::Instant::from_std(session.deadline());
-    let timer = tokio::time::sleep_until(armed);
-    tokio::pin!(timer);
-    loop {
-        for a in actions.drain(..) {
-            let sent = match a {
-                Action::SendOack => socket.send(&oack_bytes).await.map(|_| ()),
-                Action::SendData { block } => {
-                    let (head, body) = out.split_at_mut(4);
-                    head.copy_from_slice(&[0, 3, (block >> 8) as u8, block as u8]);
-                    let n = match source.read_block(block, blksize, size, body) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            warn!(error = %e, block, "read failed; transfer aborted");
-                            let _ = socket
-                                .send(
-                                    &Packet::error(ErrorCode::NotDefined, "read error").to_bytes(),
-                                )
-                                .await;
-                            return;
-                        }
-                    };
-                    socket
-                        .send(out.get(..4 + n).unwrap_or_default())
-                        .await
-                        .map(|_| ())
-                }
-                Action::SendError { code, message } => socket
-                    .send(&Packet::error(code, message).to_bytes())
-                    .await
-                    .map(|_| ()),
-                Action::Done => {
-                    let secs = started.elapsed().as_secs_f64().max(1e-6);
-                    info!(
-                        bytes = size,
-                        blksize = params.blksize,
-                        windowsize = params.windowsize,
-                        ms = (secs * 1000.0) as u64,
-                        mb_per_s = format!("{:.1}", size as f64 / secs / 1e6),
-                        "transfer complete"
-                    );
-                    return;
-                }
-                Action::Failed(FailReason::TimedOut { acked }) => {
-                    warn!(
-                        acked_blocks = acked,
-                        total_blocks = session.total_blocks(),
-                        "client stopped acknowledging; transfer abandoned"
-                    );
-                    return;
-                }
-                Action::Failed(FailReason::ClientError { code, message }) => {
-                    info!(code, %message, "client aborted the transfer");
-                    return;
-                }
-                Action::Failed(FailReason::Protocol) => {
-                    warn!("client sent an unexpected packet; transfer aborted");
-                    return;
-                }
-            };
-            if let Err(e) = sent {
-                if crate::boot::dhcp::server::is_transient(&e) {
-                    // Full send buffer or an ICMP error: the retransmission timer covers it.
-                    debug!(error = %e, "send failed");
-                } else {
-                    warn!(error = %e, "send failed; transfer aborted");
-                    return;
-                }
-            }
-        }
-        source.release(session.acked(), blksize);
-        let deadline = tokio::time::Instant::from_std(session.deadline());
-        if deadline < armed {
-            armed = deadline;
-            timer.as_mut().reset(armed);
-        }
-        tokio::select! {
-            r = socket.recv(&mut inbuf) => match r {
-                Ok(n) => match Packet::parse(inbuf.get(..n).unwrap_or_default()) {
-                    Ok(p) => actions = session.on_packet(&p, tokio::time::Instant::now().into_std()),
-                    Err(e) => debug!(error = %e, "malformed packet from client ignored"),
-                },
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    warn!("client port unreachable; transfer abandoned");
-                    return;
-                }
-                Err(e) => debug!(error = %e, "receive error"),
-            },
-            _ = &mut timer => {
-                let now = tokio::time::Instant::now();
-                if now >= deadline {
-                    actions = session.on_timeout(now.into_std());
-                }
-                armed = tokio::time::Instant::from_std(session.deadline()).max(now + Duration::from_millis(1));
-                timer.as_mut().reset(armed);
-            }
-        }
     }
 }
 
@@ -713,45 +441,5 @@ mod tests {
             (p.timeout, p.min_timeout),
             (Duration::from_secs(3), Duration::from_secs(3))
         );
-    }
-
-    #[test]
-    fn netascii_conversion_and_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t");
-        let text = b"a\nb\r\nc\rd".repeat(1000);
-        std::fs::write(&path, &text).unwrap();
-        let file = File::open(&path).unwrap();
-        let size = netascii_size(&file).unwrap();
-        let mut expect = Vec::new();
-        for &b in &text {
-            match b {
-                b'\n' => expect.extend_from_slice(b"\r\n"),
-                b'\r' => expect.extend_from_slice(b"\r\0"),
-                b => expect.push(b),
-            }
-        }
-        assert_eq!(size, expect.len() as u64);
-        let mut src = Source::NetAscii(NetAscii {
-            file,
-            src_pos: 0,
-            eof: false,
-            start: 0,
-            buf: Vec::new(),
-        });
-        let mut got = Vec::new();
-        let blk = 100u64;
-        let total = size / blk + 1;
-        let mut buf = [0u8; 100];
-        for b in 1..=total {
-            // Re-read the previous block too (a retransmission), then release it.
-            if b > 1 {
-                src.read_block(b - 1, blk, size, &mut buf).unwrap();
-            }
-            let n = src.read_block(b, blk, size, &mut buf).unwrap();
-            got.extend_from_slice(&buf[..n]);
-            src.release(b - 1, blk);
-        }
-        assert_eq!(got, expect);
     }
 }
