@@ -51,6 +51,8 @@ pub struct Config {
     pub boot: BootConfig,
     /// The iSCSI target for diskless nodes.
     pub iscsi: IscsiConfig,
+    /// Multicast sessions offered in manifests.
+    pub multicast: crate::multicast::MulticastConfig,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             ra: RaConfig::default(),
             boot: BootConfig::default(),
             iscsi: IscsiConfig::default(),
+            multicast: crate::multicast::MulticastConfig::default(),
         }
     }
 }
@@ -291,6 +294,7 @@ impl Config {
                 }
             }
         }
+        self.multicast.validate().map_err(ConfigError::Invalid)?;
         for n in &self.iscsi.nodes {
             if n.mac.parse::<wire::dhcp::MacAddr>().is_err() {
                 return Err(ConfigError::Invalid(format!("iscsi.nodes: bad MAC {:?}", n.mac)));

@@ -172,6 +172,7 @@ pub struct Fleet {
     default_role: String,
     db: Db,
     live: Mutex<Live>,
+    multicast: std::sync::OnceLock<Arc<crate::multicast::Scheduler>>,
 }
 
 /// Counters of one flush, for logs and benchmarks.
@@ -215,7 +216,7 @@ impl Fleet {
             live.rev = live.rev.max(r.rev);
             live.nodes.insert(r.mac.clone(), LiveNode::new(r));
         }
-        Ok(Arc::new(Fleet { key, images, default_role, db, live: Mutex::new(live) }))
+        Ok(Arc::new(Fleet { key, images, default_role, db, live: Mutex::new(live), multicast: std::sync::OnceLock::new() }))
     }
 
     /// The database.
@@ -331,7 +332,7 @@ impl Fleet {
                 l.url = format!("/layers/{}?node={}", l.id, row.mac);
                 l
             })
-            .collect();
+            .collect::<Vec<_>>();
         let manifest = Manifest {
             node: row.name.clone(),
             mac: row.mac.clone(),
@@ -340,10 +341,33 @@ impl Fleet {
             version: chain.version,
             issued_at: now_ms() / 1000,
             boot_tries: chain.boot_tries,
+            multicast: self.multicast_offers(&row.mac, &layers).await,
             layers,
-            multicast: Vec::new(),
         };
         SignedManifest::sign(&manifest, &self.key).map_err(|e| FleetError::Internal(format!("signing manifest: {e}")))
+    }
+
+    /// Offers multicast sessions in manifests from now on (docs/multicast.md, "Sessions
+    /// scheduled by the server"); a second call is ignored.
+    pub fn set_multicast(&self, scheduler: Arc<crate::multicast::Scheduler>) {
+        let _ = self.multicast.set(scheduler);
+    }
+
+    /// The multicast scheduler, when sessions are offered.
+    pub fn multicast(&self) -> Option<&Arc<crate::multicast::Scheduler>> {
+        self.multicast.get()
+    }
+
+    /// The multicast sessions offered to `mac` for `layers` (none without a scheduler).
+    async fn multicast_offers(&self, mac: &str, layers: &[wire::manifest::LayerRef]) -> Vec<wire::manifest::MulticastOffer> {
+        let Some(sched) = self.multicast.get() else { return Vec::new() };
+        let mut files = Vec::new();
+        for l in layers {
+            if let Ok(Some(path)) = self.layer_path(&l.id).await {
+                files.push((l.clone(), path));
+            }
+        }
+        sched.offers(mac, &files)
     }
 
     /// The file of a published layer.

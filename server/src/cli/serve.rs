@@ -163,6 +163,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         services.spawn("iscsi", move |token| target.run(token));
         tracing::info!(iscsi = %iscsi_addr, chap = config.iscsi.chap, stateless = config.iscsi.stateless, "iSCSI on");
     }
+    if config.multicast.enabled {
+        let sched = crate::multicast::Scheduler::new(config.multicast.clone(), tokio::runtime::Handle::current());
+        fleet.set_multicast(Arc::clone(&sched));
+        services.spawn("multicast", move |token| sched.run(token));
+        tracing::info!(group = %config.multicast.group, port = config.multicast.port, "multicast sessions offered in manifests");
+    }
     if let Some(iface) = config.ra.interface.as_deref() {
         let ra = crate::boot::ra::RaResponder::bind(iface)
             .with_context(|| format!("router advertisements on {iface}"))?;

@@ -1,8 +1,10 @@
 //! The multicast sender for layers (docs/multicast.md): [`session`] is the sans-IO protocol
 //! core (scheduling, first pass, NACK repair with suppression, rate control, eviction,
-//! completion), [`sender`] the socket loop that runs it. Packets and the receiver live in
+//! completion), [`sender`] the socket loop that runs it, [`schedule`] the sessions
+//! `strata serve` offers in manifests. Packets and the receiver live in
 //! `wire::multicast`.
 
+pub mod schedule;
 pub mod sender;
 pub mod session;
 
@@ -10,4 +12,5 @@ pub use sender::{
     layer_info, open_sender_socket, run_session, SendError, SendReport, SenderControl,
     SocketOptions,
 };
+pub use schedule::{MulticastConfig, Scheduler, SessionInfo, SessionState};
 pub use session::{LayerInfo, SendStats, SenderConfig, SenderSession};

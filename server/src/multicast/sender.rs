@@ -78,6 +78,7 @@ pub struct SocketOptions {
 pub struct SenderControl {
     start: AtomicBool,
     cancel: AtomicBool,
+    sending: AtomicBool,
 }
 
 impl SenderControl {
@@ -94,6 +95,11 @@ impl SenderControl {
     /// End the session (announces the end first).
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// True once the session has sent its first data packet.
+    pub fn is_sending(&self) -> bool {
+        self.sending.load(Ordering::Relaxed)
     }
 }
 
@@ -277,6 +283,7 @@ pub fn run_session(
             } => {
                 if !started {
                     started = true;
+                    control.sending.store(true, Ordering::Relaxed);
                     info!(session = %session.id(), receivers = session.live_receivers(), "multicast session sending");
                 }
                 let (c, _) = layout.locate(symbol);

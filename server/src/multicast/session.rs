@@ -26,6 +26,13 @@ pub struct SenderConfig {
     pub min_receivers: usize,
     /// Start after this long even with fewer receivers (None: wait for them or an operator).
     pub max_wait: Option<Duration>,
+    /// When `max_wait` passes with no receiver at all, end the session instead of sending
+    /// to nobody (the server's scheduled sessions; `strata mcast send` sends anyway, as
+    /// udp-sender does).
+    pub skip_if_nobody: bool,
+    /// Send the chunk-hash carousel (HASHES packets) for receivers without a signed manifest.
+    /// The server's scheduled sessions turn it off: their nodes hold the hashes.
+    pub hash_carousel: bool,
     /// Payload bytes per data packet.
     pub symbol_size: u16,
     /// Announcement period.
@@ -57,6 +64,8 @@ impl Default for SenderConfig {
             rate_bps: 1_000_000_000,
             min_receivers: 1,
             max_wait: None,
+            skip_if_nobody: false,
+            hash_carousel: true,
             symbol_size: DEFAULT_SYMBOL_SIZE,
             announce_interval: Duration::from_millis(200),
             repair_holdoff: Duration::from_millis(100),
@@ -405,7 +414,11 @@ impl SenderSession {
         // Hash carousel: a few packets per tick (more while waiting), for receivers without a
         // signed manifest.
         let total = self.info.chunks.len() as u32;
-        let per_tick = if self.phase == Phase::Waiting { 64 } else { 8 };
+        let per_tick = match (self.cfg.hash_carousel, self.phase == Phase::Waiting) {
+            (false, _) => 0,
+            (true, true) => 64,
+            (true, false) => 8,
+        };
         for _ in 0..per_tick.min(total.div_ceil(MAX_HASHES_PER_PACKET as u32)) {
             let first = self.next_hash;
             let n = (total - first).min(MAX_HASHES_PER_PACKET as u32);
@@ -538,6 +551,15 @@ impl SenderSession {
                 let enough = self.cfg.min_receivers == 0
                     || self.waiting_receivers() >= self.cfg.min_receivers;
                 let timed_out = self.cfg.max_wait.is_some_and(|w| waited >= w);
+                if timed_out
+                    && !enough
+                    && !self.start_requested
+                    && self.cfg.skip_if_nobody
+                    && self.waiting_receivers() == 0
+                {
+                    self.end(now);
+                    return Poll::Wait(now);
+                }
                 if enough || timed_out || self.start_requested {
                     self.phase = Phase::Sending;
                     self.pass_start = Some(now);
