@@ -8,6 +8,7 @@
 
 pub mod auth;
 mod error;
+mod multicast;
 mod nodes;
 pub mod openapi;
 mod roles;
@@ -69,6 +70,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/events", get(rollouts::events))
         .route("/api/v1/tokens", get(rollouts::tokens).post(rollouts::create_token))
         .route("/api/v1/tokens/{id}", axum::routing::delete(rollouts::revoke_token))
+        .route("/api/v1/multicast/sessions", get(multicast::list))
+        .route("/api/v1/multicast/sessions/{layer}/start", post(multicast::start))
         .fallback(fallback)
         .with_state(state)
 }

@@ -81,6 +81,8 @@ pub const ROUTES: &[Route] = &[
     r!("get", "/api/v1/tokens", "List tokens (never the secrets)", Admin, None, 200, Some("TokenList")),
     r!("post", "/api/v1/tokens", "Create an admin or viewer token", Admin, Some("TokenRequest"), 201, Some("NewToken")),
     r!("delete", "/api/v1/tokens/{id}", "Revoke a token", Admin, None, 204, None),
+    r!("get", "/api/v1/multicast/sessions", "Multicast sessions offered in manifests, live then finished, with counters", Viewer, None, 200, Some("McastSessionList")),
+    r!("post", "/api/v1/multicast/sessions/{layer}/start", "Start the live multicast session of a layer now", Admin, None, 200, Some("McastSessionList")),
 ];
 
 fn obj(props: Value, required: &[&str]) -> Value {
@@ -172,6 +174,15 @@ fn schemas() -> Value {
     all.insert("Event".into(), json!({ "type": "object", "properties": { "id": { "type": "integer" }, "at_ms": { "type": "integer" },
             "actor": { "type": "string" }, "kind": { "type": "string" }, "subject": { "type": "string" }, "detail": { "type": "object" } } }));
     all.insert("EventList".into(), json!(list("Event")));
+    all.insert("McastSession".into(), json!({ "type": "object", "properties": { "id": { "type": "integer" }, "layer": layer(),
+            "size": { "type": "integer" }, "group": { "type": "string", "description": "a.b.c.d:port" },
+            "state": { "type": "string", "enum": ["waiting", "sending", "finished", "failed"] },
+            "offered_to": { "type": "array", "items": { "type": "string" } },
+            "counters": { "type": ["object", "null"], "properties": { "data_packets": { "type": "integer" }, "repair_packets": { "type": "integer" },
+                "layer_symbols": { "type": "integer" }, "frame_bytes": { "type": "integer" }, "wire_ratio": { "type": "number" },
+                "receivers_done": { "type": "integer" }, "receivers_evicted": { "type": "integer" }, "send_ms": { "type": "integer" } } },
+            "error": { "type": ["string", "null"] } } }));
+    all.insert("McastSessionList".into(), json!(list("McastSession")));
     Value::Object(all)
 }
 
