@@ -390,6 +390,13 @@ pub fn ensure_layers(
         let Some(client) = client else {
             return Err(InitError::LayerMissing { id: l.id });
         };
+        // A multicast session offered for the layer first; HTTP for whatever it left.
+        if let Some(offer) = m.multicast_offer(&l.id) {
+            match crate::mcast::fetch_layer(client, cache, l, offer) {
+                Ok(_) => continue,
+                Err(e) => info!("layer {}: multicast: {}; HTTP for the rest", l.id, fetch::chain(&e)),
+            }
+        }
         let stats = fetch::fetch_layer(client, cache, l, |_| {})?;
         marker!(
             "stage=fetch layer={} bytes={} resumed_from={} size={}",

@@ -16,6 +16,7 @@ pub mod dhcp;
 pub mod fetch;
 pub mod http;
 pub mod marker;
+pub mod mcast;
 pub mod net;
 pub mod report;
 pub mod switch_root;
