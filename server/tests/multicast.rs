@@ -407,3 +407,151 @@ fn foreign_sessions_and_forged_packets_are_never_written() -> Result<()> {
     ensure!(bad > 0, "forged packets not seen: {r}");
     Ok(())
 }
+
+/// A blocking HTTP/1.1 request (the caller's thread may be in a namespace); returns status
+/// and body.
+fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Result<(u16, Vec<u8>)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no HTTP header end")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    ensure!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "chunked answer: {head}");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no status")?;
+    Ok((status, raw[split + 4..].to_vec()))
+}
+
+/// `strata serve` with `[multicast]` on: two nodes (in their own namespaces) ask for their
+/// signed manifests, which offer a session for the base layer; each joins it with the hashes
+/// from the manifest, as node-init does (`wire::multicast::receive`, `Expect::Known`). The
+/// session starts when both wait; both get the verified layer, and the server's counters show
+/// the layer sent once, plus repairs.
+#[test]
+fn the_server_offers_a_session_in_manifests_and_sends_the_base_once() -> Result<()> {
+    use std::io::BufRead;
+    let lab = Lab::new("v", 86, 2)?;
+    let data = lab.dir.path().join("data");
+    let config = lab.dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\n[http]\nlisten = \"10.86.0.1:0\"\n[tftp]\nenabled = false\n\
+             [multicast]\nenabled = true\ninterface = \"eth0\"\nmin_nodes = 2\nmax_wait_secs = 60\nnode_wait_secs = 120\n\
+             rate_bps = 400000000\n"
+        ),
+    )?;
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("s"), STRATA, "serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = server.stderr.take().context("stderr")?;
+    let server = Kill(server);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let log2 = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                let _ = tx.send(addr);
+            }
+            if let Ok(mut l) = log2.lock() {
+                l.push_str(&line);
+                l.push('\n');
+            }
+        }
+    });
+    let addr: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(120))
+        .map_err(|_| anyhow::anyhow!("strata serve did not start:\n{}", log.lock().map(|l| l.clone()).unwrap_or_default()))?
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()?;
+    let key_hex = std::fs::read_to_string(data.join("keys/server.key"))?;
+    let mut secret = [0u8; 32];
+    hex::decode_to_slice(key_hex.trim(), &mut secret)?;
+    let vk = ed25519_dalek::SigningKey::from_bytes(&secret).verifying_key();
+    let admin = std::fs::read_to_string(data.join("admin.token"))?.trim().to_owned();
+
+    let nodes: Vec<_> = (1..=2)
+        .map(|i| {
+            let ns = lab.ns(&format!("r{i}"));
+            let out = lab.dir.path().join(format!("node{i}.layer"));
+            std::thread::spawn(move || -> Result<(wire::manifest::LayerRef, PathBuf, wire::multicast::Received)> {
+                enter_netns(&ns)?;
+                let mac = format!("52:54:00:86:00:0{i}");
+                let (status, body) = http(addr, "GET", &format!("/api/v1/nodes/by-mac/{mac}/manifest"), None)?;
+                ensure!(status == 200, "manifest: {status} {}", String::from_utf8_lossy(&body));
+                let m = wire::manifest::SignedManifest::from_json(&body)?.verify(&vk)?;
+                let base = m.layers.first().context("no layers")?.clone();
+                let offer = m.multicast_offer(&base.id).context("no multicast offer for the base")?.clone();
+                ensure!(m.multicast.len() == 1, "only the base is offered: {:?}", m.multicast);
+                let mut cfg = wire::multicast::ReceiveConfig::new(
+                    offer.group,
+                    wire::multicast::Expect::Known {
+                        id: base.id,
+                        size: base.size,
+                        chunk_size: base.chunk_size,
+                        chunks: base.chunks.clone(),
+                    },
+                );
+                cfg.iface = Some("eth0".into());
+                cfg.deadline = Some(Instant::now() + Duration::from_secs(u64::from(offer.wait_secs)));
+                let r = wire::multicast::receive(&cfg, &out)?;
+                Ok((base, out, r))
+            })
+        })
+        .collect();
+    let mut base = None;
+    for n in nodes {
+        let (l, out, r) = n.join().map_err(|_| anyhow::anyhow!("node thread panicked"))??;
+        ensure!(r.is_complete(), "node did not complete: {:?}", r.outcome);
+        let bytes = std::fs::read(&out)?;
+        ensure!(wire::chunk::Digest::of(&bytes) == l.id, "node's copy does not hash to the layer id");
+        base = Some(l);
+    }
+    let base = base.context("no node")?;
+    // The session's counters, once it has announced its end.
+    let ns = lab.ns("r1");
+    let sessions = std::thread::spawn(move || -> Result<Value> {
+        enter_netns(&ns)?;
+        let start = Instant::now();
+        loop {
+            let (status, body) = http(addr, "GET", "/api/v1/multicast/sessions", Some(&admin))?;
+            ensure!(status == 200, "sessions: {status}");
+            let v: Value = serde_json::from_slice(&body)?;
+            if v.as_array().is_some_and(|a| a.iter().any(|s| s["state"] == "finished")) {
+                return Ok(v);
+            }
+            ensure!(start.elapsed() < Duration::from_secs(60), "no finished session: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("sessions thread panicked"))??;
+    let s = sessions.as_array().and_then(|a| a.iter().find(|s| s["state"] == "finished")).context("finished")?;
+    let c = &s["counters"];
+    eprintln!("scheduled session: {s}");
+    ensure!(s["layer"] == base.id.to_string(), "{s}");
+    ensure!(s["offered_to"].as_array().map(Vec::len) == Some(2), "{s}");
+    ensure!(c["receivers_done"] == 2, "{s}");
+    ensure!(c["data_packets"] == c["layer_symbols"], "the layer went out once: {s}");
+    let repairs = c["repair_packets"].as_u64().unwrap_or(u64::MAX);
+    ensure!(repairs * 20 < c["layer_symbols"].as_u64().unwrap_or(0), "repairs within 5%: {s}");
+    drop(server);
+    Ok(())
+}
