@@ -7,7 +7,9 @@
 //!   it names another version, download and verify its layers into the cache now. It
 //!   becomes active at the next boot.
 //! - `verify`: re-hash every cached layer of the running version; report drift.
-//! - `run [interval-secs]`: confirm, then every interval stage, verify and report (deltas),
+//! - `run [interval-secs]`: confirm, then every interval (default: `strata.agent=` from
+//!   `boot.json`, else 60 s) stage and report (deltas; an empty delta is the heartbeat), and
+//!   re-verify the running layers every [`VERIFY_EVERY`],
 //!   acting on the server's answer: `stage` (download that version), `repair` (re-fetch
 //!   damaged chunks of those layers), `reboot` (sync and reboot into the assigned version).
 //!
@@ -20,7 +22,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wire::report::{NodeState, NodeStatus};
 
@@ -59,7 +61,10 @@ struct Ctx {
     info: BootInfo,
     cache: Cache,
     key: ed25519_dalek::VerifyingKey,
-    token: Option<String>,
+    /// One client for the agent's life: it remembers whether the server takes the token.
+    client: Option<Client>,
+    /// node-init's reporter as it left it (the report session goes on).
+    reporter: Option<Reporter>,
 }
 
 fn setup(run: &Path, image_root: Option<&Path>) -> Result<Ctx, AgentError> {
@@ -83,11 +88,20 @@ fn setup(run: &Path, image_root: Option<&Path>) -> Result<Ctx, AgentError> {
         .and_then(|r| std::fs::read_to_string(r.join(boot::NODE_TOKEN)).ok())
         .and_then(|t| crate::http::parse_token(&t))
         .or_else(|| cache.load_token());
+    let client = info
+        .server
+        .map(|a| Client::new(a).with_token(token.as_deref()));
+    // The session node-init opened this boot, if it is this node's.
+    let reporter = std::fs::read(run.join(boot::REPORTER_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Reporter>(&b).ok())
+        .filter(|r| r.mac == info.mac);
     Ok(Ctx {
         info,
         cache,
         key,
-        token,
+        client,
+        reporter,
     })
 }
 
@@ -112,7 +126,7 @@ pub fn main_with(run: &Path, image_root: Option<&Path>, args: &[String]) -> Resu
             let v = args.get(1).and_then(|s| s.parse().ok());
             stage(&ctx, v).map(|_| ())
         }
-        Some("verify") => verify(&ctx).map(|_| ()),
+        Some("verify") => verify(&ctx, true).map(|_| ()),
         Some("run") => {
             let secs = args
                 .get(1)
@@ -143,9 +157,7 @@ fn confirm(ctx: &Ctx) -> Result<(), AgentError> {
 }
 
 fn client(ctx: &Ctx) -> Option<Client> {
-    ctx.info
-        .server
-        .map(|a| Client::new(a).with_token(ctx.token.as_deref()))
+    ctx.client.clone()
 }
 
 /// Stages the server's assignment (or, with `version`, that version of the node's image,
@@ -165,6 +177,17 @@ fn stage(ctx: &Ctx, version: Option<u64>) -> Result<Option<Entry>, AgentError> {
     };
     let entry = Entry::of(&m);
     if entry == ctx.info.entry {
+        return Ok(None);
+    }
+    // A version that ran out of tries here is not staged again (node-init will not boot it
+    // while the server keeps offering it), and one already cached needs nothing.
+    let ids = |m: &wire::manifest::Manifest| m.layers.iter().map(|l| l.id).collect::<Vec<_>>();
+    let cached = m.layers.iter().all(|l| ctx.cache.has_layer(l))
+        && ctx
+            .cache
+            .load_manifest(&entry, &ctx.key)
+            .is_ok_and(|old| ids(&old) == ids(&m));
+    if cached || ctx.cache.load_state().failed.contains(&entry) {
         return Ok(None);
     }
     ctx.cache
@@ -207,7 +230,7 @@ fn repair(ctx: &Ctx, ids: &[wire::LayerId]) -> Result<(), AgentError> {
 }
 
 /// Re-verifies the running version's layers; returns the drifted ones.
-fn verify(ctx: &Ctx) -> Result<Vec<wire::LayerId>, AgentError> {
+fn verify(ctx: &Ctx, announce_clean: bool) -> Result<Vec<wire::LayerId>, AgentError> {
     let m = ctx
         .cache
         .load_manifest(&ctx.info.entry, &ctx.key)
@@ -223,24 +246,38 @@ fn verify(ctx: &Ctx) -> Result<Vec<wire::LayerId>, AgentError> {
             drift.push(l.id);
         }
     }
-    if drift.is_empty() {
+    if drift.is_empty() && announce_clean {
         marker!("agent=verified layers={}", m.layers.len());
     }
     Ok(drift)
 }
 
+/// How often `agent run` re-hashes the running version's layers (drift check).
+pub const VERIFY_EVERY: Duration = Duration::from_secs(300);
+
 fn run_loop(ctx: &Ctx, every: Duration) -> Result<(), AgentError> {
     confirm(ctx)?;
-    let mut reporter = Reporter::new(&ctx.info.mac);
+    let mut reporter = ctx
+        .reporter
+        .clone()
+        .unwrap_or_else(|| Reporter::new(&ctx.info.mac));
     let mut stage_version: Option<u64> = None;
     let mut message = None;
+    let mut drift = Vec::new();
+    let mut last_verify = None;
     loop {
         match stage(ctx, stage_version) {
             Ok(Some(e)) => message = Some(format!("staged version {}", e.version)),
             Ok(None) => {}
             Err(e) => info!("agent: staging failed: {}", fetch::chain(&e)),
         }
-        let drift = verify(ctx).unwrap_or_default();
+        // Re-hashing the running chain costs CPU the image wants: at start, then every
+        // VERIFY_EVERY (or every interval if that is longer), and after a repair.
+        if last_verify.is_none_or(|t: Instant| t.elapsed() >= VERIFY_EVERY.max(every)) {
+            let announce = last_verify.is_none() || !drift.is_empty();
+            drift = verify(ctx, announce).unwrap_or_default();
+            last_verify = Some(Instant::now());
+        }
         let state = ctx.cache.load_state();
         let status = NodeStatus {
             state: NodeState::Healthy,
@@ -249,16 +286,25 @@ fn run_loop(ctx: &Ctx, every: Duration) -> Result<(), AgentError> {
             last_known_good: state.last_known_good.as_ref().map(|e| e.version),
             boot_count: state.boot_count,
             cached_layers: ctx.cache.cached_layers(),
-            drift,
+            drift: drift.clone(),
             message: message.clone(),
         };
         let ack = client(ctx).and_then(|c| reporter.send(&c, &status));
         if let Some(ack) = ack {
+            if ack.stage.is_some() || ack.reboot || !ack.repair.is_empty() {
+                info!(
+                    "agent: the server asks: stage={:?} reboot={} repair={}",
+                    ack.stage,
+                    ack.reboot,
+                    ack.repair.len()
+                );
+            }
             stage_version = ack.stage;
             if !ack.repair.is_empty() {
                 if let Err(e) = repair(ctx, &ack.repair) {
                     info!("agent: repair failed: {}", fetch::chain(&e));
                 }
+                last_verify = None;
             }
             if ack.reboot {
                 marker!("agent=reboot version={}", ctx.info.entry.version);

@@ -340,7 +340,6 @@ fn get_manifest(
     path: String,
 ) -> Result<Option<(SignedManifest, Manifest)>, InitError> {
     let mut last = None;
-    let mut client = client.clone();
     for _ in 0..3 {
         match client.get_bytes(&path, MAX_MANIFEST_BYTES) {
             Ok(bytes) => {
@@ -353,15 +352,6 @@ fn get_manifest(
                     });
                 }
                 return Ok(Some((signed, m)));
-            }
-            // The manifest by MAC is open to a node without a token: a token the server does
-            // not (or no longer) accept must not keep the node from booting.
-            Err(HttpError::Status {
-                status: status @ (401 | 403),
-                ..
-            }) if client.has_token() => {
-                info!("manifest: the server refused this node's token (HTTP {status}); asking without it");
-                client = client.without_token();
             }
             Err(e) if e.is_unreachable() => {
                 info!("server {}: {}", client.addr(), chain(&e));
@@ -394,7 +384,11 @@ pub fn ensure_layers(
         if let Some(offer) = m.multicast_offer(&l.id) {
             match crate::mcast::fetch_layer(client, cache, l, offer) {
                 Ok(_) => continue,
-                Err(e) => info!("layer {}: multicast: {}; HTTP for the rest", l.id, fetch::chain(&e)),
+                Err(e) => info!(
+                    "layer {}: multicast: {}; HTTP for the rest",
+                    l.id,
+                    fetch::chain(&e)
+                ),
             }
         }
         let stats = fetch::fetch_layer(client, cache, l, |_| {})?;
@@ -467,13 +461,23 @@ pub struct BootInfo {
     pub agent_interval: Option<u64>,
 }
 
-fn write_run_files(info: &BootInfo) -> io::Result<()> {
+/// The reporter's state handed to the agent (`/run/strata/reporter.json`): the agent goes on
+/// with deltas from this boot's last acknowledged report instead of opening a new report
+/// session, which the server would take for a new boot (and so for a reboot done).
+pub const REPORTER_FILE: &str = "reporter.json";
+
+fn write_run_files(info: &BootInfo, reporter: &Reporter) -> io::Result<()> {
     let dir = Path::new(RUN_DIR);
     fs::create_dir_all(dir)?;
     cache::write_atomic(
         dir,
         "boot.json",
         &serde_json::to_vec_pretty(info).map_err(io::Error::other)?,
+    )?;
+    cache::write_atomic(
+        dir,
+        REPORTER_FILE,
+        &serde_json::to_vec(reporter).map_err(io::Error::other)?,
     )?;
     fs::copy(KEY_PATH, dir.join("server.pub"))?;
     // The agent is this binary; the initramfs is freed by switch_root, so keep a copy.
@@ -671,7 +675,10 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
             &status_now(&next_state, NodeState::Fetching, Vec::new(), None),
         );
     }
-    ensure_layers(&cache, c, &manifest)?;
+    // Diskless over iSCSI: the server serves the chain; nothing is fetched.
+    if cmd.iscsi.is_none() {
+        ensure_layers(&cache, c, &manifest)?;
+    }
     cache.save_state(&next_state)?;
     // Keep the layers of the versions the node may return to.
     let mut keep: Vec<wire::LayerId> = manifest.layers.iter().map(|l| l.id).collect();
@@ -699,12 +706,16 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
     if online {
         let _ = reporter.send(&client, &status_now(&next_state, state_kind, layers, None));
     }
-    write_run_files(&BootInfo {
-        server: Some(SocketAddr::V4(server)),
-        mac: mac.clone(),
-        entry: entry.clone(),
-        agent_interval: cmd.agent_interval,
-    })
+    let handed = reporter.clone();
+    write_run_files(
+        &BootInfo {
+            server: Some(SocketAddr::V4(server)),
+            mac: mac.clone(),
+            entry: entry.clone(),
+            agent_interval: cmd.agent_interval,
+        },
+        &handed,
+    )
     .map_err(|source| InitError::EarlyMount {
         target: RUN_DIR.into(),
         source,
@@ -719,16 +730,35 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
         .iter()
         .map(|l| cache.layer_path(&l.id))
         .collect();
-    let attached = attach::attach(&paths, &cache.root().join("cow"))?;
-    marker!(
-        "stage=attach device={} size={} targets={}",
-        attached.root.display(),
-        attached.size,
-        attached.targets
-    );
+    // `_attached` keeps the loop devices of a local attach until switch_root.
+    let (_attached, dev) = match cmd.iscsi {
+        Some(portal) => {
+            let boot = crate::iscsi::IscsiBoot {
+                portal,
+                secret: cmd.iscsi_secret.clone(),
+            };
+            let dev = crate::iscsi::attach(&boot, &mac, Duration::from_secs(30))
+                .map_err(AttachError::from)?;
+            marker!(
+                "stage=attach device={} via=iscsi portal={portal}",
+                dev.display()
+            );
+            (None, dev.to_string_lossy().into_owned())
+        }
+        None => {
+            let attached = attach::attach(&paths, &cache.root().join("cow"))?;
+            marker!(
+                "stage=attach device={} size={} targets={}",
+                attached.root.display(),
+                attached.size,
+                attached.targets
+            );
+            let dev = attached.root.to_string_lossy().into_owned();
+            (Some(attached), dev)
+        }
+    };
     let new_root = Path::new(NEW_ROOT);
     let _ = fs::create_dir_all(new_root);
-    let dev = attached.root.to_string_lossy().into_owned();
     mount::mount(&dev, new_root, "ext4", 0, None).map_err(|source| InitError::MountRoot {
         device: dev.clone(),
         source,

@@ -73,6 +73,9 @@ pub struct Client {
     connect_timeout: Duration,
     io_timeout: Duration,
     token: Option<String>,
+    /// Shared by clones: the server refused the token (401/403) and took the call without it,
+    /// so API calls go without it until it refuses that too.
+    anonymous: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Client {
@@ -134,12 +137,16 @@ impl Client {
             connect_timeout: Duration::from_secs(3),
             io_timeout: Duration::from_secs(15),
             token: None,
+            anonymous: Default::default(),
         }
     }
 
     /// This client sending `Authorization: Bearer <token>` on every API call (paths under
     /// `/api/`); layer downloads carry none. An unusable token (see [`parse_token`]) is
-    /// dropped.
+    /// dropped. When the server answers 401/403 to a call that carried the token, the call is
+    /// made once more without it (a booting node may always ask for its manifest without
+    /// one, and a server that does not know the token yet may take reports without it), and
+    /// later calls follow whichever way the server took last.
     pub fn with_token(mut self, token: Option<&str>) -> Self {
         self.token = token.and_then(parse_token);
         self
@@ -149,20 +156,56 @@ impl Client {
     pub fn without_token(&self) -> Self {
         Self {
             token: None,
+            anonymous: Default::default(),
             ..self.clone()
         }
     }
 
-    /// Whether a token is sent on API calls.
+    /// Whether the client holds a token (it may currently call without it, see
+    /// [`Client::with_token`]).
     pub fn has_token(&self) -> bool {
         self.token.is_some()
     }
 
-    fn auth_header(&self, path: &str) -> String {
+    /// The `Authorization` line for `path`, if this call carries the token.
+    fn auth_header(&self, path: &str, anonymous: bool) -> String {
         match &self.token {
-            Some(t) if path.starts_with("/api/") => format!("Authorization: Bearer {t}\r\n"),
+            Some(t) if path.starts_with("/api/") && !anonymous => {
+                format!("Authorization: Bearer {t}\r\n")
+            }
             _ => String::new(),
         }
+    }
+
+    /// Sends `head(auth line) + body`; on 401/403 to an API call, tries once more the other
+    /// way (with or without the token) and remembers the way that worked.
+    fn request(
+        &self,
+        path: &str,
+        head: impl Fn(&str) -> String,
+        body: &[u8],
+    ) -> Result<Response, HttpError> {
+        use std::sync::atomic::Ordering;
+        let anonymous = self.anonymous.load(Ordering::Relaxed);
+        let resp = self.send(head(&self.auth_header(path, anonymous)).as_bytes(), body)?;
+        let api = self.token.is_some() && path.starts_with("/api/");
+        if !(api && matches!(resp.status, 401 | 403)) {
+            return Ok(resp);
+        }
+        let other = !anonymous;
+        let retry = self.send(head(&self.auth_header(path, other)).as_bytes(), body)?;
+        if !matches!(retry.status, 401 | 403) {
+            self.anonymous.store(other, Ordering::Relaxed);
+            if other {
+                crate::info!(
+                    "the server refused this node's token (HTTP {}) and took the call without it; calling without it",
+                    resp.status
+                );
+            } else {
+                crate::info!("the server wants this node's token again; sending it");
+            }
+        }
+        Ok(retry)
     }
 
     /// The server address.
@@ -190,19 +233,18 @@ impl Client {
         path: &str,
         range: Option<(u64, Option<u64>)>,
     ) -> Result<Response, HttpError> {
-        let mut req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{}",
-            self.addr,
-            self.auth_header(path)
-        );
-        if let Some((from, to)) = range {
-            match to {
-                Some(to) => req.push_str(&format!("Range: bytes={from}-{to}\r\n")),
-                None => req.push_str(&format!("Range: bytes={from}-\r\n")),
-            }
-        }
-        req.push_str("\r\n");
-        let resp = self.send(req.as_bytes(), &[])?;
+        let range = match range {
+            Some((from, Some(to))) => format!("Range: bytes={from}-{to}\r\n"),
+            Some((from, None)) => format!("Range: bytes={from}-\r\n"),
+            None => String::new(),
+        };
+        let head = |auth: &str| {
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{auth}{range}\r\n",
+                self.addr
+            )
+        };
+        let resp = self.request(path, head, &[])?;
         if resp.status != 200 && resp.status != 206 {
             return Err(HttpError::Status {
                 path: path.to_owned(),
@@ -225,13 +267,14 @@ impl Client {
         body: &[u8],
         limit: usize,
     ) -> Result<(u16, Vec<u8>), HttpError> {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            self.addr,
-            self.auth_header(path),
-            body.len()
-        );
-        let mut resp = self.send(head.as_bytes(), body)?;
+        let head = |auth: &str| {
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                self.addr,
+                body.len()
+            )
+        };
+        let mut resp = self.request(path, head, body)?;
         let data = read_limited(&mut resp, limit)?;
         Ok((resp.status, data))
     }
@@ -508,6 +551,62 @@ mod tests {
                 .unwrap();
         });
         assert!(!head.contains("Authorization"), "{head}");
+    }
+
+    /// A server answering `n` requests: 401 to any carrying `Authorization` when `refuse`,
+    /// else 200; returns the heads it saw.
+    fn refusing_server(
+        n: usize,
+        refuse: bool,
+    ) -> (SocketAddr, std::thread::JoinHandle<Vec<String>>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut heads = Vec::new();
+            for _ in 0..n {
+                let (s, _) = l.accept().unwrap();
+                let mut r = BufReader::new(s);
+                let mut head = String::new();
+                while !head.ends_with("\r\n\r\n") {
+                    if r.read_line(&mut head).unwrap() == 0 {
+                        break;
+                    }
+                }
+                let answer: &[u8] = if refuse && head.contains("Authorization") {
+                    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+                };
+                r.get_mut().write_all(answer).unwrap();
+                heads.push(head);
+            }
+            heads
+        });
+        (addr, t)
+    }
+
+    #[test]
+    fn a_refused_token_is_dropped_for_later_calls() {
+        let (addr, t) = refusing_server(3, true);
+        let c = Client::new(addr).with_token(Some("stk_unknown"));
+        // Refused with the token, taken without it.
+        let (status, _) = c
+            .post_json("/api/v1/nodes/by-mac/x/report", b"{}", 16)
+            .unwrap();
+        assert_eq!(status, 200);
+        // A clone (the agent's next interval) goes without it at once.
+        c.clone()
+            .get_bytes("/api/v1/nodes/by-mac/x/manifest", 16)
+            .unwrap();
+        let heads = t.join().unwrap();
+        assert!(heads[0].contains("Authorization"));
+        assert!(!heads[1].contains("Authorization") && heads[1].starts_with("POST"));
+        assert!(!heads[2].contains("Authorization") && heads[2].starts_with("GET"));
+        // A server that takes the token never sees a second request.
+        let (addr, t) = refusing_server(1, false);
+        let c = Client::new(addr).with_token(Some("stk_known"));
+        c.get_bytes("/api/v1/x", 16).unwrap();
+        assert!(t.join().unwrap()[0].contains("Authorization: Bearer stk_known\r\n"));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! State reports to the server as deltas (wire::report): the reporter keeps the last status
-//! the server acknowledged and sends only what changed. Best effort: a node boots whether or
-//! not the server hears about it.
+//! the server acknowledged and sends only what changed. A report with nothing changed is still
+//! sent (an empty delta, a few dozen bytes): it is the node's heartbeat, and the server's
+//! answer is how the node hears of requests (stage, reboot, repair). Best effort: a node
+//! boots whether or not the server hears about it; a refused token (401/403) is logged.
 
 use wire::report::{NodeStatus, ReportAck, StateReport};
 
@@ -27,17 +29,11 @@ impl Reporter {
         }
     }
 
-    /// Sends what changed from the acknowledged status to `now`. Returns the server's answer
-    /// when it accepted the report (`None`: not sent, refused, or a full report is wanted
-    /// next). An empty delta after the first report is not sent (`Some(default)`).
+    /// Sends what changed from the acknowledged status to `now` (possibly nothing). Returns
+    /// the server's answer when it accepted the report (`None`: not sent, refused, or a full
+    /// report is wanted next).
     pub fn send(&mut self, client: &Client, now: &NodeStatus) -> Option<ReportAck> {
         let delta = self.acked.diff(now);
-        if delta.is_empty() && self.seq > 0 {
-            return Some(ReportAck {
-                applied_seq: self.seq,
-                ..ReportAck::default()
-            });
-        }
         let report = StateReport {
             mac: self.mac.clone(),
             seq: self.seq + 1,
@@ -57,6 +53,15 @@ impl Reporter {
                 self.seq += 1;
                 self.acked = now.clone();
                 Some(ack)
+            }
+            Ok((status @ (401 | 403), _)) => {
+                let with = if client.has_token() {
+                    "its token"
+                } else {
+                    "no token"
+                };
+                crate::info!("report refused: HTTP {status} (the node sent {with})");
+                None
             }
             Ok((status, _)) => {
                 crate::info!("report not accepted: HTTP {status}");
