@@ -384,11 +384,7 @@ pub fn ensure_layers(
         if let Some(offer) = m.multicast_offer(&l.id) {
             match crate::mcast::fetch_layer(client, cache, l, offer) {
                 Ok(_) => continue,
-                Err(e) => info!(
-                    "layer {}: multicast: {}; HTTP for the rest",
-                    l.id,
-                    fetch::chain(&e)
-                ),
+                Err(e) => info!("layer {}: multicast: {}; HTTP for the rest", l.id, fetch::chain(&e)),
             }
         }
         let stats = fetch::fetch_layer(client, cache, l, |_| {})?;
@@ -675,10 +671,7 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
             &status_now(&next_state, NodeState::Fetching, Vec::new(), None),
         );
     }
-    // Diskless over iSCSI: the server serves the chain; nothing is fetched.
-    if cmd.iscsi.is_none() {
-        ensure_layers(&cache, c, &manifest)?;
-    }
+    ensure_layers(&cache, c, &manifest)?;
     cache.save_state(&next_state)?;
     // Keep the layers of the versions the node may return to.
     let mut keep: Vec<wire::LayerId> = manifest.layers.iter().map(|l| l.id).collect();
@@ -730,35 +723,16 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
         .iter()
         .map(|l| cache.layer_path(&l.id))
         .collect();
-    // `_attached` keeps the loop devices of a local attach until switch_root.
-    let (_attached, dev) = match cmd.iscsi {
-        Some(portal) => {
-            let boot = crate::iscsi::IscsiBoot {
-                portal,
-                secret: cmd.iscsi_secret.clone(),
-            };
-            let dev = crate::iscsi::attach(&boot, &mac, Duration::from_secs(30))
-                .map_err(AttachError::from)?;
-            marker!(
-                "stage=attach device={} via=iscsi portal={portal}",
-                dev.display()
-            );
-            (None, dev.to_string_lossy().into_owned())
-        }
-        None => {
-            let attached = attach::attach(&paths, &cache.root().join("cow"))?;
-            marker!(
-                "stage=attach device={} size={} targets={}",
-                attached.root.display(),
-                attached.size,
-                attached.targets
-            );
-            let dev = attached.root.to_string_lossy().into_owned();
-            (Some(attached), dev)
-        }
-    };
+    let attached = attach::attach(&paths, &cache.root().join("cow"))?;
+    marker!(
+        "stage=attach device={} size={} targets={}",
+        attached.root.display(),
+        attached.size,
+        attached.targets
+    );
     let new_root = Path::new(NEW_ROOT);
     let _ = fs::create_dir_all(new_root);
+    let dev = attached.root.to_string_lossy().into_owned();
     mount::mount(&dev, new_root, "ext4", 0, None).map_err(|source| InitError::MountRoot {
         device: dev.clone(),
         source,
