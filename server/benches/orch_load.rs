@@ -7,7 +7,11 @@
 //! planner, and end to end through the API), and SQLite's cost of one transaction per report
 //! against one batched transaction per flush (the design choice the fleet's flusher makes).
 //!
-//! `cargo bench -p strata-server --bench orch_load -- [--nodes 1000,10000] [--secs 30] [--interval 10]`
+//! With `--tokens` every node authenticates its reports with a node token, as node-init does
+//! once it has read its layer's token. The run also reports the handler time inside the server,
+//! and timer stalls in both processes, to tell the server's own latency from scheduling.
+//!
+//! `cargo bench -p strata-server --bench orch_load -- [--nodes 1000,10000] [--secs 30] [--interval 10] [--tokens]`
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -41,6 +45,61 @@ impl ImageSource for Images {
     }
 }
 
+/// Time spent inside the server's handlers (microseconds) per request, by path kind: what the
+/// server itself adds to a report's latency, apart from scheduling and the load generator.
+static HANDLER_US: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+async fn timing(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let report = req.uri().path().ends_with("/report");
+    let t = Instant::now();
+    let resp = next.run(req).await;
+    if report {
+        let us = u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX);
+        HANDLER_US.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+    }
+    resp
+}
+
+/// How late a 10 ms timer fires in this process: the worst, and how often by over 20 ms. A
+/// process the machine does not schedule (other load on the cores) shows it here.
+#[derive(Default)]
+struct Stalls {
+    worst: Duration,
+    over_20ms: u64,
+}
+
+static STALLS: std::sync::Mutex<Stalls> = std::sync::Mutex::new(Stalls { worst: Duration::ZERO, over_20ms: 0 });
+
+async fn watch_stalls() {
+    let mut next = tokio::time::Instant::now();
+    loop {
+        next += Duration::from_millis(10);
+        tokio::time::sleep_until(next).await;
+        let late = tokio::time::Instant::now().saturating_duration_since(next);
+        let mut s = STALLS.lock().unwrap_or_else(|e| e.into_inner());
+        s.worst = s.worst.max(late);
+        s.over_20ms += u64::from(late > Duration::from_millis(20));
+        next = next.max(tokio::time::Instant::now());
+    }
+}
+
+fn take_stalls() -> String {
+    let s = std::mem::take(&mut *STALLS.lock().unwrap_or_else(|e| e.into_inner()));
+    format!("10 ms timer late by >20 ms {} times, worst {:.1} ms", s.over_20ms, s.worst.as_secs_f64() * 1e3)
+}
+
+/// `GET /bench/handler-times?reset`: p50/p99/max of the handler times since the last reset.
+async fn handler_times(q: axum::extract::RawQuery) -> String {
+    let mut v = std::mem::take(&mut *HANDLER_US.lock().unwrap_or_else(|e| e.into_inner()));
+    let stalls = take_stalls();
+    if q.0.is_some() {
+        return "reset".into();
+    }
+    v.sort_unstable();
+    let p = |f: f64| v.get(((v.len().saturating_sub(1)) as f64 * f).round() as usize).copied().unwrap_or(0) as f64 / 1e3;
+    format!("handler time of {} reports: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms; {stalls}", v.len(), p(0.5), p(0.99), p(1.0))
+}
+
 fn server_main(dir: &str) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -49,7 +108,15 @@ fn server_main(dir: &str) -> Result<()> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("listening on http://{}", listener.local_addr()?);
         std::io::stdout().flush()?;
-        orch.serve(listener, tokio_util::sync::CancellationToken::new()).await?;
+        let app = axum::Router::new()
+            .route("/bench/handler-times", axum::routing::get(handler_times))
+            .merge(orch.router())
+            .layer(axum::middleware::from_fn(timing));
+        let mut services = strata_server::app::Services::new(tokio_util::sync::CancellationToken::new());
+        services.spawn("http", move |token| async move { axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await });
+        orch.spawn(&mut services);
+        tokio::spawn(watch_stalls());
+        services.run().await?;
         Ok(())
     })
 }
@@ -64,6 +131,7 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
 
 struct Node {
     mac: String,
+    token: Option<String>,
     seq: u64,
     acked: NodeStatus,
     status: NodeStatus,
@@ -72,7 +140,11 @@ struct Node {
 async fn report(client: &reqwest::Client, url: &str, n: &mut Node) -> Result<()> {
     for _ in 0..2 {
         let r = StateReport { mac: n.mac.clone(), seq: n.seq + 1, base_seq: n.seq, delta: n.acked.diff(&n.status) };
-        let resp = client.post(format!("{url}/api/v1/nodes/by-mac/{}/report", n.mac)).json(&r).send().await?;
+        let mut req = client.post(format!("{url}/api/v1/nodes/by-mac/{}/report", n.mac)).json(&r);
+        if let Some(t) = &n.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await?;
         if !resp.status().is_success() {
             bail!("HTTP {}", resp.status());
         }
@@ -97,7 +169,40 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn run_load(nodes: usize, secs: u64, interval: u64) -> Result<()> {
+fn mac_of(i: usize) -> String {
+    format!("02:00:{:02x}:{:02x}:{:02x}:{:02x}", (i >> 24) & 255, (i >> 16) & 255, (i >> 8) & 255, i & 255)
+}
+
+/// Gives every node a node token (discovered by a first report, then `POST .../tokens`), 32
+/// at a time. Returns the secrets by node index.
+async fn issue_tokens(client: &reqwest::Client, url: &str, dir: &std::path::Path, nodes: usize) -> Result<Vec<String>> {
+    let admin = std::fs::read_to_string(dir.join("admin.token"))?.trim().to_owned();
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let (client, url, admin) = (client.clone(), url.to_owned(), admin.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in (w..nodes).step_by(32) {
+                let mut n = Node { mac: mac_of(i), token: None, seq: 0, acked: NodeStatus::default(), status: NodeStatus::default() };
+                report(&client, &url, &mut n).await?;
+                let resp = client.post(format!("{url}/api/v1/nodes/{}/tokens", n.mac)).bearer_auth(&admin).json(&serde_json::json!({})).send().await?;
+                anyhow::ensure!(resp.status().is_success(), "token for {}: {}", n.mac, resp.status());
+                let v: serde_json::Value = resp.json().await?;
+                out.push((i, v["token"].as_str().context("secret")?.to_owned()));
+            }
+            Ok::<_, anyhow::Error>(out)
+        }));
+    }
+    let mut secrets = vec![String::new(); nodes];
+    for t in tasks {
+        for (i, s) in t.await?? {
+            secrets[i] = s;
+        }
+    }
+    Ok(secrets)
+}
+
+async fn run_load(nodes: usize, secs: u64, interval: u64, with_tokens: bool) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--server", dir.path().to_str().context("path")?])
@@ -116,6 +221,7 @@ async fn run_load(nodes: usize, secs: u64, interval: u64) -> Result<()> {
     }
     anyhow::ensure!(!url.is_empty(), "server did not start");
     let client = reqwest::Client::builder().pool_max_idle_per_host(1024).timeout(Duration::from_secs(30)).build()?;
+    let secrets = if with_tokens { issue_tokens(&client, &url, dir.path(), nodes).await? } else { Vec::new() };
     let workers = 512.min(nodes);
     let period = Duration::from_secs(interval);
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
@@ -132,7 +238,7 @@ async fn run_load(nodes: usize, secs: u64, interval: u64) -> Result<()> {
             .map(|i| {
                 let offset = period.mul_f64(i as f64 / nodes as f64);
                 let status = NodeStatus { state: NodeState::Healthy, role: Some("web".into()), version: Some(1), ..Default::default() };
-                (offset, Node { mac: format!("02:00:{:02x}:{:02x}:{:02x}:{:02x}", (i >> 24) & 255, (i >> 16) & 255, (i >> 8) & 255, i & 255), seq: 0, acked: NodeStatus::default(), status })
+                (offset, Node { mac: mac_of(i), token: secrets.get(i).cloned(), seq: 0, acked: NodeStatus::default(), status })
             })
             .collect();
         let cpu0 = Arc::clone(&cpu0);
@@ -148,19 +254,28 @@ async fn run_load(nodes: usize, secs: u64, interval: u64) -> Result<()> {
                     }
                     tokio::time::sleep_until(due).await;
                     if due >= measure_from {
-                        let mut c = cpu0.lock().unwrap_or_else(|e| e.into_inner());
-                        if c.is_none() {
-                            *c = cpu_ticks(pid).ok().map(|t| (t, Instant::now()));
+                        let first = {
+                            let mut c = cpu0.lock().unwrap_or_else(|e| e.into_inner());
+                            let first = c.is_none();
+                            if first {
+                                *c = cpu_ticks(pid).ok().map(|t| (t, Instant::now()));
+                            }
+                            first
+                        };
+                        if first {
+                            let _ = client.get(format!("{url}/bench/handler-times?reset")).send().await;
+                            take_stalls();
                         }
                     }
                     if (k as u32 + round) % 10 == 0 && round > 0 {
                         n.status.boot_count = n.status.boot_count.wrapping_add(1);
                     }
                     let t = Instant::now();
+                    let late = tokio::time::Instant::now().saturating_duration_since(due);
                     let ok = report(&client, &url, n).await.is_ok();
                     if due >= measure_from {
                         if ok {
-                            lat.push(t.elapsed());
+                            lat.push((t.elapsed(), due.saturating_duration_since(measure_from), late));
                         } else {
                             errors += 1;
                         }
@@ -170,13 +285,14 @@ async fn run_load(nodes: usize, secs: u64, interval: u64) -> Result<()> {
             }
         }));
     }
-    let mut lat = Vec::new();
+    let mut all = Vec::new();
     let mut errors = 0;
     for t in tasks {
         let (l, e) = t.await?;
-        lat.extend(l);
+        all.extend(l);
         errors += e;
     }
+    let mut lat: Vec<Duration> = all.iter().map(|(l, _, _)| *l).collect();
     let cpu1 = cpu_ticks(pid)?;
     let (c0, t0) = cpu0.lock().unwrap_or_else(|e| e.into_inner()).context("no measurement")?;
     let wall = t0.elapsed().as_secs_f64();
@@ -186,7 +302,8 @@ async fn run_load(nodes: usize, secs: u64, interval: u64) -> Result<()> {
     let db_size = std::fs::metadata(dir.path().join("orchestrator.db")).map(|m| m.len()).unwrap_or(0)
         + std::fs::metadata(dir.path().join("orchestrator.db-wal")).map(|m| m.len()).unwrap_or(0);
     println!(
-        "{nodes:>6} nodes every {interval}s: {:>7.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  server CPU {:>5.1}% of a core  errors {errors}  db {:.1} MiB",
+        "{nodes:>6} nodes every {interval}s{}: {:>7.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  server CPU {:>5.1}% of a core  errors {errors}  db {:.1} MiB",
+        if with_tokens { " with tokens" } else { "" },
         lat.len() as f64 / wall,
         pct(&lat, 0.5).as_secs_f64() * 1e3,
         pct(&lat, 0.99).as_secs_f64() * 1e3,
@@ -194,8 +311,25 @@ async fn run_load(nodes: usize, secs: u64, interval: u64) -> Result<()> {
         cpu,
         db_size as f64 / (1 << 20) as f64,
     );
+    // Where the slow ones are: when (seconds into the measurement) and whether the generator
+    // itself sent them late (a worker still busy with the previous request).
+    let p99 = pct(&lat, 0.99);
+    let mut slow: Vec<&(Duration, Duration, Duration)> = all.iter().filter(|(l, _, _)| *l >= p99).collect();
+    slow.sort_by_key(|(_, at, _)| *at);
+    let mut per_sec = std::collections::BTreeMap::<u64, usize>::new();
+    for (_, at, _) in &slow {
+        *per_sec.entry(at.as_secs()).or_default() += 1;
+    }
+    let late_sent = all.iter().filter(|(_, _, late)| *late > Duration::from_millis(5)).count();
+    let slow_and_late = slow.iter().filter(|(_, _, late)| *late > Duration::from_millis(5)).count();
+    println!("  slowest 1% ({}) by second of the run: {per_sec:?}", slow.len());
+    println!("  generator: {late_sent} requests sent >5 ms after their due time ({slow_and_late} of the slowest 1%); {}", take_stalls());
+    if let Ok(r) = client.get(format!("{url}/bench/handler-times")).send().await {
+        println!("  server side: {}", r.text().await.unwrap_or_default());
+    }
     if nodes == 10_000 || std::env::var_os("ORCH_BENCH_PLAN").is_some() {
         plan_through_api(&client, &url, dir.path(), nodes).await?;
+        plan_breakdown(dir.path()).await?;
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -224,6 +358,47 @@ async fn plan_through_api(client: &reqwest::Client, url: &str, dir: &std::path::
         body["plan"]["waves"].as_array().map_or(0, Vec::len),
         body["plan"].to_string().len() / 1024
     );
+    Ok(())
+}
+
+/// Where the API's plan time goes: the same steps on the same database, timed one by one.
+async fn plan_breakdown(dir: &std::path::Path) -> Result<()> {
+    use strata_server::db::{nodes, rollouts, Db};
+    use strata_server::orchestrator::plan::RolloutSpec;
+    let db = Db::open(&dir.join("orchestrator.db"))?;
+    let spec: RolloutSpec = serde_json::from_value(serde_json::json!({ "roles": [{ "role": "web", "to": { "image": "img", "version": 2 } }], "canary": 1, "batch_size": 100, "max_unavailable": 10 }))?;
+    let line = db
+        .call(move |c| {
+            let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            let n = nodes::list(c, Some("web"))?.len();
+            let read = ms(t);
+            let t = Instant::now();
+            let plan = rollouts::plan(c, &spec)?.map_err(|e| strata_server::db::DbError::Conflict(e.to_string()))?;
+            let read_plan = ms(t);
+            let t = Instant::now();
+            let json = serde_json::to_string(&plan).unwrap_or_default();
+            let ser = ms(t);
+            let t = Instant::now();
+            let _ = plan.digest();
+            let digest = ms(t);
+            let t = Instant::now();
+            let r = rollouts::create(c, &plan, "bench")?;
+            let create = ms(t);
+            let t = Instant::now();
+            let _ = rollouts::get(c, r.id)?;
+            let get = ms(t);
+            let t = Instant::now();
+            let body = serde_json::to_vec(&r).unwrap_or_default();
+            let resp = ms(t);
+            Ok(format!(
+                "  plan breakdown over {n} nodes: read the nodes {read:.1} ms (read + plan {read_plan:.1} ms), plan to JSON ({} KiB) {ser:.1} ms, digest {digest:.1} ms, \
+                 store (insert + event + read back) {create:.1} ms (read back alone {get:.1} ms), response JSON {resp:.1} ms",
+                json.len() / 1024
+            ) + &format!(" ({} KiB)", body.len() / 1024))
+        })
+        .await?;
+    println!("{line}");
     Ok(())
 }
 
@@ -308,10 +483,12 @@ fn main() -> Result<()> {
     let sizes: Vec<usize> = get("--nodes").unwrap_or_else(|| "1000,10000".into()).split(',').filter_map(|s| s.parse().ok()).collect();
     let secs: u64 = get("--secs").and_then(|s| s.parse().ok()).unwrap_or(30);
     let interval: u64 = get("--interval").and_then(|s| s.parse().ok()).unwrap_or(10);
+    let tokens = args.iter().any(|a| a == "--tokens");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
+        tokio::spawn(watch_stalls());
         for &n in &sizes {
-            run_load(n, secs, interval).await?;
+            run_load(n, secs, interval, tokens).await?;
         }
         plan_pure(sizes.iter().copied().max().unwrap_or(10_000));
         sqlite_batching(2000).await

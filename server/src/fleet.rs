@@ -267,6 +267,12 @@ impl Fleet {
         self.lock().enrolled.contains(mac)
     }
 
+    /// The node's desired-state revision as this process holds it (changes when an operator,
+    /// the rollout driver or a token change touches the node).
+    pub fn node_rev(&self, mac: &str) -> Option<u64> {
+        self.lock().nodes.get(mac).map(|n| n.row.rev)
+    }
+
     /// The node's current record as this process holds it (facts may be newer than the
     /// database's by up to one flush interval).
     pub fn node(&self, mac: &str) -> Option<NodeRow> {

@@ -1,7 +1,13 @@
 //! Bearer-token authentication: `Authorization: Bearer stk_...`. Operators are `admin`
 //! (changes anything) or `viewer` (reads); a `node` token covers one node's own routes.
-//! Lookups are cached for a few seconds (revocation in this process is immediate; in another
-//! process sharing the database within [`CACHE_TTL`]).
+//!
+//! Lookups are cached, so a report does not wait on the database (orch_load measured a p99 of
+//! 65 ms with one lookup per report: the database thread's flushes and checkpoints are on the
+//! report path then). Revocation in this process is immediate (the cache is cleared). For
+//! another process sharing the database: an operator token's lookup is trusted for
+//! [`CACHE_TTL`]; a node token's for as long as its node's desired-state revision is unchanged
+//! (revoking, rotating or first use bumps it, and every process picks that up at its next
+//! flush, 500 ms) and at most [`NODE_CACHE_TTL`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,14 +19,18 @@ use axum::http::request::Parts;
 use super::{ApiError, ApiState};
 use crate::db::tokens::{self, Scope, TokenInfo};
 
-/// How long a token lookup is trusted.
+/// How long an operator token's lookup (or an unknown token's) is trusted.
 pub const CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// How long a node token's lookup is trusted while its node's revision is unchanged.
+pub const NODE_CACHE_TTL: Duration = Duration::from_secs(600);
 
 /// Most cached lookups (a fleet of 10,000 nodes with a token each fits).
 const MAX_CACHED: usize = 50_000;
 
-/// A cached lookup: the token (None: unknown) and when it was read.
-type Cached = (Option<TokenInfo>, Instant);
+/// A cached lookup: the token (None: unknown), when it was read, and for a node token its
+/// node's revision then.
+type Cached = (Option<TokenInfo>, Instant, Option<u64>);
 
 /// Token lookups.
 #[derive(Default)]
@@ -110,19 +120,26 @@ impl FromRequestParts<ApiState> for Caller {
             .ok_or_else(|| ApiError::Unauthenticated { message: "Authorization must be `Bearer <token>`".into() })?
             .to_owned();
         let h = tokens::hash(&secret);
+        let node_rev = |t: &TokenInfo| t.node.as_deref().filter(|_| t.scope == Scope::Node).and_then(|m| state.fleet.node_rev(m));
         let cached = {
             let map = state.tokens.map.lock().unwrap_or_else(|e| e.into_inner());
-            map.get(&h).filter(|(_, at)| at.elapsed() < CACHE_TTL).map(|(t, _)| t.clone())
+            map.get(&h)
+                .filter(|(t, at, rev)| match t {
+                    Some(t) if t.scope == Scope::Node => at.elapsed() < NODE_CACHE_TTL && rev.is_some() && *rev == node_rev(t),
+                    _ => at.elapsed() < CACHE_TTL,
+                })
+                .map(|(t, _, _)| t.clone())
         };
         let info = match cached {
             Some(t) => t,
             None => {
                 let t = state.db.call(move |c| tokens::lookup(c, &secret)).await?;
+                let rev = t.as_ref().and_then(node_rev);
                 let mut map = state.tokens.map.lock().unwrap_or_else(|e| e.into_inner());
                 if map.len() > MAX_CACHED {
                     map.clear();
                 }
-                map.insert(h, (t.clone(), Instant::now()));
+                map.insert(h, (t.clone(), Instant::now(), rev));
                 t
             }
         };
