@@ -393,7 +393,7 @@ async fn plan_breakdown(dir: &std::path::Path) -> Result<()> {
             let resp = ms(t);
             Ok(format!(
                 "  plan breakdown over {n} nodes: read the nodes {read:.1} ms (read + plan {read_plan:.1} ms), plan to JSON ({} KiB) {ser:.1} ms, digest {digest:.1} ms, \
-                 store (insert + event + read back) {create:.1} ms (read back alone {get:.1} ms), response JSON {resp:.1} ms",
+                 store (insert + event) {create:.1} ms (a read back, not done, would add {get:.1} ms), response JSON {resp:.1} ms",
                 json.len() / 1024
             ) + &format!(" ({} KiB)", body.len() / 1024))
         })

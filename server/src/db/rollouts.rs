@@ -104,21 +104,40 @@ pub fn list(conn: &Connection, active: bool) -> Result<Vec<Rollout>, DbError> {
     rows.into_iter().map(decode).collect()
 }
 
-/// Stores a new plan (state `planned`).
+/// Stores a new plan (state `planned`) and returns the rollout. The plan is serialised once
+/// (stored and digested from the same bytes) and not read back: over 10,000 nodes it is about
+/// 3.4 MiB of JSON, and each extra pass cost 10-40 ms (orch_load's plan breakdown).
 pub fn create(conn: &Connection, plan: &Plan, actor: &str) -> Result<Rollout, DbError> {
-    let now = i64_of(super::now_ms());
+    let now = super::now_ms();
     let enc = |v: &dyn erased::Ser| v.json();
+    let plan_json = serde_json::to_string(plan).map_err(|e| DbError::Corrupt(format!("plan to JSON: {e}")))?;
+    let digest = Plan::digest_of_json(plan_json.as_bytes());
+    let progress = Progress::default();
     conn.execute(
         "INSERT INTO rollouts (state, spec, plan, digest, progress, created_by, created_ms, updated_ms)
          VALUES ('planned', ?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-        params![enc(&plan.spec), enc(plan), plan.digest(), enc(&Progress::default()), actor, now],
+        params![enc(&plan.spec), plan_json, digest, enc(&progress), actor, i64_of(now)],
     )?;
     let id = u64_of(conn.last_insert_rowid());
     super::events::record(
         conn,
-        &NewEvent::now(actor, "rollout.planned", format!("rollout/{id}"), serde_json::json!({ "digest": plan.digest(), "waves": plan.waves.len(), "nodes": plan.node_count() })),
+        &NewEvent::now(actor, "rollout.planned", format!("rollout/{id}"), serde_json::json!({ "digest": digest, "waves": plan.waves.len(), "nodes": plan.node_count() })),
     )?;
-    get(conn, id)
+    Ok(Rollout {
+        id,
+        state: RolloutState::Planned,
+        spec: plan.spec.clone(),
+        plan: plan.clone(),
+        digest,
+        progress,
+        abort_requested: false,
+        reason: None,
+        created_by: actor.to_owned(),
+        approved_by: None,
+        created_ms: now,
+        updated_ms: now,
+        lease: None,
+    })
 }
 
 mod erased {
@@ -412,4 +431,28 @@ pub fn plan(conn: &Connection, spec: &RolloutSpec) -> Result<Result<Plan, crate:
         }
     }
     Ok(crate::orchestrator::plan::plan(spec, &roles, &facts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_created_rollout_is_what_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = super::super::Db::open(&dir.path().join("r.db")).unwrap();
+        db.call_blocking(|c| {
+            c.execute("INSERT INTO roles (name, image, version, rollout_order, created_ms, updated_ms) VALUES ('web', 'img', 1, 0, 0, 0)", [])?;
+            for i in 0..5 {
+                nodes::discover(c, &format!("52:54:00:00:00:0{i}"), "web", 1)?;
+            }
+            let spec: RolloutSpec = serde_json::from_value(serde_json::json!({ "roles": [{ "role": "web", "to": { "image": "img", "version": 2 } }], "batch_size": 2 })).unwrap();
+            let p = plan(c, &spec)?.unwrap();
+            let made = create(c, &p, "tester")?;
+            assert_eq!(made.digest, p.digest(), "digested from the stored bytes");
+            assert_eq!(made, get(c, made.id)?, "the returned rollout is the stored one");
+            Ok(())
+        })
+        .unwrap();
+    }
 }

@@ -224,8 +224,13 @@ pub struct Plan {
 impl Plan {
     /// blake3 of the plan's canonical JSON, hex: what an operator approves.
     pub fn digest(&self) -> String {
-        let bytes = serde_json::to_vec(self).unwrap_or_default();
-        blake3::hash(&bytes).to_hex().to_string()
+        Self::digest_of_json(&serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// [`Plan::digest`] of a plan already serialised (`serde_json::to_vec(plan)`), so a large
+    /// plan is serialised once to be both stored and digested.
+    pub fn digest_of_json(json: &[u8]) -> String {
+        blake3::hash(json).to_hex().to_string()
     }
 
     /// Whether `op` is one of the plan's operations in wave `wave` (rollbacks included).
