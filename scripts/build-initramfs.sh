@@ -27,15 +27,19 @@ while (($#)); do
 done
 
 # Boot NICs and disks of the lab and common hardware, loop + device-mapper for attaching the
-# chain, ext4 for the cache and images, nbd for a future NBD attach.
+# chain, ext4 for the cache and images, nbd for a future NBD attach, iscsi_tcp for diskless
+# nodes (with iscsistart below).
 MODULES="virtio_pci virtio_net virtio_blk virtio_scsi sd_mod e1000 e1000e
-  loop dm_mod dm_zero dm_snapshot crc32c_generic ext4 nbd $extra"
+  loop dm_mod dm_zero dm_snapshot crc32c_generic ext4 nbd iscsi_tcp $extra"
 
 for tool in cpio gzip depmod ldd; do
   command -v "$tool" >/dev/null || { echo "$tool missing: run scripts/setup.sh" >&2; exit 1; }
 done
 mke2fs_bin=/sbin/mke2fs
 [ -x "$mke2fs_bin" ] || { echo "$mke2fs_bin missing: apt-get install e2fsprogs" >&2; exit 1; }
+# open-iscsi's iscsistart logs a diskless node in to its target (node-init/src/iscsi.rs).
+iscsistart_bin=/usr/sbin/iscsistart
+[ -x "$iscsistart_bin" ] || { echo "$iscsistart_bin missing: apt-get install open-iscsi" >&2; exit 1; }
 [ -d "$kroot/lib/modules" ] || { echo "no kernel at $kroot: run scripts/setup.sh" >&2; exit 1; }
 kver=$(ls "$kroot/lib/modules" | head -n1)
 
@@ -95,6 +99,11 @@ for lib in $(ldd "$mke2fs_bin" | grep -o '/[^ ]*'); do
   cp -L "$lib" "$root$lib"
 done
 [ -f /etc/mke2fs.conf ] && install -m 0644 /etc/mke2fs.conf "$root/etc/mke2fs.conf"
+install -m 0755 "$iscsistart_bin" "$root/sbin/iscsistart"
+for lib in $(ldd "$iscsistart_bin" | grep -o '/[^ ]*'); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
 mknod -m 0600 "$root/dev/console" c 5 1
 mknod -m 0666 "$root/dev/null" c 1 3
 list=$root/lib/modules/strata-modules.list

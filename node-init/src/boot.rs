@@ -671,7 +671,10 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
             &status_now(&next_state, NodeState::Fetching, Vec::new(), None),
         );
     }
-    ensure_layers(&cache, c, &manifest)?;
+    // Diskless over iSCSI: the server serves the chain; nothing is fetched.
+    if cmd.iscsi.is_none() {
+        ensure_layers(&cache, c, &manifest)?;
+    }
     cache.save_state(&next_state)?;
     // Keep the layers of the versions the node may return to.
     let mut keep: Vec<wire::LayerId> = manifest.layers.iter().map(|l| l.id).collect();
@@ -723,16 +726,32 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
         .iter()
         .map(|l| cache.layer_path(&l.id))
         .collect();
-    let attached = attach::attach(&paths, &cache.root().join("cow"))?;
-    marker!(
-        "stage=attach device={} size={} targets={}",
-        attached.root.display(),
-        attached.size,
-        attached.targets
-    );
+    // `_attached` keeps the loop devices of a local attach until switch_root.
+    let (_attached, dev) = match cmd.iscsi {
+        Some(portal) => {
+            let boot = crate::iscsi::IscsiBoot {
+                portal,
+                secret: cmd.iscsi_secret.clone(),
+            };
+            let dev = crate::iscsi::attach(&boot, &mac, Duration::from_secs(30))
+                .map_err(AttachError::from)?;
+            marker!("stage=attach device={} via=iscsi portal={portal}", dev.display());
+            (None, dev.to_string_lossy().into_owned())
+        }
+        None => {
+            let attached = attach::attach(&paths, &cache.root().join("cow"))?;
+            marker!(
+                "stage=attach device={} size={} targets={}",
+                attached.root.display(),
+                attached.size,
+                attached.targets
+            );
+            let dev = attached.root.to_string_lossy().into_owned();
+            (Some(attached), dev)
+        }
+    };
     let new_root = Path::new(NEW_ROOT);
     let _ = fs::create_dir_all(new_root);
-    let dev = attached.root.to_string_lossy().into_owned();
     mount::mount(&dev, new_root, "ext4", 0, None).map_err(|source| InitError::MountRoot {
         device: dev.clone(),
         source,

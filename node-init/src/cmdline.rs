@@ -7,6 +7,8 @@
 //! | `strata.ip`, `strata.netmask`, `strata.gw` | static IPv4 configuration (gw may be empty) |
 //! | `strata.disk` | cache block device (default: the first of `/dev/vda`, `/dev/sda`, `/dev/nvme0n1`), or `ram` (diskless: the cache is a tmpfs) |
 //! | `strata.mode` | `normal` (default) or `lkg` (boot the last known good version without asking the server) |
+//! | `strata.iscsi` | `IP[:PORT]`: diskless, the chain is attached from this iSCSI portal (node-init's `iscsi` module) |
+//! | `strata.iscsi_secret` | the node's CHAP secret for `strata.iscsi` (12 to 255 printable characters) |
 //! | `strata.agent` | the agent's report interval in seconds (1-86400; default 60), handed to `node-init agent run` through `boot.json` |
 //!
 //! Unknown `strata.*` keys are refused, so a typo never silently changes behaviour.
@@ -35,6 +37,10 @@ pub struct Cmdline {
     pub lkg_only: bool,
     /// The agent's report interval (seconds).
     pub agent_interval: Option<u64>,
+    /// Diskless over iSCSI: the portal (`strata.iscsi`).
+    pub iscsi: Option<SocketAddrV4>,
+    /// The node's CHAP secret for `strata.iscsi`.
+    pub iscsi_secret: Option<String>,
 }
 
 /// A bad parameter.
@@ -126,6 +132,17 @@ impl Cmdline {
                             .filter(|s| (1..=86_400).contains(s))
                             .ok_or_else(|| bad("not a number of seconds in 1..=86400"))?,
                     )
+                }
+                "iscsi" => {
+                    c.iscsi = Some(
+                        crate::iscsi::parse_portal(value).ok_or_else(|| bad("not IPv4[:port]"))?,
+                    )
+                }
+                "iscsi_secret" => {
+                    if !crate::iscsi::valid_secret(value) {
+                        return Err(bad("not 12 to 255 printable characters"));
+                    }
+                    c.iscsi_secret = Some(value.to_owned());
                 }
                 "mode" => match value {
                     "normal" => c.lkg_only = false,

@@ -15,6 +15,7 @@ pub mod cmdline;
 pub mod dhcp;
 pub mod fetch;
 pub mod http;
+pub mod iscsi;
 pub mod marker;
 pub mod mcast;
 pub mod net;

@@ -38,7 +38,11 @@ fn strata_bin() -> Result<PathBuf> {
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -52,7 +56,13 @@ const PROGRAMS: &[(&str, &str)] = &[
 ];
 
 /// Modules to load, dependencies resolved with `modinfo -F depends`.
-const MODULES: &[&str] = &["virtio_pci", "virtio_net", "crc32c_generic", "iscsi_tcp", "sd_mod"];
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "crc32c_generic",
+    "iscsi_tcp",
+    "sd_mod",
+];
 
 /// `name -> path` of every module under `dir`.
 fn module_paths(dir: &Path, out: &mut HashMap<String, PathBuf>) -> Result<()> {
@@ -60,7 +70,11 @@ fn module_paths(dir: &Path, out: &mut HashMap<String, PathBuf>) -> Result<()> {
         let p = e?.path();
         if p.is_dir() {
             module_paths(&p, out)?;
-        } else if let Some(n) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+        } else if let Some(n) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".ko"))
+        {
             out.insert(n.replace('-', "_"), p.clone());
         }
     }
@@ -75,13 +89,20 @@ fn module_order(kernel_root: &Path) -> Result<Vec<PathBuf>> {
         .path();
     let mut paths = HashMap::new();
     module_paths(&mods, &mut paths)?;
-    fn visit(n: &str, paths: &HashMap<String, PathBuf>, seen: &mut Vec<String>, order: &mut Vec<PathBuf>) -> Result<()> {
+    fn visit(
+        n: &str,
+        paths: &HashMap<String, PathBuf>,
+        seen: &mut Vec<String>,
+        order: &mut Vec<PathBuf>,
+    ) -> Result<()> {
         let n = n.replace('-', "_");
         if seen.contains(&n) {
             return Ok(());
         }
         seen.push(n.clone());
-        let p = paths.get(&n).with_context(|| format!("module {n} not in the kernel tree"))?;
+        let p = paths
+            .get(&n)
+            .with_context(|| format!("module {n} not in the kernel tree"))?;
         let deps = run(Command::new("modinfo").args(["-F", "depends"]).arg(p))?;
         for d in deps.trim().split(',').filter(|d| !d.is_empty()) {
             visit(d, paths, seen, order)?;
@@ -101,14 +122,22 @@ fn write_initramfs(out: &Path, init: &str) -> Result<()> {
     tools::require(&["modinfo", "ldd"], &[tools::BUSYBOX, "/usr/sbin/iscsiadm", "/usr/sbin/iscsid", "/usr/sbin/mke2fs"])
         .context("open-iscsi and e2fsprogs are needed: apt-get install open-iscsi e2fsprogs (scripts/setup.sh)")?;
     let kernel = fixture::debian_kernel()?;
-    let kernel_root = kernel.parent().and_then(Path::parent).context("kernel tree")?.to_path_buf();
+    let kernel_root = kernel
+        .parent()
+        .and_then(Path::parent)
+        .context("kernel tree")?
+        .to_path_buf();
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut cpio = Cpio::new(std::io::BufWriter::new(file));
     let mut dirs: Vec<String> = Vec::new();
     let mut mkdirs = |cpio: &mut Cpio<_>, path: &str| -> Result<()> {
         let mut at = String::new();
         for part in path.split('/').filter(|p| !p.is_empty()) {
-            at = if at.is_empty() { part.to_owned() } else { format!("{at}/{part}") };
+            at = if at.is_empty() {
+                part.to_owned()
+            } else {
+                format!("{at}/{part}")
+            };
             if !dirs.contains(&at) {
                 cpio.dir(&at)?;
                 dirs.push(at.clone());
@@ -116,7 +145,19 @@ fn write_initramfs(out: &Path, init: &str) -> Result<()> {
         }
         Ok(())
     };
-    for d in ["bin", "sbin", "dev", "proc", "sys", "tmp", "run/lock", "etc/iscsi", "var/lib/iscsi", "modules", "usr/local/sbin"] {
+    for d in [
+        "bin",
+        "sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run/lock",
+        "etc/iscsi",
+        "var/lib/iscsi",
+        "modules",
+        "usr/local/sbin",
+    ] {
         mkdirs(&mut cpio, d)?;
     }
     cpio.char_dev("dev/console", 0o600, 5, 1)?;
@@ -125,8 +166,15 @@ fn write_initramfs(out: &Path, init: &str) -> Result<()> {
     cpio.symlink("bin/sh", "busybox")?;
     let mut libs: Vec<String> = Vec::new();
     for (name, host) in PROGRAMS {
-        cpio.file(&format!("usr/local/sbin/{name}"), 0o755, &std::fs::read(host).with_context(|| format!("reading {host}"))?)?;
-        for lib in run(Command::new("ldd").arg(host))?.split_whitespace().filter(|w| w.starts_with('/')) {
+        cpio.file(
+            &format!("usr/local/sbin/{name}"),
+            0o755,
+            &std::fs::read(host).with_context(|| format!("reading {host}"))?,
+        )?;
+        for lib in run(Command::new("ldd").arg(host))?
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
             if !libs.iter().any(|l| l == lib) {
                 libs.push(lib.to_owned());
             }
@@ -137,7 +185,11 @@ fn write_initramfs(out: &Path, init: &str) -> Result<()> {
         if let Some(parent) = Path::new(rel).parent().and_then(Path::to_str) {
             mkdirs(&mut cpio, parent)?;
         }
-        cpio.file(rel, 0o755, &std::fs::read(lib).with_context(|| format!("reading {lib}"))?)?;
+        cpio.file(
+            rel,
+            0o755,
+            &std::fs::read(lib).with_context(|| format!("reading {lib}"))?,
+        )?;
     }
     // iscsid asks who is calling (getpwuid) and refuses an unknown uid 0.
     cpio.file("etc/passwd", 0o644, b"root:x:0:0:root:/:/bin/sh\n")?;
@@ -154,7 +206,10 @@ fn write_initramfs(out: &Path, init: &str) -> Result<()> {
     }
     cpio.file("init", 0o755, init.replace("@MODULES@", &load).as_bytes())?;
     let w = cpio.finish()?;
-    w.into_inner().map_err(|e| e.into_error()).context("writing the initramfs")?.sync_all()?;
+    w.into_inner()
+        .map_err(|e| e.into_error())
+        .context("writing the initramfs")?
+        .sync_all()?;
     Ok(())
 }
 
@@ -220,15 +275,22 @@ fn open_iscsi_discovers_logs_in_makes_and_checks_a_filesystem() -> Result<()> {
     // The node becomes known the way a booting node does, by asking for its manifest.
     let addr = std::net::SocketAddr::from((server_ip, 8080));
     lab.http_get(addr, &format!("/api/v1/nodes/by-mac/{MAC}/manifest"))?;
-    let creds = run(Command::new(&bin).args(["iscsi", "node", "--mac", MAC, "--data-dir"]).arg(&data_dir))?;
+    let creds = run(Command::new(&bin)
+        .args(["iscsi", "node", "--mac", MAC, "--data-dir"])
+        .arg(&data_dir))?;
     let (target, initiator) = (field(&creds, "target")?, field(&creds, "initiator")?);
     let (user, secret) = (field(&creds, "chap_user")?, field(&creds, "chap_secret")?);
     let store_layers = data_dir.join("store/layers");
     let hashes_before = layer_hashes(&store_layers)?;
 
     let initrd = lab.dir().join("iscsi-initrd.cpio");
-    write_initramfs(&initrd, &init_script(&server_ip.to_string(), &target, &initiator, &user, &secret))?;
-    let mut cfg = VmConfig::new("initiator", Firmware::Bios).mac(MAC).memory_mib(384);
+    write_initramfs(
+        &initrd,
+        &init_script(&server_ip.to_string(), &target, &initiator, &user, &secret),
+    )?;
+    let mut cfg = VmConfig::new("initiator", Firmware::Bios)
+        .mac(MAC)
+        .memory_mib(384);
     cfg.no_reboot = true;
     // The step's name comes first, so it is in the log when the wait fails.
     cfg.fail_markers.push(": FAILED".into());
@@ -242,7 +304,10 @@ fn open_iscsi_discovers_logs_in_makes_and_checks_a_filesystem() -> Result<()> {
     ];
     let mut vm = lab.start_vm(cfg)?;
     let found = vm.wait_for_line("ISCSI-LAB discovered", BOOT)?;
-    ensure!(found.contains(&target), "discovery did not list the node's target: {found}");
+    ensure!(
+        found.contains(&target),
+        "discovery did not list the node's target: {found}"
+    );
     vm.wait_for_serial("ISCSI-LAB disk", BOOT)?;
     vm.wait_for_serial("ISCSI-LAB fsck ok", BOOT)?;
     vm.wait_for_serial("ISCSI-LAB logout ok", BOOT)?;
@@ -256,13 +321,34 @@ fn open_iscsi_discovers_logs_in_makes_and_checks_a_filesystem() -> Result<()> {
     );
     run(lab
         .command("qemu-img")
-        .args(["convert", "--object", &format!("secret,id=sec0,data={secret}"), "--image-opts", &opts, "-O", "raw"])
+        .args([
+            "convert",
+            "--object",
+            &format!("secret,id=sec0,data={secret}"),
+            "--image-opts",
+            &opts,
+            "-O",
+            "raw",
+        ])
         .arg(&raw))?;
     run(Command::new("e2fsck").args(["-f", "-n"]).arg(&raw))?;
     let head = run(Command::new("dumpe2fs").arg("-h").arg(&raw))?;
-    ensure!(head.lines().any(|l| l.starts_with("Filesystem volume name:") && l.ends_with("iscsilab")), "{head}");
+    ensure!(
+        head.lines()
+            .any(|l| l.starts_with("Filesystem volume name:") && l.ends_with("iscsilab")),
+        "{head}"
+    );
     std::fs::remove_file(&raw)?;
-    ensure!(layer_hashes(&store_layers)? == hashes_before, "an image store layer changed");
+    unchanged(&store_layers, &hashes_before)?;
+    Ok(())
+}
+
+/// Every layer hashed in `before` still has its hash (new layers may have been published).
+fn unchanged(dir: &Path, before: &[(String, Vec<u8>)]) -> Result<()> {
+    let after = layer_hashes(dir)?;
+    for b in before {
+        ensure!(after.contains(b), "image store layer {} changed", b.0);
+    }
     Ok(())
 }
 
@@ -275,4 +361,111 @@ fn layer_hashes(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// The node-init initramfs: `$STRATA_NODE_INITRAMFS`, else the one scripts/build-initramfs.sh
+/// writes into the Strata cache (scripts/test.sh builds it).
+fn node_initramfs() -> Result<PathBuf> {
+    let path = match std::env::var_os("STRATA_NODE_INITRAMFS") {
+        Some(p) => PathBuf::from(p),
+        None => fixture::cache_dir().join("initramfs/node-init.cpio.gz"),
+    };
+    ensure!(
+        path.is_file(),
+        "{} missing: run scripts/build-initramfs.sh",
+        path.display()
+    );
+    Ok(path)
+}
+
+#[test]
+fn node_init_boots_a_diskless_vm_over_iscsi_to_the_image() -> Result<()> {
+    tools::require_root()?;
+    const NODE: &str = "52:54:00:42:15:02";
+    let mut lab = Lab::new(LabConfig::default())?;
+    let server_ip = lab.config().server_ip;
+    let kernel = fixture::debian_kernel()?;
+    let mut strata = Strata::new(strata_bin()?);
+    strata.config = StrataConfig::Template(format!(
+        "{LAB_CONFIG_TEMPLATE}\n[iscsi]\nenabled = true\nlisten = \"{{{{server_ip}}}}:3260\"\n"
+    ));
+    strata.boot = Some(strata_lab::BootFiles {
+        kernel: kernel.clone(),
+        initrd: node_initramfs()?,
+        cmdline: "no_timer_check".into(),
+    });
+    strata.ready.push("iSCSI on".into());
+    if let Ok(v) = std::env::var("STRATA_ISCSI_LOG") {
+        strata.env.push(("RUST_LOG".into(), v));
+    }
+    let bin = strata.binary.clone();
+    lab.start_server(&strata)?;
+    let data_dir = lab.dir().join("servers/strata-0/data");
+    // The server appends its public key to the initramfs it serves (data_dir/boot).
+    let keyed = std::fs::read_dir(data_dir.join("boot"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "img"))
+        .context("no keyed initramfs in the server's data directory")?;
+    // The server knows the node once it asked for anything; here its boot script.
+    lab.http_get(
+        std::net::SocketAddr::from((server_ip, 8080)),
+        &format!("/boot/node.ipxe?mac={NODE}"),
+    )?;
+    let creds = run(Command::new(&bin)
+        .args(["iscsi", "node", "--mac", NODE, "--data-dir"])
+        .arg(&data_dir))?;
+    let secret = field(&creds, "chap_secret")?;
+    let store_layers = data_dir.join("store/layers");
+    let hashes_before = layer_hashes(&store_layers)?;
+
+    let mut cfg = VmConfig::new("diskless", Firmware::Bios)
+        .mac(NODE)
+        .memory_mib(512);
+    cfg.no_reboot = true;
+    cfg.fail_markers = vec![
+        "STRATA panic".into(),
+        "Kernel panic".into(),
+        "STRATA error=".into(),
+    ];
+    cfg.extra_args = vec![
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-initrd".into(),
+        keyed.display().to_string(),
+        "-append".into(),
+        format!(
+            "console=ttyS0 panic=10 no_timer_check strata.server=http://{server_ip}:8080 strata.mac={NODE} \
+             strata.ip=10.42.0.52 strata.netmask=255.255.255.0 strata.disk=ram \
+             strata.iscsi={server_ip} strata.iscsi_secret={secret}"
+        ),
+    ];
+    let mut vm = lab.start_vm(cfg)?;
+    vm.wait_for_serial("STRATA stage=manifest", BOOT)?;
+    let attach = vm.wait_for_line("STRATA stage=attach", BOOT)?;
+    ensure!(
+        attach.contains("via=iscsi") && attach.contains("device=/dev/sd"),
+        "{attach}"
+    );
+    vm.wait_for_serial("STRATA stage=switch_root", BOOT)?;
+    vm.wait_for_serial(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
+    let serial = std::fs::read_to_string(vm.serial_path())?;
+    ensure!(
+        !serial.contains("STRATA stage=fetch"),
+        "a diskless iSCSI boot downloaded layers:\n{serial}"
+    );
+    vm.stop();
+
+    // The image ran from the node's own writable layer on the server; the store is untouched.
+    let own = data_dir.join(format!("iscsi/nodes/{}", NODE.replace(':', "")));
+    ensure!(
+        std::fs::read_dir(&own).map(|d| d.count()).unwrap_or(0) == 1,
+        "no writable layer in {}",
+        own.display()
+    );
+    unchanged(&store_layers, &hashes_before)?;
+    Ok(())
 }

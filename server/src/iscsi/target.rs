@@ -155,7 +155,9 @@ async fn serve(
         };
         let Some(mut c) = conn.take() else { break Ok(()) };
         let actions = match got {
-            Ok(Some((framing, rest))) => match Pdu::decode(&raw, framing, &rest, digests) {
+            Ok(Some((framing, rest))) => match Pdu::decode(&raw, framing, &rest, digests).inspect(|p| {
+                tracing::trace!(bhs = ?p.bhs, len = p.data.len(), "received");
+            }) {
                 Ok(pdu) if does_io(&pdu) => match tokio::task::spawn_blocking(move || {
                     let a = c.on_pdu(pdu);
                     (c, a)
@@ -196,7 +198,10 @@ async fn serve(
         out.clear();
         for a in actions {
             match a {
-                Action::Send(p) => p.write_to(&mut out, digests),
+                Action::Send(p) => {
+                    tracing::trace!(bhs = ?p.bhs, len = p.data.len(), "sending");
+                    p.write_to(&mut out, digests)
+                }
                 Action::Negotiated { digests: d, .. } => {
                     digests = d;
                     logged_in = true;
