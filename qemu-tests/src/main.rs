@@ -164,8 +164,9 @@ struct BenchArgs {
     /// Firmware to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "bios,uefi")]
     firmware: Vec<Fw>,
-    /// Servers to measure: dnsmasq (no router advertisement), dnsmasq-ra, strata (needs
-    /// --strata), direct (no network boot: QEMU's -kernel/-initrd, the floor).
+    /// Servers to measure: dnsmasq (no router advertisement), dnsmasq-ra, dnsmasq-tuned
+    /// (dnsmasq-ra plus option 175.176 for iPXE, as Strata sends), strata (needs --strata),
+    /// direct (no network boot: QEMU's -kernel/-initrd, the floor).
     #[arg(long, value_delimiter = ',', default_value = "direct,dnsmasq,dnsmasq-ra")]
     servers: Vec<String>,
     #[arg(long, default_value_t = 240)]
@@ -212,7 +213,7 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
     let mut lab = LabConfig {
         work_dir: a.work_dir.clone(),
         echo,
-        ipv6: a.ipv6 || kind == "dnsmasq-ra" || kind == "strata",
+        ipv6: a.ipv6 || kind == "dnsmasq-ra" || kind == "dnsmasq-tuned" || kind == "strata",
         ..LabConfig::default()
     };
     // The boot files live outside the lab's directory so one set serves many labs.
@@ -232,11 +233,15 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
     let mut own_boot = false;
     let server: Option<Box<dyn BootServer>> = match kind.as_str() {
         "direct" => None,
-        "dnsmasq" | "dnsmasq-ra" => {
+        "dnsmasq" | "dnsmasq-ra" | "dnsmasq-tuned" => {
             let mut d = Dnsmasq::pxe(files.clone());
-            d.router_advert = kind == "dnsmasq-ra";
+            d.router_advert = kind != "dnsmasq";
             d.chain_undionly = boot == Boot::Undionly;
             d.extra_args.clone_from(&a.dnsmasq_arg);
+            if kind == "dnsmasq-tuned" {
+                // What Strata sends iPXE too: option 175 sub-option 176 (no ProxyDHCP wait).
+                d.extra_args.push("--dhcp-option-force=tag:ipxe,175,b0:01:01".into());
+            }
             Some(Box::new(d))
         }
         "strata" => {
@@ -263,7 +268,7 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
             }
             Some(Box::new(s))
         }
-        other => bail!("unknown server {other:?} (dnsmasq, dnsmasq-ra, strata, direct)"),
+        other => bail!("unknown server {other:?} (dnsmasq, dnsmasq-ra, dnsmasq-tuned, strata, direct)"),
     };
     if kind == "dnsmasq" && a.ra {
         lab.ipv6 = true;
