@@ -87,7 +87,7 @@ pub enum InitError {
         want: u64,
     },
     /// Nothing to boot.
-    #[error("nothing bootable: server unreachable and no cached version")]
+    #[error("nothing bootable: the server's version cannot be had or booted, and no known good version is cached")]
     NothingToBoot,
     /// A layer is missing and cannot be fetched.
     #[error("layer {id} is not cached and the server is unreachable")]
@@ -384,7 +384,11 @@ pub fn ensure_layers(
         if let Some(offer) = m.multicast_offer(&l.id) {
             match crate::mcast::fetch_layer(client, cache, l, offer) {
                 Ok(_) => continue,
-                Err(e) => info!("layer {}: multicast: {}; HTTP for the rest", l.id, fetch::chain(&e)),
+                Err(e) => info!(
+                    "layer {}: multicast: {}; HTTP for the rest",
+                    l.id,
+                    fetch::chain(&e)
+                ),
             }
         }
         let stats = fetch::fetch_layer(client, cache, l, |_| {})?;
@@ -735,7 +739,10 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
             };
             let dev = crate::iscsi::attach(&boot, &mac, Duration::from_secs(30))
                 .map_err(AttachError::from)?;
-            marker!("stage=attach device={} via=iscsi portal={portal}", dev.display());
+            marker!(
+                "stage=attach device={} via=iscsi portal={portal}",
+                dev.display()
+            );
             (None, dev.to_string_lossy().into_owned())
         }
         None => {
