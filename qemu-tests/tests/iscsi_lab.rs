@@ -378,19 +378,26 @@ fn node_initramfs() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The whole diskless path: the VM PXE boots from `strata serve` (QEMU's iPXE ROM), whose
+/// boot script for a node configured `diskless` carries `strata.iscsi` and the node's CHAP
+/// secret; node-init logs in with iscsistart, mounts the LUN and switch_roots into the image,
+/// which runs from the node's own writable layer on the server.
 #[test]
 fn node_init_boots_a_diskless_vm_over_iscsi_to_the_image() -> Result<()> {
     tools::require_root()?;
     const NODE: &str = "52:54:00:42:15:02";
-    let mut lab = Lab::new(LabConfig::default())?;
-    let server_ip = lab.config().server_ip;
-    let kernel = fixture::debian_kernel()?;
+    // IPv6 on the bridge: Strata's router advertisement ends iPXE's IPv6 wait.
+    let mut lab = Lab::new(LabConfig {
+        ipv6: true,
+        ..LabConfig::default()
+    })?;
     let mut strata = Strata::new(strata_bin()?);
     strata.config = StrataConfig::Template(format!(
-        "{LAB_CONFIG_TEMPLATE}\n[iscsi]\nenabled = true\nlisten = \"{{{{server_ip}}}}:3260\"\n"
+        "{LAB_CONFIG_TEMPLATE}\n[iscsi]\nenabled = true\nlisten = \"{{{{server_ip}}}}:3260\"\n\
+         [[iscsi.nodes]]\nmac = \"{NODE}\"\ndiskless = true\n"
     ));
     strata.boot = Some(strata_lab::BootFiles {
-        kernel: kernel.clone(),
+        kernel: fixture::debian_kernel()?,
         initrd: node_initramfs()?,
         cmdline: "no_timer_check".into(),
     });
@@ -398,24 +405,8 @@ fn node_init_boots_a_diskless_vm_over_iscsi_to_the_image() -> Result<()> {
     if let Ok(v) = std::env::var("STRATA_ISCSI_LOG") {
         strata.env.push(("RUST_LOG".into(), v));
     }
-    let bin = strata.binary.clone();
     lab.start_server(&strata)?;
     let data_dir = lab.dir().join("servers/strata-0/data");
-    // The server appends its public key to the initramfs it serves (data_dir/boot).
-    let keyed = std::fs::read_dir(data_dir.join("boot"))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "img"))
-        .context("no keyed initramfs in the server's data directory")?;
-    // The server knows the node once it asked for anything; here its boot script.
-    lab.http_get(
-        std::net::SocketAddr::from((server_ip, 8080)),
-        &format!("/boot/node.ipxe?mac={NODE}"),
-    )?;
-    let creds = run(Command::new(&bin)
-        .args(["iscsi", "node", "--mac", NODE, "--data-dir"])
-        .arg(&data_dir))?;
-    let secret = field(&creds, "chap_secret")?;
     let store_layers = data_dir.join("store/layers");
     let hashes_before = layer_hashes(&store_layers)?;
 
@@ -427,18 +418,6 @@ fn node_init_boots_a_diskless_vm_over_iscsi_to_the_image() -> Result<()> {
         "STRATA panic".into(),
         "Kernel panic".into(),
         "STRATA error=".into(),
-    ];
-    cfg.extra_args = vec![
-        "-kernel".into(),
-        kernel.display().to_string(),
-        "-initrd".into(),
-        keyed.display().to_string(),
-        "-append".into(),
-        format!(
-            "console=ttyS0 panic=10 no_timer_check strata.server=http://{server_ip}:8080 strata.mac={NODE} \
-             strata.ip=10.42.0.52 strata.netmask=255.255.255.0 strata.disk=ram \
-             strata.iscsi={server_ip} strata.iscsi_secret={secret}"
-        ),
     ];
     let mut vm = lab.start_vm(cfg)?;
     vm.wait_for_serial("STRATA stage=manifest", BOOT)?;

@@ -40,6 +40,8 @@ pub struct HttpState {
     pub tftp_root: PathBuf,
     /// Nodes, roles, images and manifests.
     pub fleet: Arc<Fleet>,
+    /// The iSCSI targets, when on: diskless nodes' boot scripts name their portal.
+    pub iscsi: Option<Arc<crate::iscsi::FleetLuns>>,
 }
 
 /// The router for the whole HTTP service.
@@ -129,12 +131,15 @@ async fn node_script(
 ) -> Result<Response, HttpError> {
     let mac = parse_mac(&q.mac)?;
     let node = st.fleet.node_booting(&mac).await?;
+    st.fleet.netbooted(&mac);
+    let iscsi_args = st.iscsi.as_ref().and_then(|l| l.boot_args(&mac));
     Ok(ipxe_response(ipxe::node_script(&ipxe::NodeBoot {
         public_url: &st.public_url,
         mac: &mac,
         node: &node.name,
         role: &node.role,
         extra_cmdline: &st.cmdline,
+        node_cmdline: iscsi_args.as_deref(),
     })))
 }
 

@@ -86,6 +86,10 @@ fn pattern_read(secret: &str, opts: &str, cmd: &str) -> Result<String> {
     Ok(text)
 }
 
+async fn boot_script(s: &TestServer, mac: &str) -> Result<String> {
+    Ok(reqwest::get(s.url(&format!("/boot/node.ipxe?mac={mac}"))).await?.error_for_status()?.text().await?)
+}
+
 async fn manifest(s: &TestServer, mac: &str) -> Result<Manifest> {
     let body = reqwest::get(s.url(&format!("/api/v1/nodes/by-mac/{mac}/manifest"))).await?.error_for_status()?.bytes().await?;
     let text = std::fs::read_to_string(s.data_dir.join("keys/server.key"))?;
@@ -105,7 +109,9 @@ fn b3(p: &Path) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_exports_each_node_chain_to_that_node_only() -> Result<()> {
-    let s = TestServer::start("[iscsi]\nenabled = true\nlisten = \"127.0.0.1:0\"\n")?;
+    let s = TestServer::start(&format!(
+        "[iscsi]\nenabled = true\nlisten = \"127.0.0.1:0\"\n[[iscsi.nodes]]\nmac = \"{NODE_B}\"\ndiskless = true\n"
+    ))?;
     let addr = iscsi_addr(&s)?;
     // The nodes become known the way they do in production: by asking for their manifest.
     let ma = manifest(&s, NODE_A).await?;
@@ -113,6 +119,11 @@ async fn serve_exports_each_node_chain_to_that_node_only() -> Result<()> {
     let (a, b) = (creds(&s, NODE_A)?, creds(&s, NODE_B)?);
     ensure!(a.target == "iqn.2026-11.io.strata:node.5254001a0001", "{a:?}");
     ensure!(a.secret != b.secret && a.secret.len() >= 12, "{a:?} {b:?}");
+    // A diskless node's boot script tells node-init where its chain is; the others' do not.
+    let sb = boot_script(&s, NODE_B).await?;
+    ensure!(sb.contains(&format!("strata.disk=ram strata.iscsi={addr} strata.iscsi_secret={}", b.secret)), "{sb}");
+    let sa = boot_script(&s, NODE_A).await?;
+    ensure!(!sa.contains("strata.iscsi"), "{sa}");
     let files = layer_files(&s, &ma)?;
     let before: Vec<String> = files.iter().map(|f| b3(f)).collect::<Result<_>>()?;
 

@@ -23,6 +23,8 @@ pub struct NodeBoot<'a> {
     pub role: &'a str,
     /// Extra kernel arguments from the configuration.
     pub extra_cmdline: &'a str,
+    /// Extra kernel arguments for this node (a diskless node's `strata.iscsi`), if any.
+    pub node_cmdline: Option<&'a str>,
 }
 
 /// The per-node script. The initrd is named `initramfs` and the command line says
@@ -38,9 +40,11 @@ pub fn node_script(b: &NodeBoot<'_>) -> String {
          strata.gw=${{netX/gateway}}",
         b.public_url, b.public_url
     );
-    if !b.extra_cmdline.trim().is_empty() {
-        s.push(' ');
-        s.push_str(b.extra_cmdline.trim());
+    for extra in [b.extra_cmdline, b.node_cmdline.unwrap_or_default()] {
+        if !extra.trim().is_empty() {
+            s.push(' ');
+            s.push_str(extra.trim());
+        }
     }
     s.push('\n');
     s.push_str("boot\n");
@@ -74,6 +78,7 @@ mod tests {
             node: "n1",
             role: "web",
             extra_cmdline: " quiet ",
+            node_cmdline: None,
         });
         assert!(s.starts_with("#!ipxe\n"));
         assert!(s.contains("initrd --name initramfs http://10.0.0.1:8080/boot/initramfs\n"));

@@ -116,6 +116,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP {}", config.http.listen))?;
     let http_addr = http.local_addr()?;
     let public_url = config.public_url();
+    // iSCSI is bound before the HTTP state: diskless nodes' boot scripts name its portal.
+    let iscsi = if config.iscsi.enabled {
+        let listen = config.iscsi.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding iSCSI {listen}"))?;
+        let portal = crate::iscsi::nodes::portal(&config, listener.local_addr()?)?;
+        let luns = Arc::new(crate::iscsi::FleetLuns::new(
+            Arc::clone(&fleet),
+            config.iscsi.clone(),
+            iscsi_key,
+            config.data_dir.join("iscsi"),
+            tokio::runtime::Handle::current(),
+            portal,
+        ));
+        Some((listener, luns))
+    } else {
+        None
+    };
     let state = HttpState {
         public_url: public_url.clone(),
         kernel,
@@ -123,6 +142,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         cmdline: config.boot.cmdline.clone(),
         tftp_root: config.tftp.root.clone(),
         fleet: Arc::clone(&fleet),
+        iscsi: iscsi.as_ref().map(|(_, luns)| Arc::clone(luns)),
     };
 
     let shutdown = CancellationToken::new();
@@ -146,20 +166,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if config.dhcp.mode != DhcpMode::Off {
         start_dhcp(&config, &public_url, &fleet, &mut services).await?;
     }
-    if config.iscsi.enabled {
-        let listen = config.iscsi.listen;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding iSCSI {listen}"))?;
+    if let Some((listener, luns)) = iscsi {
         let iscsi_addr = listener.local_addr()?;
-        let luns = crate::iscsi::FleetLuns::new(
-            Arc::clone(&fleet),
-            config.iscsi.clone(),
-            iscsi_key,
-            config.data_dir.join("iscsi"),
-            tokio::runtime::Handle::current(),
-        );
-        let target = crate::iscsi::IscsiTarget::new(listener, Arc::new(luns), crate::iscsi::TargetOptions::default());
+        let target = crate::iscsi::IscsiTarget::new(listener, luns, crate::iscsi::TargetOptions::default());
         services.spawn("iscsi", move |token| target.run(token));
         tracing::info!(iscsi = %iscsi_addr, chap = config.iscsi.chap, stateless = config.iscsi.stateless, "iSCSI on");
     }

@@ -16,6 +16,7 @@
 //! credentials never open another node's target.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -27,7 +28,7 @@ use super::lun::{
     node_initiator_iqn, node_target_iqn, BlockDevice, ChapCredentials, LunError, LunProvider, TargetAccess, VhdxLun,
     IQN_PREFIX,
 };
-use crate::config::IscsiConfig;
+use crate::config::{Config, ConfigError, IscsiConfig};
 use crate::fleet::Fleet;
 
 /// The iSCSI names and credentials of one node (what its boot script and node-init use).
@@ -92,6 +93,23 @@ pub fn node_chap_secret(key: &SigningKey, mac: &MacAddr) -> String {
     hex.as_str().get(..32).unwrap_or(hex.as_str()).to_owned()
 }
 
+/// The portal diskless nodes are told: `iscsi.portal`, else the bound address when it names
+/// an IPv4 address, else the HTTP public URL's host with the bound port.
+pub fn portal(config: &Config, bound: SocketAddr) -> Result<SocketAddrV4, ConfigError> {
+    if let Some(p) = config.iscsi.portal {
+        return Ok(p);
+    }
+    match bound.ip() {
+        IpAddr::V4(ip) if !ip.is_unspecified() => return Ok(SocketAddrV4::new(ip, bound.port())),
+        _ => {}
+    }
+    let url = config.public_url();
+    let host = url.trim_start_matches("http://").split(['/', ':']).next().unwrap_or_default();
+    host.parse()
+        .map(|ip| SocketAddrV4::new(ip, bound.port()))
+        .map_err(|_| ConfigError::Invalid(format!("iscsi.portal is needed: the public URL {url} names no IPv4 address")))
+}
+
 /// The names and credentials of `mac` under `config` and the server `key`.
 pub fn node_credentials(config: &IscsiConfig, key: &SigningKey, mac: &MacAddr) -> NodeCredentials {
     let own = config.nodes.iter().find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == *mac));
@@ -124,6 +142,7 @@ pub struct FleetLuns {
     key: SigningKey,
     dir: PathBuf,
     runtime: tokio::runtime::Handle,
+    portal: SocketAddrV4,
     open: Mutex<HashMap<MacAddr, OpenLun>>,
 }
 
@@ -143,8 +162,25 @@ impl FleetLuns {
         key: SigningKey,
         dir: PathBuf,
         runtime: tokio::runtime::Handle,
+        portal: SocketAddrV4,
     ) -> FleetLuns {
-        FleetLuns { fleet, config, key, dir, runtime, open: Mutex::new(HashMap::new()) }
+        FleetLuns { fleet, config, key, dir, runtime, portal, open: Mutex::new(HashMap::new()) }
+    }
+
+    /// The kernel arguments that make node-init attach `mac`'s chain over iSCSI
+    /// (`strata.disk=ram strata.iscsi=IP:PORT strata.iscsi_secret=..`), for a node that boots
+    /// diskless (`iscsi.diskless`, or its `[[iscsi.nodes]]` entry); `None` for the others.
+    pub fn boot_args(&self, mac: &str) -> Option<String> {
+        let mac: MacAddr = mac.parse().ok()?;
+        let own = self.config.nodes.iter().find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == mac));
+        if !own.and_then(|n| n.diskless).unwrap_or(self.config.diskless) {
+            return None;
+        }
+        let mut args = format!("strata.disk=ram strata.iscsi={}", self.portal);
+        if let Some(chap) = self.credentials(&mac).chap {
+            args.push_str(&format!(" strata.iscsi_secret={}", String::from_utf8_lossy(&chap.secret)));
+        }
+        Some(args)
     }
 
     /// The names and credentials of `mac`.
@@ -281,6 +317,7 @@ mod tests {
             chap_secret: Some("configured-secret".into()),
             target_secret: None,
             stateless: Some(true),
+            diskless: None,
         });
         let c = node_credentials(&cfg, &a, &m1);
         assert_eq!(c.chap.as_ref().map(|c| c.secret.as_slice()), Some(&b"configured-secret"[..]));
