@@ -359,16 +359,36 @@ impl Fleet {
         let _ = self.multicast.set(scheduler);
     }
 
+    /// The node fetched its network boot script: its next manifests offer multicast sessions
+    /// whatever it reported cached (it may have been wiped).
+    pub fn netbooted(&self, mac: &str) {
+        if let Some(s) = self.multicast.get() {
+            s.node_booting(mac, now_ms());
+        }
+    }
+
     /// The multicast scheduler, when sessions are offered.
     pub fn multicast(&self) -> Option<&Arc<crate::multicast::Scheduler>> {
         self.multicast.get()
     }
 
-    /// The multicast sessions offered to `mac` for `layers` (none without a scheduler).
+    /// The multicast sessions offered to `mac` for `layers` (none without a scheduler). A node
+    /// whose last report says it runs an image (booted or healthy: its agent is asking) is not
+    /// offered the layers it reported cached, unless it network-booted after that report (it
+    /// may have been wiped).
     async fn multicast_offers(&self, mac: &str, layers: &[wire::manifest::LayerRef]) -> Vec<wire::manifest::MulticastOffer> {
         let Some(sched) = self.multicast.get() else { return Vec::new() };
+        let cached = match self.node(mac) {
+            Some(row)
+                if matches!(row.status.state, NodeState::Booted | NodeState::Healthy)
+                    && sched.netbooted_at(mac).is_none_or(|t| t < row.report_ms) =>
+            {
+                row.status.cached_layers
+            }
+            _ => Vec::new(),
+        };
         let mut files = Vec::new();
-        for l in layers {
+        for l in layers.iter().filter(|l| !cached.contains(&l.id)) {
             if let Ok(Some(path)) = self.layer_path(&l.id).await {
                 files.push((l.clone(), path));
             }

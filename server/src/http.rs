@@ -131,6 +131,7 @@ async fn node_script(
 ) -> Result<Response, HttpError> {
     let mac = parse_mac(&q.mac)?;
     let node = st.fleet.node_booting(&mac).await?;
+    st.fleet.netbooted(&mac);
     let iscsi_args = st.iscsi.as_ref().and_then(|l| l.boot_args(&mac));
     Ok(ipxe_response(ipxe::node_script(&ipxe::NodeBoot {
         public_url: &st.public_url,

@@ -27,6 +27,8 @@ use super::session::{LayerInfo, SenderConfig};
 
 /// Finished sessions remembered.
 pub const HISTORY: usize = 64;
+/// Network boots remembered (most recent per node; the oldest are forgotten beyond this).
+pub const MAX_BOOTS: usize = 65_536;
 
 /// `[multicast]`: sessions the server offers in manifests.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -168,6 +170,8 @@ struct Live {
 #[derive(Default)]
 struct Inner {
     live: HashMap<LayerId, Live>,
+    /// When each node last network-booted (its boot script), Unix ms.
+    booted: HashMap<String, u64>,
     done: VecDeque<SessionInfo>,
     next_id: u64,
 }
@@ -307,6 +311,22 @@ impl Scheduler {
             inner.done.pop_front();
         }
         inner.done.push_back(info);
+    }
+
+    /// A node network-booted (it fetched its iPXE boot script).
+    pub fn node_booting(&self, mac: &str, now_ms: u64) {
+        let mut inner = self.lock();
+        if inner.booted.len() >= MAX_BOOTS && !inner.booted.contains_key(mac) {
+            if let Some(oldest) = inner.booted.iter().min_by_key(|(_, t)| **t).map(|(m, _)| m.clone()) {
+                inner.booted.remove(&oldest);
+            }
+        }
+        inner.booted.insert(mac.to_owned(), now_ms);
+    }
+
+    /// When `mac` last network-booted (Unix ms), if this server saw it.
+    pub fn netbooted_at(&self, mac: &str) -> Option<u64> {
+        self.lock().booted.get(mac).copied()
     }
 
     /// Every live session, then the finished ones (oldest first).
