@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
 # TFTP throughput on loopback: Strata's TFTP server against tftpd-hpa, measured in the same
-# run with the same client (atftp) and the same options, on a file in /dev/shm. Prints MB/s
-# (median of RUNS) per configuration and the ratio ours / tftpd-hpa; the windowsize rows are
-# compared with tftpd-hpa's best figure (it has no windowsize).
+# run with the same clients and the same options, on a file in /dev/shm. Two clients: atftp
+# (a real peer) and tftp_get (server/examples/tftp_get.rs: blocks kept in memory, one recv per
+# block), which shows what each server does when the client is not the limit.
 #
-#   scripts/bench-tftp.sh            SIZE_MIB=64 RUNS=3 by default
-#   STRATA_TFTPD=/path/to/tftpd scripts/bench-tftp.sh   use a prebuilt example binary
+# Runs go round robin: each round fetches once with every configuration (both servers), so
+# load from elsewhere hits every row alike. Prints, per row, the best and the median MB/s of
+# RUNS rounds for each server and their ratios, the client's CPU share (atftp's user + system
+# time over wall time, median: near 100% means the client is the limit, not the server), and
+# the load average before and after. The windowed rows compare Strata with tftpd-hpa at the
+# same blksize and at tftpd-hpa's best (it has no windowsize).
+#
+#   scripts/bench-tftp.sh            SIZE_MIB=64 RUNS=5 by default
+#   STRATA_TFTPD=/path/to/tftpd TFTP_GET=/path/to/tftp_get scripts/bench-tftp.sh
+#                                    prebuilt example binaries; CLIENTS="atftp" for one client
 source "$(dirname "$0")/common.sh"
 
 for t in in.tftpd:tftpd-hpa atftp:atftp; do
   command -v "${t%%:*}" >/dev/null || { echo "missing ${t%%:*}: apt-get install ${t#*:} (scripts/setup.sh)" >&2; exit 1; }
 done
+[ -x /usr/bin/time ] || { echo "missing /usr/bin/time: apt-get install time" >&2; exit 1; }
 SIZE_MIB=${SIZE_MIB:-64}
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 PORT_OURS=${PORT_OURS:-16969}
 PORT_HPA=${PORT_HPA:-16970}
 
-if [ -z "${STRATA_TFTPD:-}" ]; then
-  log "building the tftpd example (release)"
-  (cd "$STRATA_ROOT" && cargo build --release -q -p strata-server --example tftpd)
-  STRATA_TFTPD=$CARGO_TARGET_DIR/release/examples/tftpd
+if [ -z "${STRATA_TFTPD:-}" ] || [ -z "${TFTP_GET:-}" ]; then
+  log "building the tftpd and tftp_get examples (release)"
+  (cd "$STRATA_ROOT" && cargo build --release -q -p strata-server --example tftpd --example tftp_get)
+  STRATA_TFTPD=${STRATA_TFTPD:-$CARGO_TARGET_DIR/release/examples/tftpd}
+  TFTP_GET=${TFTP_GET:-$CARGO_TARGET_DIR/release/examples/tftp_get}
 fi
 
 work=$(mktemp -d /dev/shm/strata-bench-tftp.XXXXXX)
@@ -42,49 +52,90 @@ pids+=($!)
 for _ in $(seq 100); do grep -q listening "$work/ours.log" && break; sleep 0.05; done
 grep -q listening "$work/ours.log" || { cat "$work/ours.log" >&2; exit 1; }
 
-# once PORT OPTION... -> MB/s of one transfer
+# once CLIENT PORT OPTIONS(comma-separated) -> "MB/s client-cpu-share" of one transfer
 once() {
-  local port=$1; shift
-  local args=() o t0 t1
-  for o in "$@"; do args+=(--option "$o"); done
+  local client=$1 port=$2 cmd=() o opts t0 t1 cpu bs=512 ws=1
+  IFS=, read -ra opts <<< "$3"
+  if [ "$client" = atftp ]; then
+    cmd=(atftp -g -r file.bin -l "$work/out")
+    for o in "${opts[@]}"; do cmd+=(--option "$o"); done
+    cmd+=(127.0.0.1 "$port")
+  else
+    for o in "${opts[@]}"; do
+      case $o in blksize\ *) bs=${o#* } ;; windowsize\ *) ws=${o#* } ;; esac
+    done
+    cmd=("$TFTP_GET" "127.0.0.1:$port" file.bin "$bs" "$ws" --compare "$work/root/file.bin")
+  fi
   rm -f "$work/out"
   t0=$(date +%s.%N)
-  atftp -g -r file.bin -l "$work/out" "${args[@]}" 127.0.0.1 "$port" >/dev/null 2>&1 \
-    || { echo "transfer failed: port $port $*" >&2; exit 1; }
+  /usr/bin/time -f "%U %S" -o "$work/time" "${cmd[@]}" >/dev/null 2>"$work/client.err" \
+    || { echo "transfer failed: $client port $port $3: $(cat "$work/client.err")" >&2; exit 1; }
   t1=$(date +%s.%N)
-  cmp -s "$work/out" "$work/root/file.bin" || { echo "corrupt transfer: port $port $*" >&2; exit 1; }
-  echo "$SIZE_MIB * 1048576 / ($t1 - $t0) / 1000000" | bc -l
+  if [ "$client" = atftp ]; then
+    cmp -s "$work/out" "$work/root/file.bin" || { echo "corrupt transfer: port $port $3" >&2; exit 1; }
+  fi
+  cpu=$(awk '{print $1 + $2}' "$work/time")
+  echo "$(echo "$SIZE_MIB * 1048576 / ($t1 - $t0) / 1000000" | bc -l) $(echo "100 * $cpu / ($t1 - $t0)" | bc -l)"
 }
 
+best() { printf '%s\n' "$@" | sort -g | tail -n1 | awk '{printf "%.1f", $1}'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {printf "%.1f", a[int((NR+1)/2)]}'; }
 ratio() { echo "$1 / $2" | bc -l | awk '{printf "%.2f", $1}'; }
 
-# Runs alternate between the two servers, so load from elsewhere hits both alike.
-# pair "OURS OPTIONS" "HPA OPTIONS" -> "ours hpa" medians (options separated by commas)
-pair() {
-  local a=() b=() o1 o2
-  IFS=, read -ra o1 <<< "$1"
-  IFS=, read -ra o2 <<< "$2"
-  for _ in $(seq "$RUNS"); do
-    a+=("$(once "$PORT_OURS" "${o1[@]}")")
-    b+=("$(once "$PORT_HPA" "${o2[@]}")")
+# Rows: LABEL|STRATA OPTIONS|TFTPD-HPA OPTIONS. Strata grants at most 96 KiB per window
+# (8192 x 16 is answered with windowsize 12).
+rows=(
+  "blksize 512|blksize 512|blksize 512"
+  "blksize 1468|blksize 1468|blksize 1468"
+  "blksize 8192|blksize 8192|blksize 8192"
+  "blksize 65464|blksize 65464|blksize 65464"
+  "1468 ws 16 (hpa: 1468)|blksize 1468,windowsize 16|blksize 1468"
+  "1468 ws 64 (hpa: 1468)|blksize 1468,windowsize 64|blksize 1468"
+  "8192 ws 12 (hpa: 8192)|blksize 8192,windowsize 12|blksize 8192"
+  "1468 ws 16 (hpa: 65464, its best)|blksize 1468,windowsize 16|blksize 65464"
+  "8192 ws 12 (hpa: 65464, its best)|blksize 8192,windowsize 12|blksize 65464"
+)
+# Every distinct (client, server, options) is fetched once per round.
+CLIENTS=${CLIENTS:-atftp tftp_get}
+declare -A speed=() cpu=()
+configs=()
+for client in $CLIENTS; do
+  for r in "${rows[@]}"; do
+    IFS='|' read -r _ o h <<< "$r"
+    for c in "$client|ours|$o" "$client|hpa|$h"; do
+      [ -n "${speed[$c]+x}" ] || { speed[$c]=""; cpu[$c]=""; configs+=("$c"); }
+    done
   done
-  echo "$(median "${a[@]}") $(median "${b[@]}")"
-}
-
-printf 'TFTP, %d MiB on loopback, atftp client, median of %d alternating runs (MB/s)\n' "$SIZE_MIB" "$RUNS"
-printf '%-34s %9s %10s %7s\n' "strata options (tftpd-hpa)" strata tftpd-hpa ratio
-row() { # LABEL OURS HPA
-  local ours hpa
-  read -r ours hpa < <(pair "$2" "$3")
-  printf '%-34s %9s %10s %7s\n' "$1" "$ours" "$hpa" "$(ratio "$ours" "$hpa")"
-}
-for bs in 512 1468 8192 65464; do
-  row "blksize $bs" "blksize $bs" "blksize $bs"
 done
-# tftpd-hpa has no windowsize: the windowed rows run against tftpd-hpa at the same blksize
-# and against its best blksize (65464). Strata grants at most 96 KiB per window.
-row "blksize 1468 windowsize 16" "blksize 1468,windowsize 16" "blksize 1468"
-row "blksize 1468 windowsize 64" "blksize 1468,windowsize 64" "blksize 1468"
-row "1468 ws 16 (hpa: blksize 65464)" "blksize 1468,windowsize 16" "blksize 65464"
-row "blksize 8192 windowsize 12" "blksize 8192,windowsize 12" "blksize 8192"
+
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+for round in $(seq "$RUNS"); do
+  log "round $round of $RUNS (load $(cut -d' ' -f1 /proc/loadavg))"
+  for c in "${configs[@]}"; do
+    IFS='|' read -r client server opts <<< "$c"
+    port=$PORT_OURS; [ "$server" = hpa ] && port=$PORT_HPA
+    read -r s u < <(once "$client" "$port" "$opts")
+    speed[$c]+="$s "
+    cpu[$c]+="$u "
+  done
+done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+
+printf 'TFTP, %d MiB on loopback, %d rounds round robin; load average %s before, %s after\n' \
+  "$SIZE_MIB" "$RUNS" "$load_before" "$load_after"
+printf 'MB/s best (median); client CPU = client user+sys / wall, median (strata/tftpd-hpa)\n'
+for client in $CLIENTS; do
+  printf '\nclient: %s\n' "$client"
+  printf '%-34s %16s %16s %11s %13s %11s\n' "row (strata options)" strata tftpd-hpa "ratio best" "ratio median" "client CPU"
+  for r in "${rows[@]}"; do
+    IFS='|' read -r label o h <<< "$r"
+    read -ra a <<< "${speed[$client|ours|$o]}"
+    read -ra b <<< "${speed[$client|hpa|$h]}"
+    read -ra ca <<< "${cpu[$client|ours|$o]}"
+    read -ra cb <<< "${cpu[$client|hpa|$h]}"
+    printf '%-34s %16s %16s %11s %13s %5s%%/%3s%%\n' "$label" \
+      "$(best "${a[@]}") ($(median "${a[@]}"))" "$(best "${b[@]}") ($(median "${b[@]}"))" \
+      "$(ratio "$(best "${a[@]}")" "$(best "${b[@]}")")" "$(ratio "$(median "${a[@]}")" "$(median "${b[@]}")")" \
+      "$(median "${ca[@]}" | cut -d. -f1)" "$(median "${cb[@]}" | cut -d. -f1)"
+  done
+done
