@@ -49,6 +49,8 @@ pub struct Config {
     pub ra: RaConfig,
     /// What booting nodes get.
     pub boot: BootConfig,
+    /// Rollout driver and node-fact timings.
+    pub orchestrator: OrchestratorConfig,
     /// The iSCSI target for diskless nodes.
     pub iscsi: IscsiConfig,
     /// Multicast sessions offered in manifests.
@@ -64,6 +66,7 @@ impl Default for Config {
             dhcp: DhcpConfig::default(),
             ra: RaConfig::default(),
             boot: BootConfig::default(),
+            orchestrator: OrchestratorConfig::default(),
             iscsi: IscsiConfig::default(),
             multicast: crate::multicast::MulticastConfig::default(),
         }
@@ -211,6 +214,25 @@ impl Default for BootConfig {
     }
 }
 
+/// `[orchestrator]`: timings of the rollout driver and the node-fact flusher (docs/api.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrchestratorConfig {
+    /// How often buffered node facts are written to the database, in milliseconds.
+    pub flush_ms: u64,
+    /// How often the driver steps rollouts and renews its leases, in milliseconds.
+    pub tick_ms: u64,
+    /// Lease lifetime in milliseconds: how long a dead worker's rollout waits before another
+    /// server process takes it over. More than twice `tick_ms`.
+    pub lease_ms: u64,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        OrchestratorConfig { flush_ms: 500, tick_ms: 1000, lease_ms: 15_000 }
+    }
+}
+
 /// `[iscsi]`: every known node's chain as LUN 0 of its own target (docs/iscsi.md).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -282,6 +304,13 @@ impl Config {
 
     /// Checks that the values fit together.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let o = &self.orchestrator;
+        if o.flush_ms < 10 || o.tick_ms < 10 || o.lease_ms <= 2 * o.tick_ms || o.lease_ms > 3_600_000 {
+            return Err(ConfigError::Invalid(format!(
+                "orchestrator: flush_ms ({}) and tick_ms ({}) must be at least 10, lease_ms ({}) more than twice tick_ms and at most an hour",
+                o.flush_ms, o.tick_ms, o.lease_ms
+            )));
+        }
         let d = &self.dhcp;
         if d.mode != DhcpMode::Off {
             if d.interface.is_none() {

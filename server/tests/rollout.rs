@@ -1,23 +1,30 @@
 //! Rollouts with simulated nodes speaking the real API over HTTP: role order, canary and
 //! batches; a failing canary halting and rolling back; a server killed mid-rollout resuming at
-//! the right wave; two server processes on one database, fenced.
+//! the right wave; two server processes on one database, fenced. The crash and fencing tests
+//! run the real `strata serve` binary (with its image store: the built-in busybox image and a
+//! version 2 built by `strata image build`, real node layers per node).
 
 mod orch_sim;
+mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use orch_sim::{run_fleet, setup_fleet, Api, Server};
+use orch_sim::{run_fleet, setup_fleet, setup_fleet_on, Api, Server};
+use support::TestServer;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 fn spec(roles: &[&str], canary: usize, batch: usize, maxu: usize) -> Value {
+    spec_on("img", roles, canary, batch, maxu)
+}
+
+fn spec_on(image: &str, roles: &[&str], canary: usize, batch: usize, maxu: usize) -> Value {
     json!({
-        "roles": roles.iter().map(|r| json!({ "role": r, "to": { "image": "img", "version": 2 } })).collect::<Vec<_>>(),
+        "roles": roles.iter().map(|r| json!({ "role": r, "to": { "image": image, "version": 2 } })).collect::<Vec<_>>(),
         "canary": canary, "batch_size": batch, "max_unavailable": maxu,
         "health_timeout_secs": 30, "stage_timeout_secs": 30,
     })
@@ -201,67 +208,36 @@ async fn pause_resume_and_abort() -> Result<()> {
 
 // ---- separate server processes -------------------------------------------------------------
 
-/// Not a test: the server process of the crash and fencing tests (re-executed test binary).
-#[test]
-#[ignore = "child process of the crash and fencing tests"]
-fn child_server() -> Result<()> {
-    let Some(dir) = std::env::var_os("STRATA_SIM_SERVER_DIR") else { return Ok(()) };
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).init();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async move {
-        let server = Server::start(std::path::Path::new(&dir)).await?;
-        println!("listening on {} pid {}", server.url, std::process::id());
-        std::io::stdout().flush()?;
-        std::future::pending::<()>().await;
-        Ok(())
-    })
+/// Fast timings for `strata serve`: 50 ms flushes and ticks, 1 s leases.
+const FAST: &str = "[orchestrator]\nflush_ms = 50\ntick_ms = 50\nlease_ms = 1000\n";
+
+/// A data directory for `strata serve`: the tests' server key (the sims verify manifests with
+/// it) and a store holding busybox versions 1 and 2 with their roles, built by `strata image
+/// build` as an operator does.
+fn prepare_data_dir(data: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(data.join("keys"))?;
+    std::fs::write(data.join("keys/server.key"), format!("{}\n", hex::encode(orch_sim::key().to_bytes())))?;
+    let images = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+    let update = data.join("update");
+    std::fs::create_dir_all(&update)?;
+    std::fs::write(update.join("recipe.toml"), "[update]\nimage = \"busybox\"\n[[file]]\npath = \"/etc/release\"\ncontent = \"2\\n\"\n")?;
+    for recipe in [images.join("busybox"), update] {
+        let o = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["image", "build"])
+            .arg(&recipe)
+            .arg("--roles")
+            .arg(images.join("roles"))
+            .arg("--store")
+            .arg(data.join("store"))
+            .output()?;
+        anyhow::ensure!(o.status.success(), "strata image build {}: {}", recipe.display(), String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
 }
 
-struct Child_ {
-    child: Child,
-    url: String,
-    pid: u32,
-    log: std::path::PathBuf,
-}
-
-impl Child_ {
-    fn start(dir: &std::path::Path, log: &std::path::Path) -> Result<Child_> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["child_server", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-            .env("STRATA_SIM_SERVER_DIR", dir)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()?;
-        let out = child.stdout.take().context("stdout")?;
-        for line in BufReader::new(out).lines() {
-            let line = line?;
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let mut it = rest.split_whitespace();
-                let url = it.next().context("url")?.to_owned();
-                let pid = child.id();
-                return Ok(Child_ { child, url, pid, log: log.to_owned() });
-            }
-        }
-        bail!("child server exited: {}", std::fs::read_to_string(log).unwrap_or_default())
-    }
-
-    fn signal(&self, sig: &str) -> Result<()> {
-        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid.to_string()).status()?;
-        anyhow::ensure!(st.success(), "kill -{sig} {}", self.pid);
-        Ok(())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Child_ {
-    fn drop(&mut self) {
-        let _ = self.signal("CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `strata serve` on `data`, fast timings.
+fn serve(data: &std::path::Path) -> Result<TestServer> {
+    TestServer::start_in(data, FAST)
 }
 
 fn token_of(actor: &str) -> u64 {
@@ -292,20 +268,23 @@ async fn killed_server_resumes_the_rollout_at_the_right_wave() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data)?;
-    let a = Child_::start(&data, &dir.path().join("a.log"))?;
+    prepare_data_dir(&data)?;
+    let a = serve(&data)?;
+    let a_url = a.url("");
     let admin = std::fs::read_to_string(data.join("admin.token"))?.trim().to_owned();
-    let url = Arc::new(RwLock::new(a.url.clone()));
-    let mut api = Api::new(&a.url, Some(&admin));
-    let sims = setup_fleet(&api, Arc::clone(&url), &[("web", 0, 13)]).await?;
+    let url = Arc::new(RwLock::new(a_url.clone()));
+    let mut api = Api::new(&a_url, Some(&admin));
+    let sims = setup_fleet_on(&api, Arc::clone(&url), &[("web", 0, 13)], "busybox", false).await?;
     let stop = CancellationToken::new();
     let fleet = run_fleet(sims, Duration::from_millis(20), stop.clone());
-    let id = api.start_rollout(spec(&["web"], 1, 4, 2)).await?;
+    let id = api.start_rollout(spec_on("busybox", &["web"], 1, 4, 2)).await?;
     wait_for(&api, id, "wave 2", |r| r["progress"]["wave"].as_u64() >= Some(2)).await?;
     drop(a); // SIGKILL: no flush, no lease release.
 
-    let b = Child_::start(&data, &dir.path().join("b.log"))?;
-    *url.write().map_err(|_| anyhow::anyhow!("lock"))? = b.url.clone();
-    api.url = b.url.clone();
+    let b = serve(&data)?;
+    let b_url = b.url("");
+    *url.write().map_err(|_| anyhow::anyhow!("lock"))? = b_url.clone();
+    api.url = b_url.clone();
     let stored = api.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await?;
     let resume_wave = stored["progress"]["wave"].as_u64().context("wave")?;
     assert!(resume_wave >= 2, "{stored}");
@@ -318,7 +297,7 @@ async fn killed_server_resumes_the_rollout_at_the_right_wave() -> Result<()> {
     let done = ops(&events);
     let (before, after): (Vec<_>, Vec<_>) = done.iter().partition(|(_, actor, _)| token_of(actor) == 1);
     assert!(!after.is_empty());
-    assert!(after.iter().all(|(w, actor, _)| *w >= resume_wave && pid_of(actor) == b.pid), "resumed at wave {resume_wave}: {after:?}");
+    assert!(after.iter().all(|(w, actor, _)| *w >= resume_wave && pid_of(actor) == b.pid()), "resumed at wave {resume_wave}: {after:?}");
     assert!(before.iter().all(|(w, _, _)| *w <= resume_wave));
     let mut per_node: HashMap<String, usize> = HashMap::new();
     for (_, _, op) in &done {
@@ -336,7 +315,7 @@ async fn killed_server_resumes_the_rollout_at_the_right_wave() -> Result<()> {
 
 /// Stops `a` outside any SQLite write transaction (so the other process is not blocked on
 /// a lock the stopped one holds).
-fn stop_outside_transactions(a: &Child_, db: &std::path::Path) -> Result<()> {
+fn stop_outside_transactions(a: &TestServer, db: &std::path::Path) -> Result<()> {
     let probe = rusqlite::Connection::open(db)?;
     probe.busy_timeout(Duration::from_millis(300))?;
     for _ in 0..50 {
@@ -355,16 +334,18 @@ async fn two_server_processes_never_both_act_on_a_rollout() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data)?;
-    let a = Child_::start(&data, &dir.path().join("a.log"))?;
+    prepare_data_dir(&data)?;
+    let a = serve(&data)?;
+    let a_url = a.url("");
     let admin = std::fs::read_to_string(data.join("admin.token"))?.trim().to_owned();
-    let url = Arc::new(RwLock::new(a.url.clone()));
-    let mut api = Api::new(&a.url, Some(&admin));
-    let sims = setup_fleet(&api, Arc::clone(&url), &[("web", 0, 13)]).await?;
+    let url = Arc::new(RwLock::new(a_url.clone()));
+    let mut api = Api::new(&a_url, Some(&admin));
+    let sims = setup_fleet_on(&api, Arc::clone(&url), &[("web", 0, 13)], "busybox", false).await?;
     let stop = CancellationToken::new();
     let fleet = run_fleet(sims, Duration::from_millis(20), stop.clone());
-    let id = api.start_rollout(spec(&["web"], 1, 4, 2)).await?;
+    let id = api.start_rollout(spec_on("busybox", &["web"], 1, 4, 2)).await?;
     wait_for(&api, id, "A holds the lease and acted", |r| {
-        r["lease"]["holder"].as_str().is_some_and(|h| h.contains(&format!(":{}:", a.pid))) && r["progress"]["wave"].as_u64() >= Some(1)
+        r["lease"]["holder"].as_str().is_some_and(|h| h.contains(&format!(":{}:", a.pid()))) && r["progress"]["wave"].as_u64() >= Some(1)
     })
     .await?;
     // Pausing keeps A's lease alive (heartbeats) without further steps.
@@ -372,18 +353,19 @@ async fn two_server_processes_never_both_act_on_a_rollout() -> Result<()> {
 
     // B starts against the same database while A is alive: for several lease lifetimes it
     // never takes the rollout.
-    let b = Child_::start(&data, &dir.path().join("b.log"))?;
+    let b = serve(&data)?;
+    let b_url = b.url("");
     for _ in 0..30 {
         let r = api.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await?;
         assert_eq!(r["lease"]["token"], 1, "{r}");
-        assert!(r["lease"]["holder"].as_str().is_some_and(|h| h.contains(&format!(":{}:", a.pid))), "{r}");
+        assert!(r["lease"]["holder"].as_str().is_some_and(|h| h.contains(&format!(":{}:", a.pid()))), "{r}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // A hangs (SIGSTOP): its lease expires and B takes over with token 2. Nodes now talk to B.
     stop_outside_transactions(&a, &data.join("orchestrator.db"))?;
-    *url.write().map_err(|_| anyhow::anyhow!("lock"))? = b.url.clone();
-    api.url = b.url.clone();
+    *url.write().map_err(|_| anyhow::anyhow!("lock"))? = b_url.clone();
+    api.url = b_url.clone();
     wait_for(&api, id, "B takes over", |r| r["lease"]["token"].as_u64() >= Some(2)).await?;
     api.ok("POST", &format!("/api/v1/rollouts/{id}/resume"), None).await?;
     // A wakes up believing it holds the lease: its next write is fenced off.
@@ -397,9 +379,9 @@ async fn two_server_processes_never_both_act_on_a_rollout() -> Result<()> {
 
     let events = api.events("rollout.").await?;
     let done = ops(&events);
-    let first_b = done.iter().position(|(_, actor, _)| pid_of(actor) == b.pid).context("B performed operations")?;
-    assert!(done[..first_b].iter().all(|(_, actor, _)| pid_of(actor) == a.pid && token_of(actor) == 1));
-    assert!(done[first_b..].iter().all(|(_, actor, _)| pid_of(actor) == b.pid && token_of(actor) == 2), "after B's takeover nothing by A: {:?}", &done[first_b..]);
+    let first_b = done.iter().position(|(_, actor, _)| pid_of(actor) == b.pid()).context("B performed operations")?;
+    assert!(done[..first_b].iter().all(|(_, actor, _)| pid_of(actor) == a.pid() && token_of(actor) == 1));
+    assert!(done[first_b..].iter().all(|(_, actor, _)| pid_of(actor) == b.pid() && token_of(actor) == 2), "after B's takeover nothing by A: {:?}", &done[first_b..]);
     let a_log = a.log();
     assert!(a_log.contains("lease lost") || a_log.contains("fenced off") || !a_log.contains("driving rollout"), "A noticed it lost the lease:\n{a_log}");
     stop.cancel();

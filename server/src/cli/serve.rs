@@ -105,7 +105,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         &config.data_dir,
         key,
         images,
-        crate::orchestrator::Options::new(config.boot.default_role.clone()),
+        crate::orchestrator::Options::from_config(&config),
     )
     .await
     .context("starting the orchestrator")?;

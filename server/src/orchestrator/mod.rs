@@ -60,6 +60,16 @@ impl Options {
     pub fn new(default_role: impl Into<String>) -> Self {
         Options { default_role: default_role.into(), flush_every: Duration::from_millis(500), driver: driver::DriverConfig::default() }
     }
+
+    /// The options `strata serve` runs with: `[boot] default_role` and `[orchestrator]`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let o = &config.orchestrator;
+        let mut opts = Options::new(config.boot.default_role.clone());
+        opts.flush_every = Duration::from_millis(o.flush_ms);
+        opts.driver.tick = Duration::from_millis(o.tick_ms);
+        opts.driver.lease_ttl = Duration::from_millis(o.lease_ms);
+        opts
+    }
 }
 
 /// Why the orchestrator could not start.

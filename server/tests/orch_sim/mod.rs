@@ -424,12 +424,20 @@ pub fn run_fleet(sims: Vec<Sim>, every: Duration, stop: CancellationToken) -> to
 
 /// Creates roles (name, order) at `img@1` and places `counts` nodes in them (booted once).
 pub async fn setup_fleet(api: &Api, url: Arc<RwLock<String>>, roles: &[(&str, i64, usize)]) -> Result<Vec<Sim>> {
+    setup_fleet_on(api, url, roles, "img", true).await
+}
+
+/// [`setup_fleet`] on `image@1`; `layer_tokens`: the sims take their token from their node
+/// layer (the fake source's; a real server's node layers are VHDX files, read with debugfs
+/// only in api.rs's real-server test).
+pub async fn setup_fleet_on(api: &Api, url: Arc<RwLock<String>>, roles: &[(&str, i64, usize)], image: &str, layer_tokens: bool) -> Result<Vec<Sim>> {
     let mut sims = Vec::new();
     let mut i = 0;
     for (role, order, n) in roles {
-        api.ok("PUT", &format!("/api/v1/roles/{role}"), Some(json!({ "version": { "image": "img", "version": 1 }, "order": order }))).await?;
+        api.ok("PUT", &format!("/api/v1/roles/{role}"), Some(json!({ "version": { "image": image, "version": 1 }, "order": order }))).await?;
         for _ in 0..*n {
             let mut s = Sim::new(&mac(i), Arc::clone(&url));
+            s.use_layer_token = layer_tokens;
             i += 1;
             s.boot().await?;
             api.ok("PATCH", &format!("/api/v1/nodes/{}", s.mac), Some(json!({ "role": role }))).await?;

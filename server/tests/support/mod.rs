@@ -93,6 +93,18 @@ impl TestServer {
         format!("http://{}{}", self.http, path)
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends the process a signal (`STOP`, `CONT`, ...).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status()?;
+        anyhow::ensure!(st.success(), "kill -{sig} {}", self.pid());
+        Ok(())
+    }
+
     /// The log so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
