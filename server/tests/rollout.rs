@@ -206,6 +206,64 @@ async fn pause_resume_and_abort() -> Result<()> {
     Ok(())
 }
 
+/// `apply` performs only planned operations: when the fleet leaves the plan (here a machine
+/// never seen before boots and is discovered into the role being rolled) the rollout halts
+/// and the current wave rolls back by plan. Operators cannot move planned nodes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_leaving_the_plan_halts_the_rollout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let api = server.api();
+    let url = Arc::new(RwLock::new(server.url.clone()));
+    let sims = setup_fleet(&api, Arc::clone(&url), &[("web", 0, 10)]).await?;
+    let planned = orch_sim::mac(3);
+    let stop = CancellationToken::new();
+    let fleet = run_fleet(sims, Duration::from_millis(20), stop.clone());
+    let id = api.start_rollout(spec(&["web"], 1, 2, 1)).await?;
+    wait_for(&api, id, "wave 1", |r| r["progress"]["wave"].as_u64() >= Some(1)).await?;
+    let (s, v) = api.call("PATCH", &format!("/api/v1/nodes/{planned}"), Some(json!({ "role": "db" }))).await?;
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
+
+    let mut newcomer = orch_sim::Sim::new(&orch_sim::mac(500), Arc::clone(&url));
+    newcomer.boot().await?;
+    let r = api.wait_final(id, Duration::from_secs(60)).await?;
+    assert_eq!(r["state"], "halted", "{r}");
+    let reason = r["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("outside the plan") && reason.contains(&newcomer.mac), "{reason}");
+    let halted_wave = r["progress"]["wave"].as_u64().context("wave")?;
+    assert!(halted_wave >= 1 && halted_wave < 5, "{r}");
+    // Waves done before the halt keep the new version; the halted wave's nodes run the old
+    // one again (once they have acted on the rollback's reboot); later waves were never touched.
+    let done: Vec<String> = r["plan"]["waves"].as_array().context("waves")?[..halted_wave as usize]
+        .iter()
+        .flat_map(|w| w["nodes"].as_array().cloned().unwrap_or_default())
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes = api.ok("GET", "/api/v1/nodes?role=web", None).await?;
+        let settled = nodes.as_array().context("nodes")?.iter().filter(|n| n["mac"] != newcomer.mac.as_str()).all(|n| {
+            let expect = if done.iter().any(|d| n["mac"] == d.as_str()) { 2 } else { 1 };
+            n["status"]["version"] == expect && n["state"] == "healthy"
+        });
+        if settled {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the fleet did not settle after the halt: {nodes}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let sims = fleet.await?;
+    for s in &sims {
+        let expect = if done.contains(&s.mac) { 2 } else { 1 };
+        assert_eq!(s.running, expect, "{}: {r}", s.mac);
+    }
+    server.stop().await;
+    Ok(())
+}
+
 // ---- separate server processes -------------------------------------------------------------
 
 /// Fast timings for `strata serve`: 50 ms flushes and ticks, 1 s leases.
