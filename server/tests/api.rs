@@ -286,6 +286,14 @@ async fn reports_are_idempotent_ordered_and_checked_against_the_state_machine() 
     // The legal next delta still applies.
     let (_, v) = post(&api, &m, &r4).await?;
     assert_eq!(v["applied_seq"], 4);
+    // Unknown fields in a report are ignored, not refused (docs/api.md: a newer node-init may
+    // send fields this server does not know); the known ones apply.
+    let newer = br#"{"mac": "MAC", "seq": 5, "base_seq": 4, "future": 1, "delta": {"message": "from a newer node", "gpu": "ok"}}"#;
+    let newer = String::from_utf8_lossy(newer).replace("MAC", &m).into_bytes();
+    let (s, v) = api.with_token(None).raw("POST", &format!("/api/v1/nodes/by-mac/{m}/report"), Some(newer)).await?;
+    assert_eq!((s, v["applied_seq"].as_u64()), (200, Some(5)), "{v}");
+    let node = api.ok("GET", &format!("/api/v1/nodes/{m}"), None).await?;
+    assert_eq!(node["status"]["message"], "from a newer node");
     server.stop().await;
     Ok(())
 }
