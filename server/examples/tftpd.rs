@@ -1,6 +1,7 @@
 //! A stand-alone Strata TFTP server, for benchmarks and manual tests:
-//! `cargo run --release -p strata-server --example tftpd -- ROOT [ADDR] [MAX_WINDOWSIZE]`
-//! (default address 127.0.0.1:6969). `strata serve` runs the same server as one of its
+//! `cargo run --release -p strata-server --example tftpd -- ROOT [ADDR] [MAX_WINDOWSIZE]
+//! [MAX_WINDOW_BYTES]` (default address 127.0.0.1:6969; the window caps default to
+//! [`TftpOptions::default`]'s). `strata serve` runs the same server as one of its
 //! services.
 
 use std::process::ExitCode;
@@ -17,13 +18,16 @@ async fn main() -> ExitCode {
         .init();
     let mut args = std::env::args().skip(1);
     let Some(root) = args.next() else {
-        eprintln!("usage: tftpd ROOT [ADDR] [MAX_WINDOWSIZE]");
+        eprintln!("usage: tftpd ROOT [ADDR] [MAX_WINDOWSIZE] [MAX_WINDOW_BYTES]");
         return ExitCode::from(2);
     };
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:6969".into());
     let mut opts = TftpOptions::default();
     if let Some(w) = args.next().and_then(|w| w.parse().ok()) {
         opts.max_windowsize = w;
+    }
+    if let Some(b) = args.next().and_then(|b| b.parse().ok()) {
+        opts.max_window_bytes = b;
     }
     let socket = match tokio::net::UdpSocket::bind(&addr).await {
         Ok(s) => s,
