@@ -443,7 +443,7 @@ mod tests {
     fn a_failing_canary_halts_and_rolls_back() {
         let (p, mut world) = setup(5);
         let canary = p.waves[0].nodes[0].clone();
-        let (state, why, ops) = run(&p, &mut world, &[canary.clone()]);
+        let (state, why, ops) = run(&p, &mut world, std::slice::from_ref(&canary));
         assert_eq!(state, RolloutState::Halted);
         assert!(why.unwrap().contains("health gate"));
         assert!(ops.contains(&Op::Rollback { node: canary.clone(), to: None }));
