@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -114,6 +115,43 @@ fn does_io(pdu: &Pdu) -> bool {
     matches!(pdu.bhs, Bhs::ScsiCommand(_) | Bhs::DataOut(_) | Bhs::LoginRequest(_))
 }
 
+/// Most PDUs handed to the blocking pool at once.
+const MAX_BATCH: usize = 64;
+
+/// Moves every complete, well-formed PDU at the head of `rd`'s buffer into `batch` (up to
+/// [`MAX_BATCH`]). Stops at the first incomplete or malformed one, which the normal read
+/// path then reads and answers.
+fn take_buffered(rd: &mut BufReader<OwnedReadHalf>, c: &Connection, digests: Digests, batch: &mut Vec<Pdu>) {
+    while batch.len() < MAX_BATCH {
+        let buf = rd.buffer();
+        let Some(head) = buf.get(..BHS_LEN).and_then(|h| <&[u8; BHS_LEN]>::try_from(h).ok()) else { break };
+        let Ok(f) = Framing::of(head, c.max_recv()) else { break };
+        let total = BHS_LEN + f.rest_len(digests);
+        let Some(rest) = buf.get(BHS_LEN..total) else { break };
+        match Pdu::decode(head, f, rest, digests) {
+            Ok(p) => {
+                batch.push(p);
+                std::pin::Pin::new(&mut *rd).consume(total);
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// Runs `batch` through the connection in order; stops after a PDU that closes it.
+fn run_batch(c: &mut Connection, batch: Vec<Pdu>) -> Vec<Action> {
+    let mut out = Vec::new();
+    for p in batch {
+        let a = c.on_pdu(p);
+        let stop = a.iter().any(|x| matches!(x, Action::Close | Action::Negotiated { .. }));
+        out.extend(a);
+        if stop {
+            break;
+        }
+    }
+    out
+}
+
 async fn serve(
     stream: TcpStream,
     luns: Arc<dyn LunProvider>,
@@ -155,25 +193,37 @@ async fn serve(
         };
         let Some(mut c) = conn.take() else { break Ok(()) };
         let actions = match got {
-            Ok(Some((framing, rest))) => match Pdu::decode(&raw, framing, &rest, digests).inspect(|p| {
-                tracing::trace!(bhs = ?p.bhs, len = p.data.len(), "received");
-            }) {
-                Ok(pdu) if does_io(&pdu) => match tokio::task::spawn_blocking(move || {
-                    let a = c.on_pdu(pdu);
-                    (c, a)
-                })
-                .await
-                {
-                    Ok((back, a)) => {
-                        c = back;
-                        a
+            Ok(Some((framing, rest))) => match Pdu::decode(&raw, framing, &rest, digests) {
+                Ok(pdu) => {
+                    let mut batch = vec![pdu];
+                    // In the full feature phase, every complete PDU already buffered joins
+                    // this one: one trip to the blocking pool serves them all.
+                    if logged_in {
+                        take_buffered(&mut rd, &c, digests, &mut batch);
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "connection handler failed");
-                        break Ok(());
+                    for p in &batch {
+                        tracing::trace!(bhs = ?p.bhs, len = p.data.len(), "received");
                     }
-                },
-                Ok(pdu) => c.on_pdu(pdu),
+                    if batch.iter().any(does_io) {
+                        match tokio::task::spawn_blocking(move || {
+                            let a = run_batch(&mut c, batch);
+                            (c, a)
+                        })
+                        .await
+                        {
+                            Ok((back, a)) => {
+                                c = back;
+                                a
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "connection handler failed");
+                                break Ok(());
+                            }
+                        }
+                    } else {
+                        run_batch(&mut c, batch)
+                    }
+                }
                 Err(e) => c.on_decode_error(&e, &raw),
             },
             Ok(None) => break Ok(()),
