@@ -1,9 +1,11 @@
 //! The TFTP server against real clients on loopback: tftp-hpa's `tftp` (RFC 1350, octet and
 //! netascii) and `atftp` (blksize, tsize, windowsize), byte-identical results, many clients at
-//! once, path confinement, a client that stops acknowledging, and garbage on port 69.
+//! once, path confinement, a client that stops acknowledging, and garbage on port 69, each
+//! refusal with its WARN log line naming the peer or the file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -12,11 +14,48 @@ use strata_server::boot::tftp::{TftpOptions, TftpServer};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+/// Every log line of the server in this test binary (tests run in parallel, so assertions
+/// look for their own peer or file name).
+fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+    LOGS.get_or_init(Mutex::default)
+}
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        logs()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        // Also to the test's output, shown when a test fails.
+        eprint!("{}", String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("strata_server=info")
-        .with_test_writer()
+        .with_ansi(false)
+        .with_writer(|| LogWriter)
         .try_init();
+}
+
+/// Asserts that a WARN line holding every one of `parts` was logged.
+fn assert_warned(parts: &[&str]) {
+    let text =
+        String::from_utf8_lossy(&logs().lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" WARN ") && parts.iter().all(|p| l.contains(p))),
+        "no WARN line with {parts:?} in the server's log"
+    );
 }
 
 fn require(tool: &str, package: &str) -> Result<()> {
@@ -272,6 +311,8 @@ async fn paths_outside_the_root_are_refused() -> Result<()> {
         assert!(text.contains(why), "{name}: expected {why:?} in {text:?}");
         let leaked = std::fs::read(&local).unwrap_or_default();
         assert!(leaked.is_empty(), "{name}: bytes written");
+        // The server says why, naming the file.
+        assert_warned(&[&format!("file={name}}}:"), "request refused", why]);
     }
     // tftp-hpa sees the same refusal.
     let (out, _) = f.tftp_hpa("binary", "../../etc/passwd").await?;
@@ -346,6 +387,11 @@ async fn stalled_client_times_out_without_affecting_others() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(30), closed)
         .await
         .context("transfer never abandoned")??;
+    assert_warned(&[
+        &format!("peer={}", stalled.local_addr()?),
+        "client stopped acknowledging; transfer abandoned",
+        "acked_blocks=0",
+    ]);
     assert!(!f.task.is_finished());
     Ok(())
 }
@@ -389,19 +435,33 @@ async fn garbage_and_floods_on_port_69() -> Result<()> {
         many.extend_from_slice(b"x\0y\0");
     }
     garbage.push(many);
-    for _ in 0..50 {
-        for g in &garbage {
-            s.send_to(g, f.addr).await?;
-        }
-    }
-    // A write request is refused with an error. (The flood may have overflowed the server's
-    // receive buffer, so a lost request is sent again.)
+    // A write request is refused with an error and a log line (sent before the flood, whose
+    // log lines the server rate-limits).
     let wrq = Packet::Wrq(Request {
         filename: "x".into(),
         mode: Mode::Octet,
         options: vec![],
     })
     .to_bytes();
+    let first = UdpSocket::bind("127.0.0.1:0").await?;
+    ask(
+        &first,
+        &wrq,
+        f.addr,
+        Packet::error(ErrorCode::AccessViolation, "read-only server"),
+    )
+    .await?;
+    assert_warned(&[
+        &format!("peer={}", first.local_addr()?),
+        "write request refused (read-only server)",
+    ]);
+    for _ in 0..50 {
+        for g in &garbage {
+            s.send_to(g, f.addr).await?;
+        }
+    }
+    // After the flood too. (The flood may have overflowed the server's receive buffer, so a
+    // lost request is sent again.)
     ask(
         &s,
         &wrq,
@@ -444,6 +504,12 @@ async fn garbage_and_floods_on_port_69() -> Result<()> {
         "{data} transfers started, {busy} refused"
     );
     assert_eq!(data + busy, 20);
+    // Each kind of refusal is logged clearly, naming the peer. (The "too many transfers"
+    // lines of the flood are not asserted: past 20 warnings a second the server counts
+    // instead of logging.)
+    let peer = format!("peer={}", s.local_addr()?);
+    assert_warned(&[&peer, "dropping malformed TFTP request"]);
+    assert_warned(&[&peer, "request refused", "mail mode is not supported"]);
     drop(flooders);
     // The flooders' transfers end (port unreachable); real clients are served again.
     let mut served = false;
