@@ -67,7 +67,16 @@ pub(crate) const SELECT: &str = "SELECT n.mac, n.name, n.role, n.site, n.pin_ima
     FROM nodes n LEFT JOIN roles r ON r.name = n.role
     LEFT JOIN site_overrides o ON o.site = n.site AND o.role = n.role";
 
-fn vref(image: Option<String>, version: Option<i64>) -> Option<VersionRef> {
+/// The columns planning and rollout steps read, without parsing the status JSON (SQLite's
+/// `json_extract` takes the one field they need): for a rollout over 10,000 nodes the full
+/// rows cost 30-50 ms per read.
+pub(crate) const SELECT_ASSIGNMENT: &str = "SELECT n.mac, n.role, n.pin_image, n.pin_version,
+    COALESCE(n.pin_image, o.image, r.image), COALESCE(n.pin_version, o.version, r.version),
+    n.state, json_extract(n.status, '$.version'), n.staged_image, n.staged_version, n.session_ms, n.report_ms
+    FROM nodes n LEFT JOIN roles r ON r.name = n.role
+    LEFT JOIN site_overrides o ON o.site = n.site AND o.role = n.role";
+
+pub(crate) fn vref(image: Option<String>, version: Option<i64>) -> Option<VersionRef> {
     match (image, version) {
         (Some(image), Some(v)) => Some(VersionRef { image, version: u64_of(v) }),
         _ => None,
@@ -78,7 +87,7 @@ pub(crate) fn state_name(s: NodeState) -> String {
     serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
-fn parse_state(s: &str) -> NodeState {
+pub(crate) fn parse_state(s: &str) -> NodeState {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).unwrap_or_default()
 }
 

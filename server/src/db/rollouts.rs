@@ -276,15 +276,13 @@ pub fn world(conn: &Connection, plan: &Plan, wave: usize) -> Result<World, DbErr
     let mut want: Vec<&str> = plan.roles.iter().map(|r| r.role.as_str()).collect();
     want.sort_unstable();
     want.dedup();
-    let mut stmt = conn.prepare_cached(&format!("{} WHERE n.role = ?1", nodes::SELECT))?;
-    let add = |n: NodeRow, w: &mut World| {
-        w.members.entry(n.role.clone()).or_default().insert(n.mac.clone());
-        w.nodes.insert(n.mac.clone(), obs(n));
-    };
+    let mut stmt = conn.prepare_cached(&format!("{} WHERE n.role = ?1", nodes::SELECT_ASSIGNMENT))?;
     for role in &want {
         w.members.entry((*role).to_owned()).or_default();
-        for n in stmt.query_map([role], nodes::row)? {
-            add(n?, &mut w);
+        for n in stmt.query_map([role], obs_row)? {
+            let (mac, o) = n?;
+            w.members.entry(o.role.clone()).or_default().insert(mac.clone());
+            w.nodes.insert(mac, o);
         }
         let cur = super::roles::get(conn, role)?.and_then(|r| r.version);
         w.roles.insert((*role).to_owned(), cur);
@@ -299,6 +297,23 @@ pub fn world(conn: &Connection, plan: &Plan, wave: usize) -> Result<World, DbErr
         }
     }
     Ok(w)
+}
+
+/// A row of [`nodes::SELECT_ASSIGNMENT`].
+fn obs_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, NodeObs)> {
+    Ok((
+        r.get(0)?,
+        NodeObs {
+            role: r.get(1)?,
+            pinned: nodes::vref(r.get(2)?, r.get(3)?),
+            effective: nodes::vref(r.get(4)?, r.get(5)?),
+            state: nodes::parse_state(&r.get::<_, String>(6)?),
+            version: r.get::<_, Option<i64>>(7)?.map(u64_of),
+            staged: nodes::vref(r.get(8)?, r.get(9)?),
+            session_ms: u64_of(r.get(10)?),
+            report_ms: u64_of(r.get(11)?),
+        },
+    ))
 }
 
 fn obs(n: NodeRow) -> NodeObs {
@@ -419,15 +434,15 @@ pub fn plan(conn: &Connection, spec: &RolloutSpec) -> Result<Result<Plan, crate:
         .map(|r| RoleFact { name: r.name, order: r.order, current: r.version })
         .collect();
     let mut facts = Vec::new();
-    let mut stmt = conn.prepare_cached(&format!("{} WHERE n.role = ?1", nodes::SELECT))?;
+    let mut stmt = conn.prepare_cached(&format!("{} WHERE n.role = ?1", nodes::SELECT_ASSIGNMENT))?;
     let mut seen = HashMap::new();
     for t in &spec.roles {
         if seen.insert(t.role.clone(), ()).is_some() {
             continue;
         }
-        for n in stmt.query_map([&t.role], nodes::row)? {
-            let n = n?;
-            facts.push(NodeFact { mac: n.mac, role: n.role, pinned: n.pin, effective: n.effective });
+        for n in stmt.query_map([&t.role], obs_row)? {
+            let (mac, o) = n?;
+            facts.push(NodeFact { mac, role: o.role, pinned: o.pinned, effective: o.effective });
         }
     }
     Ok(crate::orchestrator::plan::plan(spec, &roles, &facts))
@@ -451,6 +466,20 @@ mod tests {
             let made = create(c, &p, "tester")?;
             assert_eq!(made.digest, p.digest(), "digested from the stored bytes");
             assert_eq!(made, get(c, made.id)?, "the returned rollout is the stored one");
+
+            // The light rows the executor reads match the full ones.
+            let status = wire::report::NodeStatus { state: wire::report::NodeState::Healthy, version: Some(3), ..Default::default() };
+            let staged = Some(VersionRef { image: "img".into(), version: 2 });
+            let facts = nodes::Facts { mac: "52:54:00:00:00:01".into(), report: Some((status, Default::default(), 7, 8)), staged: Some(staged), last_seen_ms: 9, layer_bytes: 0 };
+            nodes::flush(c, &[facts], &[])?;
+            c.execute("UPDATE nodes SET pin_image = 'img', pin_version = 2 WHERE mac = '52:54:00:00:00:02'", [])?;
+            let w = world(c, &made.plan, 0)?;
+            assert_eq!(w.nodes.len(), 5);
+            for (mac, o) in &w.nodes {
+                let full = obs(nodes::get(c, mac)?.unwrap());
+                assert_eq!(format!("{o:?}"), format!("{full:?}"), "{mac}");
+            }
+            assert_eq!(w.nodes["52:54:00:00:00:01"].version, Some(3));
             Ok(())
         })
         .unwrap();
