@@ -524,3 +524,37 @@ async fn garbage_and_floods_on_port_69() -> Result<()> {
     assert!(!f.task.is_finished());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_transfers_in_flight() -> Result<()> {
+    // A long retransmission timeout: the transfer would otherwise wait 5 s per try.
+    let mut f = serve(TftpOptions {
+        timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .await?;
+    let client = UdpSocket::bind("127.0.0.1:0").await?;
+    client.send_to(&rrq("big.bin", vec![]), f.addr).await?;
+    let mut buf = vec![0u8; 2048];
+    let (n, tid) = client.recv_from(&mut buf).await?;
+    assert!(matches!(
+        Packet::parse(&buf[..n])?,
+        Packet::Data { block: 1, .. }
+    ));
+    // The server stops, and with it the transfer's thread: run() returns only after every
+    // transfer ended.
+    f.cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(60), &mut f.task)
+        .await
+        .context("server did not stop")???;
+    // Its transfer socket is closed: an ACK draws "port unreachable".
+    client.connect(tid).await?;
+    client.send(&Packet::Ack { block: 1 }.to_bytes()).await?;
+    let r = tokio::time::timeout(Duration::from_secs(30), client.recv(&mut buf))
+        .await
+        .context("no answer to an ACK after shutdown")?;
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+        other => bail!("expected port unreachable, got {other:?}"),
+    }
+}
