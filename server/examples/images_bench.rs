@@ -2,7 +2,8 @@
 //! and size of 1,000 node layers, and a role layer built on a 1 GiB base, each with the figure
 //! of a peer measured in the same run (see docs/benchmarks.md).
 //!
-//! `cargo run --release -p strata-server --example images_bench [-- NODES [WORKDIR]]`
+//! `cargo run --release -p strata-server --example images_bench [-- NODES [WORKDIR [nodes]]]`
+//! (`nodes`: stop after the node layers, for profiling them).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -72,23 +73,39 @@ fn main() -> Result<()> {
         t_again * 1e3
     );
 
-    // 2. Node layers on the web role.
+    // 2. Node layers on the web role: first one call per node (what the server does when a
+    // node first asks for its manifest), then a batch.
     let web = s2.image_for_role("web")?.context("web role")?;
+    let fact = |n: u32| NodeFacts {
+        hostname: format!("node{n}"),
+        mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", n >> 16, (n >> 8) & 0xff, n & 0xff),
+        ip: Some(format!("10.{}.{}.{}/8", n >> 16, (n >> 8) & 0xff, n & 0xff)),
+        gateway: Some("10.0.0.1".into()),
+        node_id: format!("node-{n}"),
+        token: format!("{:064x}", u128::from(n) * 0x9e37_79b9_7f4a_7c15),
+    };
+    let single_n = 100.min(nodes);
     let t = Instant::now();
-    let mut bytes = 0;
-    for n in 0..nodes {
-        let f = NodeFacts {
-            hostname: format!("node{n}"),
-            mac: format!("52:54:00:00:{:02x}:{:02x}", n >> 8, n & 0xff),
-            ip: Some(format!("10.1.{}.{}/16", n >> 8, n & 0xff)),
-            gateway: Some("10.1.0.1".into()),
-            node_id: format!("node-{n}"),
-            token: format!("{:064x}", u128::from(n) * 0x9e37_79b9_7f4a_7c15),
-        };
-        bytes += build::node_layer(&s2, &web, &f)?.size;
+    let first = build::node_layer(&s2, &web, &fact(1_000_000))?;
+    let t_first = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for n in 0..single_n {
+        build::node_layer(&s2, &web, &fact(2_000_000 + n))?;
     }
+    let t_single = t.elapsed().as_secs_f64() / f64::from(single_n);
+    println!(
+        "node layer: first on the role (makes the node template) {:.1} ms; then one call per node {:.2} ms each (mean of {single_n})",
+        t_first * 1e3,
+        t_single * 1e3
+    );
+    let batch: Vec<NodeFacts> = (0..nodes).map(fact).collect();
+    let layers_before = du(&s2.root().join("layers"))?;
+    let t = Instant::now();
+    let recs = build::node_layers(&s2, &web, &batch)?;
+    let bytes: u64 = recs.iter().map(|r| r.size).sum();
+    let _ = first;
     let t_nodes = t.elapsed().as_secs_f64();
-    let alloc = du(&s2.root().join("layers"))?;
+    let alloc = du(&s2.root().join("layers"))? - layers_before;
     // Peer: the naive way without layers, a full copy of the role's image per node (cp of the
     // sparse raw image, then the same files written with debugfs), for 50 nodes.
     let role_raw = s2.cache_path(&web.layers[1].id);
@@ -105,7 +122,7 @@ fn main() -> Result<()> {
     let t_peer_nodes = t.elapsed().as_secs_f64() / f64::from(peer_n) * f64::from(nodes);
     let peer_alloc = du(&pdir)? / u64::from(peer_n) * u64::from(nodes);
     println!(
-        "{nodes} node layers: {t_nodes:.2} s ({:.1} ms each), {:.0} MiB of layer files ({:.1} MiB each), {:.0} MiB allocated on disk; \
+        "{nodes} node layers in one node_layers call: {t_nodes:.2} s ({:.1} ms each), {:.0} MiB of layer files ({:.1} MiB each), {:.0} MiB allocated on disk; \
          peer full image copy per node: {t_peer_nodes:.2} s, {:.0} MiB allocated (extrapolated from {peer_n}); time ratio {:.2}",
         t_nodes * 1e3 / f64::from(nodes),
         mib(bytes),
@@ -114,6 +131,11 @@ fn main() -> Result<()> {
         mib(peer_alloc),
         t_nodes / t_peer_nodes
     );
+
+    if args.get(3).is_some_and(|a| a == "nodes") {
+        let _ = fs::remove_dir_all(&work);
+        return Ok(());
+    }
 
     // 3. A role adding 1 MiB of files to a 1 GiB base.
     let big = work.join("big");

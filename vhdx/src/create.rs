@@ -28,6 +28,12 @@ const LOG_LENGTH: u64 = MIB;
 const METADATA_LENGTH: u64 = MIB;
 /// Payload bytes are written in runs of this many; all-zero runs are left as holes.
 const PAGE: usize = 4096;
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
+/// True if `p` (at most a page) is all zeros (a memcmp against a zero page: vectorised).
+fn is_zero(p: &[u8]) -> bool {
+    ZERO_PAGE.get(..p.len()).is_some_and(|z| z == p)
+}
 
 /// Options for new files. `Default` gives a dynamic disk with 32 MiB blocks, 512-byte
 /// logical and 4096-byte physical sectors and random GUIDs.
@@ -68,6 +74,9 @@ pub struct CreateOptions {
     /// cost their whole size in the file either way, so this makes the file smaller by the
     /// bitmap blocks; holes keep the unchanged all-zero pages from using disk space.
     pub whole_blocks: bool,
+    /// Flush the new file and its directory before returning (the default). A caller that
+    /// publishes the file itself, flushing it then (a batch of layers, say), turns it off.
+    pub sync: bool,
 }
 
 impl Default for CreateOptions {
@@ -85,6 +94,7 @@ impl Default for CreateOptions {
             creator: "strata vhdx".to_string(),
             log: true,
             whole_blocks: false,
+            sync: true,
         }
     }
 }
@@ -126,6 +136,7 @@ struct Builder {
     bitmaps: BTreeMap<u64, Vec<u8>>,
     metadata_offset: u64,
     bat_offset: u64,
+    sync: bool,
     end: u64,
     stats: ConvertStats,
 }
@@ -159,6 +170,7 @@ impl Builder {
             bitmaps: BTreeMap::new(),
             metadata_offset,
             bat_offset,
+            sync: opts.sync,
             end: bat_offset + bat_len,
             stats: ConvertStats::default(),
         })
@@ -172,11 +184,24 @@ impl Builder {
     /// Stores a whole block (`data` is the block's bytes within the virtual disk).
     fn put_full(&mut self, block: u64, data: &[u8]) -> Result<()> {
         let at = self.end;
-        // The file is new: pages not written read as zeros, so all-zero pages stay holes.
+        self.write_sparse(data, at)?;
+        self.end += u64::from(self.meta.block_size);
+        let idx = bat::payload_index(block, self.meta.chunk_ratio()) as usize;
+        if let Some(e) = self.bat.get_mut(idx) {
+            *e = bat::entry(bat::FULLY_PRESENT, at);
+        }
+        self.stats.blocks += 1;
+        self.stats.sectors += data.len() as u64 / u64::from(self.meta.logical_sector_size);
+        Ok(())
+    }
+
+    /// Writes `data` at `at`, leaving its all-zero pages out: the file is new, so pages not
+    /// written read as zeros and stay holes.
+    fn write_sparse(&self, data: &[u8], at: u64) -> Result<()> {
         let mut page = 0;
         while page < data.len() {
             let run_start = page;
-            while page < data.len() && data.get(page..(page + PAGE).min(data.len())).is_some_and(|p| p.iter().any(|&b| b != 0)) {
+            while page < data.len() && data.get(page..(page + PAGE).min(data.len())).is_some_and(|p| !is_zero(p)) {
                 page += PAGE;
             }
             if page > run_start {
@@ -186,13 +211,6 @@ impl Builder {
                 page += PAGE;
             }
         }
-        self.end += u64::from(self.meta.block_size);
-        let idx = bat::payload_index(block, self.meta.chunk_ratio()) as usize;
-        if let Some(e) = self.bat.get_mut(idx) {
-            *e = bat::entry(bat::FULLY_PRESENT, at);
-        }
-        self.stats.blocks += 1;
-        self.stats.sectors += data.len() as u64 / u64::from(self.meta.logical_sector_size);
         Ok(())
     }
 
@@ -262,7 +280,7 @@ impl Builder {
         debug_assert!(sectors_per_bitmap() == cr * u64::from(self.meta.block_size) / u64::from(self.meta.logical_sector_size));
         for (chunk, bits) in bitmaps {
             let at = self.end;
-            io::write_all_at(&self.file, &self.path, &bits, at)?;
+            self.write_sparse(&bits, at)?;
             self.end += MIB;
             if let Some(e) = self.bat.get_mut(bat::bitmap_index(chunk, cr) as usize) {
                 *e = bat::entry(bat::SB_PRESENT, at);
@@ -271,33 +289,36 @@ impl Builder {
         io::set_len(&self.file, &self.path, self.end)?;
         let bat_bytes: Vec<u8> = self.bat.iter().flat_map(|e| e.to_le_bytes()).collect();
         let bat_len = (bat_bytes.len() as u64).div_ceil(MIB).max(1) * MIB;
-        io::write_all_at(&self.file, &self.path, &bat_bytes, self.bat_offset)?;
+        self.write_sparse(&bat_bytes, self.bat_offset)?;
         let md = metadata::to_region(&self.meta, METADATA_LENGTH as usize);
-        io::write_all_at(&self.file, &self.path, &md, self.metadata_offset)?;
+        self.write_sparse(&md, self.metadata_offset)?;
         let regions = Regions {
             bat: Region { offset: self.bat_offset, length: bat_len },
             metadata: Region { offset: self.metadata_offset, length: METADATA_LENGTH },
         };
         let rt = region::to_block(&regions);
         for off in REGION_TABLE_OFFSETS {
-            io::write_all_at(&self.file, &self.path, &rt, off)?;
+            self.write_sparse(&rt, off)?;
         }
         let h1 = self.header.to_block();
         let mut second = self.header;
         second.sequence_number += 1;
         let h2 = second.to_block();
-        io::write_all_at(&self.file, &self.path, &h1, HEADER_OFFSETS[0])?;
-        io::write_all_at(&self.file, &self.path, &h2, HEADER_OFFSETS[1])?;
-        io::write_all_at(&self.file, &self.path, &header::file_identifier_block(&self.creator), 0)?;
-        self.file.sync_all().map_err(|source| VhdxError::Write { file: self.path.clone(), offset: 0, source })?;
+        self.write_sparse(&h1, HEADER_OFFSETS[0])?;
+        self.write_sparse(&h2, HEADER_OFFSETS[1])?;
+        self.write_sparse(&header::file_identifier_block(&self.creator), 0)?;
+        if self.sync {
+            self.file.sync_all().map_err(|source| VhdxError::Write { file: self.path.clone(), offset: 0, source })?;
+        }
         self.stats.file_size = self.end;
         Ok((self.file, self.stats))
     }
 }
 
 /// Writes a file through a temporary in the destination's directory and renames it into
-/// place once complete and flushed. The temporary is removed on error.
-pub(crate) fn atomic_write<T>(out: &Path, body: impl FnOnce(&Path, File) -> Result<T>) -> Result<T> {
+/// place once complete (and flushed, with the directory, if `sync`). The temporary is
+/// removed on error.
+pub(crate) fn atomic_write<T>(out: &Path, sync: bool, body: impl FnOnce(&Path, File) -> Result<T>) -> Result<T> {
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -311,8 +332,10 @@ pub(crate) fn atomic_write<T>(out: &Path, body: impl FnOnce(&Path, File) -> Resu
     let file = tmp.as_file().try_clone().map_err(|source| VhdxError::Open { file: tmp.path().to_path_buf(), source })?;
     let value = body(out, file)?;
     tmp.persist(out).map_err(|e| VhdxError::Write { file: out.to_path_buf(), offset: 0, source: e.error })?;
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
+    if sync {
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(value)
 }
@@ -355,7 +378,7 @@ fn locator_for(out: &Path, parent: &Chain, opts: &CreateOptions) -> ParentLocato
 /// Creates an empty fixed or dynamic disk of `virtual_size` bytes and opens it writable.
 pub fn create(out: &Path, virtual_size: u64, opts: &CreateOptions) -> Result<Vhdx> {
     let meta = new_metadata(out, virtual_size, opts, None)?;
-    atomic_write(out, |path, file| {
+    atomic_write(out, opts.sync, |path, file| {
         let mut b = Builder::new(path, file, meta, opts)?;
         if opts.disk_type == DiskType::Fixed {
             for block in 0..b.meta.data_blocks() {
@@ -378,7 +401,7 @@ pub fn create_differencing(out: &Path, parent: &Chain, opts: &CreateOptions) -> 
     let mut o = opts.clone();
     o.logical_sector_size = parent.logical_sector_size();
     let meta = new_metadata(out, parent.virtual_size(), &o, Some(locator_for(out, parent, opts)))?;
-    atomic_write(out, |path, file| Builder::new(path, file, meta, &o)?.finish())?;
+    atomic_write(out, o.sync, |path, file| Builder::new(path, file, meta, &o)?.finish())?;
     Vhdx::open_writable(out)
 }
 
@@ -423,7 +446,7 @@ pub fn from_raw_reader(
         }
     }
     let meta = new_metadata(out, virtual_size, &o, locator)?;
-    atomic_write(out, |path, file| {
+    atomic_write(out, o.sync, |path, file| {
         let mut b = Builder::new(path, file, meta, &o)?;
         let bs = u64::from(o.block_size);
         let mut data = vec![0u8; bs as usize];
@@ -478,7 +501,7 @@ pub fn differencing_from_blocks<B: AsRef<[u8]>>(
     o.logical_sector_size = parent.logical_sector_size();
     let meta = new_metadata(out, parent.virtual_size(), &o, Some(locator_for(out, parent, opts)))?;
     let bad = |reason: String| VhdxError::InvalidArgument { file: out.to_path_buf(), reason };
-    atomic_write(out, |path, file| {
+    atomic_write(out, o.sync, |path, file| {
         let mut b = Builder::new(path, file, meta, &o)?;
         let mut scratch = Vec::new();
         let mut next = 0u64;

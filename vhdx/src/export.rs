@@ -16,7 +16,7 @@ const WINDOW: u64 = 8 * 1024 * 1024;
 /// Writes the chain's virtual disk to `out` as raw bytes. Windows of 8 MiB that no layer
 /// holds data for are left as holes. Returns the number of bytes taken from layer files.
 pub fn to_raw(chain: &Chain, out: &Path) -> Result<u64> {
-    atomic_write(out, |path, file| {
+    atomic_write(out, true, |path, file| {
         io::set_len(&file, path, chain.virtual_size())?;
         let copied = copy_windows(chain, &file, path)?;
         file.sync_all().map_err(|source| VhdxError::Write { file: path.to_path_buf(), offset: 0, source })?;

@@ -32,7 +32,7 @@ fn guid(seed: &blake3::Hash, what: &str) -> uuid::Uuid {
 }
 
 /// Deterministic creation options: GUIDs from the raw content and the parent.
-fn options(raw: &Path, parent: Option<&LayerId>) -> Result<CreateOptions, BuildError> {
+fn options(raw: &Path, parent: Option<&LayerId>, kind: LayerKind) -> Result<CreateOptions, BuildError> {
     let mut h = blake3::Hasher::new();
     h.update(b"strata layer guid v1\0");
     if let Some(p) = parent {
@@ -41,24 +41,28 @@ fn options(raw: &Path, parent: Option<&LayerId>) -> Result<CreateOptions, BuildE
     h.update_mmap(raw).map_err(|e| BuildError::io("hashing", raw, e))?;
     let seed = h.finalize();
     let o = CreateOptions::deterministic(guid(&seed, "file"), guid(&seed, "data"), guid(&seed, "page83"));
-    Ok(layer_options(o, parent))
+    Ok(layer_options(o, parent, kind))
 }
 
-/// The store's layer format: 1 MiB blocks, no log region (layers are never written after
-/// they are published), changed blocks stored whole (no sector bitmap block). Together
-/// these make a differencing layer 3 MiB (headers, metadata, BAT) plus 1 MiB per block it
-/// changes; see docs/images.md.
-fn layer_options(mut o: CreateOptions, parent: Option<&LayerId>) -> CreateOptions {
+/// The store's layer format: 1 MiB blocks and no log region (layers are never written after
+/// they are published). Base and role layers store each changed block whole (no sector
+/// bitmap block): a role layer is 3 MiB (headers, metadata, BAT) plus 1 MiB per block it
+/// changes. Node layers, of which there are thousands, store only the changed sectors
+/// (partially present blocks plus one sector bitmap block): 1 MiB more per file, but only
+/// the node's own bytes are written to disk, instead of the parent's bytes around them.
+/// See docs/images.md.
+fn layer_options(mut o: CreateOptions, parent: Option<&LayerId>, kind: LayerKind) -> CreateOptions {
     o.block_size = BLOCK_SIZE;
     o.creator = "strata".to_owned();
     o.parent_relative_path = parent.map(|p| format!("{p}.vhdx"));
     o.log = false;
-    o.whole_blocks = true;
+    o.whole_blocks = kind != LayerKind::Node;
     o
 }
 
 /// Deterministic options for a layer given as blocks: GUIDs from the blocks and the parent.
-fn options_for_blocks(blocks: &[(u64, Vec<u8>)], parent: &LayerId) -> CreateOptions {
+/// The file is not flushed: the caller publishes it (and flushes it then).
+fn options_for_blocks(blocks: &[(u64, Vec<u8>)], parent: &LayerId, kind: LayerKind) -> CreateOptions {
     let mut h = blake3::Hasher::new();
     h.update(b"strata layer guid v1 blocks\0");
     h.update(parent.as_bytes());
@@ -67,8 +71,8 @@ fn options_for_blocks(blocks: &[(u64, Vec<u8>)], parent: &LayerId) -> CreateOpti
         h.update(b);
     }
     let seed = h.finalize();
-    let o = CreateOptions::deterministic(guid(&seed, "file"), guid(&seed, "data"), guid(&seed, "page83"));
-    layer_options(o, Some(parent))
+    let o = CreateOptions { sync: false, ..CreateOptions::deterministic(guid(&seed, "file"), guid(&seed, "data"), guid(&seed, "page83")) };
+    layer_options(o, Some(parent), kind)
 }
 
 /// The 1 MiB blocks in which two equally long raw files differ.
@@ -157,16 +161,16 @@ pub struct Prepared {
 /// Writes `raw` as a VHDX at `out`: dynamic if `parent` is empty, else differencing on the
 /// chain `parent` (id and file of each layer, base first). Reads the new chain back and
 /// compares it with `raw` before returning.
-pub fn prepare(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path) -> Result<Prepared, BuildError> {
-    prepare_checked(raw, parent, out, None)
+pub fn prepare(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, kind: LayerKind) -> Result<Prepared, BuildError> {
+    prepare_checked(raw, parent, out, None, kind)
 }
 
 /// Like [`prepare`]; with `changed`, only those blocks (where `raw` differs from the parent's
 /// image) are read back: the writer has compared every sector with the parent already, and
 /// everything else must come from the parent.
-pub fn prepare_checked(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, changed: Option<&[u64]>) -> Result<Prepared, BuildError> {
+pub fn prepare_checked(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, changed: Option<&[u64]>, kind: LayerKind) -> Result<Prepared, BuildError> {
     let top = parent.last().map(|p| p.0);
-    let opts = options(raw, top.as_ref())?;
+    let opts = options(raw, top.as_ref(), kind)?;
     let vsize = std::fs::metadata(raw).map_err(|e| BuildError::io("reading", raw, e))?.len();
     let vx = |what: &str| {
         let what = what.to_owned();
@@ -193,20 +197,25 @@ pub fn prepare_checked(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, ch
     Ok(Prepared { path: out.to_owned(), id, virtual_size: vsize })
 }
 
-/// Writes a differencing layer on the chain `parent` (base first) from the 1 MiB blocks of the
-/// new image that may differ from the parent's (increasing block order; blocks equal to the
-/// parent's are left out), reads those blocks back through the new chain and compares them.
-/// Only these blocks are read, so the cost follows the change, not the disk.
-pub fn prepare_blocks(blocks: &[(u64, Vec<u8>)], parent: &[(LayerId, PathBuf)], out: &Path) -> Result<Prepared, BuildError> {
-    let Some(top) = parent.last() else {
-        return Err(BuildError::Verify { message: "a layer given as blocks needs a parent".into() });
-    };
-    let opts = options_for_blocks(blocks, &top.0);
+/// Writes a differencing layer at `out` on `parent` (the parent chain, opened from the
+/// store's layer files `parent_paths`, base first; its top is `parent_id`) from the 1 MiB
+/// blocks of the new image that may differ from the parent's (increasing block order;
+/// blocks equal to the parent's are left out), reads those blocks back through the new
+/// chain, compares them, and hashes the file. Only these blocks are read, so the cost
+/// follows the change, not the disk. The file is not flushed: publish it with the store.
+pub fn prepare_blocks(
+    blocks: &[(u64, Vec<u8>)],
+    parent: &Chain,
+    parent_id: &LayerId,
+    parent_paths: &[PathBuf],
+    kind: LayerKind,
+    out: &Path,
+) -> Result<LayerRecord, BuildError> {
+    let opts = options_for_blocks(blocks, parent_id, kind);
     let vx = |what: &'static str| move |source| BuildError::Vhdx { what: what.into(), source };
-    let mut paths: Vec<PathBuf> = parent.iter().map(|p| p.1.clone()).collect();
-    let pchain = Chain::from_paths(&paths).map_err(vx("opening the parent chain"))?;
-    vhdx::differencing_from_blocks(out, &pchain, &opts, blocks.iter().map(|(i, b)| (*i, b.as_slice())))
+    vhdx::differencing_from_blocks(out, parent, &opts, blocks.iter().map(|(i, b)| (*i, b.as_slice())))
         .map_err(vx("writing the differencing layer"))?;
+    let mut paths = parent_paths.to_vec();
     paths.push(out.to_owned());
     let chain = Chain::from_paths(&paths).map_err(vx("opening the new chain"))?;
     let step = u64::from(BLOCK_SIZE);
@@ -220,26 +229,16 @@ pub fn prepare_blocks(blocks: &[(u64, Vec<u8>)], parent: &[(LayerId, PathBuf)], 
     }
     std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .map_err(|e| BuildError::io("chmod", out, e))?;
-    let (id, _, _) = crate::store::hash_file(out)?;
-    Ok(Prepared { path: out.to_owned(), id, virtual_size: chain.virtual_size() })
-}
-
-/// Writes `raw` as a layer of `kind` on `parent` (a published chain, base first; empty for a
-/// base), verifies it and publishes it.
-pub fn publish(
-    store: &Store,
-    raw: &Path,
-    parent: &[LayerRecord],
-    kind: LayerKind,
-    scratch: &Path,
-    changed: Option<&[u64]>,
-) -> Result<LayerRecord, BuildError> {
-    let chain: Vec<(LayerId, PathBuf)> = parent.iter().map(|l| (l.id, store.layer_path(&l.id))).collect();
-    let out = scratch.join("layer.vhdx");
-    let p = prepare_checked(raw, &chain, &out, changed)?;
-    let rec = store.publish_layer(&p.path, kind, parent.last().map(|l| l.id), p.virtual_size)?;
-    let _ = std::fs::remove_file(&out);
-    Ok(rec)
+    let (id, size, chunks) = crate::store::hash_file(out)?;
+    Ok(LayerRecord {
+        id,
+        size,
+        virtual_size: chain.virtual_size(),
+        parent: Some(*parent_id),
+        kind,
+        chunk_size: wire::chunk::CHUNK_SIZE,
+        chunks,
+    })
 }
 
 /// Reads a chain (base first) into a raw file.

@@ -28,7 +28,7 @@ use wire::manifest::LayerKind;
 
 use crate::store::catalog::NewVersion;
 use crate::store::{CatalogError, KernelRef, LayerRecord, RoleInfo, Store, StoreError};
-pub use node::{machine_id, node_files, node_layer, NodeFacts};
+pub use node::{machine_id, node_files, node_layer, node_layers, NodeFacts};
 use ops::Op;
 use recipe::{host_path, Loaded, RecipeKind, SourceKind};
 
@@ -673,7 +673,7 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
     opts.progress.stage("checking the base file system");
     ext4::fsck(&raw)?;
     opts.progress.stage("writing the base layer");
-    let base_vhdx = layer::prepare(&raw, &[], &sdir.join("base.vhdx"))?;
+    let base_vhdx = layer::prepare(&raw, &[], &sdir.join("base.vhdx"), LayerKind::Base)?;
     let base_chain = vec![(base_vhdx.id, base_vhdx.path.clone())];
     // Every role (and site) is built and verified before anything is published, so a bad
     // role leaves the store as it was.
@@ -770,7 +770,7 @@ fn build_role(
     all.push(implicit_file("/etc/strata/site", &format!("{site}\n"), &rdir, 3)?);
     ops::apply(&raw, &all, epoch, &rdir).map_err(in_site)?;
     ext4::fsck(&raw)?;
-    let p = layer::prepare(&raw, base_chain, &rdir.join("role.vhdx"))?;
+    let p = layer::prepare(&raw, base_chain, &rdir.join("role.vhdx"), LayerKind::Role)?;
     Ok((p, raw))
 }
 

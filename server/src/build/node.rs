@@ -25,6 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use vhdx::Chain;
 use wire::chunk::LayerId;
 use wire::manifest::LayerKind;
 
@@ -107,44 +108,93 @@ pub fn node_files(f: &NodeFacts) -> Vec<(&'static str, String, u32)> {
 /// Builds (or finds) the node layer of `node` on the chain `role` (its top is the role layer):
 /// deterministic, recorded in the catalog, reused while the facts and the role are unchanged.
 pub fn node_layer(store: &Store, role: &ImageVersion, facts: &NodeFacts) -> Result<LayerRecord, BuildError> {
-    check_facts(facts)?;
+    let mut v = node_layers(store, role, std::slice::from_ref(facts))?;
+    v.pop().ok_or_else(|| BuildError::NotFound { what: format!("node layer of {}", facts.node_id) })
+}
+
+/// Node layers published per catalog transaction (and per flush of `layers/`).
+const PUBLISH_BATCH: usize = 256;
+
+/// [`node_layer`] for many nodes of one role, in the order given. Every node's facts are
+/// checked before anything is built. Layers are published in batches: each file flushed
+/// and renamed into the store, the directory flushed once and the catalog written in one
+/// transaction per batch, so that a thousand nodes cost a thousand small writes, not a
+/// thousand transactions. A failure leaves the batches before it published.
+pub fn node_layers(store: &Store, role: &ImageVersion, facts: &[NodeFacts]) -> Result<Vec<LayerRecord>, BuildError> {
+    for f in facts {
+        check_facts(f)?;
+    }
     let top = role.layers.last().ok_or_else(|| BuildError::NotFound { what: "role chain layers".into() })?;
-    let digest = {
-        let json = serde_json::to_vec(facts).map_err(|e| BuildError::NodeFacts { node: facts.node_id.clone(), message: e.to_string() })?;
-        blake3::Hasher::new().update(BUILDER_FORMAT.as_bytes()).update(&json).finalize().to_hex().to_string()
-    };
-    let known = store.catalog().node_layer(&facts.node_id, &top.id)?;
-    if let Some((id, d)) = known {
-        if d == digest {
-            if let Some(rec) = store.layer_info(&id)? {
-                if store.layer_path(&id).is_file() {
-                    return Ok(rec);
+    let mut done: Vec<Option<LayerRecord>> = vec![None; facts.len()];
+    let mut todo = Vec::new();
+    for (i, f) in facts.iter().enumerate() {
+        let json = serde_json::to_vec(f).map_err(|e| BuildError::NodeFacts { node: f.node_id.clone(), message: e.to_string() })?;
+        let digest = blake3::Hasher::new().update(BUILDER_FORMAT.as_bytes()).update(&json).finalize().to_hex().to_string();
+        let known = store.catalog().node_layer(&f.node_id, &top.id)?;
+        if let Some((id, d)) = known {
+            if d == digest {
+                if let Some(rec) = store.layer_info(&id)? {
+                    if store.layer_path(&id).is_file() {
+                        if let Some(slot) = done.get_mut(i) {
+                            *slot = Some(rec);
+                        }
+                        continue;
+                    }
                 }
             }
         }
+        todo.push((i, digest));
     }
-    let _lock = store.lock_shared()?;
-    let scratch = store.scratch("node")?;
-    let sdir = scratch.path();
-    let files = node_files(facts);
-    let rec = match template(store, role, facts, &files, sdir)? {
-        Some(t) => {
-            let blocks = t.patch(&files)?;
-            let parent: Vec<(LayerId, PathBuf)> = role.layers.iter().map(|l| (l.id, store.layer_path(&l.id))).collect();
-            let p = layer::prepare_blocks(&blocks, &parent, &sdir.join("layer.vhdx"))?;
-            store.publish_layer(&p.path, LayerKind::Node, Some(top.id), p.virtual_size)?
+    if !todo.is_empty() {
+        let _lock = store.lock_shared()?;
+        let scratch = store.scratch("node")?;
+        let sdir = scratch.path();
+        let parent_paths = store.chain_paths(&role.layers);
+        let mut parent: Option<Chain> = None;
+        let mut batch = Vec::new();
+        for (k, (i, digest)) in todo.into_iter().enumerate() {
+            let Some(f) = facts.get(i) else { continue };
+            let files = node_files(f);
+            let out = sdir.join(format!("node-{k}.vhdx"));
+            let rec = match template(store, role, f, &files, sdir)? {
+                Some(t) => {
+                    let blocks = t.patch(&files)?;
+                    let chain = match parent.take() {
+                        Some(c) => c,
+                        None => Chain::from_paths(&parent_paths).map_err(|source| BuildError::Vhdx { what: "opening the role chain".into(), source })?,
+                    };
+                    let rec = layer::prepare_blocks(&blocks, &chain, &top.id, &parent_paths, LayerKind::Node, &out);
+                    parent = Some(chain);
+                    rec?
+                }
+                None => {
+                    let raw = sdir.join("node.raw");
+                    let role_raw = write_node_image(store, role, &files, &raw, sdir)?;
+                    // The blocks that differ from the role image are the only ones the layer
+                    // holds, and the only ones read back.
+                    let changed = layer::changed_blocks(&role_raw, &raw)?;
+                    let chain: Vec<(LayerId, PathBuf)> = role.layers.iter().map(|l| (l.id, store.layer_path(&l.id))).collect();
+                    let p = layer::prepare_checked(&raw, &chain, &out, Some(&changed), LayerKind::Node)?;
+                    let _ = fs::remove_file(&raw);
+                    let (id, size, chunks) = crate::store::hash_file(&p.path)?;
+                    LayerRecord { id, size, virtual_size: p.virtual_size, parent: Some(top.id), kind: LayerKind::Node, chunk_size: wire::chunk::CHUNK_SIZE, chunks }
+                }
+            };
+            if let Some(slot) = done.get_mut(i) {
+                *slot = Some(rec.clone());
+            }
+            batch.push((out, rec, f.node_id.clone(), top.id, digest));
+            if batch.len() >= PUBLISH_BATCH {
+                store.publish_node_layers(&batch)?;
+                batch.clear();
+            }
         }
-        None => {
-            let raw = sdir.join("node.raw");
-            let role_raw = write_node_image(store, role, &files, &raw, sdir)?;
-            // The blocks that differ from the role image are the only ones the layer holds,
-            // and the only ones read back.
-            let changed = layer::changed_blocks(&role_raw, &raw)?;
-            layer::publish(store, &raw, &role.layers, LayerKind::Node, sdir, Some(&changed))?
-        }
-    };
-    store.catalog().record_node_layer(&facts.node_id, &top.id, &rec.id, &digest)?;
-    Ok(rec)
+        store.publish_node_layers(&batch)?;
+    }
+    done.into_iter()
+        .zip(facts)
+        .map(|(r, f)| r.ok_or_else(|| BuildError::NotFound { what: format!("node layer of {}", f.node_id) }))
+        .collect()
 }
 
 /// The general way: the role's raw image copied to `raw` with the node's files written by

@@ -88,6 +88,22 @@ pub fn persist_path(src: &Path, dest: &Path) -> io::Result<()> {
     fsync_dir(src.parent().unwrap_or(Path::new(".")))
 }
 
+/// [`persist_path`] for many files going into one directory: each file is fsynced and
+/// renamed to its destination, then `dest_dir` is fsynced once. A destination that already
+/// exists is left as it is (content-addressed names: it holds the same bytes) and its
+/// source removed.
+pub fn persist_many(items: &[(PathBuf, PathBuf)], dest_dir: &Path) -> io::Result<()> {
+    for (src, dest) in items {
+        if dest.is_file() {
+            let _ = fs::remove_file(src);
+            continue;
+        }
+        File::open(src)?.sync_all()?;
+        rename(src, dest)?;
+    }
+    fsync_dir(dest_dir)
+}
+
 /// Fsyncs a directory so a rename or unlink in it is durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -538,6 +538,18 @@ impl Catalog {
         Ok(())
     }
 
+    /// Inserts node layers and records each as its node's layer on a role layer, all in one
+    /// transaction: (layer, node id, role layer, facts digest).
+    pub fn insert_node_layers(&self, rows: &[(&LayerRecord, &str, &LayerId, &str)]) -> Result<(), CatalogError> {
+        let tx = self.conn.unchecked_transaction()?;
+        for (rec, node_id, role_layer, facts) in rows {
+            self.insert_layer(rec)?;
+            self.record_node_layer(node_id, role_layer, &rec.id, facts)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// A node's layer on `role_layer`, with the facts digest it was built from.
     pub fn node_layer(&self, node_id: &str, role_layer: &LayerId) -> Result<Option<(LayerId, String)>, CatalogError> {
         let row: Option<(String, String)> = self

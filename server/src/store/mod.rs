@@ -20,7 +20,7 @@ pub mod catalog;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
-use std::io::{self, BufReader};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -213,6 +213,19 @@ impl Store {
         Ok(rec)
     }
 
+    /// Publishes node layers already written and hashed in scratch (see `build::node`), in
+    /// one go: every file is fsynced and renamed into `layers/`, the directory fsynced once,
+    /// then the layers and the node records go into the catalog in one transaction. Each
+    /// item: the file, its record, the node id, the role layer and the facts digest.
+    pub fn publish_node_layers(&self, items: &[(PathBuf, LayerRecord, String, LayerId, String)]) -> Result<(), StoreError> {
+        let dir = self.root.join("layers");
+        let moves: Vec<(PathBuf, PathBuf)> = items.iter().map(|i| (i.0.clone(), self.layer_path(&i.1.id))).collect();
+        atomic::persist_many(&moves, &dir).map_err(io_err("publishing into", &dir))?;
+        let rows: Vec<(&LayerRecord, &str, &LayerId, &str)> = items.iter().map(|i| (&i.1, i.2.as_str(), &i.3, i.4.as_str())).collect();
+        self.catalog().insert_node_layers(&rows)?;
+        Ok(())
+    }
+
     /// Publishes a blob (kernel) the same way; returns its id and size.
     pub fn publish_blob(&self, src: &Path, kind: &str, name: &str) -> Result<(Digest, u64), StoreError> {
         let dir = self.root.join("blobs");
@@ -398,5 +411,86 @@ fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
 /// Hashes a file: (blake3, size, chunk hashes at [`CHUNK_SIZE`]).
 pub fn hash_file(path: &Path) -> Result<(LayerId, u64, Vec<Digest>), StoreError> {
     let f = File::open(path).map_err(io_err("opening", path))?;
-    chunk_hashes(BufReader::with_capacity(1 << 20, f), CHUNK_SIZE).map_err(io_err("reading", path))
+    let len = f.metadata().map_err(io_err("reading", path))?.len();
+    chunk_hashes(SparseReader { file: f, pos: 0, len, data_end: 0, hole_end: 0 }, CHUNK_SIZE).map_err(io_err("reading", path))
+}
+
+/// Reads a file, producing the zeros of its holes itself (found with `SEEK_DATA` and
+/// `SEEK_HOLE`) instead of reading them: layers are mostly holes, and reading a hole makes
+/// the kernel zero and copy page-cache pages for nothing.
+struct SparseReader {
+    file: File,
+    pos: u64,
+    len: u64,
+    /// `[pos, data_end)` is known to hold data.
+    data_end: u64,
+    /// `[pos, hole_end)` is known to be a hole.
+    hole_end: u64,
+}
+
+impl io::Read for SparseReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        if self.pos >= self.len || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.pos >= self.data_end && self.pos >= self.hole_end {
+            match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(self.pos)) {
+                Ok(d) if d > self.pos => self.hole_end = d.min(self.len),
+                Ok(_) => match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(self.pos)) {
+                    Ok(h) if h > self.pos => self.data_end = h.min(self.len),
+                    // A file system without hole reporting: all data.
+                    _ => self.data_end = self.len,
+                },
+                // No data past pos: the rest is a hole.
+                Err(rustix::io::Errno::NXIO) => self.hole_end = self.len,
+                Err(_) => self.data_end = self.len,
+            }
+        }
+        let n = if self.pos < self.data_end {
+            let want = usize::try_from(self.data_end - self.pos).unwrap_or(usize::MAX).min(buf.len());
+            let b = buf.get_mut(..want).unwrap_or_default();
+            let n = self.file.read_at(b, self.pos)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being read"));
+            }
+            n
+        } else {
+            let n = usize::try_from(self.hole_end.saturating_sub(self.pos)).unwrap_or(usize::MAX).min(buf.len());
+            buf.get_mut(..n).unwrap_or_default().fill(0);
+            n
+        };
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::os::unix::fs::FileExt;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        /// Hashing a sparse file (holes skipped) gives what hashing its bytes gives.
+        #[test]
+        fn sparse_files_hash_like_their_bytes(len in 0u64..(3 << 20), writes in proptest::collection::vec((0u64..(3 << 20), 1usize..20000, any::<u8>()), 0..8)) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("f");
+            let f = File::create(&p).unwrap();
+            f.set_len(len).unwrap();
+            let mut bytes = vec![0u8; len as usize];
+            for (at, n, v) in writes {
+                if at >= len { continue; }
+                let n = n.min((len - at) as usize);
+                let data = vec![v; n];
+                f.write_all_at(&data, at).unwrap();
+                bytes[at as usize..at as usize + n].copy_from_slice(&data);
+            }
+            drop(f);
+            let want = chunk_hashes(&bytes[..], CHUNK_SIZE).unwrap();
+            prop_assert_eq!(hash_file(&p).unwrap(), want);
+        }
+    }
 }
