@@ -15,7 +15,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use strata_lab::server::LAB_CONFIG_TEMPLATE;
-use strata_lab::{fixture, process::run, Disk, Firmware, Lab, LabConfig, Strata, StrataConfig, TestVm, VmConfig};
+use strata_lab::{
+    fixture, process::run, Disk, Firmware, Lab, LabConfig, Strata, StrataConfig, TestVm, VmConfig,
+};
 
 const BOOT: Duration = Duration::from_secs(300);
 const MAC: &str = "52:54:00:42:05:11";
@@ -35,7 +37,10 @@ fn vm_config(name: &str, mac: &str, disk: &Path) -> VmConfig {
     let mut cfg = VmConfig::new(name, Firmware::Bios);
     cfg.memory_mib = 512;
     cfg.mac = Some(mac.into());
-    cfg.disk = Some(Disk { path: disk.to_owned(), format: "raw".into() });
+    cfg.disk = Some(Disk {
+        path: disk.to_owned(),
+        format: "raw".into(),
+    });
     cfg.no_reboot = true;
     cfg.fail_markers = vec!["STRATA panic".into(), "Kernel panic".into()];
     cfg
@@ -51,7 +56,12 @@ fn manifest_layers(lab: &Lab) -> Result<Vec<(String, u64)>> {
         .as_array()
         .context("no layers")?
         .iter()
-        .map(|l| Ok((l["id"].as_str().context("layer id")?.to_owned(), l["size"].as_u64().context("layer size")?)))
+        .map(|l| {
+            Ok((
+                l["id"].as_str().context("layer id")?.to_owned(),
+                l["size"].as_u64().context("layer size")?,
+            ))
+        })
         .collect()
 }
 
@@ -63,9 +73,15 @@ fn boot_refuses_v2(lab: &mut Lab, name: &str, disk: &Path, kind: &str) -> Result
     vm.wait_for_serial(&format!("STRATA error={kind}"), BOOT)?;
     vm.wait_for_serial("STRATA fallback=boot_last_known_good", BOOT)?;
     vm.wait_for_serial("STRATA stage=decide version=1 role=web why=offline", BOOT)?;
-    vm.wait_for_serial("STRATA image=busybox role=web version=1 stage=running", BOOT)?;
+    vm.wait_for_serial(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
     let serial = std::fs::read_to_string(vm.serial_path())?;
-    ensure!(!serial.contains("stage=switch_root version=2"), "{name}: v2 was booted:\n{serial}");
+    ensure!(
+        !serial.contains("stage=switch_root version=2"),
+        "{name}: v2 was booted:\n{serial}"
+    );
     Ok(())
 }
 
@@ -76,13 +92,19 @@ fn stop(mut vm: TestVm) {
 #[test]
 fn bad_layers_and_a_full_cache_never_boot_unverified_bits() -> Result<()> {
     let bin = strata_bin()?;
-    let mut lab = Lab::new(LabConfig { ipv6: true, ..LabConfig::default() })?;
+    let mut lab = Lab::new(LabConfig {
+        ipv6: true,
+        ..LabConfig::default()
+    })?;
     let data = lab.dir().join("strata-data");
     let mut srv = Strata::new(&bin);
     srv.data_dir = Some(data.clone());
     let mut boot = String::from("\n[boot]\ncmdline = \"no_timer_check strata.agent=2\"\n");
     if let Some(i) = std::env::var_os("STRATA_INITRAMFS") {
-        boot.push_str(&format!("initramfs = {:?}\n", PathBuf::from(i).display().to_string()));
+        boot.push_str(&format!(
+            "initramfs = {:?}\n",
+            PathBuf::from(i).display().to_string()
+        ));
     }
     srv.config = StrataConfig::Template(LAB_CONFIG_TEMPLATE.replace("{{boot}}", &boot));
     srv.ready_timeout = Duration::from_secs(120);
@@ -98,30 +120,51 @@ fn bad_layers_and_a_full_cache_never_boot_unverified_bits() -> Result<()> {
     // The retry comes round to a refusal again.
     vm.wait_for_serial("STRATA fallback=retry_after", BOOT)?;
     let serial = std::fs::read_to_string(vm.serial_path())?;
-    ensure!(!serial.contains("STRATA stage=attach") && !serial.contains("stage=running"), "a node with a full cache booted:\n{serial}");
+    ensure!(
+        !serial.contains("STRATA stage=attach") && !serial.contains("stage=running"),
+        "a node with a full cache booted:\n{serial}"
+    );
     stop(vm);
 
     // A node with v1 cached and confirmed.
     let disk = lab.dir().join("node.raw");
     fixture::create_disk(&disk, "raw", "256M")?;
     let mut vm = lab.start_vm(vm_config("v1", MAC, &disk))?;
-    vm.wait_for_serial("STRATA image=busybox role=web version=1 stage=running", BOOT)?;
+    vm.wait_for_serial(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
     vm.wait_for_serial("STRATA agent=confirmed version=1", BOOT)?;
     stop(vm);
 
     // v2, whose role layer the server then holds damaged in three ways.
     let images = lab.dir().join("images-v2");
-    run(Command::new("cp").arg("-a").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../images")).arg(&images))?;
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../images"))
+        .arg(&images))?;
     let recipe = images.join("roles/web/recipe.toml");
     let text = std::fs::read_to_string(&recipe)?;
-    std::fs::write(&recipe, text.replacen("Hello from a Strata web node", "Hello from version 2", 1))?;
-    run(Command::new(&bin).args(["image", "build", "--json", "--store"]).arg(data.join("store")).arg(images.join("busybox")).arg("--roles").arg(images.join("roles")))?;
+    std::fs::write(
+        &recipe,
+        text.replacen("Hello from a Strata web node", "Hello from version 2", 1),
+    )?;
+    run(Command::new(&bin)
+        .args(["image", "build", "--json", "--store"])
+        .arg(data.join("store"))
+        .arg(images.join("busybox"))
+        .arg("--roles")
+        .arg(images.join("roles")))?;
     let layers = manifest_layers(&lab)?;
     ensure!(layers.len() == 3, "{layers:?}");
     let (role_id, role_size) = layers[1].clone();
     let stored = data.join("store/layers").join(format!("{role_id}.vhdx"));
     let good = std::fs::read(&stored).with_context(|| format!("reading {}", stored.display()))?;
-    ensure!(good.len() as u64 == role_size, "store copy of {role_id} is {} bytes, manifest says {role_size}", good.len());
+    ensure!(
+        good.len() as u64 == role_size,
+        "store copy of {role_id} is {} bytes, manifest says {role_size}",
+        good.len()
+    );
 
     // Wrong size: the server's copy cut to half (the node keeps the verified half).
     std::fs::write(&stored, &good[..good.len() / 2])?;
@@ -144,7 +187,10 @@ fn bad_layers_and_a_full_cache_never_boot_unverified_bits() -> Result<()> {
     let mut vm = lab.start_vm(vm_config("fixed", MAC, &disk))?;
     vm.wait_for_serial("STRATA stage=decide version=2 role=web why=new", BOOT)?;
     vm.wait_for_serial(&format!("STRATA stage=fetch layer={role_id}"), BOOT)?;
-    vm.wait_for_serial("STRATA image=busybox role=web version=2 stage=running", BOOT)?;
+    vm.wait_for_serial(
+        "STRATA image=busybox role=web version=2 stage=running",
+        BOOT,
+    )?;
     stop(vm);
     Ok(())
 }

@@ -34,7 +34,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use strata_lab::server::LAB_CONFIG_TEMPLATE;
-use strata_lab::{fixture, process::run, Disk, Firmware, Lab, LabConfig, Strata, StrataConfig, TestVm, VmConfig};
+use strata_lab::{
+    fixture, process::run, Disk, Firmware, Lab, LabConfig, Strata, StrataConfig, TestVm, VmConfig,
+};
 
 const BOOT: Duration = Duration::from_secs(300);
 const MAC: &str = "52:54:00:42:05:01";
@@ -50,11 +52,14 @@ fn strata_bin() -> Result<PathBuf> {
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 fn num(line: &str, key: &str) -> Result<u64> {
-    field(line, key).and_then(|v| v.parse().ok()).with_context(|| format!("no number {key}= in {line:?}"))
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no number {key}= in {line:?}"))
 }
 
 /// The lab's `strata serve`: its data directory survives restarts.
@@ -63,7 +68,10 @@ fn server(bin: &Path, data_dir: &Path) -> Strata {
     s.data_dir = Some(data_dir.to_owned());
     let mut boot = String::from("\n[boot]\ncmdline = \"no_timer_check strata.agent=2\"\n");
     if let Some(i) = std::env::var_os("STRATA_INITRAMFS") {
-        boot.push_str(&format!("initramfs = {:?}\n", PathBuf::from(i).display().to_string()));
+        boot.push_str(&format!(
+            "initramfs = {:?}\n",
+            PathBuf::from(i).display().to_string()
+        ));
     }
     s.config = StrataConfig::Template(LAB_CONFIG_TEMPLATE.replace("{{boot}}", &boot));
     s.ready_timeout = Duration::from_secs(120);
@@ -80,9 +88,12 @@ struct Operator {
 
 impl Operator {
     fn cli(&self, lab: &Lab, args: &[&str]) -> Result<String> {
-        let token = std::fs::read_to_string(self.data_dir.join("admin.token")).context("reading the admin token")?;
+        let token = std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .context("reading the admin token")?;
         let mut cmd = lab.command(&self.bin.to_string_lossy());
-        cmd.args(args).env("STRATA_URL", &self.url).env("STRATA_TOKEN", token.trim());
+        cmd.args(args)
+            .env("STRATA_URL", &self.url)
+            .env("STRATA_TOKEN", token.trim());
         run(&mut cmd)
     }
 
@@ -93,7 +104,9 @@ impl Operator {
 
     fn layer_bytes(&self, lab: &Lab) -> Result<u64> {
         let n = self.node(lab)?;
-        n["layer_bytes"].as_u64().with_context(|| format!("no layer_bytes in {n}"))
+        n["layer_bytes"]
+            .as_u64()
+            .with_context(|| format!("no layer_bytes in {n}"))
     }
 
     /// `strata image build` of a recipe tree; returns the version.
@@ -104,8 +117,11 @@ impl Operator {
             .arg(images.join("busybox"))
             .arg("--roles")
             .arg(images.join("roles")))?;
-        let v: Value = serde_json::from_str(&out).with_context(|| format!("strata image build: {out}"))?;
-        v["version"].as_u64().with_context(|| format!("no version in {v}"))
+        let v: Value =
+            serde_json::from_str(&out).with_context(|| format!("strata image build: {out}"))?;
+        v["version"]
+            .as_u64()
+            .with_context(|| format!("no version in {v}"))
     }
 }
 
@@ -117,9 +133,11 @@ fn copy_images(to: &Path) -> Result<()> {
 }
 
 fn edit(path: &Path, from: &str, to: &str) -> Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     ensure!(text.contains(from), "{} has no {from:?}", path.display());
-    std::fs::write(path, text.replacen(from, to, 1)).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, text.replacen(from, to, 1))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Bytes that do not compress or repeat (xorshift), so the layer is as big as the file.
@@ -147,11 +165,19 @@ fn flip_byte_in_cache(disk: &Path, file: &str, offset: u64) -> Result<()> {
         .find_map(|l| l.strip_prefix("Block size:"))
         .and_then(|v| v.trim().parse().ok())
         .with_context(|| format!("no block size in debugfs stats of {}", disk.display()))?;
-    let out = run(Command::new("debugfs").args(["-R", &format!("bmap {file} {}", offset / bs)]).arg(disk))?;
-    let pblk: u64 = out.trim().parse().with_context(|| format!("debugfs bmap {file}: {out:?}"))?;
+    let out = run(Command::new("debugfs")
+        .args(["-R", &format!("bmap {file} {}", offset / bs)])
+        .arg(disk))?;
+    let pblk: u64 = out
+        .trim()
+        .parse()
+        .with_context(|| format!("debugfs bmap {file}: {out:?}"))?;
     ensure!(pblk != 0, "{file} has a hole at {offset}");
     let at = pblk * bs + offset % bs;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(disk)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)?;
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at)?;
     b[0] ^= 0x5a;
@@ -162,8 +188,14 @@ fn flip_byte_in_cache(disk: &Path, file: &str, offset: u64) -> Result<()> {
 
 /// Waits for the running marker of `role`/`version`, then the agent's confirmation.
 fn running(vm: &mut TestVm, role: &str, version: u64) -> Result<()> {
-    vm.wait_for_serial(&format!("STRATA image=busybox role={role} version={version} stage=running"), BOOT)?;
-    vm.wait_for_serial(&format!("STRATA agent=confirmed version={version} role={role}"), BOOT)?;
+    vm.wait_for_serial(
+        &format!("STRATA image=busybox role={role} version={version} stage=running"),
+        BOOT,
+    )?;
+    vm.wait_for_serial(
+        &format!("STRATA agent=confirmed version={version} role={role}"),
+        BOOT,
+    )?;
     Ok(())
 }
 
@@ -180,29 +212,45 @@ fn serial_len(vm: &TestVm) -> Result<usize> {
 #[test]
 fn node_life_against_strata_serve() -> Result<()> {
     let bin = strata_bin()?;
-    let mut lab = Lab::new(LabConfig { ipv6: true, ..LabConfig::default() })?;
+    let mut lab = Lab::new(LabConfig {
+        ipv6: true,
+        ..LabConfig::default()
+    })?;
     let data_dir = lab.dir().join("strata-data");
     let srv = server(&bin, &data_dir);
     let mut current = lab.start_server(&srv)?;
-    let op = Operator { bin: bin.clone(), data_dir: data_dir.clone(), url: format!("http://{}:8080", lab.config().server_ip) };
+    let op = Operator {
+        bin: bin.clone(),
+        data_dir: data_dir.clone(),
+        url: format!("http://{}:8080", lab.config().server_ip),
+    };
 
     let disk = lab.dir().join("node.raw");
     fixture::create_disk(&disk, "raw", "256M")?;
     let mut cfg = VmConfig::new("node", Firmware::Bios);
     cfg.memory_mib = 512;
     cfg.mac = Some(MAC.into());
-    cfg.disk = Some(Disk { path: disk.clone(), format: "raw".into() });
+    cfg.disk = Some(Disk {
+        path: disk.clone(),
+        format: "raw".into(),
+    });
     cfg.no_reboot = false;
     cfg.fail_markers = vec!["STRATA panic".into(), "Kernel panic".into()];
 
     // 1. First boot.
     let mut vm = lab.start_vm(cfg.clone())?;
     let man = vm.wait_for_line("STRATA stage=manifest", BOOT)?;
-    ensure!(field(&man, "version") == Some("1") && field(&man, "role") == Some("web"), "{man}");
+    ensure!(
+        field(&man, "version") == Some("1") && field(&man, "role") == Some("web"),
+        "{man}"
+    );
     let mut base = String::new();
     for i in 0..3 {
         let f = vm.wait_for_line("STRATA stage=fetch", BOOT)?;
-        ensure!(num(&f, "bytes")? > 0 && num(&f, "bytes")? == num(&f, "size")?, "first boot must download whole layers: {f}");
+        ensure!(
+            num(&f, "bytes")? > 0 && num(&f, "bytes")? == num(&f, "size")?,
+            "first boot must download whole layers: {f}"
+        );
         if i == 0 {
             base = field(&f, "layer").unwrap_or_default().to_owned();
         }
@@ -213,10 +261,17 @@ fn node_life_against_strata_serve() -> Result<()> {
     // 2. v2 built while v1 runs; the agent stages it in the background.
     let v2 = lab.dir().join("images-v2");
     copy_images(&v2)?;
-    edit(&v2.join("roles/web/recipe.toml"), "Hello from a Strata web node", "Hello from version 2")?;
+    edit(
+        &v2.join("roles/web/recipe.toml"),
+        "Hello from a Strata web node",
+        "Hello from version 2",
+    )?;
     ensure!(op.build(&v2)? == 2, "the second build is version 2");
     let staged = vm.wait_for_line("STRATA agent=staged version=2 role=web", BOOT)?;
-    ensure!(num(&staged, "bytes")? > 0, "staging downloads v2's new layers: {staged}");
+    ensure!(
+        num(&staged, "bytes")? > 0,
+        "staging downloads v2's new layers: {staged}"
+    );
     let before = op.layer_bytes(&lab)?;
     let mark = serial_len(&vm)?;
     op.cli(&lab, &["nodes", "set", MAC, "--reboot"])?;
@@ -224,15 +279,24 @@ fn node_life_against_strata_serve() -> Result<()> {
     vm.wait_for_serial("STRATA stage=decide version=2 role=web why=new", BOOT)?;
     running(&mut vm, "web", 2)?;
     let boot2 = serial_since(&vm, mark)?;
-    ensure!(!boot2.contains("STRATA stage=fetch"), "activating a staged version downloads nothing:\n{boot2}");
-    ensure!(op.layer_bytes(&lab)? == before, "the server sent layer bytes for the activation");
+    ensure!(
+        !boot2.contains("STRATA stage=fetch"),
+        "activating a staged version downloads nothing:\n{boot2}"
+    );
+    ensure!(
+        op.layer_bytes(&lab)? == before,
+        "the server sent layer bytes for the activation"
+    );
 
     // 4. v3 never confirms its health: three tries, then back to v2 by itself.
     let v3 = lab.dir().join("images-v3");
     run(Command::new("cp").arg("-a").arg(&v2).arg(&v3))?;
     let agent = v3.join("roles/web/files/sbin/strata-agent");
     std::fs::create_dir_all(agent.parent().context("agent dir")?)?;
-    std::fs::write(&agent, "#!/bin/sh\necho 'STRATA test=unhealthy version=3'\nsleep 1\nreboot -f\n")?;
+    std::fs::write(
+        &agent,
+        "#!/bin/sh\necho 'STRATA test=unhealthy version=3'\nsleep 1\nreboot -f\n",
+    )?;
     run(Command::new("chmod").arg("0755").arg(&agent))?;
     ensure!(op.build(&v3)? == 3, "the third build is version 3");
     vm.wait_for_serial("STRATA agent=staged version=3 role=web", BOOT)?;
@@ -240,33 +304,58 @@ fn node_life_against_strata_serve() -> Result<()> {
     vm.wait_for_serial("STRATA stage=decide version=3 role=web why=new", BOOT)?;
     vm.wait_for_serial("STRATA test=unhealthy version=3", BOOT)?;
     for attempt in 2..=3 {
-        vm.wait_for_serial(&format!("STRATA stage=decide version=3 role=web why=try attempt={attempt} tries=3"), BOOT)?;
+        vm.wait_for_serial(
+            &format!("STRATA stage=decide version=3 role=web why=try attempt={attempt} tries=3"),
+            BOOT,
+        )?;
         vm.wait_for_serial("STRATA test=unhealthy version=3", BOOT)?;
     }
-    vm.wait_for_serial("STRATA stage=decide version=2 role=web why=rollback from=3", BOOT)?;
+    vm.wait_for_serial(
+        "STRATA stage=decide version=2 role=web why=rollback from=3",
+        BOOT,
+    )?;
     running(&mut vm, "web", 2)?;
 
     // 3. Operator rollback to v1: one reboot, zero layer bytes.
     let before = op.layer_bytes(&lab)?;
     let mark = serial_len(&vm)?;
-    op.cli(&lab, &["nodes", "set", MAC, "--pin", "busybox@1", "--reboot"])?;
-    vm.wait_for_serial("STRATA agent=reboot version=2", BOOT).inspect_err(|_| {
-        eprintln!("the server's record of the node: {:?}", op.node(&lab).map(|n| n.to_string()));
-    })?;
+    op.cli(
+        &lab,
+        &["nodes", "set", MAC, "--pin", "busybox@1", "--reboot"],
+    )?;
+    vm.wait_for_serial("STRATA agent=reboot version=2", BOOT)
+        .inspect_err(|_| {
+            eprintln!(
+                "the server's record of the node: {:?}",
+                op.node(&lab).map(|n| n.to_string())
+            );
+        })?;
     vm.wait_for_serial("STRATA stage=decide version=1 role=web", BOOT)?;
     running(&mut vm, "web", 1)?;
     let boot = serial_since(&vm, mark)?;
-    ensure!(!boot.contains("STRATA stage=fetch"), "rollback downloaded a layer:\n{boot}");
+    ensure!(
+        !boot.contains("STRATA stage=fetch"),
+        "rollback downloaded a layer:\n{boot}"
+    );
     let after = op.layer_bytes(&lab)?;
-    ensure!(after == before, "rollback: the server sent {} layer bytes to the node", after - before);
+    ensure!(
+        after == before,
+        "rollback: the server sent {} layer bytes to the node",
+        after - before
+    );
     let node = op.node(&lab)?;
-    ensure!(node["status"]["version"] == 1, "the server records version 1 running: {node}");
+    ensure!(
+        node["status"]["version"] == 1,
+        "the server records version 1 running: {node}"
+    );
 
     // 5. A byte flipped in the cached base layer while the node is off.
     vm.stop();
     drop(vm);
     let size = {
-        let out = run(Command::new("debugfs").args(["-R", &format!("stat /layers/{base}.vhdx")]).arg(&disk))?;
+        let out = run(Command::new("debugfs")
+            .args(["-R", &format!("stat /layers/{base}.vhdx")])
+            .arg(&disk))?;
         out.split_whitespace()
             .skip_while(|w| *w != "Size:")
             .nth(1)
@@ -279,13 +368,23 @@ fn node_life_against_strata_serve() -> Result<()> {
     cfg2.name = "node-b".into();
     let mut vm = lab.start_vm(cfg2)?;
     let bad = vm.wait_for_line(&format!("STRATA error=corrupt layer={base}"), BOOT)?;
-    ensure!(field(&bad, "chunks") == Some("1"), "one damaged chunk: {bad}");
+    ensure!(
+        field(&bad, "chunks") == Some("1"),
+        "one damaged chunk: {bad}"
+    );
     let rep = vm.wait_for_line(&format!("STRATA stage=repair layer={base}"), BOOT)?;
     let repaired = num(&rep, "bytes")?;
-    ensure!(repaired > 0 && repaired < size, "only the damaged chunk is fetched again: {rep}");
+    ensure!(
+        repaired > 0 && repaired < size,
+        "only the damaged chunk is fetched again: {rep}"
+    );
     running(&mut vm, "web", 1)?;
     let after = op.layer_bytes(&lab)?;
-    ensure!(after - before == repaired, "the server sent {} bytes for a {repaired}-byte repair", after - before);
+    ensure!(
+        after - before == repaired,
+        "the server sent {} bytes for a {repaired}-byte repair",
+        after - before
+    );
 
     // 7. Role switch by reboot: the base is shared and stored once.
     let mark = serial_len(&vm)?;
@@ -294,12 +393,26 @@ fn node_life_against_strata_serve() -> Result<()> {
     ensure!(field(&man, "layers") == Some("3"), "{man}");
     running(&mut vm, "db", 1)?;
     let boot = serial_since(&vm, mark)?;
-    let fetched: Vec<&str> = boot.lines().filter(|l| l.contains("STRATA stage=fetch")).collect();
-    ensure!(fetched.len() == 2, "db's role layer and node layer only: {fetched:?}");
-    ensure!(!boot.contains(&format!("STRATA stage=fetch layer={base}")), "the base was fetched again:\n{boot}");
+    let fetched: Vec<&str> = boot
+        .lines()
+        .filter(|l| l.contains("STRATA stage=fetch"))
+        .collect();
+    ensure!(
+        fetched.len() == 2,
+        "db's role layer and node layer only: {fetched:?}"
+    );
+    ensure!(
+        !boot.contains(&format!("STRATA stage=fetch layer={base}")),
+        "the base was fetched again:\n{boot}"
+    );
     // Not powered off: the cache disk is read as the running node left it (synced at boot).
-    let ls = run(Command::new("debugfs").args(["-R", "ls -l /layers"]).arg(&disk))?;
-    ensure!(ls.matches(&format!("{base}.vhdx")).count() == 1, "the base is stored once:\n{ls}");
+    let ls = run(Command::new("debugfs")
+        .args(["-R", "ls -l /layers"])
+        .arg(&disk))?;
+    ensure!(
+        ls.matches(&format!("{base}.vhdx")).count() == 1,
+        "the base is stored once:\n{ls}"
+    );
 
     // 6. The server dies while the node boots: last known good (db v1).
     op.cli(&lab, &["nodes", "set", MAC, "--reboot"])?;
@@ -317,10 +430,17 @@ fn node_life_against_strata_serve() -> Result<()> {
     std::fs::remove_file(v4.join("roles/web/files/sbin/strata-agent"))?;
     let blob_path = v4.join("busybox/blob.bin");
     blob(&blob_path, 40 << 20)?;
-    edit(&v4.join("busybox/recipe.toml"), "size_mib = 32", "size_mib = 96")?;
+    edit(
+        &v4.join("busybox/recipe.toml"),
+        "size_mib = 32",
+        "size_mib = 96",
+    )?;
     let recipe = v4.join("busybox/recipe.toml");
     let mut text = std::fs::read_to_string(&recipe)?;
-    text.push_str(&format!("\n[[file]]\npath = \"/srv/blob\"\nsource = {:?}\nmode = \"0644\"\n", blob_path.display().to_string()));
+    text.push_str(&format!(
+        "\n[[file]]\npath = \"/srv/blob\"\nsource = {:?}\nmode = \"0644\"\n",
+        blob_path.display().to_string()
+    ));
     std::fs::write(&recipe, text)?;
     ensure!(op.build(&v4)? == 4, "the fourth build is version 4");
     std::fs::remove_file(&blob_path)?;
@@ -332,7 +452,10 @@ fn node_life_against_strata_serve() -> Result<()> {
     let _ = lab.start_server(&srv)?;
     let resume = vm.wait_for_line(&format!("STRATA stage=resume layer={big}"), BOOT)?;
     let from = num(&resume, "from")?;
-    ensure!(from > 0 && from < num(&resume, "size")?, "resumed mid-layer: {resume}");
+    ensure!(
+        from > 0 && from < num(&resume, "size")?,
+        "resumed mid-layer: {resume}"
+    );
     vm.wait_for_serial("STRATA agent=staged version=4 role=db", BOOT)?;
     let mark = serial_len(&vm)?;
     op.cli(&lab, &["nodes", "set", MAC, "--reboot"])?;
@@ -340,6 +463,9 @@ fn node_life_against_strata_serve() -> Result<()> {
     vm.wait_for_serial("STRATA stage=verify", BOOT)?;
     running(&mut vm, "db", 4)?;
     let boot = serial_since(&vm, mark)?;
-    ensure!(!boot.contains("STRATA stage=fetch") && !boot.contains("error=corrupt"), "v4 boots from the resumed, verified download:\n{boot}");
+    ensure!(
+        !boot.contains("STRATA stage=fetch") && !boot.contains("error=corrupt"),
+        "v4 boots from the resumed, verified download:\n{boot}"
+    );
     Ok(())
 }
