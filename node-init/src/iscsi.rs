@@ -236,6 +236,29 @@ mod tests {
         assert!(!format!("{boot:?}").contains("0123456789abcdef"));
     }
 
+    proptest::proptest! {
+        /// Every IPv4 portal prints and parses back; the default port is 3260.
+        #[test]
+        fn portals_round_trip(ip in proptest::prelude::any::<[u8; 4]>(), port in 1u16..) {
+            let sa = SocketAddrV4::new(Ipv4Addr::from(ip), port);
+            proptest::prop_assert_eq!(parse_portal(&sa.to_string()), Some(sa));
+            proptest::prop_assert_eq!(
+                parse_portal(&Ipv4Addr::from(ip).to_string()),
+                Some(SocketAddrV4::new(Ipv4Addr::from(ip), DEFAULT_PORT))
+            );
+        }
+
+        /// Arbitrary text never panics the parsers, and an accepted secret is one token
+        /// of the kernel command line.
+        #[test]
+        fn arbitrary_values_never_panic(v in ".{0,300}") {
+            let _ = parse_portal(&v);
+            if valid_secret(&v) {
+                proptest::prop_assert_eq!(v.split_ascii_whitespace().count(), 1);
+            }
+        }
+    }
+
     #[test]
     fn session_disks_are_found_by_their_sysfs_path() {
         let dir = tempfile::tempdir().unwrap();
