@@ -22,11 +22,48 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const RESERVED_MAC: &str = "02:5e:00:00:00:aa";
 const RESERVED_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 42);
 
+/// Every log line of the servers in this test binary (tests run in parallel, so assertions
+/// look for their own peer).
+fn logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(Default::default)
+}
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        logs()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        // Also to the test's output, shown when a test fails.
+        eprint!("{}", String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("strata_server=debug")
-        .with_test_writer()
+        .with_ansi(false)
+        .with_writer(|| LogWriter)
         .try_init();
+}
+
+/// Asserts that a WARN line holding every one of `parts` was logged.
+fn assert_warned(parts: &[&str]) {
+    let text =
+        String::from_utf8_lossy(&logs().lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" WARN ") && parts.iter().all(|p| l.contains(p))),
+        "no WARN line with {parts:?} in the server's log"
+    );
 }
 
 struct Lab {
@@ -315,5 +352,8 @@ async fn malformed_packets_and_floods_leave_clients_served() -> Result<()> {
     let ip: Ipv4Addr = field(&bound, "ip").context("ip")?.parse()?;
     assert!((100..=109).contains(&ip.octets()[3]), "{bound}");
     assert!(!lab.task.is_finished(), "server survived");
+    // The malformed packets were logged clearly, naming the sender (the first of them: past
+    // 20 warnings a second the server counts instead of logging).
+    assert_warned(&["peer=10.77.0.250:68", "dropping malformed DHCP packet"]);
     Ok(())
 }
