@@ -392,7 +392,7 @@ async fn plan_breakdown(dir: &std::path::Path) -> Result<()> {
             let body = serde_json::to_vec(&r).unwrap_or_default();
             let resp = ms(t);
             Ok(format!(
-                "  plan breakdown over {n} nodes: read the nodes {read:.1} ms (read + plan {read_plan:.1} ms), plan to JSON ({} KiB) {ser:.1} ms, digest {digest:.1} ms, \
+                "  plan breakdown over {n} nodes: full node rows {read:.1} ms (what planning read until session 2), assignment columns + plan {read_plan:.1} ms, plan to JSON ({} KiB) {ser:.1} ms, digest {digest:.1} ms, \
                  store (insert + event) {create:.1} ms (a read back, not done, would add {get:.1} ms), response JSON {resp:.1} ms",
                 json.len() / 1024
             ) + &format!(" ({} KiB)", body.len() / 1024))
