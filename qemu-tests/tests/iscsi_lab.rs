@@ -375,6 +375,17 @@ fn node_initramfs() -> Result<PathBuf> {
         "{} missing: run scripts/build-initramfs.sh",
         path.display()
     );
+    // An initramfs built before diskless iSCSI boot lacks iscsistart: say so, not "attach failed".
+    let listing = run(Command::new("sh")
+        .arg("-c")
+        .arg("gzip -dc \"$1\" | cpio -t --quiet")
+        .arg("sh")
+        .arg(&path))?;
+    ensure!(
+        listing.lines().any(|l| l == "sbin/iscsistart"),
+        "{} has no sbin/iscsistart: rebuild it with scripts/build-initramfs.sh (open-iscsi installed)",
+        path.display()
+    );
     Ok(path)
 }
 
