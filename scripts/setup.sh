@@ -11,7 +11,7 @@ APT_PACKAGES=(
   busybox-static e2fsprogs cpio zstd xz-utils kmod
   dnsmasq-base iproute2 nftables
   tftp-hpa atftp tftpd-hpa
-  libiscsi-bin libvhdi-utils tgt open-iscsi
+  libiscsi-bin libvhdi-utils tgt open-iscsi extlinux
   udpcast uftp
   nginx-light
 )

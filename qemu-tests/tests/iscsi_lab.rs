@@ -8,7 +8,11 @@
 //! the node's LUN through libiscsi and checks the file system the VM made is there, and that
 //! the image store's layers did not change.
 //!
-//! Needs `open-iscsi` (scripts/setup.sh) and the `strata` binary (`$STRATA_BIN`, else next
+//! Also: node-init booting a diskless VM over iSCSI through `strata serve` (PXE, then
+//! iscsistart, then the image's marker), and QEMU's iPXE ROM `sanboot`ing a LUN whose base
+//! layer carries its own bootloader (extlinux) to that image's marker.
+//!
+//! Needs `open-iscsi` and `extlinux` (scripts/setup.sh) and the `strata` binary (`$STRATA_BIN`, else next
 //! to this test's target directory).
 
 use std::collections::HashMap;
@@ -457,5 +461,131 @@ fn node_init_boots_a_diskless_vm_over_iscsi_to_the_image() -> Result<()> {
         own.display()
     );
     unchanged(&store_layers, &hashes_before)?;
+    Ok(())
+}
+
+/// The marker the sanboot image's own initramfs prints.
+const SANBOOT_MARKER: &str = "STRATA image=extlinux-disk stage=running";
+
+/// Unmounts on drop, so a failed step never leaves a loop mount behind.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A raw disk that carries its own bootloader: one whole-disk ext4 file system with extlinux
+/// in its boot sector (sector 0), Debian's kernel and an initramfs printing
+/// [`SANBOOT_MARKER`].
+fn bootable_disk(dir: &Path) -> Result<PathBuf> {
+    tools::require(&["extlinux", "mkfs.ext4", "mount", "umount"], &[])
+        .context("extlinux is needed: apt-get install extlinux (scripts/setup.sh)")?;
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk)?.set_len(64 << 20)?;
+    // extlinux reads neither 64-bit block numbers nor metadata checksums.
+    run(Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-O",
+            "^64bit,^metadata_csum",
+            "-L",
+            "strataboot",
+        ])
+        .arg(&disk))?;
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    run(Command::new("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&disk)
+        .arg(&mnt))?;
+    let mounted = Mounted(mnt.clone());
+    let boot = mnt.join("boot/extlinux");
+    std::fs::create_dir_all(&boot)?;
+    std::fs::copy(fixture::debian_kernel()?, mnt.join("boot/vmlinuz"))?;
+    fixture::write_marker_initramfs(
+        &mnt.join("boot/initrd.img"),
+        &format!("echo '{SANBOOT_MARKER}'"),
+    )?;
+    std::fs::write(
+        boot.join("extlinux.conf"),
+        format!(
+            "DEFAULT linux\nSERIAL 0 115200\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n  KERNEL /boot/vmlinuz\n  \
+             INITRD /boot/initrd.img\n  APPEND {}\n",
+            fixture::TEST_CMDLINE
+        ),
+    )?;
+    run(Command::new("extlinux").arg("--install").arg(&boot))?;
+    drop(mounted);
+    Ok(disk)
+}
+
+/// iPXE `sanboot` of an image that carries its own bootloader: a base VHDX made from a raw
+/// disk with extlinux, a node layer on it, served by `strata iscsi serve` in the lab; the
+/// lab's DHCP server (dnsmasq) hands out only a root path `iscsi:...`, so QEMU's iPXE ROM
+/// sanboots the LUN, the BIOS runs extlinux from it through iPXE's INT 13h, and the image's
+/// kernel and initramfs print its marker. The base layer is unchanged afterwards.
+#[test]
+fn ipxe_sanboots_an_image_with_its_own_bootloader() -> Result<()> {
+    tools::require_root()?;
+    const IQN: &str = "iqn.2026-11.io.strata:node.sanboot";
+    let mut lab = Lab::new(LabConfig {
+        ipv6: true,
+        ..LabConfig::default()
+    })?;
+    let server_ip = lab.config().server_ip;
+    let bin = strata_bin()?;
+    let dir = lab.dir().join("sanboot-disk");
+    std::fs::create_dir_all(&dir)?;
+    let disk = bootable_disk(&dir)?;
+    let (base, node) = (dir.join("base.vhdx"), dir.join("node.vhdx"));
+    run(Command::new(&bin)
+        .args(["vhdx", "from-raw", "--block-size", "1M"])
+        .arg(&disk)
+        .arg(&base))?;
+    run(Command::new(&bin)
+        .args(["vhdx", "from-raw", "--parent"])
+        .arg(&base)
+        .arg(&disk)
+        .arg(&node))?;
+    std::fs::remove_file(&disk)?;
+    let base_hash = run(Command::new("b2sum").arg(&base))?;
+
+    let mut cmd = lab.command(&bin.to_string_lossy());
+    cmd.args([
+        "iscsi",
+        "serve",
+        "--listen",
+        &format!("{server_ip}:3260"),
+        "--lun",
+    ])
+    .arg(format!("{IQN}={},{}", base.display(), node.display()));
+    let (mut target, log) =
+        strata_lab::process::Proc::spawn_logged("iscsi", cmd, &dir.join("iscsi.log"), None)?;
+    log.expect(0, "listening on", &[], Duration::from_secs(30))?;
+
+    let mut dhcp = strata_lab::Dnsmasq::site_dhcp();
+    dhcp.router_advert = true;
+    dhcp.extra_args = vec![format!("--dhcp-option=17,iscsi:{server_ip}::::{IQN}")];
+    lab.start_server(&dhcp)?;
+    let mut cfg = VmConfig::new("sanboot", Firmware::Bios).memory_mib(256);
+    cfg.no_reboot = true;
+    let mut vm = lab.start_vm(cfg)?;
+    vm.wait_for_serial(SANBOOT_MARKER, BOOT)?;
+    let serial = std::fs::read_to_string(vm.serial_path())?;
+    vm.stop();
+    // The bootloader that ran is the LUN's own (SeaBIOS mirrors iPXE and extlinux to ttyS0).
+    ensure!(
+        serial.contains("SYSLINUX"),
+        "extlinux did not run from the LUN:\n{serial}"
+    );
+    target.stop();
+    ensure!(
+        run(Command::new("b2sum").arg(&base))? == base_hash,
+        "the base layer changed"
+    );
     Ok(())
 }
