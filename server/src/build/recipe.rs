@@ -353,8 +353,17 @@ pub fn load(path: &Path) -> Result<Loaded, RecipeError> {
     let file = if path.is_dir() { path.join(RECIPE_FILE) } else { path.to_owned() };
     let err = |message: String| RecipeError { file: file.clone(), message };
     let text = std::fs::read_to_string(&file).map_err(|e| err(format!("cannot read: {e}")))?;
-    let recipe: Recipe = toml::from_str(&text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
+    let (recipe, kind) = parse(&file, &text)?;
     let dir = file.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
+    Ok(Loaded { file, dir, text, recipe, kind })
+}
+
+/// Parses and validates the text of a recipe (`file` names it in errors). Validation covers
+/// what the text alone decides: kind, names, sizes, image paths, entry shapes; host files are
+/// checked when the recipe is built.
+pub fn parse(file: &Path, text: &str) -> Result<(Recipe, RecipeKind), RecipeError> {
+    let err = |message: String| RecipeError { file: file.to_owned(), message };
+    let recipe: Recipe = toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
     let kind = match (&recipe.image, &recipe.update, &recipe.role) {
         (Some(_), None, None) => RecipeKind::Base,
         (None, Some(_), None) => RecipeKind::Update,
@@ -362,7 +371,7 @@ pub fn load(path: &Path) -> Result<Loaded, RecipeError> {
         _ => return Err(err("needs exactly one of [image], [update] or [role]".into())),
     };
     validate(&recipe, kind).map_err(err)?;
-    Ok(Loaded { file, dir, text, recipe, kind })
+    Ok((recipe, kind))
 }
 
 fn validate(r: &Recipe, kind: RecipeKind) -> Result<(), String> {
