@@ -323,4 +323,86 @@ mod tests {
         })
         .unwrap();
     }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A node layer is built (the fleet asks for the token).
+        Build,
+        Rotate,
+        /// The node authenticates with the newest live generation.
+        UseNewest,
+        /// The node authenticates with the oldest live generation.
+        UseOldest,
+        /// An operator revokes the n-th live generation.
+        Revoke(usize),
+    }
+
+    fn any_step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![Just(Step::Build), Just(Step::Rotate), Just(Step::UseNewest), Just(Step::UseOldest), (0usize..4).prop_map(Step::Revoke)]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Layer tokens against a model: generations only grow and are never reused; the node
+        /// layer carries the newest live one; using a generation revokes the older ones; a
+        /// revoked generation never authenticates again; once used, the node stays enrolled.
+        #[test]
+        fn layer_tokens_follow_the_model(steps in proptest::collection::vec(any_step(), 1..24)) {
+            let dir = tempfile::tempdir().unwrap();
+            let db = super::super::Db::open(&dir.path().join("m.db")).unwrap();
+            let mac = "52:54:00:00:00:07";
+            let derive = |gen: u64| format!("stk_{:064x}", gen * 7 + 1);
+            // Model: (generation, live), and whether any was ever used.
+            let mut gens: Vec<(u64, bool)> = Vec::new();
+            let mut used = false;
+            for step in steps {
+                let live: Vec<u64> = gens.iter().filter(|g| g.1).map(|g| g.0).collect();
+                let next = gens.last().map_or(1, |g| g.0 + 1);
+                let use_gen = |gen: u64, gens: &mut Vec<(u64, bool)>| {
+                    for g in gens.iter_mut() {
+                        if g.0 < gen { g.1 = false; }
+                    }
+                };
+                match step {
+                    Step::Build => {
+                        let (t, secret) = db.call_blocking(move |c| layer_token(c, mac, &derive)).unwrap();
+                        let want = live.last().copied().unwrap_or(next);
+                        proptest::prop_assert_eq!(t.layer_gen, Some(want));
+                        proptest::prop_assert_eq!(secret, derive(want));
+                        if live.is_empty() { gens.push((next, true)); }
+                    }
+                    Step::Rotate => {
+                        let t = db.call_blocking(move |c| rotate(c, mac, &derive, "op")).unwrap();
+                        proptest::prop_assert_eq!(t.layer_gen, Some(next));
+                        gens.push((next, true));
+                    }
+                    Step::UseNewest | Step::UseOldest => {
+                        let pick = if matches!(step, Step::UseNewest) { live.last() } else { live.first() };
+                        let Some(&gen) = pick else { continue };
+                        let info = db.call_blocking(move |c| lookup(c, &derive(gen))).unwrap();
+                        proptest::prop_assert!(info.is_some(), "live generation {} authenticates", gen);
+                        let id = info.map(|i| i.id).unwrap_or(0);
+                        db.call_blocking(move |c| first_use(c, id, mac, 1)).unwrap();
+                        use_gen(gen, &mut gens);
+                        used = true;
+                    }
+                    Step::Revoke(n) => {
+                        let Some(&gen) = live.get(n % live.len().max(1)) else { continue };
+                        let id = db.call_blocking(move |c| lookup(c, &derive(gen))).unwrap().map(|i| i.id).unwrap_or(0);
+                        db.call_blocking(move |c| revoke(c, id)).unwrap();
+                        for g in gens.iter_mut() {
+                            if g.0 == gen { g.1 = false; }
+                        }
+                    }
+                }
+                for &(gen, is_live) in &gens {
+                    let found = db.call_blocking(move |c| lookup(c, &derive(gen))).unwrap();
+                    proptest::prop_assert_eq!(found.is_some(), is_live, "generation {} in {:?}", gen, gens);
+                }
+                let enrolled = db.call_blocking(|c| enrolled_nodes(c)).unwrap();
+                proptest::prop_assert_eq!(!enrolled.is_empty(), used);
+            }
+        }
+    }
 }
