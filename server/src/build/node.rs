@@ -534,3 +534,42 @@ fn parse_locations(out: &str, files: &[(&'static str, String, u32)], block_size:
     }
     Ok(slots)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> Vec<(&'static str, String, u32)> {
+        vec![("/etc/hostname", "n1\n".into(), 0o644), ("/etc/strata/token", "t".repeat(5000), 0o600)]
+    }
+
+    #[test]
+    fn debugfs_locations_parse() {
+        let out = "debugfs: imap \"/etc/hostname\"\nInode 12 is part of block group 0\n\tlocated at block 25, offset 0x0b00\n\
+                   debugfs: blocks \"/etc/hostname\"\n4242 \n\
+                   debugfs: imap \"/etc/strata/token\"\nInode 13 is part of block group 0\n\tlocated at block 25, offset 0x0c00\n\
+                   debugfs: blocks \"/etc/strata/token\"\n5000 5001 \n";
+        let s = parse_locations(out, &files(), 4096).unwrap();
+        assert_eq!((s[0].inode, s[0].inode_at, s[0].data_at.clone()), (12, 25 * 4096 + 0xb00, vec![4242 * 4096]));
+        assert_eq!(s[1].data_at, vec![5000 * 4096, 5001 * 4096]);
+    }
+
+    #[test]
+    fn unexpected_debugfs_output_is_refused_not_guessed() {
+        let f = files();
+        // Missing sections, a garbled imap line, a block count that does not fit the size.
+        assert!(parse_locations("", &f, 4096).is_err());
+        let garbled = "debugfs: imap\nInode x\ndebugfs: blocks\n1\ndebugfs: imap\nInode 13 is part of block group 0 located at block 2, offset 0x0\ndebugfs: blocks\n1 2\n";
+        assert!(parse_locations(garbled, &f, 4096).is_err());
+        let short = "debugfs: imap\nInode 12 is part of block group 0 located at block 2, offset 0x0\ndebugfs: blocks\n1\n\
+                     debugfs: imap\nInode 13 is part of block group 0 located at block 2, offset 0x100\ndebugfs: blocks\n7\n";
+        assert!(parse_locations(short, &f, 4096).unwrap_err().contains("data blocks"));
+    }
+
+    #[test]
+    fn raw_crc32c_matches_e2fsprogs_convention() {
+        // ext2fs_crc32c_le(~0, "123456789") without the final inversion is the complement of
+        // the standard CRC-32C check value 0xE3069283.
+        assert_eq!(crc32c_raw(!0, b"123456789"), !0xE306_9283);
+    }
+}
