@@ -179,7 +179,8 @@ struct Window {
 
 /// Largest UDP payload of one send (IPv4's limit; IPv6 allows a little more).
 const MAX_UDP_PAYLOAD: usize = 65_507;
-/// Most segments the kernel takes in one UDP GSO send (`UDP_MAX_SEGMENTS` before Linux 6.9).
+/// Most segments one UDP GSO send may carry (`UDP_MAX_SEGMENTS`: 64 on older kernels, more
+/// on newer ones).
 const MAX_GSO_SEGMENTS: usize = 64;
 
 impl Window {
