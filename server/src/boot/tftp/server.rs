@@ -1,6 +1,6 @@
-//! The TFTP server task: owns the port-69 socket, validates each request, and runs one task
-//! per transfer (on its own socket, the transfer ID of RFC 1350 §4) under a semaphore. A
-//! transfer's failure is logged with its peer and stays local.
+//! The TFTP server task: owns the port-69 socket, validates each request, and runs one
+//! transfer per request (on its own socket, the transfer ID of RFC 1350 §4) under a
+//! semaphore. A transfer's failure is logged with its peer and stays local.
 //!
 //! Files are confined to the root: names with `..`, absolute names and names that resolve
 //! (through symlinks) outside the canonical root are refused with "access violation". Only

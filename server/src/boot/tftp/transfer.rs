@@ -10,9 +10,11 @@
 //! changed only when the deadline moves by more than an eighth, so the steady state is one
 //! `recv`, one `pread` and one send per window.
 //!
-//! A window (RFC 7440) is read from the file with one positioned read and sent with one
-//! `sendmmsg`; each datagram is a 4-byte header and a slice of that buffer (two iovecs), so no
-//! block is copied in user space.
+//! A window (RFC 7440) is read from the file with one positioned read and sent with UDP
+//! segmentation offload (`UDP_SEGMENT`): header + block segments in one buffer, one `send`
+//! per 64 KiB, one pass through the network stack; the kernel cuts the datagrams. Where the
+//! kernel or the path refuses GSO, one `sendmmsg` sends the window, each datagram a 4-byte
+//! header and a slice of the read buffer (two iovecs). Lock-step blocks take the latter path.
 //!
 //! Cancellation: the thread checks its token between packets and waits at most
 //! [`CANCEL_POLL`] in `recv`, so a server shutdown ends transfers within that time.
