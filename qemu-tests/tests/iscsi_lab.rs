@@ -589,3 +589,92 @@ fn ipxe_sanboots_an_image_with_its_own_bootloader() -> Result<()> {
     );
     Ok(())
 }
+
+/// `sanboot` through `strata serve`: an image built from a raw disk that carries extlinux
+/// (`source = "disk"`), a role on it, a node assigned that role and configured `sanboot`.
+/// The node PXE boots, its iPXE script sanboots its own target (CHAP with its own secret),
+/// whose LUN is its manifest's chain (base, role and node layer from the store, its writable
+/// layer on top), and the image's own bootloader, kernel and initramfs print its marker.
+#[test]
+fn strata_serve_sanboots_a_node_whose_image_carries_its_bootloader() -> Result<()> {
+    tools::require_root()?;
+    const NODE: &str = "52:54:00:42:15:03";
+    let mut lab = Lab::new(LabConfig {
+        ipv6: true,
+        ..LabConfig::default()
+    })?;
+    let server_ip = lab.config().server_ip;
+    let bin = strata_bin()?;
+    let dir = lab.dir().join("bootdisk");
+    std::fs::create_dir_all(dir.join("images/bootdisk"))?;
+    std::fs::create_dir_all(dir.join("images/roles/boot"))?;
+    let disk = bootable_disk(&dir)?;
+    let kernel_root = fixture::debian_kernel()?
+        .parent()
+        .and_then(Path::parent)
+        .context("kernel tree")?
+        .to_path_buf();
+    std::fs::write(
+        dir.join("images/bootdisk/recipe.toml"),
+        format!(
+            "[image]\nname = \"bootdisk\"\n[base]\nsource = \"disk\"\npath = {:?}\n[kernel]\ndir = {:?}\nmodules = []\n",
+            disk.display().to_string(),
+            kernel_root.display().to_string()
+        ),
+    )?;
+    std::fs::write(
+        dir.join("images/roles/boot/recipe.toml"),
+        "[role]\nname = \"boot\"\nimage = \"bootdisk\"\ndescription = \"a disk with its own bootloader\"\n",
+    )?;
+    let mut strata = Strata::new(bin.clone());
+    strata.config = StrataConfig::Template(format!(
+        "{LAB_CONFIG_TEMPLATE}\n[iscsi]\nenabled = true\nlisten = \"{{{{server_ip}}}}:3260\"\n\
+         [[iscsi.nodes]]\nmac = \"{NODE}\"\nsanboot = true\n"
+    ));
+    strata.ready.push("iSCSI on".into());
+    lab.start_server(&strata)?;
+    let data_dir = lab.dir().join("servers/strata-0/data");
+    run(Command::new(&bin)
+        .args(["image", "build", "--store"])
+        .arg(data_dir.join("store"))
+        .arg(dir.join("images/bootdisk")))?;
+    std::fs::remove_file(&disk)?;
+    let url = format!("http://{server_ip}:8080");
+    lab.http_get(
+        std::net::SocketAddr::from((server_ip, 8080)),
+        &format!("/boot/node.ipxe?mac={NODE}"),
+    )?;
+    let token = std::fs::read_to_string(data_dir.join("admin.token"))?;
+    run(lab.command(&bin.to_string_lossy()).args([
+        "nodes",
+        "set",
+        NODE,
+        "--role",
+        "boot",
+        "--url",
+        &url,
+        "--token",
+        token.trim(),
+    ]))?;
+    let store_layers = data_dir.join("store/layers");
+    let hashes_before = layer_hashes(&store_layers)?;
+
+    let mut cfg = VmConfig::new("sanbooted", Firmware::Bios)
+        .mac(NODE)
+        .memory_mib(256);
+    cfg.no_reboot = true;
+    let mut vm = lab.start_vm(cfg)?;
+    vm.wait_for_serial(SANBOOT_MARKER, BOOT)?;
+    let serial = std::fs::read_to_string(vm.serial_path())?;
+    vm.stop();
+    ensure!(
+        serial.contains("sanboot iqn.2026-11.io.strata:node.525400421503"),
+        "{serial}"
+    );
+    ensure!(
+        serial.contains("SYSLINUX"),
+        "extlinux did not run from the LUN:\n{serial}"
+    );
+    unchanged(&store_layers, &hashes_before)?;
+    Ok(())
+}

@@ -284,6 +284,10 @@ pub struct IscsiNodeConfig {
     pub stateless: Option<bool>,
     /// Overrides `iscsi.diskless` for this node.
     pub diskless: Option<bool>,
+    /// Boot with iPXE's `sanboot` from the node's LUN (an image that carries its own
+    /// bootloader) instead of node-init.
+    #[serde(default)]
+    pub sanboot: bool,
 }
 
 impl Config {

@@ -131,6 +131,9 @@ async fn node_script(
 ) -> Result<Response, HttpError> {
     let mac = parse_mac(&q.mac)?;
     let node = st.fleet.node_booting(&mac).await?;
+    if let Some(script) = st.iscsi.as_ref().and_then(|l| l.sanboot_script(&mac)) {
+        return Ok(ipxe_response(script));
+    }
     st.fleet.netbooted(&mac);
     let iscsi_args = st.iscsi.as_ref().and_then(|l| l.boot_args(&mac));
     Ok(ipxe_response(ipxe::node_script(&ipxe::NodeBoot {

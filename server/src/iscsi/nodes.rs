@@ -167,6 +167,24 @@ impl FleetLuns {
         FleetLuns { fleet, config, key, dir, runtime, portal, open: Mutex::new(HashMap::new()) }
     }
 
+    /// The iPXE script that `sanboot`s `mac`'s LUN, for a node configured `sanboot` (an image
+    /// that carries its own bootloader); `None` for the others. iPXE's root path:
+    /// `iscsi:<server>:<protocol>:<port>:<lun>:<target>`.
+    pub fn sanboot_script(&self, mac: &str) -> Option<String> {
+        let mac: MacAddr = mac.parse().ok()?;
+        let own = self.config.nodes.iter().find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == mac))?;
+        if !own.sanboot {
+            return None;
+        }
+        let c = self.credentials(&mac);
+        let mut s = format!("#!ipxe\necho Strata: node {mac} sanboot {}\nset initiator-iqn {}\n", c.target, c.initiator);
+        if let Some(chap) = &c.chap {
+            s.push_str(&format!("set username {}\nset password {}\n", chap.user, String::from_utf8_lossy(&chap.secret)));
+        }
+        s.push_str(&format!("sanboot iscsi:{}::{}::{}\n", self.portal.ip(), self.portal.port(), c.target));
+        Some(s)
+    }
+
     /// The kernel arguments that make node-init attach `mac`'s chain over iSCSI
     /// (`strata.disk=ram strata.iscsi=IP:PORT strata.iscsi_secret=..`), for a node that boots
     /// diskless (`iscsi.diskless`, or its `[[iscsi.nodes]]` entry); `None` for the others.
@@ -318,6 +336,7 @@ mod tests {
             target_secret: None,
             stateless: Some(true),
             diskless: None,
+            sanboot: false,
         });
         let c = node_credentials(&cfg, &a, &m1);
         assert_eq!(c.chap.as_ref().map(|c| c.secret.as_slice()), Some(&b"configured-secret"[..]));
