@@ -1,5 +1,6 @@
 //! The server's ed25519 signing key. Node manifests are signed with it; node-init trusts the
-//! public half, which the server appends to the initramfs it serves. Generated on first start
+//! public half, which the server appends to the initramfs it serves. The tokens node layers
+//! carry are derived from it too ([`node_token`]). Generated on first start
 //! and kept in `<data_dir>/keys/server.key` (hex, mode 0600).
 
 use std::io::Write;
