@@ -320,6 +320,23 @@ mod tests {
         assert_eq!(mac_of_target("iqn.2026-11.io.strata:init.525400abcd0f"), None);
     }
 
+    proptest::proptest! {
+        /// Names from the wire (login keys) never panic the parsers, and every MAC's names
+        /// parse back to it.
+        #[test]
+        fn names_parse_back_and_garbage_is_refused(mac in proptest::prelude::any::<[u8; 6]>(), junk in ".{0,80}") {
+            let mac = MacAddr(mac);
+            let c = node_credentials(&IscsiConfig::default(), &SigningKey::from_bytes(&[3; 32]), &mac);
+            proptest::prop_assert_eq!(mac_of_target(&c.target), Some(mac));
+            proptest::prop_assert_eq!(mac_of_initiator(&c.initiator), Some(mac));
+            let _ = (mac_of_target(&junk), mac_of_initiator(&junk));
+            let t = format!("{IQN_PREFIX}:node.{junk}");
+            if let Some(m) = mac_of_target(&t) {
+                proptest::prop_assert_eq!(node_credentials(&IscsiConfig::default(), &SigningKey::from_bytes(&[3; 32]), &m).target, t.to_ascii_lowercase());
+            }
+        }
+    }
+
     #[test]
     fn secrets_differ_per_node_and_key_and_config_wins() {
         let a = SigningKey::from_bytes(&[1; 32]);
