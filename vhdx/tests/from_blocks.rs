@@ -64,7 +64,8 @@ fn bad_block_lists_are_refused() -> Result<()> {
     let parent = Chain::open(&base)?;
     let out = dir.path().join("out.vhdx");
     let block = vec![7u8; MIB as usize];
-    let cases: Vec<(Vec<(u64, &[u8])>, &str)> = vec![
+    type Case<'a> = (Vec<(u64, &'a [u8])>, &'static str);
+    let cases: Vec<Case> = vec![
         (vec![(2, &block[..]), (1, &block[..])], "out of order"),
         (vec![(1, &block[..]), (1, &block[..])], "out of order"),
         (vec![(4, &block[..])], "past the disk"),

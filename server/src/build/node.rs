@@ -232,8 +232,11 @@ pub fn node_template_in_use(store: &Store, role_layer: &LayerId) -> bool {
 /// does not apply to that role (its nodes take the general way).
 #[derive(Debug, Default)]
 pub struct TemplateCache {
-    map: Mutex<HashMap<(LayerId, Vec<u64>), Option<Arc<Template>>>>,
+    map: Mutex<HashMap<TemplateKey, Option<Arc<Template>>>>,
 }
+
+/// A role layer and a shape (file-system blocks per node file).
+type TemplateKey = (LayerId, Vec<u64>);
 
 /// At most this many templates are kept (each holds a few MiB of blocks).
 const MAX_TEMPLATES: usize = 16;
