@@ -76,7 +76,7 @@ impl Sense {
 
     /// Fixed format sense data, 18 bytes (SPC-4 §4.5.3).
     pub fn to_fixed(&self) -> Vec<u8> {
-        let mut s = vec![0u8; 18];
+        let mut s = [0u8; 18];
         s[0] = 0x70;
         s[2] = self.key & 0x0f;
         s[7] = 10;
@@ -87,7 +87,7 @@ impl Sense {
             s[15] = 0x80 | 0x40 | bit.map_or(0, |b| 0x08 | (b & 7));
             s[16..18].copy_from_slice(&byte.to_be_bytes());
         }
-        s
+        s.to_vec()
     }
 }
 
@@ -433,7 +433,7 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
     match *cmd {
         Command::TestUnitReady | Command::NoOp => Outcome::good(Vec::new()),
         Command::Inquiry { page: None, alloc } => {
-            let mut d = vec![0u8; 96];
+            let mut d = [0u8; 96];
             d[0] = if lun_exists { 0x00 } else { 0x7f };
             d[2] = 0x06; // SPC-4
             d[3] = 0x12; // HISUP, response data format 2
@@ -443,15 +443,15 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
             d[16..32].copy_from_slice(PRODUCT);
             d[32..36].copy_from_slice(REVISION);
             // Version descriptors (SPC-4 §6.4.2): SAM-5, iSCSI, SPC-4, SBC-3.
-            for (i, v) in [0x00a0u16, 0x0960, 0x0460, 0x04c0].iter().enumerate() {
-                d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
+            for (dst, v) in d[58..66].chunks_exact_mut(2).zip([0x00a0u16, 0x0960, 0x0460, 0x04c0]) {
+                dst.copy_from_slice(&v.to_be_bytes());
             }
-            Outcome::good(cut(d, alloc))
+            Outcome::good(cut(d.to_vec(), alloc))
         }
         Command::Inquiry { page: Some(page), alloc } => match vpd(page, dev) {
             Some(mut d) => {
-                if !lun_exists {
-                    d[0] = 0x7f;
+                if let (false, Some(b)) = (lun_exists, d.first_mut()) {
+                    *b = 0x7f;
                 }
                 Outcome::good(cut(d, alloc))
             }
@@ -462,9 +462,9 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
             Outcome::good(cut(d, alloc))
         }
         Command::ReportLuns { alloc } => {
-            let mut d = vec![0u8; 16];
+            let mut d = [0u8; 16];
             d[3] = 8;
-            Outcome::good(cut(d, alloc))
+            Outcome::good(cut(d.to_vec(), alloc))
         }
         Command::ReadCapacity10 => {
             let last = blocks.saturating_sub(1).min(0xffff_ffff) as u32;
@@ -473,11 +473,11 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
             Outcome::good(d)
         }
         Command::ReadCapacity16 { alloc } => {
-            let mut d = vec![0u8; 32];
+            let mut d = [0u8; 32];
             d[0..8].copy_from_slice(&blocks.saturating_sub(1).to_be_bytes());
             d[8..12].copy_from_slice(&bs.to_be_bytes());
             d[13] = dev.physical_exponent() & 0x0f;
-            Outcome::good(cut(d, alloc))
+            Outcome::good(cut(d.to_vec(), alloc))
         }
         Command::ModeSense { ten, dbd, pc, page, subpage, alloc } => mode_sense(dev, ten, dbd, pc, page, subpage, alloc),
         Command::Read { lba, blocks: n } => {
@@ -520,12 +520,12 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
         Command::Prefetch => Outcome::good(Vec::new()),
         Command::GetLbaStatus { lba, alloc } => {
             // One descriptor: from `lba` to the end, mapped (SBC-3 §5.4).
-            let mut d = vec![0u8; 24];
+            let mut d = [0u8; 24];
             d[0..4].copy_from_slice(&20u32.to_be_bytes());
             d[8..16].copy_from_slice(&lba.to_be_bytes());
             let n = (blocks - lba).min(u64::from(u32::MAX)) as u32;
             d[16..20].copy_from_slice(&n.to_be_bytes());
-            Outcome::good(cut(d, alloc))
+            Outcome::good(cut(d.to_vec(), alloc))
         }
         Command::WriteSame { lba, blocks: n } => {
             if dev.read_only() {
@@ -578,18 +578,18 @@ fn vpd(page: u8, dev: &dyn BlockDevice) -> Option<Vec<u8>> {
             d
         }
         0xb0 => {
-            let mut d = vec![0u8; 0x3c];
+            let mut d = [0u8; 0x3c];
             d[0] = 0x01; // WSNZ: WRITE SAME with a count of zero is refused
             d[2..4].copy_from_slice(&8u16.to_be_bytes()); // optimal transfer length granularity
             d[4..8].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
             d[8..12].copy_from_slice(&2048u32.to_be_bytes()); // optimal transfer length
             d[32..40].copy_from_slice(&u64::from(MAX_TRANSFER_BLOCKS).to_be_bytes()); // max WRITE SAME length
-            d
+            d.to_vec()
         }
         0xb1 => {
-            let mut d = vec![0u8; 0x3c];
+            let mut d = [0u8; 0x3c];
             d[1] = 0x01; // medium rotation rate: non-rotating
-            d
+            d.to_vec()
         }
         0xb2 => {
             // Logical block provisioning: no UNMAP, no WRITE SAME unmap, not provisioned.
@@ -607,30 +607,30 @@ fn mode_sense(dev: &dyn BlockDevice, ten: bool, dbd: bool, pc: u8, page: u8, sub
     let changeable = pc == 1;
     // Caching mode page (SBC-3 §6.5.5): WCE=1, writes are durable after SYNCHRONIZE CACHE.
     let caching = {
-        let mut p = vec![0u8; 20];
+        let mut p = [0u8; 20];
         p[0] = 0x08;
         p[1] = 18;
         if !changeable {
             p[2] = 0x04;
         }
-        p
+        p.to_vec()
     };
     // Control mode page (SPC-4 §7.5.8): D_SENSE=0 (fixed format), QERR=0.
     let control = {
-        let mut p = vec![0u8; 12];
+        let mut p = [0u8; 12];
         p[0] = 0x0a;
         p[1] = 10;
         if !changeable {
             p[8..10].copy_from_slice(&0xffffu16.to_be_bytes()); // busy timeout period: unlimited
         }
-        p
+        p.to_vec()
     };
     // Read-write error recovery (SBC-3 §6.5.9).
     let recovery = {
-        let mut p = vec![0u8; 12];
+        let mut p = [0u8; 12];
         p[0] = 0x01;
         p[1] = 10;
-        p
+        p.to_vec()
     };
     let pages = match (page, subpage) {
         (0x3f, 0x00 | 0xff) => [recovery, caching, control].concat(),
@@ -642,19 +642,20 @@ fn mode_sense(dev: &dyn BlockDevice, ten: bool, dbd: bool, pc: u8, page: u8, sub
     };
     let mut bd = Vec::new();
     if !dbd {
-        bd = vec![0u8; 8];
+        let mut b = [0u8; 8];
         let n = dev.blocks().min(0xffff_ffff) as u32;
-        bd[0..4].copy_from_slice(&n.to_be_bytes());
-        bd[5..8].copy_from_slice(&dev.block_size().to_be_bytes()[1..4]);
+        b[0..4].copy_from_slice(&n.to_be_bytes());
+        b[5..8].copy_from_slice(&dev.block_size().to_be_bytes()[1..4]);
+        bd = b.to_vec();
     }
     let dsp = if dev.read_only() { 0x80 } else { 0x00 } | 0x10; // WP, DPOFUA
     let mut d = if ten {
-        let mut h = vec![0u8; 8];
+        let mut h = [0u8; 8];
         let len = (6 + bd.len() + pages.len()) as u16;
         h[0..2].copy_from_slice(&len.to_be_bytes());
         h[3] = dsp;
         h[6..8].copy_from_slice(&(bd.len() as u16).to_be_bytes());
-        h
+        h.to_vec()
     } else {
         vec![(3 + bd.len() + pages.len()).min(255) as u8, 0, dsp, bd.len() as u8]
     };
