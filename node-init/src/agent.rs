@@ -308,7 +308,15 @@ fn run_loop(ctx: &Ctx, every: Duration) -> Result<(), AgentError> {
             }
             if ack.reboot {
                 marker!("agent=reboot version={}", ctx.info.entry.version);
-                // The image's root is a throw-away snapshot; reboot() syncs the cache.
+                // The image's root is a throw-away snapshot; reboot() syncs the cache. The
+                // image's own shutdown does not run, so take the NICs down first as it would
+                // (once, under TCG, a virtio-net receive softirq spun through the kernel's
+                // restart path for minutes).
+                for (name, _) in crate::net::interfaces() {
+                    if name != "lo" {
+                        let _ = crate::sys::netif::set_down(&name);
+                    }
+                }
                 let e = crate::sys::process::reboot();
                 info!("agent: reboot refused: {e}");
             }

@@ -63,6 +63,16 @@ pub fn configure(name: &str, ip: Ipv4Addr, netmask: Ipv4Addr) -> io::Result<()> 
     set_up(name)
 }
 
+/// Takes `name` down (clears IFF_UP): no more receive work for the kernel (before a reboot).
+pub fn set_down(name: &str) -> io::Result<()> {
+    let sock = socket()?;
+    let mut r = ifreq(name)?;
+    ioctl_ifreq(&sock, libc::SIOCGIFFLAGS, &mut r)?;
+    let flags = i16::from_ne_bytes([r.ifru[0], r.ifru[1]]) & !(libc::IFF_UP as i16);
+    r.ifru[0..2].copy_from_slice(&flags.to_ne_bytes());
+    ioctl_ifreq(&sock, libc::SIOCSIFFLAGS, &mut r)
+}
+
 /// Brings `name` up (IFF_UP).
 pub fn set_up(name: &str) -> io::Result<()> {
     let sock = socket()?;
