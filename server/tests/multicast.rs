@@ -364,7 +364,7 @@ fn foreign_sessions_and_forged_packets_are_never_written() -> Result<()> {
                 let payload = vec![(x >> 8) as u8; r.len()];
                 let p = Packet::Data(Data { session, seq: x as u32, symbol, repair: true, payload: &payload });
                 out.send_to(&p.to_bytes(), SocketAddr::V4(group))?;
-                if sent % 100 == 0 {
+                if sent.is_multiple_of(100) {
                     let h = Packet::Hashes(Hashes {
                         session,
                         first: 0,
@@ -382,7 +382,7 @@ fn foreign_sessions_and_forged_packets_are_never_written() -> Result<()> {
                     out.send_to(&alien.to_bytes(), SocketAddr::V4(group))?;
                 }
                 sent += 1;
-                if sent % 16 == 0 {
+                if sent.is_multiple_of(16) {
                     std::thread::sleep(Duration::from_micros(300));
                 }
             }

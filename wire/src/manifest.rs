@@ -526,7 +526,8 @@ mod tests {
 
     #[test]
     fn bad_offers_are_refused() {
-        let cases: [(&str, fn(&mut MulticastOffer)); 5] = [
+        type Spoil = fn(&mut MulticastOffer);
+        let cases: [(&str, Spoil); 5] = [
             ("layer not in the chain", |o| o.layer = Digest([9; 32])),
             ("group is not an IPv4 multicast address", |o| {
                 o.group = "10.0.0.1:9300".parse().unwrap()
