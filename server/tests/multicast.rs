@@ -527,6 +527,7 @@ fn the_server_offers_a_session_in_manifests_and_sends_the_base_once() -> Result<
     let base = base.context("no node")?;
     // The session's counters, once it has announced its end.
     let ns = lab.ns("r1");
+    let cli_admin = admin.clone();
     let sessions = std::thread::spawn(move || -> Result<Value> {
         enter_netns(&ns)?;
         let start = Instant::now();
@@ -552,6 +553,30 @@ fn the_server_offers_a_session_in_manifests_and_sends_the_base_once() -> Result<
     ensure!(c["data_packets"] == c["layer_symbols"], "the layer went out once: {s}");
     let repairs = c["repair_packets"].as_u64().unwrap_or(u64::MAX);
     ensure!(repairs * 20 < c["layer_symbols"].as_u64().unwrap_or(0), "repairs within 5%: {s}");
+
+    // The operator's view through the CLI: the same session, as JSON and as a table; starting a
+    // session nobody offered is a clear error.
+    let url = format!("http://{addr}");
+    let cli = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &lab.ns("r1"), STRATA, "mcast"])
+            .args(args)
+            .args(["--url", &url, "--token", &cli_admin])
+            .output()?)
+    };
+    let out = cli(&["sessions", "--json"])?;
+    ensure!(out.status.success(), "strata mcast sessions: {}", String::from_utf8_lossy(&out.stderr));
+    let listed: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        listed.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == s["id"] && x["layer"] == s["layer"])),
+        "the CLI lists the finished session: {listed}"
+    );
+    let out = cli(&["sessions"])?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success() && table.contains("finished") && table.contains(&base.id.to_string()[..16]), "{table}");
+    let out = cli(&["start", &"0".repeat(64)])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("multicast session"), "starting an unknown session: {err}");
     drop(server);
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! `strata mcast send|recv`: reliable multicast of one file without the rest of Strata, like
 //! udpcast's udp-sender/udp-receiver (protocol: docs/multicast.md). Both print a JSON report on
 //! stdout. `recv` exits 0 only when the file is whole and verified.
+//!
+//! `strata mcast sessions|start`: the sessions a running `strata serve` offers in manifests,
+//! through its API (`/api/v1/multicast/sessions`).
 
 use std::io::BufRead;
 use std::net::SocketAddrV4;
@@ -14,6 +17,7 @@ use wire::multicast::net::{receive_file, Outcome, ReceiveConfig};
 use wire::multicast::packet::DEFAULT_SYMBOL_SIZE;
 use wire::multicast::Expect;
 
+use super::client::{s, table, Client, ClientArgs};
 use crate::multicast::{
     layer_info, open_sender_socket, run_session, SenderConfig, SenderControl, SocketOptions,
 };
@@ -25,6 +29,18 @@ pub enum McastCmd {
     Send(SendArgs),
     /// Receive a file from a multicast group; exits 0 only when it is whole and verified.
     Recv(RecvArgs),
+    /// List the multicast sessions a running server offers (live, then finished).
+    Sessions {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Start a running server's waiting session for a layer now (operator's command).
+    Start {
+        /// The layer (blake3, 64 hex digits).
+        layer: wire::LayerId,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// `strata mcast send`.
@@ -118,6 +134,18 @@ pub fn run(cmd: McastCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         McastCmd::Send(a) => send(a),
         McastCmd::Recv(a) => recv(a),
+        McastCmd::Sessions { client } => {
+            let c = Client::new(&client)?;
+            let v = c.call("GET", "/api/v1/multicast/sessions", None)?;
+            c.print(&v, session_rows);
+            Ok(ExitCode::SUCCESS)
+        }
+        McastCmd::Start { layer, client } => {
+            let c = Client::new(&client)?;
+            let v = c.call("POST", &format!("/api/v1/multicast/sessions/{layer}/start"), None)?;
+            c.print(&v, session_rows);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -254,4 +282,32 @@ mod tests {
         assert!(parse_rate("-5M").is_err());
         assert!(parse_rate("1k").is_err());
     }
+}
+
+/// Sessions as a table: id, state, layer, group, size, nodes offered, and the counters.
+fn session_rows(v: &serde_json::Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    let c = &r["counters"];
+                    let offered = r["offered_to"].as_array().map_or(0, |o| o.len());
+                    vec![
+                        s(&r["id"]),
+                        s(&r["state"]),
+                        s(&r["layer"]).chars().take(16).collect(),
+                        s(&r["group"]),
+                        s(&r["size"]),
+                        offered.to_string(),
+                        s(&c["receivers_done"]),
+                        s(&c["repair_packets"]),
+                        c["wire_ratio"].as_f64().map_or_else(|| "-".into(), |w| format!("{w:.3}")),
+                        s(&r["error"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["ID", "STATE", "LAYER", "GROUP", "BYTES", "OFFERED", "DONE", "REPAIRS", "WIRE", "ERROR"], &rows)
 }
