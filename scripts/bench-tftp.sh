@@ -9,14 +9,16 @@
 # RUNS rounds for each server and their ratios, the client's CPU share (atftp's user + system
 # time over wall time, median: near 100% means the client is the limit, not the server), and
 # the load average before and after. The windowed rows compare Strata with tftpd-hpa at the
-# same blksize and at tftpd-hpa's best (it has no windowsize).
+# same blksize and at tftpd-hpa's best (it has no windowsize). Last, the loopback's own UDP
+# ceiling (iperf3 -u, 64 KB datagrams, no protocol, the receiver keeps nothing): no TFTP server
+# can beat it, so it bounds what any windowsize can gain over tftpd-hpa's best.
 #
 #   scripts/bench-tftp.sh            SIZE_MIB=64 RUNS=5 by default
 #   STRATA_TFTPD=/path/to/tftpd TFTP_GET=/path/to/tftp_get scripts/bench-tftp.sh
 #                                    prebuilt example binaries; CLIENTS="atftp" for one client
 source "$(dirname "$0")/common.sh"
 
-for t in in.tftpd:tftpd-hpa atftp:atftp; do
+for t in in.tftpd:tftpd-hpa atftp:atftp iperf3:iperf3; do
   command -v "${t%%:*}" >/dev/null || { echo "missing ${t%%:*}: apt-get install ${t#*:} (scripts/setup.sh)" >&2; exit 1; }
 done
 [ -x /usr/bin/time ] || { echo "missing /usr/bin/time: apt-get install time" >&2; exit 1; }
@@ -139,3 +141,11 @@ for client in $CLIENTS; do
       "$(median "${ca[@]}" | cut -d. -f1)" "$(median "${cb[@]}" | cut -d. -f1)"
   done
 done
+
+# The loopback's UDP ceiling, after the rounds (so it does not load them).
+iperf3 -s -1 -p 15201 > "$work/iperf-server.log" 2>&1 &
+pids+=($!)
+sleep 0.5
+ceiling=$(iperf3 -c 127.0.0.1 -p 15201 -u -b 0 -l 65000 -t 3 -J 2>/dev/null \
+  | python3 -c 'import json,sys; r = json.load(sys.stdin)["end"]["sum_received"]; print("%.1f" % (r["bytes"] / r["seconds"] / 1e6))' 2>/dev/null || echo "?")
+printf '\nloopback UDP ceiling (iperf3 -u, 65000-byte datagrams, 3 s, bytes the receiver got): %s MB/s\n' "$ceiling"

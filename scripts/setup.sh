@@ -12,7 +12,7 @@ APT_PACKAGES=(
   dnsmasq-base iproute2 nftables
   tftp-hpa atftp tftpd-hpa
   libiscsi-bin libvhdi-utils tgt open-iscsi extlinux
-  udpcast uftp
+  udpcast uftp iperf3
   nginx-light
 )
 # Package names without the /release suffix, for the "already installed?" check.
