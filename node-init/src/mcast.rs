@@ -83,7 +83,9 @@ pub struct McastFetch {
 /// The interface the kernel routes `server` through (`/proc/net/route`, longest prefix), the
 /// one the group is joined on.
 pub fn interface_towards(server: SocketAddr) -> Option<String> {
-    let IpAddr::V4(ip) = server.ip() else { return None };
+    let IpAddr::V4(ip) = server.ip() else {
+        return None;
+    };
     let text = std::fs::read_to_string("/proc/net/route").ok()?;
     route_interface(&text, ip)
 }
@@ -98,9 +100,19 @@ pub fn route_interface(text: &str, ip: Ipv4Addr) -> Option<String> {
             continue;
         };
         // Addresses are hex in host (little-endian) byte order.
-        let parse = |s: &str| u32::from_str_radix(s, 16).ok().map(|v| u32::from_be_bytes(v.to_le_bytes()));
-        let (Some(dest), Some(mask)) = (parse(dest), parse(mask)) else { continue };
-        if target & mask == dest & mask && best.as_ref().is_none_or(|(m, _)| mask.count_ones() > m.count_ones()) {
+        let parse = |s: &str| {
+            u32::from_str_radix(s, 16)
+                .ok()
+                .map(|v| u32::from_be_bytes(v.to_le_bytes()))
+        };
+        let (Some(dest), Some(mask)) = (parse(dest), parse(mask)) else {
+            continue;
+        };
+        if target & mask == dest & mask
+            && best
+                .as_ref()
+                .is_none_or(|(m, _)| mask.count_ones() > m.count_ones())
+        {
             best = Some((mask, (*name).to_owned()));
         }
     }
@@ -111,16 +123,31 @@ pub fn route_interface(text: &str, ip: Ipv4Addr) -> Option<String> {
 /// session left missing with range requests, verifies the whole layer and commits it.
 /// `Ok` means the layer is in the cache; on `Err` the partial file keeps every verified chunk
 /// and the caller downloads the rest over HTTP.
-pub fn fetch_layer(client: &Client, cache: &Cache, l: &LayerRef, offer: &MulticastOffer) -> Result<McastFetch, McastError> {
+pub fn fetch_layer(
+    client: &Client,
+    cache: &Cache,
+    l: &LayerRef,
+    offer: &MulticastOffer,
+) -> Result<McastFetch, McastError> {
     let path = cache.partial_path(&l.id);
     let mut cfg = ReceiveConfig::new(
         offer.group,
-        Expect::Known { id: l.id, size: l.size, chunk_size: l.chunk_size, chunks: l.chunks.clone() },
+        Expect::Known {
+            id: l.id,
+            size: l.size,
+            chunk_size: l.chunk_size,
+            chunks: l.chunks.clone(),
+        },
     );
     cfg.iface = interface_towards(client.addr());
     cfg.deadline = Some(Instant::now() + Duration::from_secs(u64::from(offer.wait_secs)));
     cfg.max_buffer_bytes = MAX_BUFFER_BYTES;
-    crate::marker!("stage=multicast layer={} group={} iface={}", l.id, offer.group, cfg.iface.as_deref().unwrap_or("-"));
+    crate::marker!(
+        "stage=multicast layer={} group={} iface={}",
+        l.id,
+        offer.group,
+        cfg.iface.as_deref().unwrap_or("-")
+    );
     let r: Received = receive(&cfg, &path).map_err(McastError::Receive)?;
     let mut done = McastFetch {
         outcome: r.outcome,
@@ -137,9 +164,16 @@ pub fn fetch_layer(client: &Client, cache: &Cache, l: &LayerRef, offer: &Multica
         };
         let chunks = wire::chunk::chunk_count(l.size, l.chunk_size);
         if missing.len() as f64 > chunks as f64 * MAX_RANGE_SHARE {
-            return Err(McastError::MostlyMissing { missing: missing.len(), chunks });
+            return Err(McastError::MostlyMissing {
+                missing: missing.len(),
+                chunks,
+            });
         }
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(McastError::Io)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(McastError::Io)?;
         for c in missing {
             let n = fill_chunk(client, &file, l, c)?;
             done.chunks_by_http += 1;
@@ -149,7 +183,9 @@ pub fn fetch_layer(client: &Client, cache: &Cache, l: &LayerRef, offer: &Multica
             return Err(McastError::LayerMismatch);
         }
     }
-    cache.commit_partial(&l.id).map_err(|e| McastError::Io(io::Error::other(e.to_string())))?;
+    cache
+        .commit_partial(&l.id)
+        .map_err(|e| McastError::Io(io::Error::other(e.to_string())))?;
     crate::marker!(
         "stage=multicast_done layer={} outcome={:?} group_chunks={} http_chunks={} http_bytes={}",
         l.id,
@@ -171,13 +207,18 @@ fn fill_chunk(client: &Client, file: &File, l: &LayerRef, c: u32) -> Result<u64,
     let mut resp = client
         .get(&l.url, Some((r.start, Some(r.end - 1))))
         .map_err(|source| McastError::Http { chunk: c, source })?;
-    let ok = resp.status == 206 && resp.content_range.is_some_and(|cr| cr.first == r.start && cr.last + 1 == r.end);
+    let ok = resp.status == 206
+        && resp
+            .content_range
+            .is_some_and(|cr| cr.first == r.start && cr.last + 1 == r.end);
     if !ok {
         return Err(bad);
     }
     let mut data = vec![0u8; (r.end - r.start) as usize];
-    resp.read_exact(&mut data)
-        .map_err(|e| McastError::Http { chunk: c, source: HttpError::Io(e) })?;
+    resp.read_exact(&mut data).map_err(|e| McastError::Http {
+        chunk: c,
+        source: HttpError::Io(e),
+    })?;
     if l.chunks.get(c as usize) != Some(&Digest::of(&data)) {
         return Err(bad);
     }
@@ -204,18 +245,38 @@ fn layer_digest(file: &File) -> io::Result<Digest> {
 mod tests {
     use super::*;
 
-    const ROUTES: &str = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+    const ROUTES: &str =
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
         eth0\t00000000\t0102000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
         eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
         eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
 
     #[test]
     fn the_longest_prefix_names_the_interface() {
-        assert_eq!(route_interface(ROUTES, Ipv4Addr::new(10, 0, 2, 2)).as_deref(), Some("eth0"));
-        assert_eq!(route_interface(ROUTES, Ipv4Addr::new(192, 168, 7, 1)).as_deref(), Some("eth1"));
-        assert_eq!(route_interface(ROUTES, Ipv4Addr::new(8, 8, 8, 8)).as_deref(), Some("eth0"));
-        let no_default = ROUTES.lines().filter(|l| !l.contains("0102000A")).collect::<Vec<_>>().join("\n");
-        assert_eq!(route_interface(&no_default, Ipv4Addr::new(8, 8, 8, 8)), None);
-        assert_eq!(route_interface("garbage\nx y z\n", Ipv4Addr::new(1, 2, 3, 4)), None);
+        assert_eq!(
+            route_interface(ROUTES, Ipv4Addr::new(10, 0, 2, 2)).as_deref(),
+            Some("eth0")
+        );
+        assert_eq!(
+            route_interface(ROUTES, Ipv4Addr::new(192, 168, 7, 1)).as_deref(),
+            Some("eth1")
+        );
+        assert_eq!(
+            route_interface(ROUTES, Ipv4Addr::new(8, 8, 8, 8)).as_deref(),
+            Some("eth0")
+        );
+        let no_default = ROUTES
+            .lines()
+            .filter(|l| !l.contains("0102000A"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(
+            route_interface(&no_default, Ipv4Addr::new(8, 8, 8, 8)),
+            None
+        );
+        assert_eq!(
+            route_interface("garbage\nx y z\n", Ipv4Addr::new(1, 2, 3, 4)),
+            None
+        );
     }
 }

@@ -38,14 +38,26 @@ pub fn cache_dir() -> PathBuf {
 pub fn debian_kernel() -> Result<PathBuf> {
     let boot = cache_dir().join("kernel/root/boot");
     let mut found: Vec<PathBuf> = std::fs::read_dir(&boot)
-        .with_context(|| format!("reading {}: run scripts/setup.sh to unpack Debian's kernel", boot.display()))?
+        .with_context(|| {
+            format!(
+                "reading {}: run scripts/setup.sh to unpack Debian's kernel",
+                boot.display()
+            )
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
         .collect();
     found.sort();
     match found.pop() {
         Some(k) => Ok(k),
-        None => bail!("no vmlinuz-* in {}: run scripts/setup.sh to unpack Debian's kernel", boot.display()),
+        None => bail!(
+            "no vmlinuz-* in {}: run scripts/setup.sh to unpack Debian's kernel",
+            boot.display()
+        ),
     }
 }
 
@@ -53,7 +65,10 @@ pub fn debian_kernel() -> Result<PathBuf> {
 /// qemu-img syntax (`256M`, `1G`).
 pub fn create_disk(path: &Path, format: &str, size: &str) -> Result<()> {
     crate::process::run(
-        std::process::Command::new("qemu-img").args(["create", "-q", "-f", format]).arg(path).arg(size),
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", format])
+            .arg(path)
+            .arg(size),
     )
     .with_context(|| format!("creating disk image {}", path.display()))?;
     Ok(())
@@ -70,7 +85,11 @@ pub struct Cpio<W: Write> {
 impl<W: Write> Cpio<W> {
     /// Starts an archive.
     pub fn new(out: W) -> Self {
-        Self { out, ino: 1, written: 0 }
+        Self {
+            out,
+            ino: 1,
+            written: 0,
+        }
     }
 
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) -> Result<()> {
@@ -145,7 +164,8 @@ pub fn write_marker_initramfs(out: &Path, extra: &str) -> Result<()> {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = out.with_extension(format!("tmp.{}.{seq}", std::process::id()));
-    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut cpio = Cpio::new(std::io::BufWriter::new(file));
     for d in ["bin", "dev", "proc", "sys", "tmp"] {
         cpio.dir(d)?;
@@ -156,10 +176,14 @@ pub fn write_marker_initramfs(out: &Path, extra: &str) -> Result<()> {
     cpio.symlink("bin/sh", "busybox")?;
     cpio.file("init", 0o755, init.as_bytes())?;
     let w = cpio.finish()?;
-    let file = w.into_inner().map_err(|e| e.into_error()).context("writing the initramfs")?;
+    let file = w
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .context("writing the initramfs")?;
     file.sync_all().context("syncing the initramfs")?;
     drop(file);
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    std::fs::rename(&tmp, out)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
     Ok(())
 }
 
@@ -168,7 +192,11 @@ pub fn marker_boot_files(dir: &Path) -> Result<BootFiles> {
     let kernel = debian_kernel()?;
     let initrd = dir.join("lab-initrd.cpio");
     write_marker_initramfs(&initrd, "")?;
-    Ok(BootFiles { kernel, initrd, cmdline: TEST_CMDLINE.into() })
+    Ok(BootFiles {
+        kernel,
+        initrd,
+        cmdline: TEST_CMDLINE.into(),
+    })
 }
 
 #[cfg(test)]
@@ -189,8 +217,17 @@ mod tests {
             .stdin(std::fs::File::open(&path).unwrap())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>(), ["d", "d/f", "l"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .collect::<Vec<_>>(),
+            ["d", "d/f", "l"]
+        );
         let x = dir.path().join("x");
         std::fs::create_dir(&x).unwrap();
         let st = Command::new(tools::BUSYBOX)

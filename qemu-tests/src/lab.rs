@@ -85,7 +85,9 @@ impl LabShared {
     }
 
     fn logs(&self) -> MutexGuard<'_, Vec<LogStream>> {
-        self.logs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.logs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn register_log(&self, log: LogStream) {
@@ -96,8 +98,17 @@ impl LabShared {
     pub(crate) fn server_tails(&self, lines: usize) -> String {
         let logs = self.logs();
         let mut out = String::new();
-        for l in logs.iter().filter(|l| l.path().parent().is_some_and(|p| p.starts_with(self.dir.join("servers")))) {
-            out.push_str(&format!("--- last lines of {} ({}) ---\n{}\n", l.name(), l.path().display(), l.tail(lines)));
+        for l in logs.iter().filter(|l| {
+            l.path()
+                .parent()
+                .is_some_and(|p| p.starts_with(self.dir.join("servers")))
+        }) {
+            out.push_str(&format!(
+                "--- last lines of {} ({}) ---\n{}\n",
+                l.name(),
+                l.path().display(),
+                l.tail(lines)
+            ));
         }
         out
     }
@@ -113,15 +124,30 @@ impl Drop for LabShared {
         }
         let logs = self.logs();
         for l in logs.iter() {
-            eprintln!("--- {} ({}): last lines ---\n{}", l.name(), l.path().display(), l.tail(60));
+            eprintln!(
+                "--- {} ({}): last lines ---\n{}",
+                l.name(),
+                l.path().display(),
+                l.tail(60)
+            );
         }
         drop(logs);
-        let temp = self.temp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let temp = self
+            .temp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(t) = temp {
             let kept = t.keep();
-            eprintln!("--- the lab failed: its files are kept in {}", kept.display());
+            eprintln!(
+                "--- the lab failed: its files are kept in {}",
+                kept.display()
+            );
         } else {
-            eprintln!("--- the lab failed: its files are in {}", self.dir.display());
+            eprintln!(
+                "--- the lab failed: its files are in {}",
+                self.dir.display()
+            );
         }
     }
 }
@@ -147,7 +173,10 @@ impl Lab {
                 (d.clone(), None)
             }
             None => {
-                let t = tempfile::Builder::new().prefix("strata-lab-").tempdir().context("creating the lab directory")?;
+                let t = tempfile::Builder::new()
+                    .prefix("strata-lab-")
+                    .tempdir()
+                    .context("creating the lab directory")?;
                 (t.path().to_owned(), Some(t))
             }
         };
@@ -159,8 +188,15 @@ impl Lab {
             failed: AtomicBool::new(false),
             logs: Mutex::new(Vec::new()),
         });
-        let lab = Self { shared, config, servers: Vec::new(), server_starts: 0, next_vm: 0 };
-        lab.setup_network().inspect_err(|_| lab.shared.mark_failed())?;
+        let lab = Self {
+            shared,
+            config,
+            servers: Vec::new(),
+            server_starts: 0,
+            next_vm: 0,
+        };
+        lab.setup_network()
+            .inspect_err(|_| lab.shared.mark_failed())?;
         Ok(lab)
     }
 
@@ -169,7 +205,17 @@ impl Lab {
         // New interfaces inherit `default`: the taps never get IPv6.
         ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
         ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
-        ns.ip(&["link", "add", BRIDGE, "type", "bridge", "mcast_snooping", "0", "forward_delay", "0"])?;
+        ns.ip(&[
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
         if self.config.ipv6 {
             ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")?;
             ns.sysctl(&format!("net.ipv6.conf.{BRIDGE}.disable_ipv6"), "0")?;
@@ -179,7 +225,15 @@ impl Lab {
         ns.ip(&["addr", "add", &addr, "dev", BRIDGE])?;
         ns.ip(&["link", "set", BRIDGE, "up"])?;
         if self.config.ipv6 {
-            ns.ip(&["-6", "addr", "add", &self.config.ipv6_address, "dev", BRIDGE, "nodad"])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &self.config.ipv6_address,
+                "dev",
+                BRIDGE,
+                "nodad",
+            ])?;
         }
         Ok(())
     }
@@ -210,19 +264,34 @@ impl Lab {
     pub fn http_get(&self, addr: std::net::SocketAddr, path: &str) -> Result<Vec<u8>> {
         use std::io::{Read, Write};
         let mut stream = self
-            .in_netns(|| std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10)))?
+            .in_netns(|| {
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10))
+            })?
             .with_context(|| format!("connecting to {addr} in {}", self.netns_name()))?;
-        stream.set_read_timeout(Some(std::time::Duration::from_secs(60))).context("setting a timeout")?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-            .with_context(|| format!("sending GET {path} to {addr}"))?;
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .context("setting a timeout")?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .with_context(|| format!("sending GET {path} to {addr}"))?;
         let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).with_context(|| format!("reading the answer to GET {path}"))?;
+        stream
+            .read_to_end(&mut answer)
+            .with_context(|| format!("reading the answer to GET {path}"))?;
         let Some(split) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
-            bail!("GET {path} from {addr}: no HTTP header in {} bytes", answer.len());
+            bail!(
+                "GET {path} from {addr}: no HTTP header in {} bytes",
+                answer.len()
+            );
         };
         let head = String::from_utf8_lossy(answer.get(..split).unwrap_or_default()).into_owned();
         let status = head.lines().next().unwrap_or_default().to_owned();
-        let code = status.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok());
+        let code = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok());
         if !code.is_some_and(|c| (200..300).contains(&c)) {
             bail!("GET {path} from {addr}: {status}");
         }
@@ -246,7 +315,11 @@ impl Lab {
 
     /// Starts a boot server in the namespace and returns its index for [`Lab::server`].
     pub fn start_server(&mut self, server: &dyn BootServer) -> Result<usize> {
-        let dir = self.shared.dir.join("servers").join(format!("{}-{}", server.name(), self.server_starts));
+        let dir = self.shared.dir.join("servers").join(format!(
+            "{}-{}",
+            server.name(),
+            self.server_starts
+        ));
         self.server_starts += 1;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let ctx = ServerContext {
@@ -255,11 +328,16 @@ impl Lab {
             server_ip: self.config.server_ip,
             prefix_len: self.config.prefix_len,
             dhcp_range: self.config.dhcp_range,
-            ipv6: self.config.ipv6.then_some(self.config.ipv6_address.as_str()),
+            ipv6: self
+                .config
+                .ipv6
+                .then_some(self.config.ipv6_address.as_str()),
             dir,
             echo: self.config.echo,
         };
-        let running = server.start(&ctx).inspect_err(|_| self.shared.mark_failed())?;
+        let running = server
+            .start(&ctx)
+            .inspect_err(|_| self.shared.mark_failed())?;
         for l in running.logs() {
             self.shared.register_log(l.clone());
         }

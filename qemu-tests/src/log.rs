@@ -82,7 +82,8 @@ impl LogStream {
         path: &Path,
         echo: Option<String>,
     ) -> Result<Self> {
-        let file = File::create(path).with_context(|| format!("creating log {}", path.display()))?;
+        let file =
+            File::create(path).with_context(|| format!("creating log {}", path.display()))?;
         let shared = Arc::new(Shared {
             name: name.to_owned(),
             path: path.to_owned(),
@@ -109,7 +110,10 @@ impl LogStream {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock only means a waiter panicked; the bytes are still good.
-        self.shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Everything captured so far.
@@ -153,7 +157,11 @@ impl LogStream {
         let mut state = self.lock();
         loop {
             if let Some(start) = find_marker(&state.buf, from, marker.as_bytes()) {
-                return Ok(Match { start, end: start + marker.len(), at: Instant::now() });
+                return Ok(Match {
+                    start,
+                    end: start + marker.len(),
+                    at: Instant::now(),
+                });
             }
             let window = state.buf.get(from..).unwrap_or_default();
             if let Some(f) = fail.iter().find(|f| find(window, f.as_bytes()).is_some()) {
@@ -183,12 +191,24 @@ impl LogStream {
         loop {
             let rest = state.buf.get(m.end..).unwrap_or_default();
             if let Some(i) = rest.iter().position(|&b| b == b'\n') {
-                let start = state.buf.get(..m.start).unwrap_or_default().iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+                let start = state
+                    .buf
+                    .get(..m.start)
+                    .unwrap_or_default()
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |p| p + 1);
                 return clean(state.buf.get(start..m.end + i).unwrap_or_default());
             }
             let now = Instant::now();
             if state.eof || now >= deadline {
-                let start = state.buf.get(..m.start).unwrap_or_default().iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+                let start = state
+                    .buf
+                    .get(..m.start)
+                    .unwrap_or_default()
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |p| p + 1);
                 return clean(state.buf.get(start..).unwrap_or_default());
             }
             state = self
@@ -201,7 +221,13 @@ impl LogStream {
     }
 
     /// [`Self::wait_for`] with an error that carries the stream's tail.
-    pub fn expect(&self, from: usize, marker: &str, fail: &[String], timeout: Duration) -> Result<Match> {
+    pub fn expect(
+        &self,
+        from: usize,
+        marker: &str,
+        fail: &[String],
+        timeout: Duration,
+    ) -> Result<Match> {
         match self.wait_for(from, marker, fail, timeout) {
             Ok(m) => Ok(m),
             Err(why) => bail!(
@@ -239,12 +265,18 @@ fn pump(shared: &Shared, mut reader: impl Read, mut file: File, echo: Option<Str
                 }
             }
         }
-        let mut state = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         state.buf.extend_from_slice(data);
         drop(state);
         shared.cond.notify_all();
     }
-    let mut state = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut state = shared
+        .state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     state.eof = true;
     drop(state);
     shared.cond.notify_all();
@@ -306,7 +338,11 @@ fn clean(line: &[u8]) -> String {
 fn tail_text(buf: &[u8], lines: usize) -> String {
     let text: Vec<&[u8]> = buf.split(|&b| b == b'\n').collect();
     let skip = text.len().saturating_sub(lines);
-    text.iter().skip(skip).map(|l| clean(l)).collect::<Vec<_>>().join("\n")
+    text.iter()
+        .skip(skip)
+        .map(|l| clean(l))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]
@@ -317,9 +353,15 @@ mod tests {
     fn marker_needs_a_terminator() {
         assert_eq!(find_marker(b"x STRATA v=7\r\n", 0, b"STRATA v=7"), Some(2));
         assert_eq!(find_marker(b"STRATA v=70\n", 0, b"STRATA v=7"), None);
-        assert_eq!(find_marker(b"STRATA v=70\nSTRATA v=7 ok\n", 0, b"STRATA v=7"), Some(12));
+        assert_eq!(
+            find_marker(b"STRATA v=70\nSTRATA v=7 ok\n", 0, b"STRATA v=7"),
+            Some(12)
+        );
         assert_eq!(find_marker(b"STRATA v=7", 0, b"STRATA v=7"), None);
-        assert_eq!(find_marker(b"STRATA v=7\nSTRATA v=7\n", 1, b"STRATA v=7"), Some(11));
+        assert_eq!(
+            find_marker(b"STRATA v=7\nSTRATA v=7\n", 1, b"STRATA v=7"),
+            Some(11)
+        );
     }
 
     #[test]
@@ -336,17 +378,24 @@ mod tests {
         let w = thread::spawn(move || {
             writer.write_all(b"boot...\nSTRATA done\n").unwrap();
         });
-        let m = log.wait_for(0, "STRATA done", &[], Duration::from_secs(10)).unwrap();
+        let m = log
+            .wait_for(0, "STRATA done", &[], Duration::from_secs(10))
+            .unwrap();
         assert_eq!(m.start, 8);
         assert_eq!(log.line_of(&m, Duration::from_secs(10)), "STRATA done");
-        let first = log.wait_for(0, "boot...", &[], Duration::from_secs(10)).unwrap();
+        let first = log
+            .wait_for(0, "boot...", &[], Duration::from_secs(10))
+            .unwrap();
         assert_eq!(log.line_of(&first, Duration::from_secs(10)), "boot...");
         w.join().unwrap();
         assert_eq!(
             log.wait_for(m.end, "STRATA done", &[], Duration::from_secs(10)),
             Err(WaitFailure::Closed)
         );
-        assert_eq!(std::fs::read(log.path()).unwrap(), b"boot...\nSTRATA done\n");
+        assert_eq!(
+            std::fs::read(log.path()).unwrap(),
+            b"boot...\nSTRATA done\n"
+        );
     }
 
     #[test]
@@ -354,7 +403,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (reader, mut writer) = std::io::pipe().unwrap();
         let log = LogStream::capture("t", reader, &dir.path().join("t.log"), None).unwrap();
-        writer.write_all(b"Kernel panic - not syncing: x\n").unwrap();
+        writer
+            .write_all(b"Kernel panic - not syncing: x\n")
+            .unwrap();
         let fail = vec!["Kernel panic".to_owned()];
         assert_eq!(
             log.wait_for(0, "STRATA done", &fail, Duration::from_secs(10)),

@@ -13,10 +13,17 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use strata_lab::{fixture, BootFiles, BootServer, Dnsmasq, Firmware, Lab, LabConfig, NetBoot, Strata, StrataConfig, VmConfig};
+use strata_lab::{
+    fixture, BootFiles, BootServer, Dnsmasq, Firmware, Lab, LabConfig, NetBoot, Strata,
+    StrataConfig, VmConfig,
+};
 
 #[derive(Parser, Debug)]
-#[command(name = "strata-lab", version, about = "The Strata QEMU lab: a namespace, a boot server and PXE-booting VMs (needs root)")]
+#[command(
+    name = "strata-lab",
+    version,
+    about = "The Strata QEMU lab: a namespace, a boot server and PXE-booting VMs (needs root)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -167,7 +174,11 @@ struct BenchArgs {
     /// Servers to measure: dnsmasq (no router advertisement), dnsmasq-ra, dnsmasq-tuned
     /// (dnsmasq-ra plus option 175.176 for iPXE, as Strata sends), strata (needs --strata),
     /// direct (no network boot: QEMU's -kernel/-initrd, the floor).
-    #[arg(long, value_delimiter = ',', default_value = "direct,dnsmasq,dnsmasq-ra")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,dnsmasq,dnsmasq-ra"
+    )]
     servers: Vec<String>,
     #[arg(long, default_value_t = 240)]
     timeout: u64,
@@ -205,9 +216,21 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
         Some(k) => k.to_owned(),
         None => match a.server {
             Some(ServerKind::Strata) => "strata".into(),
-            Some(ServerKind::Dnsmasq) => if a.ra { "dnsmasq-ra".into() } else { "dnsmasq".into() },
+            Some(ServerKind::Dnsmasq) => {
+                if a.ra {
+                    "dnsmasq-ra".into()
+                } else {
+                    "dnsmasq".into()
+                }
+            }
             None if a.strata.is_some() => "strata".into(),
-            None => if a.ra { "dnsmasq-ra".into() } else { "dnsmasq".into() },
+            None => {
+                if a.ra {
+                    "dnsmasq-ra".into()
+                } else {
+                    "dnsmasq".into()
+                }
+            }
         },
     };
     let mut lab = LabConfig {
@@ -218,12 +241,19 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
     };
     // The boot files live outside the lab's directory so one set serves many labs.
     let fixtures = fixture::cache_dir().join("lab");
-    std::fs::create_dir_all(&fixtures).with_context(|| format!("creating {}", fixtures.display()))?;
+    std::fs::create_dir_all(&fixtures)
+        .with_context(|| format!("creating {}", fixtures.display()))?;
     let mut files = match (&a.kernel, &a.initrd) {
         (None, None) => fixture::marker_boot_files(&fixtures)?,
         _ => BootFiles {
-            kernel: match &a.kernel { Some(k) => k.clone(), None => fixture::debian_kernel()? },
-            initrd: match &a.initrd { Some(i) => i.clone(), None => bail!("--kernel without --initrd: give both or neither") },
+            kernel: match &a.kernel {
+                Some(k) => k.clone(),
+                None => fixture::debian_kernel()?,
+            },
+            initrd: match &a.initrd {
+                Some(i) => i.clone(),
+                None => bail!("--kernel without --initrd: give both or neither"),
+            },
             cmdline: fixture::TEST_CMDLINE.into(),
         },
     };
@@ -240,12 +270,15 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
             d.extra_args.clone_from(&a.dnsmasq_arg);
             if kind == "dnsmasq-tuned" {
                 // What Strata sends iPXE too: option 175 sub-option 176 (no ProxyDHCP wait).
-                d.extra_args.push("--dhcp-option-force=tag:ipxe,175,b0:01:01".into());
+                d.extra_args
+                    .push("--dhcp-option-force=tag:ipxe,175,b0:01:01".into());
             }
             Some(Box::new(d))
         }
         "strata" => {
-            let Some(bin) = &a.strata else { bail!("the strata server needs --strata <path to the strata binary>") };
+            let Some(bin) = &a.strata else {
+                bail!("the strata server needs --strata <path to the strata binary>")
+            };
             if boot == Boot::Undionly {
                 bail!("--boot undionly is a dnsmasq lab path; Strata chainloads iPXE by itself");
             }
@@ -257,7 +290,8 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
             s.config = match (&a.strata_config, &a.strata_template) {
                 (Some(f), _) => StrataConfig::File(f.clone()),
                 (None, Some(t)) => StrataConfig::Template(
-                    std::fs::read_to_string(t).with_context(|| format!("reading {}", t.display()))?,
+                    std::fs::read_to_string(t)
+                        .with_context(|| format!("reading {}", t.display()))?,
                 ),
                 (None, None) => StrataConfig::Lab,
             };
@@ -268,12 +302,20 @@ fn setup(a: &ServerArgs, kind: Option<&str>, boot: Boot, echo: bool, up: bool) -
             }
             Some(Box::new(s))
         }
-        other => bail!("unknown server {other:?} (dnsmasq, dnsmasq-ra, dnsmasq-tuned, strata, direct)"),
+        other => {
+            bail!("unknown server {other:?} (dnsmasq, dnsmasq-ra, dnsmasq-tuned, strata, direct)")
+        }
     };
     if kind == "dnsmasq" && a.ra {
         lab.ipv6 = true;
     }
-    Ok(Setup { lab, files, server, label: kind, own_boot })
+    Ok(Setup {
+        lab,
+        files,
+        server,
+        label: kind,
+        own_boot,
+    })
 }
 
 fn vm_config(name: &str, fw: Fw, boot: Boot, memory: u32) -> Result<VmConfig> {
@@ -284,13 +326,17 @@ fn vm_config(name: &str, fw: Fw, boot: Boot, memory: u32) -> Result<VmConfig> {
         (Fw::Uefi, Boot::UefiHttp) => (Firmware::Uefi, NetBoot::UefiHttp),
         (fw, boot) => bail!("--boot {boot:?} does not work with --firmware {fw:?}"),
     };
-    Ok(VmConfig::new(name, firmware).net_boot(net_boot).memory_mib(memory))
+    Ok(VmConfig::new(name, firmware)
+        .net_boot(net_boot)
+        .memory_mib(memory))
 }
 
 fn up(a: UpArgs) -> Result<()> {
     let s = setup(&a.server, None, a.boot, !a.quiet, true)?;
     let mut lab = Lab::new(s.lab)?;
-    let Some(server) = &s.server else { bail!("`up` needs a boot server (dnsmasq or strata)") };
+    let Some(server) = &s.server else {
+        bail!("`up` needs a boot server (dnsmasq or strata)")
+    };
     lab.start_server(server.as_ref())?;
     let (tx, rx) = mpsc::channel();
     ctrlc::set_handler(move || {
@@ -299,24 +345,51 @@ fn up(a: UpArgs) -> Result<()> {
     .context("installing the Ctrl-C handler")?;
     let mut vms = Vec::new();
     for i in 0..a.vms {
-        let fw = a.firmware.get(i as usize % a.firmware.len().max(1)).copied().unwrap_or(Fw::Bios);
+        let fw = a
+            .firmware
+            .get(i as usize % a.firmware.len().max(1))
+            .copied()
+            .unwrap_or(Fw::Bios);
         let mut cfg = vm_config(&format!("vm{i}"), fw, a.boot, a.memory)?;
         if let Some(size) = &a.disk_size {
             let path = lab.dir().join(format!("vm{i}.qcow2"));
-            strata_lab::process::run(std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&path).arg(size))?;
+            strata_lab::process::run(
+                std::process::Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&path)
+                    .arg(size),
+            )?;
             cfg = cfg.disk(path, "qcow2");
         }
         vms.push(lab.start_vm(cfg)?);
     }
-    println!("lab up: namespace {} (enter it with `ip netns exec {} bash`)", lab.netns_name(), lab.netns_name());
-    println!("  server: {} at {} on br0; files in {}", s.label, lab.config().server_ip, lab.dir().display());
+    println!(
+        "lab up: namespace {} (enter it with `ip netns exec {} bash`)",
+        lab.netns_name(),
+        lab.netns_name()
+    );
+    println!(
+        "  server: {} at {} on br0; files in {}",
+        s.label,
+        lab.config().server_ip,
+        lab.dir().display()
+    );
     if s.own_boot {
         println!("  boot files: the server's own kernel and node-init initramfs (the built-in busybox image)");
     } else {
-        println!("  boot files: kernel {} initrd {}", s.files.kernel.display(), s.files.initrd.display());
+        println!(
+            "  boot files: kernel {} initrd {}",
+            s.files.kernel.display(),
+            s.files.initrd.display()
+        );
     }
     for vm in &vms {
-        println!("  {} ({}): serial log {}", vm.name(), vm.mac(), vm.serial_path().display());
+        println!(
+            "  {} ({}): serial log {}",
+            vm.name(),
+            vm.mac(),
+            vm.serial_path().display()
+        );
     }
     println!("Ctrl-C stops the VMs and the server and removes the namespace.");
     loop {
@@ -365,7 +438,10 @@ fn boot_test(a: BootTestArgs) -> Result<f64> {
     let s = setup(&a.server, None, a.boot, a.follow, false)?;
     let label = s.label.clone();
     let t = boot_once(s, a.firmware, a.boot, a.memory, &a.marker, a.timeout)?;
-    println!("{:?} {:?} from {label}: QEMU start to {:?} in {t:.2} s", a.firmware, a.boot, a.marker);
+    println!(
+        "{:?} {:?} from {label}: QEMU start to {:?} in {t:.2} s",
+        a.firmware, a.boot, a.marker
+    );
     Ok(t)
 }
 
@@ -391,14 +467,28 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
     }
     println!("boot time, QEMU start to \"{}\" (TCG, 256 MiB, iPXE ROM, Debian kernel + busybox initramfs), {} runs", fixture::BOOT_MARKER, a.runs);
-    println!("{:<6} {:<12} {:>8} {:>8} {:>8} {:>10}", "fw", "server", "median", "min", "max", "vs dnsmasq");
+    println!(
+        "{:<6} {:<12} {:>8} {:>8} {:>8} {:>10}",
+        "fw", "server", "median", "min", "max", "vs dnsmasq"
+    );
     for (fw, server, times) in &rows {
         let med = median(times);
-        let base = rows.iter().find(|(f, s, _)| f == fw && s == "dnsmasq").map(|(_, _, t)| median(t));
+        let base = rows
+            .iter()
+            .find(|(f, s, _)| f == fw && s == "dnsmasq")
+            .map(|(_, _, t)| median(t));
         let ratio = base.map(|b| format!("{:.2}x", med / b)).unwrap_or_default();
         let min = times.iter().copied().fold(f64::INFINITY, f64::min);
         let max = times.iter().copied().fold(0.0, f64::max);
-        println!("{:<6} {:<12} {:>7.2}s {:>7.2}s {:>7.2}s {:>10}", format!("{fw:?}").to_lowercase(), server, med, min, max, ratio);
+        println!(
+            "{:<6} {:<12} {:>7.2}s {:>7.2}s {:>7.2}s {:>10}",
+            format!("{fw:?}").to_lowercase(),
+            server,
+            med,
+            min,
+            max,
+            ratio
+        );
     }
     Ok(())
 }
@@ -409,6 +499,8 @@ fn median(v: &[f64]) -> f64 {
     match s.len() {
         0 => 0.0,
         n if n % 2 == 1 => s.get(n / 2).copied().unwrap_or(0.0),
-        n => (s.get(n / 2 - 1).copied().unwrap_or(0.0) + s.get(n / 2).copied().unwrap_or(0.0)) / 2.0,
+        n => {
+            (s.get(n / 2 - 1).copied().unwrap_or(0.0) + s.get(n / 2).copied().unwrap_or(0.0)) / 2.0
+        }
     }
 }

@@ -24,7 +24,11 @@ impl Netns {
     /// Creates a fresh namespace with loopback up, after removing stale lab namespaces.
     pub fn create() -> Result<Self> {
         remove_stale();
-        let name = format!("{PREFIX}{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "{PREFIX}{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         run(Command::new("ip").args(["netns", "add", &name]))
             .with_context(|| format!("creating network namespace {name}"))?;
         let ns = Self { name };
@@ -59,20 +63,30 @@ impl Netns {
             scope
                 .spawn(move || -> Result<R> {
                     use std::os::fd::AsFd;
-                    rustix::thread::move_into_link_name_space(ns.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
-                        .with_context(|| format!("joining network namespace {path}"))?;
+                    rustix::thread::move_into_link_name_space(
+                        ns.as_fd(),
+                        Some(rustix::thread::LinkNameSpaceType::Network),
+                    )
+                    .with_context(|| format!("joining network namespace {path}"))?;
                     Ok(f())
                 })
                 .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("a thread in namespace {} panicked", self.name)))
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "a thread in namespace {} panicked",
+                        self.name
+                    ))
+                })
         })
     }
 
     /// Writes a sysctl inside the namespace (`net.*` keys are per namespace).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        run(self.command("sh").args(["-c", &format!("echo {value} > {path}")]))
-            .with_context(|| format!("setting {key}={value} in {}", self.name))?;
+        run(self
+            .command("sh")
+            .args(["-c", &format!("echo {value} > {path}")]))
+        .with_context(|| format!("setting {key}={value} in {}", self.name))?;
         Ok(())
     }
 }
@@ -86,7 +100,11 @@ impl Drop for Netns {
 /// Kills what still runs in namespace `name` and deletes it.
 fn delete(name: &str) {
     if let Ok(out) = run(Command::new("ip").args(["netns", "pids", name])) {
-        for pid in out.split_whitespace().filter_map(|p| p.parse::<i32>().ok()).filter_map(Pid::from_raw) {
+        for pid in out
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .filter_map(Pid::from_raw)
+        {
             let _ = kill_process(pid, Signal::KILL);
         }
     }
@@ -95,11 +113,22 @@ fn delete(name: &str) {
 
 /// Deletes lab namespaces whose creating process no longer exists.
 fn remove_stale() {
-    let Ok(list) = run(Command::new("ip").args(["netns", "list"])) else { return };
+    let Ok(list) = run(Command::new("ip").args(["netns", "list"])) else {
+        return;
+    };
     for line in list.lines() {
-        let Some(name) = line.split_whitespace().next() else { continue };
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()).and_then(Pid::from_raw) else {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse::<i32>().ok())
+            .and_then(Pid::from_raw)
+        else {
             continue;
         };
         if test_kill_process(pid).is_err() {

@@ -47,7 +47,10 @@ impl Proc {
         let program = cmd.get_program().to_string_lossy().into_owned();
         let child = cmd.spawn().map_err(|e| {
             if e.kind() == ErrorKind::NotFound {
-                anyhow::anyhow!("{name}: {program} not found: {}", crate::tools::hint(&program))
+                anyhow::anyhow!(
+                    "{name}: {program} not found: {}",
+                    crate::tools::hint(&program)
+                )
             } else {
                 anyhow::Error::new(e).context(format!("{name}: starting {program}"))
             }
@@ -55,7 +58,11 @@ impl Proc {
         // `cmd` (and with it the parent's copies of the pipe's write ends) drops here, so the
         // log reader sees end-of-file when the child exits.
         drop(cmd);
-        Ok(Self { name: name.to_owned(), child, status: None })
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            status: None,
+        })
     }
 
     /// The process's name in logs and errors.
@@ -76,7 +83,10 @@ impl Proc {
     /// The exit status if the process has exited, without blocking.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().with_context(|| format!("waiting for {}", self.name))?;
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("waiting for {}", self.name))?;
         }
         Ok(self.status)
     }
@@ -96,7 +106,9 @@ impl Proc {
     }
 
     fn signal_group(&self, sig: Signal) {
-        let Ok(raw) = i32::try_from(self.child.id()) else { return };
+        let Ok(raw) = i32::try_from(self.child.id()) else {
+            return;
+        };
         if let Some(pid) = Pid::from_raw(raw) {
             // ESRCH (already gone) is the expected outcome of a second signal.
             let _ = kill_process_group(pid, sig);

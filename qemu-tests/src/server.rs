@@ -47,7 +47,11 @@ pub struct RunningServer {
 impl RunningServer {
     /// Wraps processes already started, with their logs.
     pub fn new(name: &str, procs: Vec<Proc>, logs: Vec<LogStream>) -> Self {
-        Self { name: name.to_owned(), procs, logs }
+        Self {
+            name: name.to_owned(),
+            procs,
+            logs,
+        }
     }
 
     /// The server's name.
@@ -147,12 +151,26 @@ pub struct Dnsmasq {
 impl Dnsmasq {
     /// A PXE server booting `boot` over HTTP, without router advertisements.
     pub fn pxe(boot: BootFiles) -> Self {
-        Self { boot: Some(boot), transport: Transport::Http, http_port: 8080, router_advert: false, chain_undionly: false, extra_args: Vec::new() }
+        Self {
+            boot: Some(boot),
+            transport: Transport::Http,
+            http_port: 8080,
+            router_advert: false,
+            chain_undionly: false,
+            extra_args: Vec::new(),
+        }
     }
 
     /// A plain DHCP server (no boot options), as a site's existing DHCP server.
     pub fn site_dhcp() -> Self {
-        Self { boot: None, transport: Transport::Http, http_port: 8080, router_advert: false, chain_undionly: false, extra_args: Vec::new() }
+        Self {
+            boot: None,
+            transport: Transport::Http,
+            http_port: 8080,
+            router_advert: false,
+            chain_undionly: false,
+            extra_args: Vec::new(),
+        }
     }
 
     fn ipxe_script(&self, ctx: &ServerContext<'_>, boot: &BootFiles) -> String {
@@ -189,8 +207,16 @@ impl BootServer for Dnsmasq {
             "--bind-interfaces".into(),
             "--user=root".into(),
             format!("--pid-file={}", ctx.dir.join("dnsmasq.pid").display()),
-            format!("--dhcp-leasefile={}", ctx.dir.join("dnsmasq.leases").display()),
-            format!("--dhcp-range={},{},{},1h", ctx.dhcp_range.0, ctx.dhcp_range.1, netmask(ctx.prefix_len)),
+            format!(
+                "--dhcp-leasefile={}",
+                ctx.dir.join("dnsmasq.leases").display()
+            ),
+            format!(
+                "--dhcp-range={},{},{},1h",
+                ctx.dhcp_range.0,
+                ctx.dhcp_range.1,
+                netmask(ctx.prefix_len)
+            ),
             "--dhcp-authoritative".into(),
             "--no-ping".into(),
             "--log-dhcp".into(),
@@ -218,7 +244,10 @@ impl BootServer for Dnsmasq {
                     copy_public(src, &root.join(name))?;
                 }
             }
-            write_public(&root.join("boot.ipxe"), self.ipxe_script(ctx, boot).as_bytes())?;
+            write_public(
+                &root.join("boot.ipxe"),
+                self.ipxe_script(ctx, boot).as_bytes(),
+            )?;
             let http = format!("http://{ip}:{}", self.http_port);
             args.extend([
                 "--enable-tftp".into(),
@@ -253,8 +282,22 @@ impl BootServer for Dnsmasq {
                 args.push(format!("--dhcp-boot=tag:ipxe,{http}/boot.ipxe"));
             }
             let mut httpd = ctx.netns.command("busybox");
-            httpd.args(["httpd", "-f", "-vv", "-p", &format!("{ip}:{}", self.http_port), "-h"]).arg(&root);
-            let (p, l) = Proc::spawn_logged("httpd", httpd, &ctx.dir.join("httpd.log"), echo(ctx, "httpd"))?;
+            httpd
+                .args([
+                    "httpd",
+                    "-f",
+                    "-vv",
+                    "-p",
+                    &format!("{ip}:{}", self.http_port),
+                    "-h",
+                ])
+                .arg(&root);
+            let (p, l) = Proc::spawn_logged(
+                "httpd",
+                httpd,
+                &ctx.dir.join("httpd.log"),
+                echo(ctx, "httpd"),
+            )?;
             procs.push(p);
             logs.push(l);
             wait_tcp_listen(ctx.netns, self.http_port, &mut procs)?;
@@ -262,7 +305,12 @@ impl BootServer for Dnsmasq {
         args.extend(self.extra_args.iter().cloned());
         let mut cmd = ctx.netns.command("dnsmasq");
         cmd.args(&args);
-        let (p, log) = Proc::spawn_logged("dnsmasq", cmd, &ctx.dir.join("dnsmasq.log"), echo(ctx, "dnsmasq"))?;
+        let (p, log) = Proc::spawn_logged(
+            "dnsmasq",
+            cmd,
+            &ctx.dir.join("dnsmasq.log"),
+            echo(ctx, "dnsmasq"),
+        )?;
         procs.insert(0, p);
         logs.insert(0, log.clone());
         let mut server = RunningServer::new("dnsmasq", procs, logs);
@@ -359,11 +407,20 @@ impl Strata {
         let exe = std::env::current_exe().ok()?;
         let dir = exe.parent()?;
         // Test binaries live in target/<profile>/deps, the binaries one level up.
-        [dir.join("strata"), dir.parent()?.join("strata")].into_iter().find(|p| p.is_file())
+        [dir.join("strata"), dir.parent()?.join("strata")]
+            .into_iter()
+            .find(|p| p.is_file())
     }
 
     fn render(&self, template: &str, ctx: &ServerContext<'_>) -> String {
-        self.render_with(template, ctx.bridge, ctx.server_ip, ctx.prefix_len, ctx.dhcp_range, &ctx.dir)
+        self.render_with(
+            template,
+            ctx.bridge,
+            ctx.server_ip,
+            ctx.prefix_len,
+            ctx.dhcp_range,
+            &ctx.dir,
+        )
     }
 
     fn render_with(
@@ -385,9 +442,27 @@ impl Strata {
             ("range_end", dhcp_range.1.to_string()),
             ("dir", dir.display().to_string()),
             ("data_dir", data_dir.display().to_string()),
-            ("kernel", self.boot.as_ref().map(|b| b.kernel.display().to_string()).unwrap_or_default()),
-            ("initrd", self.boot.as_ref().map(|b| b.initrd.display().to_string()).unwrap_or_default()),
-            ("cmdline", self.boot.as_ref().map(|b| b.cmdline.clone()).unwrap_or_default()),
+            (
+                "kernel",
+                self.boot
+                    .as_ref()
+                    .map(|b| b.kernel.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                "initrd",
+                self.boot
+                    .as_ref()
+                    .map(|b| b.initrd.display().to_string())
+                    .unwrap_or_default(),
+            ),
+            (
+                "cmdline",
+                self.boot
+                    .as_ref()
+                    .map(|b| b.cmdline.clone())
+                    .unwrap_or_default(),
+            ),
         ];
         let mut out = template.to_owned();
         for (k, v) in pairs {
@@ -435,7 +510,8 @@ impl BootServer for Strata {
             }
             StrataConfig::Template(t) => {
                 let path = ctx.dir.join("strata.toml");
-                std::fs::write(&path, self.render(t, ctx)).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, self.render(t, ctx))
+                    .with_context(|| format!("writing {}", path.display()))?;
                 cmd.arg("--config").arg(path);
             }
         }
@@ -447,7 +523,12 @@ impl BootServer for Strata {
             cmd.env("RUST_LOG", v);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        let (p, log) = Proc::spawn_logged("strata", cmd, &ctx.dir.join("strata.log"), echo(ctx, "strata"))?;
+        let (p, log) = Proc::spawn_logged(
+            "strata",
+            cmd,
+            &ctx.dir.join("strata.log"),
+            echo(ctx, "strata"),
+        )?;
         let mut server = RunningServer::new("strata", vec![p], vec![log.clone()]);
         for line in &self.ready {
             log.expect(0, line, &[], self.ready_timeout)
@@ -478,7 +559,9 @@ fn echo(ctx: &ServerContext<'_>, name: &str) -> Option<String> {
 
 /// The dotted netmask of a prefix length.
 pub fn netmask(prefix_len: u8) -> Ipv4Addr {
-    let bits = u32::MAX.checked_shl(32 - u32::from(prefix_len.min(32))).unwrap_or(0);
+    let bits = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0);
     Ipv4Addr::from(bits)
 }
 
@@ -492,7 +575,14 @@ fn make_dir(dir: &Path) -> Result<()> {
 
 fn copy_public(src: &Path, dst: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::copy(src, dst).with_context(|| format!("copying {} to {}: {}", src.display(), dst.display(), tools::hint(&src.to_string_lossy())))?;
+    std::fs::copy(src, dst).with_context(|| {
+        format!(
+            "copying {} to {}: {}",
+            src.display(),
+            dst.display(),
+            tools::hint(&src.to_string_lossy())
+        )
+    })?;
     std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o644))
         .with_context(|| format!("setting permissions of {}", dst.display()))
 }
@@ -516,12 +606,19 @@ fn wait_tcp_listen(netns: &Netns, port: u16, procs: &mut [Proc]) -> Result<()> {
         }
         for p in procs.iter_mut() {
             if let Some(status) = p.try_wait()? {
-                bail!("{} exited ({status}) before listening on port {port}", p.name());
+                bail!(
+                    "{} exited ({status}) before listening on port {port}",
+                    p.name()
+                );
             }
         }
         if Instant::now() >= deadline {
             let mut msg = String::new();
-            let _ = write!(msg, "nothing listens on TCP port {port} in {} after 10 s", netns.name());
+            let _ = write!(
+                msg,
+                "nothing listens on TCP port {port} in {} after 10 s",
+                netns.name()
+            );
             bail!(msg);
         }
         thread::sleep(Duration::from_millis(10));
@@ -549,16 +646,40 @@ mod tests {
     fn lab_template_is_filled_in() {
         let ns_dir = std::path::PathBuf::from("/tmp/x");
         let mut s = Strata::new("/bin/true");
-        s.boot = Some(BootFiles { kernel: "/k".into(), initrd: "/i".into(), cmdline: "console=ttyS0 x=\"y\"".into() });
-        let pairs = s.render_with(LAB_CONFIG_TEMPLATE, "br0", Ipv4Addr::new(10, 42, 0, 1), 24, (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199)), &ns_dir);
+        s.boot = Some(BootFiles {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: "console=ttyS0 x=\"y\"".into(),
+        });
+        let pairs = s.render_with(
+            LAB_CONFIG_TEMPLATE,
+            "br0",
+            Ipv4Addr::new(10, 42, 0, 1),
+            24,
+            (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199)),
+            &ns_dir,
+        );
         assert!(!pairs.contains("{{"), "{pairs}");
         assert!(pairs.contains("interface = \"br0\""));
         assert!(pairs.contains("pool_end = \"10.42.0.199\""));
         assert!(pairs.contains("data_dir = \"/tmp/x/data\""));
-        assert!(pairs.contains("cmdline = \"console=ttyS0 x=\\\"y\\\"\""), "{pairs}");
+        assert!(
+            pairs.contains("cmdline = \"console=ttyS0 x=\\\"y\\\"\""),
+            "{pairs}"
+        );
         s.boot = None;
-        let text = s.render_with(LAB_CONFIG_TEMPLATE, "br0", Ipv4Addr::new(10, 42, 0, 1), 24, (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199)), &ns_dir);
-        assert!(text.contains("[boot]\ncmdline = \"no_timer_check\"\n"), "{text}");
+        let text = s.render_with(
+            LAB_CONFIG_TEMPLATE,
+            "br0",
+            Ipv4Addr::new(10, 42, 0, 1),
+            24,
+            (Ipv4Addr::new(10, 42, 0, 100), Ipv4Addr::new(10, 42, 0, 199)),
+            &ns_dir,
+        );
+        assert!(
+            text.contains("[boot]\ncmdline = \"no_timer_check\"\n"),
+            "{text}"
+        );
         assert!(!text.contains("kernel ="), "{text}");
     }
 }

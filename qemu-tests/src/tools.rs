@@ -22,7 +22,10 @@ pub const BUSYBOX: &str = "/bin/busybox";
 
 /// The install hint for a program or file the lab uses.
 pub fn hint(what: &str) -> String {
-    let name = Path::new(what).file_name().and_then(|n| n.to_str()).unwrap_or(what);
+    let name = Path::new(what)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(what);
     let pkg = match name {
         "qemu-system-x86_64" => "qemu-system-x86",
         "qemu-img" => "qemu-utils",

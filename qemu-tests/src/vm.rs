@@ -112,7 +112,10 @@ impl VmConfig {
     /// Attaches a disk image.
     #[must_use]
     pub fn disk(mut self, path: impl Into<PathBuf>, format: &str) -> Self {
-        self.disk = Some(Disk { path: path.into(), format: format.to_owned() });
+        self.disk = Some(Disk {
+            path: path.into(),
+            format: format.to_owned(),
+        });
         self
     }
 
@@ -141,10 +144,23 @@ pub struct TestVm {
 }
 
 impl TestVm {
-    pub(crate) fn start(lab: Arc<LabShared>, cfg: VmConfig, index: u32, echo: bool) -> Result<Self> {
+    pub(crate) fn start(
+        lab: Arc<LabShared>,
+        cfg: VmConfig,
+        index: u32,
+        echo: bool,
+    ) -> Result<Self> {
         tools::require(&["qemu-system-x86_64"], &[])?;
-        if cfg.name.is_empty() || !cfg.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            bail!("VM name {:?} must be non-empty ASCII letters, digits, '-' or '_'", cfg.name);
+        if cfg.name.is_empty()
+            || !cfg
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!(
+                "VM name {:?} must be non-empty ASCII letters, digits, '-' or '_'",
+                cfg.name
+            );
         }
         if cfg.firmware == Firmware::Bios && cfg.net_boot != NetBoot::IpxeRom {
             bail!("{}: {:?} needs UEFI firmware", cfg.name, cfg.net_boot);
@@ -153,8 +169,15 @@ impl TestVm {
             tools::require(&[], &[tools::OVMF_CODE, tools::OVMF_VARS])?;
         }
         let dir = lab.dir().join(&cfg.name);
-        std::fs::create_dir(&dir).with_context(|| format!("creating {} (VM names must be unique)", dir.display()))?;
-        let mac = cfg.mac.clone().unwrap_or_else(|| format!("52:54:00:42:{:02x}:{:02x}", (index >> 8) & 0xff, index & 0xff));
+        std::fs::create_dir(&dir)
+            .with_context(|| format!("creating {} (VM names must be unique)", dir.display()))?;
+        let mac = cfg.mac.clone().unwrap_or_else(|| {
+            format!(
+                "52:54:00:42:{:02x}:{:02x}",
+                (index >> 8) & 0xff,
+                index & 0xff
+            )
+        });
         let tap = format!("tap{index}");
         let ns = lab.netns();
         ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
@@ -192,16 +215,23 @@ impl TestVm {
         match cfg.firmware {
             Firmware::Bios => {
                 args.extend(["-machine".into(), "pc".into()]);
-                args.extend(["-fw_cfg".into(), format!("name=etc/sercon-port,file={}", sercon.display())]);
+                args.extend([
+                    "-fw_cfg".into(),
+                    format!("name=etc/sercon-port,file={}", sercon.display()),
+                ]);
             }
             Firmware::Uefi => {
                 let vars = dir.join("OVMF_VARS.fd");
-                std::fs::copy(tools::OVMF_VARS, &vars).with_context(|| format!("copying {}", tools::OVMF_VARS))?;
+                std::fs::copy(tools::OVMF_VARS, &vars)
+                    .with_context(|| format!("copying {}", tools::OVMF_VARS))?;
                 args.extend([
                     "-machine".into(),
                     "q35".into(),
                     "-drive".into(),
-                    format!("if=pflash,format=raw,unit=0,readonly=on,file={}", tools::OVMF_CODE),
+                    format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        tools::OVMF_CODE
+                    ),
                     "-drive".into(),
                     format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
                     // OVMF's IPv6 PXE would run after a failed IPv4 attempt: noise here.
@@ -209,7 +239,10 @@ impl TestVm {
                     "name=opt/org.tianocore/IPv6PXESupport,string=n".into(),
                 ]);
                 if cfg.net_boot == NetBoot::UefiHttp {
-                    args.extend(["-fw_cfg".into(), "name=opt/org.tianocore/IPv4PXESupport,string=n".into()]);
+                    args.extend([
+                        "-fw_cfg".into(),
+                        "name=opt/org.tianocore/IPv4PXESupport,string=n".into(),
+                    ]);
                 }
             }
         }
@@ -225,11 +258,19 @@ impl TestVm {
         ]);
         if let Some(disk) = &cfg.disk {
             if !disk.path.is_file() {
-                bail!("{}: disk image {} does not exist", cfg.name, disk.path.display());
+                bail!(
+                    "{}: disk image {} does not exist",
+                    cfg.name,
+                    disk.path.display()
+                );
             }
             args.extend([
                 "-drive".into(),
-                format!("if=none,id=disk0,format={},file={},cache=writeback", disk.format, disk.path.display()),
+                format!(
+                    "if=none,id=disk0,format={},file={},cache=writeback",
+                    disk.format,
+                    disk.path.display()
+                ),
                 "-device".into(),
                 "virtio-blk-pci,drive=disk0".into(),
             ]);
@@ -238,9 +279,13 @@ impl TestVm {
 
         let mut cmd = ns.command("qemu-system-x86_64");
         cmd.args(&args);
-        let stderr = std::fs::File::create(dir.join("qemu.stderr")).context("creating the QEMU stderr log")?;
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
-        std::fs::write(dir.join("qemu.cmdline"), format!("{cmd:?}\n")).context("writing the QEMU command line")?;
+        let stderr = std::fs::File::create(dir.join("qemu.stderr"))
+            .context("creating the QEMU stderr log")?;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        std::fs::write(dir.join("qemu.cmdline"), format!("{cmd:?}\n"))
+            .context("writing the QEMU command line")?;
         let started = Instant::now();
         let mut proc = Proc::spawn(&cfg.name, cmd)?;
         let stdin = proc.child_mut().stdin.take();
@@ -311,7 +356,10 @@ impl TestVm {
 
     /// Like [`Self::wait_for_serial`], returning where the marker is in the stream.
     pub fn wait_match(&mut self, marker: &str, timeout: Duration) -> Result<Match> {
-        match self.serial.wait_for(self.cursor, marker, &self.fail_markers, timeout) {
+        match self
+            .serial
+            .wait_for(self.cursor, marker, &self.fail_markers, timeout)
+        {
             Ok(m) => {
                 self.cursor = m.end;
                 Ok(m)
@@ -331,15 +379,27 @@ impl TestVm {
 
     /// Writes bytes to the serial console's input.
     pub fn send_serial(&mut self, bytes: &[u8]) -> Result<()> {
-        let Some(stdin) = self.stdin.as_mut() else { bail!("{}: serial input is closed", self.name) };
-        stdin.write_all(bytes).and_then(|()| stdin.flush()).with_context(|| format!("{}: writing to the serial console", self.name))
+        let Some(stdin) = self.stdin.as_mut() else {
+            bail!("{}: serial input is closed", self.name)
+        };
+        stdin
+            .write_all(bytes)
+            .and_then(|()| stdin.flush())
+            .with_context(|| format!("{}: writing to the serial console", self.name))
     }
 
     /// Runs a QMP command (`system_reset`, `system_powerdown`, `quit`, ...) and returns its
     /// `return` value.
-    pub fn qmp(&self, command: &str, arguments: Option<serde_json::Value>) -> Result<serde_json::Value> {
-        let stream = UnixStream::connect(&self.qmp_path).with_context(|| format!("{}: connecting to QMP", self.name))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30))).context("setting a QMP timeout")?;
+    pub fn qmp(
+        &self,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let stream = UnixStream::connect(&self.qmp_path)
+            .with_context(|| format!("{}: connecting to QMP", self.name))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .context("setting a QMP timeout")?;
         let mut writer = stream.try_clone().context("cloning the QMP socket")?;
         let mut reader = BufReader::new(stream);
         let mut read_reply = |reader: &mut BufReader<UnixStream>| -> Result<serde_json::Value> {
@@ -348,7 +408,8 @@ impl TestVm {
                 if reader.read_line(&mut line).context("reading QMP")? == 0 {
                     bail!("QMP closed");
                 }
-                let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("QMP sent {line:?}"))?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).with_context(|| format!("QMP sent {line:?}"))?;
                 if let Some(r) = v.get("return") {
                     return Ok(r.clone());
                 }
@@ -357,7 +418,12 @@ impl TestVm {
                 }
                 // Greeting ("QMP") and events: keep reading.
                 if v.get("QMP").is_some() {
-                    writeln!(writer, "{}", serde_json::json!({"execute": "qmp_capabilities"})).context("writing QMP")?;
+                    writeln!(
+                        writer,
+                        "{}",
+                        serde_json::json!({"execute": "qmp_capabilities"})
+                    )
+                    .context("writing QMP")?;
                 }
             }
         };
@@ -366,14 +432,19 @@ impl TestVm {
         if let Some(a) = arguments {
             cmd["arguments"] = a;
         }
-        let mut w = reader.get_ref().try_clone().context("cloning the QMP socket")?;
+        let mut w = reader
+            .get_ref()
+            .try_clone()
+            .context("cloning the QMP socket")?;
         writeln!(w, "{cmd}").context("writing QMP")?;
         read_reply(&mut reader).with_context(|| format!("{}: QMP {command}", self.name))
     }
 
     /// Waits for QEMU to exit (after the guest's `poweroff -f`, for instance).
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        self.proc.wait_timeout(timeout).with_context(|| format!("{}: waiting for QEMU to exit", self.name))
+        self.proc
+            .wait_timeout(timeout)
+            .with_context(|| format!("{}: waiting for QEMU to exit", self.name))
     }
 
     /// True while QEMU runs.

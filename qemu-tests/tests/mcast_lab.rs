@@ -36,25 +36,39 @@ fn node_initramfs() -> Result<PathBuf> {
         Some(p) => PathBuf::from(p),
         None => fixture::cache_dir().join("initramfs/node-init.cpio.gz"),
     };
-    ensure!(path.is_file(), "{} missing: run scripts/build-initramfs.sh", path.display());
+    ensure!(
+        path.is_file(),
+        "{} missing: run scripts/build-initramfs.sh",
+        path.display()
+    );
     Ok(path)
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// GET with the admin token, from inside the lab's network.
 fn admin_get(lab: &Lab, addr: SocketAddr, path: &str, token: &str) -> Result<Value> {
-    let mut s = lab.in_netns(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)))??;
+    let mut s =
+        lab.in_netns(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)))??;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no HTTP header end")?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no HTTP header end")?;
     let head = String::from_utf8_lossy(raw.get(..split).unwrap_or_default()).into_owned();
-    ensure!(head.split_whitespace().nth(1) == Some("200"), "GET {path}: {head}");
-    Ok(serde_json::from_slice(raw.get(split + 4..).unwrap_or_default())?)
+    ensure!(
+        head.split_whitespace().nth(1) == Some("200"),
+        "GET {path}: {head}"
+    );
+    Ok(serde_json::from_slice(
+        raw.get(split + 4..).unwrap_or_default(),
+    )?)
 }
 
 #[test]
@@ -74,10 +88,14 @@ fn two_vms_get_the_base_over_multicast_and_boot() -> Result<()> {
         initrd: node_initramfs()?,
         cmdline: "no_timer_check".into(),
     });
-    strata.ready.push("multicast sessions offered in manifests".into());
+    strata
+        .ready
+        .push("multicast sessions offered in manifests".into());
     lab.start_server(&strata)?;
     let data_dir = lab.dir().join("servers/strata-0/data");
-    let admin = std::fs::read_to_string(data_dir.join("admin.token"))?.trim().to_owned();
+    let admin = std::fs::read_to_string(data_dir.join("admin.token"))?
+        .trim()
+        .to_owned();
     let api = SocketAddr::from((server_ip, 8080));
 
     let mut vms = Vec::new();
@@ -87,7 +105,10 @@ fn two_vms_get_the_base_over_multicast_and_boot() -> Result<()> {
         let mut cfg = VmConfig::new(&format!("node{i}"), Firmware::Bios);
         cfg.memory_mib = 512;
         cfg.mac = Some((*mac).into());
-        cfg.disk = Some(Disk { path: disk, format: "raw".into() });
+        cfg.disk = Some(Disk {
+            path: disk,
+            format: "raw".into(),
+        });
         cfg.no_reboot = true;
         cfg.fail_markers = vec!["STRATA panic".into(), "Kernel panic".into()];
         vms.push(lab.start_vm(cfg)?);
@@ -99,34 +120,61 @@ fn two_vms_get_the_base_over_multicast_and_boot() -> Result<()> {
         let done = vm.wait_for_line("STRATA stage=multicast_done", BOOT)?;
         eprintln!("{}: {done}", vm.name());
         let layer = field(&done, "layer").context("layer")?.to_owned();
-        ensure!(base.get_or_insert_with(|| layer.clone()) == &layer, "both nodes joined for the same base");
+        ensure!(
+            base.get_or_insert_with(|| layer.clone()) == &layer,
+            "both nodes joined for the same base"
+        );
         vm.wait_for_serial("STRATA stage=switch_root", BOOT)?;
-        vm.wait_for_serial("STRATA image=busybox role=web version=1 stage=running", BOOT)?;
+        vm.wait_for_serial(
+            "STRATA image=busybox role=web version=1 stage=running",
+            BOOT,
+        )?;
     }
     let base = base.context("no base")?;
     // The session ends once both reported done; its counters are then final.
     let start = Instant::now();
     let session = loop {
         let v = admin_get(&lab, api, "/api/v1/multicast/sessions", &admin)?;
-        let found = v.as_array().and_then(|a| a.iter().find(|s| s["layer"] == base.as_str() && s["state"] == "finished")).cloned();
+        let found = v
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|s| s["layer"] == base.as_str() && s["state"] == "finished")
+            })
+            .cloned();
         if let Some(s) = found {
             break s;
         }
-        ensure!(start.elapsed() < Duration::from_secs(60), "no finished session for {base}: {v}");
+        ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "no finished session for {base}: {v}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     eprintln!("session: {session}");
     let c = &session["counters"];
-    ensure!(c["data_packets"] == c["layer_symbols"], "the base went out once: {session}");
-    ensure!(c["receivers_done"].as_u64().unwrap_or(0) + c["receivers_evicted"].as_u64().unwrap_or(0) == 2, "{session}");
+    ensure!(
+        c["data_packets"] == c["layer_symbols"],
+        "the base went out once: {session}"
+    );
+    ensure!(
+        c["receivers_done"].as_u64().unwrap_or(0) + c["receivers_evicted"].as_u64().unwrap_or(0)
+            == 2,
+        "{session}"
+    );
     let offered = session["offered_to"].as_array().context("offered_to")?;
     for mac in NODES {
-        ensure!(offered.iter().any(|m| m == mac), "{mac} not offered the session: {session}");
+        ensure!(
+            offered.iter().any(|m| m == mac),
+            "{mac} not offered the session: {session}"
+        );
     }
     // One session for the base: both nodes joined the same one, and the agents in the booted
     // images, whose manifests no longer offer the layers they reported cached, started none.
     let all = admin_get(&lab, api, "/api/v1/multicast/sessions", &admin)?;
-    let for_base = all.as_array().map(|a| a.iter().filter(|s| s["layer"] == base.as_str()).count());
+    let for_base = all
+        .as_array()
+        .map(|a| a.iter().filter(|s| s["layer"] == base.as_str()).count());
     ensure!(for_base == Some(1), "one session for the base: {all}");
     Ok(())
 }

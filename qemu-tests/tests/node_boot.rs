@@ -25,12 +25,16 @@ fn strata_bin() -> Result<PathBuf> {
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 #[test]
 fn pxe_boot_layered_image_through_node_init() -> Result<()> {
-    let mut lab = Lab::new(LabConfig { ipv6: true, ..LabConfig::default() })?;
+    let mut lab = Lab::new(LabConfig {
+        ipv6: true,
+        ..LabConfig::default()
+    })?;
     // No [boot] section: the server's defaults, Debian's kernel and node-init's initramfs.
     lab.start_server(&Strata::new(strata_bin()?))?;
     let disk = lab.dir().join("node0.raw");
@@ -38,7 +42,10 @@ fn pxe_boot_layered_image_through_node_init() -> Result<()> {
     let mut cfg = VmConfig::new("node0", Firmware::Bios);
     cfg.memory_mib = 512;
     cfg.mac = Some("52:54:00:42:00:10".into());
-    cfg.disk = Some(Disk { path: disk.clone(), format: "raw".into() });
+    cfg.disk = Some(Disk {
+        path: disk.clone(),
+        format: "raw".into(),
+    });
     cfg.no_reboot = true;
     cfg.fail_markers = vec!["STRATA panic".into(), "Kernel panic".into()];
 
@@ -49,12 +56,18 @@ fn pxe_boot_layered_image_through_node_init() -> Result<()> {
     let mut fetched = 0;
     while fetched < 3 {
         let f = vm.wait_for_line("STRATA stage=fetch", BOOT)?;
-        ensure!(field(&f, "bytes").is_some_and(|b| b != "0"), "first boot must download: {f}");
+        ensure!(
+            field(&f, "bytes").is_some_and(|b| b != "0"),
+            "first boot must download: {f}"
+        );
         fetched += 1;
     }
     vm.wait_for_serial("STRATA stage=attach", BOOT)?;
     vm.wait_for_serial("STRATA stage=switch_root", BOOT)?;
-    vm.wait_for_serial("STRATA image=busybox role=web version=1 stage=running", BOOT)?;
+    vm.wait_for_serial(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
     // The image starts node-init's agent, which confirms the version healthy.
     vm.wait_for_serial("STRATA agent=confirmed", BOOT)?;
     // Pull the plug (no clean shutdown): the cache must survive it.
@@ -67,8 +80,14 @@ fn pxe_boot_layered_image_through_node_init() -> Result<()> {
     vm.wait_for_serial("STRATA stage=manifest", BOOT)?;
     vm.wait_for_serial("STRATA stage=decide version=1 role=web why=confirmed", BOOT)?;
     vm.wait_for_serial("STRATA stage=verify", BOOT)?;
-    vm.wait_for_serial("STRATA image=busybox role=web version=1 stage=running", BOOT)?;
+    vm.wait_for_serial(
+        "STRATA image=busybox role=web version=1 stage=running",
+        BOOT,
+    )?;
     let serial = std::fs::read_to_string(vm.serial_path())?;
-    ensure!(!serial.contains("STRATA stage=fetch"), "the cached boot downloaded a layer:\n{serial}");
+    ensure!(
+        !serial.contains("STRATA stage=fetch"),
+        "the cached boot downloaded a layer:\n{serial}"
+    );
     Ok(())
 }

@@ -16,7 +16,10 @@ use strata_lab::{fixture, Dnsmasq, Firmware, Lab, LabConfig, NetBoot, VmConfig};
 const BOOT: Duration = Duration::from_secs(300);
 
 fn lab_with_dnsmasq(chain_undionly: bool) -> Result<Lab> {
-    let mut lab = Lab::new(LabConfig { ipv6: true, ..LabConfig::default() })?;
+    let mut lab = Lab::new(LabConfig {
+        ipv6: true,
+        ..LabConfig::default()
+    })?;
     let files = fixture::marker_boot_files(&fixture::cache_dir().join("lab"))?;
     let mut dnsmasq = Dnsmasq::pxe(files);
     dnsmasq.router_advert = true;

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use strata_lab::server::LAB_CONFIG_TEMPLATE;
-use strata_lab::{fixture, BootFiles, Dnsmasq, Firmware, Lab, LabConfig, NetBoot, Strata, StrataConfig, VmConfig};
+use strata_lab::{
+    fixture, BootFiles, Dnsmasq, Firmware, Lab, LabConfig, NetBoot, Strata, StrataConfig, VmConfig,
+};
 
 const BOOT: Duration = Duration::from_secs(300);
 
@@ -31,7 +33,10 @@ fn files() -> Result<BootFiles> {
 
 fn lab() -> Result<Lab> {
     // IPv6 on the bridge: Strata answers router solicitations itself.
-    Lab::new(LabConfig { ipv6: true, ..LabConfig::default() })
+    Lab::new(LabConfig {
+        ipv6: true,
+        ..LabConfig::default()
+    })
 }
 
 fn strata() -> Result<Strata> {
@@ -61,7 +66,10 @@ fn proxy_dhcp_beside_dnsmasq() -> Result<()> {
     s.config = StrataConfig::Template(
         LAB_CONFIG_TEMPLATE
             .replace("mode = \"full\"", "mode = \"proxy\"")
-            .replace("pool_start = \"{{range_start}}\"\npool_end = \"{{range_end}}\"\n", ""),
+            .replace(
+                "pool_start = \"{{range_start}}\"\npool_end = \"{{range_end}}\"\n",
+                "",
+            ),
     );
     lab.start_server(&s)?;
     let mut bios = lab.start_vm(VmConfig::new("bios", Firmware::Bios))?;
@@ -70,12 +78,21 @@ fn proxy_dhcp_beside_dnsmasq() -> Result<()> {
     uefi.wait_for_serial(fixture::BOOT_MARKER, BOOT)?;
     // The addresses came from dnsmasq.
     let site = lab.server(0)?;
-    let Some(log) = site.log() else { bail!("dnsmasq has no log") };
+    let Some(log) = site.log() else {
+        bail!("dnsmasq has no log")
+    };
     let text = String::from_utf8_lossy(&log.contents()).into_owned();
     for vm in [&bios, &uefi] {
         let ack = "DHCPACK(br0) 10.42.0.";
-        if !text.lines().any(|l| l.contains(ack) && l.contains(vm.mac())) {
-            bail!("dnsmasq never acknowledged an address for {} ({})", vm.name(), vm.mac());
+        if !text
+            .lines()
+            .any(|l| l.contains(ack) && l.contains(vm.mac()))
+        {
+            bail!(
+                "dnsmasq never acknowledged an address for {} ({})",
+                vm.name(),
+                vm.mac()
+            );
         }
     }
     Ok(())

@@ -30,15 +30,37 @@ struct Images;
 
 fn layer(tag: &str, kind: LayerKind) -> LayerRef {
     let id = Digest(*blake3::hash(tag.as_bytes()).as_bytes());
-    LayerRef { id, size: 4096, kind, chunk_size: 4096, chunks: vec![id], url: format!("/layers/{id}") }
+    LayerRef {
+        id,
+        size: 4096,
+        kind,
+        chunk_size: 4096,
+        chunks: vec![id],
+        url: format!("/layers/{id}"),
+    }
 }
 
 impl ImageSource for Images {
     fn chain_for(&self, role: &str, _n: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
-        Ok(Some(ImageChain { image: "img".into(), version: 1, layers: vec![layer("base", LayerKind::Base), layer(role, LayerKind::Role)], boot_tries: 3 }))
+        Ok(Some(ImageChain {
+            image: "img".into(),
+            version: 1,
+            layers: vec![layer("base", LayerKind::Base), layer(role, LayerKind::Role)],
+            boot_tries: 3,
+        }))
     }
-    fn chain_at(&self, role: &str, v: &VersionRef, _n: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
-        Ok(Some(ImageChain { image: v.image.clone(), version: v.version, layers: vec![layer("base", LayerKind::Base), layer(role, LayerKind::Role)], boot_tries: 3 }))
+    fn chain_at(
+        &self,
+        role: &str,
+        v: &VersionRef,
+        _n: &NodeRecord,
+    ) -> Result<Option<ImageChain>, FleetError> {
+        Ok(Some(ImageChain {
+            image: v.image.clone(),
+            version: v.version,
+            layers: vec![layer("base", LayerKind::Base), layer(role, LayerKind::Role)],
+            boot_tries: 3,
+        }))
     }
     fn layer_path(&self, _id: &LayerId) -> Option<PathBuf> {
         None
@@ -49,13 +71,19 @@ impl ImageSource for Images {
 /// server itself adds to a report's latency, apart from scheduling and the load generator.
 static HANDLER_US: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
-async fn timing(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+async fn timing(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     let report = req.uri().path().ends_with("/report");
     let t = Instant::now();
     let resp = next.run(req).await;
     if report {
         let us = u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX);
-        HANDLER_US.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+        HANDLER_US
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(us);
     }
     resp
 }
@@ -68,7 +96,10 @@ struct Stalls {
     over_20ms: u64,
 }
 
-static STALLS: std::sync::Mutex<Stalls> = std::sync::Mutex::new(Stalls { worst: Duration::ZERO, over_20ms: 0 });
+static STALLS: std::sync::Mutex<Stalls> = std::sync::Mutex::new(Stalls {
+    worst: Duration::ZERO,
+    over_20ms: 0,
+});
 
 async fn watch_stalls() {
     let mut next = tokio::time::Instant::now();
@@ -85,7 +116,11 @@ async fn watch_stalls() {
 
 fn take_stalls() -> String {
     let s = std::mem::take(&mut *STALLS.lock().unwrap_or_else(|e| e.into_inner()));
-    format!("10 ms timer late by >20 ms {} times, worst {:.1} ms", s.over_20ms, s.worst.as_secs_f64() * 1e3)
+    format!(
+        "10 ms timer late by >20 ms {} times, worst {:.1} ms",
+        s.over_20ms,
+        s.worst.as_secs_f64() * 1e3
+    )
 }
 
 /// `GET /bench/handler-times?reset`: p50/p99/max of the handler times since the last reset.
@@ -96,15 +131,35 @@ async fn handler_times(q: axum::extract::RawQuery) -> String {
         return "reset".into();
     }
     v.sort_unstable();
-    let p = |f: f64| v.get(((v.len().saturating_sub(1)) as f64 * f).round() as usize).copied().unwrap_or(0) as f64 / 1e3;
-    format!("handler time of {} reports: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms; {stalls}", v.len(), p(0.5), p(0.99), p(1.0))
+    let p = |f: f64| {
+        v.get(((v.len().saturating_sub(1)) as f64 * f).round() as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e3
+    };
+    format!(
+        "handler time of {} reports: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms; {stalls}",
+        v.len(),
+        p(0.5),
+        p(0.99),
+        p(1.0)
+    )
 }
 
 fn server_main(dir: &str) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
-        let orch = Orchestrator::open(std::path::Path::new(dir), key, Arc::new(Images), Options::new("web")).await?;
+        let orch = Orchestrator::open(
+            std::path::Path::new(dir),
+            key,
+            Arc::new(Images),
+            Options::new("web"),
+        )
+        .await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("listening on http://{}", listener.local_addr()?);
         std::io::stdout().flush()?;
@@ -112,8 +167,13 @@ fn server_main(dir: &str) -> Result<()> {
             .route("/bench/handler-times", axum::routing::get(handler_times))
             .merge(orch.router())
             .layer(axum::middleware::from_fn(timing));
-        let mut services = strata_server::app::Services::new(tokio_util::sync::CancellationToken::new());
-        services.spawn("http", move |token| async move { axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await });
+        let mut services =
+            strata_server::app::Services::new(tokio_util::sync::CancellationToken::new());
+        services.spawn("http", move |token| async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+        });
         orch.spawn(&mut services);
         tokio::spawn(watch_stalls());
         services.run().await?;
@@ -139,8 +199,15 @@ struct Node {
 
 async fn report(client: &reqwest::Client, url: &str, n: &mut Node) -> Result<()> {
     for _ in 0..2 {
-        let r = StateReport { mac: n.mac.clone(), seq: n.seq + 1, base_seq: n.seq, delta: n.acked.diff(&n.status) };
-        let mut req = client.post(format!("{url}/api/v1/nodes/by-mac/{}/report", n.mac)).json(&r);
+        let r = StateReport {
+            mac: n.mac.clone(),
+            seq: n.seq + 1,
+            base_seq: n.seq,
+            delta: n.acked.diff(&n.status),
+        };
+        let mut req = client
+            .post(format!("{url}/api/v1/nodes/by-mac/{}/report", n.mac))
+            .json(&r);
         if let Some(t) = &n.token {
             req = req.bearer_auth(t);
         }
@@ -170,23 +237,52 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn mac_of(i: usize) -> String {
-    format!("02:00:{:02x}:{:02x}:{:02x}:{:02x}", (i >> 24) & 255, (i >> 16) & 255, (i >> 8) & 255, i & 255)
+    format!(
+        "02:00:{:02x}:{:02x}:{:02x}:{:02x}",
+        (i >> 24) & 255,
+        (i >> 16) & 255,
+        (i >> 8) & 255,
+        i & 255
+    )
 }
 
 /// Gives every node a node token (discovered by a first report, then `POST .../tokens`), 32
 /// at a time. Returns the secrets by node index.
-async fn issue_tokens(client: &reqwest::Client, url: &str, dir: &std::path::Path, nodes: usize) -> Result<Vec<String>> {
-    let admin = std::fs::read_to_string(dir.join("admin.token"))?.trim().to_owned();
+async fn issue_tokens(
+    client: &reqwest::Client,
+    url: &str,
+    dir: &std::path::Path,
+    nodes: usize,
+) -> Result<Vec<String>> {
+    let admin = std::fs::read_to_string(dir.join("admin.token"))?
+        .trim()
+        .to_owned();
     let mut tasks = Vec::new();
     for w in 0..32 {
         let (client, url, admin) = (client.clone(), url.to_owned(), admin.clone());
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             for i in (w..nodes).step_by(32) {
-                let mut n = Node { mac: mac_of(i), token: None, seq: 0, acked: NodeStatus::default(), status: NodeStatus::default() };
+                let mut n = Node {
+                    mac: mac_of(i),
+                    token: None,
+                    seq: 0,
+                    acked: NodeStatus::default(),
+                    status: NodeStatus::default(),
+                };
                 report(&client, &url, &mut n).await?;
-                let resp = client.post(format!("{url}/api/v1/nodes/{}/tokens", n.mac)).bearer_auth(&admin).json(&serde_json::json!({})).send().await?;
-                anyhow::ensure!(resp.status().is_success(), "token for {}: {}", n.mac, resp.status());
+                let resp = client
+                    .post(format!("{url}/api/v1/nodes/{}/tokens", n.mac))
+                    .bearer_auth(&admin)
+                    .json(&serde_json::json!({}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    resp.status().is_success(),
+                    "token for {}: {}",
+                    n.mac,
+                    resp.status()
+                );
                 let v: serde_json::Value = resp.json().await?;
                 out.push((i, v["token"].as_str().context("secret")?.to_owned()));
             }
@@ -220,8 +316,15 @@ async fn run_load(nodes: usize, secs: u64, interval: u64, with_tokens: bool) -> 
         }
     }
     anyhow::ensure!(!url.is_empty(), "server did not start");
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).timeout(Duration::from_secs(30)).build()?;
-    let secrets = if with_tokens { issue_tokens(&client, &url, dir.path(), nodes).await? } else { Vec::new() };
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let secrets = if with_tokens {
+        issue_tokens(&client, &url, dir.path(), nodes).await?
+    } else {
+        Vec::new()
+    };
     let workers = 512.min(nodes);
     let period = Duration::from_secs(interval);
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
@@ -237,8 +340,22 @@ async fn run_load(nodes: usize, secs: u64, interval: u64, with_tokens: bool) -> 
             .step_by(workers)
             .map(|i| {
                 let offset = period.mul_f64(i as f64 / nodes as f64);
-                let status = NodeStatus { state: NodeState::Healthy, role: Some("web".into()), version: Some(1), ..Default::default() };
-                (offset, Node { mac: mac_of(i), token: secrets.get(i).cloned(), seq: 0, acked: NodeStatus::default(), status })
+                let status = NodeStatus {
+                    state: NodeState::Healthy,
+                    role: Some("web".into()),
+                    version: Some(1),
+                    ..Default::default()
+                };
+                (
+                    offset,
+                    Node {
+                        mac: mac_of(i),
+                        token: secrets.get(i).cloned(),
+                        seq: 0,
+                        acked: NodeStatus::default(),
+                        status,
+                    },
+                )
             })
             .collect();
         let cpu0 = Arc::clone(&cpu0);
@@ -263,7 +380,10 @@ async fn run_load(nodes: usize, secs: u64, interval: u64, with_tokens: bool) -> 
                             first
                         };
                         if first {
-                            let _ = client.get(format!("{url}/bench/handler-times?reset")).send().await;
+                            let _ = client
+                                .get(format!("{url}/bench/handler-times?reset"))
+                                .send()
+                                .await;
                             take_stalls();
                         }
                     }
@@ -275,7 +395,11 @@ async fn run_load(nodes: usize, secs: u64, interval: u64, with_tokens: bool) -> 
                     let ok = report(&client, &url, n).await.is_ok();
                     if due >= measure_from {
                         if ok {
-                            lat.push((t.elapsed(), due.saturating_duration_since(measure_from), late));
+                            lat.push((
+                                t.elapsed(),
+                                due.saturating_duration_since(measure_from),
+                                late,
+                            ));
                         } else {
                             errors += 1;
                         }
@@ -294,13 +418,20 @@ async fn run_load(nodes: usize, secs: u64, interval: u64, with_tokens: bool) -> 
     }
     let mut lat: Vec<Duration> = all.iter().map(|(l, _, _)| *l).collect();
     let cpu1 = cpu_ticks(pid)?;
-    let (c0, t0) = cpu0.lock().unwrap_or_else(|e| e.into_inner()).context("no measurement")?;
+    let (c0, t0) = cpu0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .context("no measurement")?;
     let wall = t0.elapsed().as_secs_f64();
     let ticks_per_sec = 100.0;
     let cpu = (cpu1 - c0) as f64 / ticks_per_sec / wall * 100.0;
     lat.sort();
-    let db_size = std::fs::metadata(dir.path().join("orchestrator.db")).map(|m| m.len()).unwrap_or(0)
-        + std::fs::metadata(dir.path().join("orchestrator.db-wal")).map(|m| m.len()).unwrap_or(0);
+    let db_size = std::fs::metadata(dir.path().join("orchestrator.db"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+        + std::fs::metadata(dir.path().join("orchestrator.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
     println!(
         "{nodes:>6} nodes every {interval}s{}: {:>7.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  max {:>7.2} ms  server CPU {:>5.1}% of a core  errors {errors}  db {:.1} MiB",
         if with_tokens { " with tokens" } else { "" },
@@ -314,17 +445,31 @@ async fn run_load(nodes: usize, secs: u64, interval: u64, with_tokens: bool) -> 
     // Where the slow ones are: when (seconds into the measurement) and whether the generator
     // itself sent them late (a worker still busy with the previous request).
     let p99 = pct(&lat, 0.99);
-    let mut slow: Vec<&(Duration, Duration, Duration)> = all.iter().filter(|(l, _, _)| *l >= p99).collect();
+    let mut slow: Vec<&(Duration, Duration, Duration)> =
+        all.iter().filter(|(l, _, _)| *l >= p99).collect();
     slow.sort_by_key(|(_, at, _)| *at);
     let mut per_sec = std::collections::BTreeMap::<u64, usize>::new();
     for (_, at, _) in &slow {
         *per_sec.entry(at.as_secs()).or_default() += 1;
     }
-    let late_sent = all.iter().filter(|(_, _, late)| *late > Duration::from_millis(5)).count();
-    let slow_and_late = slow.iter().filter(|(_, _, late)| *late > Duration::from_millis(5)).count();
-    println!("  slowest 1% ({}) by second of the run: {per_sec:?}", slow.len());
+    let late_sent = all
+        .iter()
+        .filter(|(_, _, late)| *late > Duration::from_millis(5))
+        .count();
+    let slow_and_late = slow
+        .iter()
+        .filter(|(_, _, late)| *late > Duration::from_millis(5))
+        .count();
+    println!(
+        "  slowest 1% ({}) by second of the run: {per_sec:?}",
+        slow.len()
+    );
     println!("  generator: {late_sent} requests sent >5 ms after their due time ({slow_and_late} of the slowest 1%); {}", take_stalls());
-    if let Ok(r) = client.get(format!("{url}/bench/handler-times")).send().await {
+    if let Ok(r) = client
+        .get(format!("{url}/bench/handler-times"))
+        .send()
+        .await
+    {
         println!("  server side: {}", r.text().await.unwrap_or_default());
     }
     if nodes == 10_000 || std::env::var_os("ORCH_BENCH_PLAN").is_some() {
@@ -336,8 +481,15 @@ async fn run_load(nodes: usize, secs: u64, interval: u64, with_tokens: bool) -> 
     Ok(())
 }
 
-async fn plan_through_api(client: &reqwest::Client, url: &str, dir: &std::path::Path, nodes: usize) -> Result<()> {
-    let admin = std::fs::read_to_string(dir.join("admin.token"))?.trim().to_owned();
+async fn plan_through_api(
+    client: &reqwest::Client,
+    url: &str,
+    dir: &std::path::Path,
+    nodes: usize,
+) -> Result<()> {
+    let admin = std::fs::read_to_string(dir.join("admin.token"))?
+        .trim()
+        .to_owned();
     let put = client
         .put(format!("{url}/api/v1/roles/web"))
         .bearer_auth(&admin)
@@ -347,7 +499,12 @@ async fn plan_through_api(client: &reqwest::Client, url: &str, dir: &std::path::
     anyhow::ensure!(put.status().is_success(), "role: {}", put.status());
     let spec = serde_json::json!({ "roles": [{ "role": "web", "to": { "image": "img", "version": 2 } }], "canary": 1, "batch_size": 100, "max_unavailable": 10 });
     let t = Instant::now();
-    let resp = client.post(format!("{url}/api/v1/rollouts")).bearer_auth(&admin).json(&spec).send().await?;
+    let resp = client
+        .post(format!("{url}/api/v1/rollouts"))
+        .bearer_auth(&admin)
+        .json(&spec)
+        .send()
+        .await?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await?;
     let took = t.elapsed();
@@ -366,7 +523,9 @@ async fn plan_breakdown(dir: &std::path::Path) -> Result<()> {
     use strata_server::db::{nodes, rollouts, Db};
     use strata_server::orchestrator::plan::RolloutSpec;
     let db = Db::open(&dir.join("orchestrator.db"))?;
-    let spec: RolloutSpec = serde_json::from_value(serde_json::json!({ "roles": [{ "role": "web", "to": { "image": "img", "version": 2 } }], "canary": 1, "batch_size": 100, "max_unavailable": 10 }))?;
+    let spec: RolloutSpec = serde_json::from_value(
+        serde_json::json!({ "roles": [{ "role": "web", "to": { "image": "img", "version": 2 } }], "canary": 1, "batch_size": 100, "max_unavailable": 10 }),
+    )?;
     let line = db
         .call(move |c| {
             let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
@@ -404,13 +563,40 @@ async fn plan_breakdown(dir: &std::path::Path) -> Result<()> {
 
 fn plan_pure(nodes: usize) {
     use strata_server::orchestrator::plan::{plan, NodeFact, RoleFact, RoleTarget, RolloutSpec};
-    let v = |n| VersionRef { image: "img".into(), version: n };
-    let roles: Vec<RoleFact> = ["storage", "database", "compute"].iter().enumerate().map(|(i, r)| RoleFact { name: (*r).into(), order: i as i64, current: Some(v(1)) }).collect();
+    let v = |n| VersionRef {
+        image: "img".into(),
+        version: n,
+    };
+    let roles: Vec<RoleFact> = ["storage", "database", "compute"]
+        .iter()
+        .enumerate()
+        .map(|(i, r)| RoleFact {
+            name: (*r).into(),
+            order: i as i64,
+            current: Some(v(1)),
+        })
+        .collect();
     let facts: Vec<NodeFact> = (0..nodes)
-        .map(|i| NodeFact { mac: format!("02:00:00:{:02x}:{:02x}:{:02x}", (i >> 16) & 255, (i >> 8) & 255, i & 255), role: roles[i % 3].name.clone(), pinned: None, effective: Some(v(1)) })
+        .map(|i| NodeFact {
+            mac: format!(
+                "02:00:00:{:02x}:{:02x}:{:02x}",
+                (i >> 16) & 255,
+                (i >> 8) & 255,
+                i & 255
+            ),
+            role: roles[i % 3].name.clone(),
+            pinned: None,
+            effective: Some(v(1)),
+        })
         .collect();
     let spec = RolloutSpec {
-        roles: roles.iter().map(|r| RoleTarget { role: r.name.clone(), to: v(2) }).collect(),
+        roles: roles
+            .iter()
+            .map(|r| RoleTarget {
+                role: r.name.clone(),
+                to: v(2),
+            })
+            .collect(),
         canary: 1,
         batch_size: 100,
         max_unavailable: 10,
@@ -425,7 +611,10 @@ fn plan_pure(nodes: usize) {
         best = best.min(t.elapsed());
         waves = p.map(|p| p.waves.len()).unwrap_or(0);
     }
-    println!("plan over {nodes} nodes, 3 roles (pure planner, best of 5): {:.2} ms, {waves} waves", best.as_secs_f64() * 1e3);
+    println!(
+        "plan over {nodes} nodes, 3 roles (pure planner, best of 5): {:.2} ms, {waves} waves",
+        best.as_secs_f64() * 1e3
+    );
 }
 
 async fn sqlite_batching(n: usize) -> Result<()> {
@@ -433,7 +622,9 @@ async fn sqlite_batching(n: usize) -> Result<()> {
     use strata_server::db::Db;
     let dir = tempfile::tempdir()?;
     let db = Db::open(&dir.path().join("b.db"))?;
-    let macs: Vec<String> = (0..n).map(|i| format!("02:00:00:00:{:02x}:{:02x}", (i >> 8) & 255, i & 255)).collect();
+    let macs: Vec<String> = (0..n)
+        .map(|i| format!("02:00:00:00:{:02x}:{:02x}", (i >> 8) & 255, i & 255))
+        .collect();
     let m2 = macs.clone();
     db.call(move |c| {
         for m in &m2 {
@@ -446,7 +637,16 @@ async fn sqlite_batching(n: usize) -> Result<()> {
         macs.iter()
             .map(|m| Facts {
                 mac: m.clone(),
-                report: Some((NodeStatus { state: NodeState::Healthy, boot_count: seen as u32, ..Default::default() }, Default::default(), seen, seen)),
+                report: Some((
+                    NodeStatus {
+                        state: NodeState::Healthy,
+                        boot_count: seen as u32,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                    seen,
+                    seen,
+                )),
                 staged: None,
                 last_seen_ms: seen,
                 layer_bytes: 0,
@@ -479,12 +679,23 @@ fn main() -> Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--server") {
         return server_main(args.get(i + 1).context("--server DIR")?);
     }
-    let get = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let sizes: Vec<usize> = get("--nodes").unwrap_or_else(|| "1000,10000".into()).split(',').filter_map(|s| s.parse().ok()).collect();
+    let get = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let sizes: Vec<usize> = get("--nodes")
+        .unwrap_or_else(|| "1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.parse().ok())
+        .collect();
     let secs: u64 = get("--secs").and_then(|s| s.parse().ok()).unwrap_or(30);
     let interval: u64 = get("--interval").and_then(|s| s.parse().ok()).unwrap_or(10);
     let tokens = args.iter().any(|a| a == "--tokens");
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         tokio::spawn(watch_stalls());
         for &n in &sizes {

@@ -24,7 +24,11 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 fn du(path: &Path) -> Result<u64> {
     let o = Command::new("du").args(["-s", "-B1"]).arg(path).output()?;
-    Ok(String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("0").parse()?)
+    Ok(String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("0")
+        .parse()?)
 }
 
 /// Records when each build stage starts.
@@ -33,7 +37,10 @@ struct Stages(std::sync::Mutex<Vec<(String, Instant)>>);
 
 impl build::Progress for Stages {
     fn stage(&self, what: &str) {
-        self.0.lock().unwrap().push((what.to_owned(), Instant::now()));
+        self.0
+            .lock()
+            .unwrap()
+            .push((what.to_owned(), Instant::now()));
     }
 }
 
@@ -53,7 +60,10 @@ fn mib(b: u64) -> f64 {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let nodes: u32 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
-    let work = args.get(2).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/strata-images-bench"));
+    let work = args
+        .get(2)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/strata-images-bench"));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     let images = build::default_images_dir();
@@ -63,11 +73,25 @@ fn main() -> Result<()> {
     fs::create_dir_all(&empty_roles)?;
     let s1 = Store::open(&work.join("s1"))?;
     let t = Instant::now();
-    let base = build::build(&s1, &images.join("busybox"), &BuildOptions { roles_dir: Some(empty_roles), ..Default::default() })?;
+    let base = build::build(
+        &s1,
+        &images.join("busybox"),
+        &BuildOptions {
+            roles_dir: Some(empty_roles),
+            ..Default::default()
+        },
+    )?;
     let t_base = t.elapsed().as_secs_f64();
     let s2 = Store::open(&work.join("s2"))?;
     let t = Instant::now();
-    let all = build::build(&s2, &images.join("busybox"), &BuildOptions { roles_dir: Some(images.join("roles")), ..Default::default() })?;
+    let all = build::build(
+        &s2,
+        &images.join("busybox"),
+        &BuildOptions {
+            roles_dir: Some(images.join("roles")),
+            ..Default::default()
+        },
+    )?;
     let t_all = t.elapsed().as_secs_f64();
     let n_roles = all.roles.len() as f64;
     let t = Instant::now();
@@ -78,10 +102,20 @@ fn main() -> Result<()> {
     let tree = work.join("tree");
     fs::create_dir_all(&tree)?;
     let raw = s1.cache_path(&base.base.id);
-    run(Command::new("debugfs").arg("-R").arg(format!("rdump / {}", tree.display())).arg(&raw))?;
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", tree.display()))
+        .arg(&raw))?;
     let t = Instant::now();
-    run(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4", "-d"]).arg(&tree).arg(work.join("peer.raw")).arg("32M"))?;
-    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "vhdx"]).arg(work.join("peer.raw")).arg(work.join("peer.vhdx")))?;
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(work.join("peer.raw"))
+        .arg("32M"))?;
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "vhdx"])
+        .arg(work.join("peer.raw"))
+        .arg(work.join("peer.vhdx")))?;
     let t_peer = t.elapsed().as_secs_f64();
     println!("busybox base: {t_base:.3} s ({} MiB layer); peer mke2fs -d + qemu-img convert -O vhdx: {t_peer:.3} s; ratio {:.2}", mib(base.base.size), t_base / t_peer);
     println!(
@@ -97,7 +131,12 @@ fn main() -> Result<()> {
     let web = s2.image_for_role("web")?.context("web role")?;
     let fact = |n: u32| NodeFacts {
         hostname: format!("node{n}"),
-        mac: format!("52:54:00:{:02x}:{:02x}:{:02x}", n >> 16, (n >> 8) & 0xff, n & 0xff),
+        mac: format!(
+            "52:54:00:{:02x}:{:02x}:{:02x}",
+            n >> 16,
+            (n >> 8) & 0xff,
+            n & 0xff
+        ),
         ip: Some(format!("10.{}.{}.{}/8", n >> 16, (n >> 8) & 0xff, n & 0xff)),
         gateway: Some("10.0.0.1".into()),
         node_id: format!("node-{n}"),
@@ -135,8 +174,18 @@ fn main() -> Result<()> {
     let t = Instant::now();
     for n in 0..peer_n {
         let out = pdir.join(format!("node{n}.raw"));
-        run(Command::new("cp").arg("--sparse=always").arg(&role_raw).arg(&out))?;
-        run(Command::new("debugfs").arg("-w").arg("-R").arg(format!("write {} /etc/hostname", pdir.join("hostname").display())).arg(&out))?;
+        run(Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&role_raw)
+            .arg(&out))?;
+        run(Command::new("debugfs")
+            .arg("-w")
+            .arg("-R")
+            .arg(format!(
+                "write {} /etc/hostname",
+                pdir.join("hostname").display()
+            ))
+            .arg(&out))?;
     }
     let t_peer_nodes = t.elapsed().as_secs_f64() / f64::from(peer_n) * f64::from(nodes);
     let peer_alloc = du(&pdir)? / u64::from(peer_n) * u64::from(nodes);
@@ -172,27 +221,55 @@ fn main() -> Result<()> {
         fs::write(root.join("data").join(format!("blob{i:03}")), &chunk)?;
     }
     fs::create_dir_all(big.join("base"))?;
-    fs::write(big.join("base/recipe.toml"), "[image]\nname = \"big\"\nsize_mib = 1024\n[base]\nsource = \"dir\"\npath = \"../root\"\n")?;
+    fs::write(
+        big.join("base/recipe.toml"),
+        "[image]\nname = \"big\"\nsize_mib = 1024\n[base]\nsource = \"dir\"\npath = \"../root\"\n",
+    )?;
     let rfiles = big.join("roles/add/files/opt/add");
     fs::create_dir_all(&rfiles)?;
     let mut added = 0;
     for i in 0..16 {
-        let part: Vec<u8> = chunk[i * 65536..(i + 1) * 65536].iter().map(|b| b ^ 0x5a).collect();
+        let part: Vec<u8> = chunk[i * 65536..(i + 1) * 65536]
+            .iter()
+            .map(|b| b ^ 0x5a)
+            .collect();
         added += part.len() as u64;
         fs::write(rfiles.join(format!("f{i:02}")), part)?;
     }
-    fs::write(big.join("roles/add/recipe.toml"), "[role]\nname = \"add\"\nimage = \"big\"\n[[tree]]\nfrom = \"files\"\n")?;
+    fs::write(
+        big.join("roles/add/recipe.toml"),
+        "[role]\nname = \"add\"\nimage = \"big\"\n[[tree]]\nfrom = \"files\"\n",
+    )?;
     let s3 = Store::open(&work.join("s3"))?;
     let t = Instant::now();
-    let b0 = build::build(&s3, &big.join("base"), &BuildOptions { roles_dir: Some(work.join("no-roles")), ..Default::default() })?;
+    let b0 = build::build(
+        &s3,
+        &big.join("base"),
+        &BuildOptions {
+            roles_dir: Some(work.join("no-roles")),
+            ..Default::default()
+        },
+    )?;
     let t_bigbase = t.elapsed().as_secs_f64();
     let s4 = Store::open(&work.join("s4"))?;
     let stages = Stages::default();
-    let b1 = build::build(&s4, &big.join("base"), &BuildOptions { roles_dir: Some(big.join("roles")), progress: &stages })?;
-    let t_role = stages.between("building role add", "publishing").context("role stage times")?;
+    let b1 = build::build(
+        &s4,
+        &big.join("base"),
+        &BuildOptions {
+            roles_dir: Some(big.join("roles")),
+            progress: &stages,
+        },
+    )?;
+    let t_role = stages
+        .between("building role add", "publishing")
+        .context("role stage times")?;
     let role = &b1.roles.first().context("role add")?.2;
     let t = Instant::now();
-    run(Command::new("cp").arg("--sparse=always").arg(s3.cache_path(&b0.base.id)).arg(work.join("peer-big.raw")))?;
+    run(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(s3.cache_path(&b0.base.id))
+        .arg(work.join("peer-big.raw")))?;
     let t_copy = t.elapsed().as_secs_f64();
     // Which 1 MiB blocks the role changed, and what a finer-grained differencing format
     // (qcow2, 64 KiB clusters, written by qemu-img against the same base) makes of it.
@@ -202,8 +279,14 @@ fn main() -> Result<()> {
     // An empty overlay on the role image, rebased onto the base: qemu-img writes exactly the
     // clusters in which the two differ.
     let t = Instant::now();
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&role_raw).arg(&qcow))?;
-    run(Command::new("qemu-img").args(["rebase", "-q", "-F", "raw", "-b"]).arg(&base_raw).arg(&qcow))?;
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&role_raw)
+        .arg(&qcow))?;
+    run(Command::new("qemu-img")
+        .args(["rebase", "-q", "-F", "raw", "-b"])
+        .arg(&base_raw)
+        .arg(&qcow))?;
     let t_qcow = t.elapsed().as_secs_f64();
     let qcow_size = fs::metadata(&qcow)?.len();
     println!(

@@ -24,7 +24,15 @@ struct Args {
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args { addr: String::new(), target: String::new(), lun: 0, mode: "randread".into(), bs: 4096, qd: 32, seconds: 5 };
+    let mut a = Args {
+        addr: String::new(),
+        target: String::new(),
+        lun: 0,
+        mode: "randread".into(),
+        bs: 4096,
+        qd: 32,
+        seconds: 5,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let v = it.next().with_context(|| format!("{k} needs a value"))?;
@@ -84,7 +92,10 @@ impl Conn {
             cdb,
         };
         self.cmd_sn = self.cmd_sn.wrapping_add(1);
-        self.send(&Pdu::new(Bhs::ScsiCommand(c), write.map(<[u8]>::to_vec).unwrap_or_default()))?;
+        self.send(&Pdu::new(
+            Bhs::ScsiCommand(c),
+            write.map(<[u8]>::to_vec).unwrap_or_default(),
+        ))?;
         Ok(self.itt)
     }
 

@@ -29,7 +29,10 @@ pub struct Services {
 impl Services {
     /// An empty set stopped by `shutdown`.
     pub fn new(shutdown: CancellationToken) -> Self {
-        Services { set: JoinSet::new(), shutdown }
+        Services {
+            set: JoinSet::new(),
+            shutdown,
+        }
     }
 
     /// Starts a service: `start` gets a child token and returns the service's future.
@@ -40,7 +43,10 @@ impl Services {
     {
         let fut = start(self.shutdown.child_token());
         self.set.spawn(async move {
-            fut.await.map_err(|e| ServiceError { service, message: format!("{e:#}") })
+            fut.await.map_err(|e| ServiceError {
+                service,
+                message: format!("{e:#}"),
+            })
         });
     }
 
@@ -64,7 +70,10 @@ impl Services {
         self.shutdown.cancel();
         let set = &mut self.set;
         let drain = async { while set.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
             tracing::warn!("services did not stop within 10 s; aborting them");
             self.set.abort_all();
         }

@@ -86,7 +86,10 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: SocketAddr::from(([0, 0, 0, 0], 8080)), public_url: None }
+        HttpConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            public_url: None,
+        }
     }
 }
 
@@ -229,7 +232,11 @@ pub struct OrchestratorConfig {
 
 impl Default for OrchestratorConfig {
     fn default() -> Self {
-        OrchestratorConfig { flush_ms: 500, tick_ms: 1000, lease_ms: 15_000 }
+        OrchestratorConfig {
+            flush_ms: 500,
+            tick_ms: 1000,
+            lease_ms: 15_000,
+        }
     }
 }
 
@@ -293,15 +300,19 @@ pub struct IscsiNodeConfig {
 impl Config {
     /// Reads a TOML file. Unknown keys are errors naming the key and line.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -309,7 +320,11 @@ impl Config {
     /// Checks that the values fit together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let o = &self.orchestrator;
-        if o.flush_ms < 10 || o.tick_ms < 10 || o.lease_ms <= 2 * o.tick_ms || o.lease_ms > 3_600_000 {
+        if o.flush_ms < 10
+            || o.tick_ms < 10
+            || o.lease_ms <= 2 * o.tick_ms
+            || o.lease_ms > 3_600_000
+        {
             return Err(ConfigError::Invalid(format!(
                 "orchestrator: flush_ms ({}) and tick_ms ({}) must be at least 10, lease_ms ({}) more than twice tick_ms and at most an hour",
                 o.flush_ms, o.tick_ms, o.lease_ms
@@ -318,17 +333,23 @@ impl Config {
         let d = &self.dhcp;
         if d.mode != DhcpMode::Off {
             if d.interface.is_none() {
-                return Err(ConfigError::Invalid("dhcp.interface is required when dhcp.mode is not \"off\"".into()));
+                return Err(ConfigError::Invalid(
+                    "dhcp.interface is required when dhcp.mode is not \"off\"".into(),
+                ));
             }
             if d.server_ip.is_none() {
-                return Err(ConfigError::Invalid("dhcp.server_ip is required when dhcp.mode is not \"off\"".into()));
+                return Err(ConfigError::Invalid(
+                    "dhcp.server_ip is required when dhcp.mode is not \"off\"".into(),
+                ));
             }
         }
         if d.mode == DhcpMode::Full {
             match (d.pool_start, d.pool_end) {
                 (Some(a), Some(b)) if u32::from(a) <= u32::from(b) => {}
                 (Some(_), Some(_)) => {
-                    return Err(ConfigError::Invalid("dhcp.pool_start is after dhcp.pool_end".into()))
+                    return Err(ConfigError::Invalid(
+                        "dhcp.pool_start is after dhcp.pool_end".into(),
+                    ))
                 }
                 _ => {
                     return Err(ConfigError::Invalid(
@@ -340,17 +361,28 @@ impl Config {
         self.multicast.validate().map_err(ConfigError::Invalid)?;
         for n in &self.iscsi.nodes {
             if n.mac.parse::<wire::dhcp::MacAddr>().is_err() {
-                return Err(ConfigError::Invalid(format!("iscsi.nodes: bad MAC {:?}", n.mac)));
+                return Err(ConfigError::Invalid(format!(
+                    "iscsi.nodes: bad MAC {:?}",
+                    n.mac
+                )));
             }
-            for (key, s) in [("chap_secret", &n.chap_secret), ("target_secret", &n.target_secret)] {
+            for (key, s) in [
+                ("chap_secret", &n.chap_secret),
+                ("target_secret", &n.target_secret),
+            ] {
                 if s.as_ref().is_some_and(|s| !(12..=255).contains(&s.len())) {
-                    return Err(ConfigError::Invalid(format!("iscsi.nodes {}: {key} must be 12 to 255 bytes", n.mac)));
+                    return Err(ConfigError::Invalid(format!(
+                        "iscsi.nodes {}: {key} must be 12 to 255 bytes",
+                        n.mac
+                    )));
                 }
             }
         }
         if let Some(url) = &self.http.public_url {
             if !url.starts_with("http://") {
-                return Err(ConfigError::Invalid(format!("http.public_url {url:?} must start with http://")));
+                return Err(ConfigError::Invalid(format!(
+                    "http.public_url {url:?} must start with http://"
+                )));
             }
         }
         Ok(())
@@ -384,8 +416,11 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::parse("[http]\nlisten = \"0.0.0.0:80\"\nbogus = 1\n", Path::new("x.toml"))
-            .unwrap_err();
+        let err = Config::parse(
+            "[http]\nlisten = \"0.0.0.0:80\"\nbogus = 1\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
     }
 
@@ -396,7 +431,10 @@ mod tests {
             Path::new("x.toml"),
         )
         .unwrap_err();
-        assert!(matches!(err, ConfigError::Invalid(ref m) if m.contains("pool")), "{err}");
+        assert!(
+            matches!(err, ConfigError::Invalid(ref m) if m.contains("pool")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -133,8 +133,15 @@ pub trait ImageSource: Send + Sync + 'static {
     fn chain_for(&self, role: &str, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError>;
     /// The chain of `role` in one image version (for the node's site where the source has a
     /// site variant). The default serves only the newest version. May block.
-    fn chain_at(&self, role: &str, version: &VersionRef, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
-        Ok(self.chain_for(role, node)?.filter(|c| c.image == version.image && c.version == version.version))
+    fn chain_at(
+        &self,
+        role: &str,
+        version: &VersionRef,
+        node: &NodeRecord,
+    ) -> Result<Option<ImageChain>, FleetError> {
+        Ok(self
+            .chain_for(role, node)?
+            .filter(|c| c.image == version.image && c.version == version.version))
     }
     /// Image versions, for listings. May block.
     fn versions(&self) -> Result<Vec<ImageInfo>, FleetError> {
@@ -209,14 +216,29 @@ impl Fleet {
         db: Db,
     ) -> Result<Arc<Fleet>, FleetError> {
         let (rows, enrolled) = db
-            .call(|c| Ok((crate::db::nodes::list(c, None)?, crate::db::tokens::enrolled_nodes(c)?)))
+            .call(|c| {
+                Ok((
+                    crate::db::nodes::list(c, None)?,
+                    crate::db::tokens::enrolled_nodes(c)?,
+                ))
+            })
             .await?;
-        let mut live = Live { enrolled: enrolled.into_iter().collect(), ..Default::default() };
+        let mut live = Live {
+            enrolled: enrolled.into_iter().collect(),
+            ..Default::default()
+        };
         for r in rows {
             live.rev = live.rev.max(r.rev);
             live.nodes.insert(r.mac.clone(), LiveNode::new(r));
         }
-        Ok(Arc::new(Fleet { key, images, default_role, db, live: Mutex::new(live), multicast: std::sync::OnceLock::new() }))
+        Ok(Arc::new(Fleet {
+            key,
+            images,
+            default_role,
+            db,
+            live: Mutex::new(live),
+            multicast: std::sync::OnceLock::new(),
+        }))
     }
 
     /// The database.
@@ -247,7 +269,10 @@ impl Fleet {
             return Ok(n.row.clone());
         }
         let (m, role) = (mac.to_owned(), self.default_role.clone());
-        let row = self.db.call(move |c| crate::db::nodes::discover(c, &m, &role, now)).await?;
+        let row = self
+            .db
+            .call(move |c| crate::db::nodes::discover(c, &m, &role, now))
+            .await?;
         let mut live = self.lock();
         live.rev = live.rev.max(row.rev);
         let n = live.nodes.entry(mac.to_owned()).or_insert_with(|| {
@@ -285,7 +310,9 @@ impl Fleet {
         let m = mac.to_owned();
         let (_, secret) = self
             .db
-            .call(move |c| crate::db::tokens::layer_token(c, &m, &|gen| crate::keys::node_token(&key, &m, gen)))
+            .call(move |c| {
+                crate::db::tokens::layer_token(c, &m, &|gen| crate::keys::node_token(&key, &m, gen))
+            })
             .await?;
         Ok(secret)
     }
@@ -293,12 +320,19 @@ impl Fleet {
     /// Records that node token `token` authenticated a request for `mac`: from now on the
     /// node's anonymous reports are refused, and older generations of its layer token are
     /// revoked. Returns the ids of tokens revoked by it (the caller drops cached lookups).
-    pub async fn token_used(&self, mac: &str, token: &crate::db::tokens::TokenInfo) -> Result<Vec<u64>, FleetError> {
+    pub async fn token_used(
+        &self,
+        mac: &str,
+        token: &crate::db::tokens::TokenInfo,
+    ) -> Result<Vec<u64>, FleetError> {
         if token.used_ms.is_some() || self.lock().used_tokens.contains(&token.id) {
             return Ok(Vec::new());
         }
         let (id, m) = (token.id, mac.to_owned());
-        let used = self.db.call(move |c| crate::db::tokens::first_use(c, id, &m, now_ms())).await?;
+        let used = self
+            .db
+            .call(move |c| crate::db::tokens::first_use(c, id, &m, now_ms()))
+            .await?;
         let mut live = self.lock();
         live.used_tokens.insert(id);
         live.enrolled.insert(mac.to_owned());
@@ -310,13 +344,23 @@ impl Fleet {
 
     /// The signed manifest for `mac`: its assigned version, or with `version`, a version it is
     /// assigned or asked to stage.
-    pub async fn signed_manifest(self: &Arc<Self>, mac: &str, version: Option<u64>) -> Result<SignedManifest, FleetError> {
+    pub async fn signed_manifest(
+        self: &Arc<Self>,
+        mac: &str,
+        version: Option<u64>,
+    ) -> Result<SignedManifest, FleetError> {
         let row = self.ensure(mac).await?;
         let want = match version {
             None => row.effective.clone(),
             Some(v) => {
-                let ok = [row.effective.as_ref(), row.stage.as_ref()].into_iter().flatten().find(|x| x.version == v);
-                Some(ok.cloned().ok_or_else(|| FleetError::NotAssigned { mac: mac.to_owned(), version: v })?)
+                let ok = [row.effective.as_ref(), row.stage.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .find(|x| x.version == v);
+                Some(ok.cloned().ok_or_else(|| FleetError::NotAssigned {
+                    mac: mac.to_owned(),
+                    version: v,
+                })?)
             }
         };
         let mut node = record_of(&row);
@@ -329,7 +373,9 @@ impl Fleet {
         })
         .await
         .map_err(|e| FleetError::Internal(format!("image lookup task: {e}")))??;
-        let chain = chain.ok_or_else(|| FleetError::NoImage { role: row.role.clone() })?;
+        let chain = chain.ok_or_else(|| FleetError::NoImage {
+            role: row.role.clone(),
+        })?;
         let layers = chain
             .layers
             .into_iter()
@@ -350,7 +396,8 @@ impl Fleet {
             multicast: self.multicast_offers(&row.mac, &layers).await,
             layers,
         };
-        SignedManifest::sign(&manifest, &self.key).map_err(|e| FleetError::Internal(format!("signing manifest: {e}")))
+        SignedManifest::sign(&manifest, &self.key)
+            .map_err(|e| FleetError::Internal(format!("signing manifest: {e}")))
     }
 
     /// Offers multicast sessions in manifests from now on (docs/multicast.md, "Sessions
@@ -376,8 +423,14 @@ impl Fleet {
     /// whose last report says it runs an image (booted or healthy: its agent is asking) is not
     /// offered the layers it reported cached, unless it network-booted after that report (it
     /// may have been wiped).
-    async fn multicast_offers(&self, mac: &str, layers: &[wire::manifest::LayerRef]) -> Vec<wire::manifest::MulticastOffer> {
-        let Some(sched) = self.multicast.get() else { return Vec::new() };
+    async fn multicast_offers(
+        &self,
+        mac: &str,
+        layers: &[wire::manifest::LayerRef],
+    ) -> Vec<wire::manifest::MulticastOffer> {
+        let Some(sched) = self.multicast.get() else {
+            return Vec::new();
+        };
         let cached = match self.node(mac) {
             Some(row)
                 if matches!(row.status.state, NodeState::Booted | NodeState::Healthy)
@@ -416,27 +469,51 @@ impl Fleet {
     }
 
     /// Applies a node's state report and answers with what the node should do next.
-    pub async fn record_report(&self, mac: &str, report: StateReport) -> Result<ReportAck, FleetError> {
+    pub async fn record_report(
+        &self,
+        mac: &str,
+        report: StateReport,
+    ) -> Result<ReportAck, FleetError> {
         if wire_mac(&report.mac) != mac {
-            return Err(FleetError::MacMismatch { path: mac.to_owned(), body: report.mac });
+            return Err(FleetError::MacMismatch {
+                path: mac.to_owned(),
+                body: report.mac,
+            });
         }
         self.ensure(mac).await?;
         let now = now_ms();
         let lookup = {
             let mut live = self.lock();
             let Live { nodes, events, .. } = &mut *live;
-            let n = nodes.get_mut(mac).ok_or_else(|| FleetError::Internal(format!("node {mac} vanished")))?;
+            let n = nodes
+                .get_mut(mac)
+                .ok_or_else(|| FleetError::Internal(format!("node {mac} vanished")))?;
             let actor = format!("node:{mac}");
             let subject = format!("node/{mac}");
             match state::apply_report(&n.row.status, &n.row.cursor, &report) {
-                Outcome::Apply { status, cursor, transition, new_session } => {
+                Outcome::Apply {
+                    status,
+                    cursor,
+                    transition,
+                    new_session,
+                } => {
                     if let Some((from, to)) = transition {
                         events.push(NewEvent::now(&actor, "node.transition", &subject, serde_json::json!({ "from": from, "to": to, "version": status.version, "seq": report.seq })));
                     }
                     if n.row.status.drift.is_empty() && !status.drift.is_empty() {
-                        events.push(NewEvent::now(&actor, "node.drifted", &subject, serde_json::json!({ "layers": status.drift, "repair": "scheduled" })));
+                        events.push(NewEvent::now(
+                            &actor,
+                            "node.drifted",
+                            &subject,
+                            serde_json::json!({ "layers": status.drift, "repair": "scheduled" }),
+                        ));
                     } else if !n.row.status.drift.is_empty() && status.drift.is_empty() {
-                        events.push(NewEvent::now(&actor, "node.repaired", &subject, serde_json::json!({})));
+                        events.push(NewEvent::now(
+                            &actor,
+                            "node.repaired",
+                            &subject,
+                            serde_json::json!({}),
+                        ));
                     }
                     let layers_changed = status.cached_layers != n.row.status.cached_layers;
                     if new_session {
@@ -452,7 +529,11 @@ impl Fleet {
                 }
                 Outcome::Ignore => None,
                 Outcome::ResendFull => {
-                    return Ok(ReportAck { applied_seq: n.row.cursor.applied_seq, resend_full: true, ..Default::default() })
+                    return Ok(ReportAck {
+                        applied_seq: n.row.cursor.applied_seq,
+                        resend_full: true,
+                        ..Default::default()
+                    })
                 }
                 Outcome::Illegal { from, to } => {
                     tracing::warn!(%mac, ?from, ?to, seq = report.seq, "illegal state transition rejected");
@@ -470,7 +551,9 @@ impl Fleet {
             let chain = tokio::task::spawn_blocking(move || images.chain_at(&node.role, &t, &node))
                 .await
                 .map_err(|e| FleetError::Internal(format!("image lookup task: {e}")))??;
-            let layers: Vec<LayerId> = chain.map(|c| c.layers.iter().map(|l| l.id).collect()).unwrap_or_default();
+            let layers: Vec<LayerId> = chain
+                .map(|c| c.layers.iter().map(|l| l.id).collect())
+                .unwrap_or_default();
             if let Some(n) = self.lock().nodes.get_mut(mac) {
                 if n.row.stage.as_ref() == Some(&target) {
                     n.stage_layers = Some((target, layers));
@@ -479,7 +562,10 @@ impl Fleet {
             }
         }
         let live = self.lock();
-        let n = live.nodes.get(mac).ok_or_else(|| FleetError::Internal(format!("node {mac} vanished")))?;
+        let n = live
+            .nodes
+            .get(mac)
+            .ok_or_else(|| FleetError::Internal(format!("node {mac} vanished")))?;
         Ok(n.ack())
     }
 
@@ -495,7 +581,14 @@ impl Fleet {
                 }
                 facts.push(Facts {
                     mac: n.row.mac.clone(),
-                    report: n.report_dirty.then(|| (n.row.status.clone(), n.row.cursor, n.row.session_ms, n.row.report_ms)),
+                    report: n.report_dirty.then(|| {
+                        (
+                            n.row.status.clone(),
+                            n.row.cursor,
+                            n.row.session_ms,
+                            n.row.report_ms,
+                        )
+                    }),
                     staged: n.staged_dirty.then(|| n.row.staged.clone()),
                     last_seen_ms: n.row.last_seen_ms,
                     layer_bytes: n.bytes,
@@ -507,7 +600,11 @@ impl Fleet {
             }
             (facts, std::mem::take(&mut live.events), live.rev)
         };
-        let stats = FlushStats { nodes: facts.len(), events: events.len(), refreshed: 0 };
+        let stats = FlushStats {
+            nodes: facts.len(),
+            events: events.len(),
+            refreshed: 0,
+        };
         let (changed, enrolled) = self
             .db
             .call(move |c| {
@@ -515,7 +612,11 @@ impl Fleet {
                     crate::db::nodes::flush(c, &facts, &events)?;
                 }
                 let changed = crate::db::nodes::changed_since(c, rev)?;
-                let enrolled = if changed.is_empty() { None } else { Some(crate::db::tokens::enrolled_nodes(c)?) };
+                let enrolled = if changed.is_empty() {
+                    None
+                } else {
+                    Some(crate::db::tokens::enrolled_nodes(c)?)
+                };
                 Ok((changed, enrolled))
             })
             .await?;
@@ -546,7 +647,11 @@ impl Fleet {
     }
 
     /// Flushes every `every` until `shutdown`, then once more.
-    pub async fn run_flusher(self: Arc<Self>, every: Duration, shutdown: CancellationToken) -> Result<(), FleetError> {
+    pub async fn run_flusher(
+        self: Arc<Self>,
+        every: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<(), FleetError> {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -569,7 +674,14 @@ fn wire_mac(text: &str) -> String {
 
 impl LiveNode {
     fn new(row: NodeRow) -> Self {
-        LiveNode { row, report_dirty: false, staged_dirty: false, seen_dirty: false, bytes: 0, stage_layers: None }
+        LiveNode {
+            row,
+            report_dirty: false,
+            staged_dirty: false,
+            seen_dirty: false,
+            bytes: 0,
+            stage_layers: None,
+        }
     }
 
     /// Takes desired-state fields from a fresher database row, keeping this process's facts.
@@ -615,7 +727,11 @@ impl LiveNode {
 
     fn ack(&self) -> ReportAck {
         let r = &self.row;
-        let stage = r.stage.as_ref().filter(|s| r.staged.as_ref() != Some(*s) && r.status.version != Some(s.version)).map(|s| s.version);
+        let stage = r
+            .stage
+            .as_ref()
+            .filter(|s| r.staged.as_ref() != Some(*s) && r.status.version != Some(s.version))
+            .map(|s| s.version);
         let reboot = r.reboot_ms.is_some_and(|t| r.session_ms < t);
         ReportAck {
             applied_seq: r.cursor.applied_seq,

@@ -67,13 +67,25 @@ pub struct HttpError {
 
 impl HttpError {
     fn bad_request(message: impl Into<String>) -> Self {
-        HttpError { status: StatusCode::BAD_REQUEST, code: "invalid_request", message: message.into() }
+        HttpError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            message: message.into(),
+        }
     }
     fn not_found(message: impl Into<String>) -> Self {
-        HttpError { status: StatusCode::NOT_FOUND, code: "not_found", message: message.into() }
+        HttpError {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: message.into(),
+        }
     }
     fn unavailable(message: impl Into<String>) -> Self {
-        HttpError { status: StatusCode::SERVICE_UNAVAILABLE, code: "unavailable", message: message.into() }
+        HttpError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "unavailable",
+            message: message.into(),
+        }
     }
 }
 
@@ -101,7 +113,11 @@ impl IntoResponse for HttpError {
 }
 
 fn ipxe_response(script: String) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], script).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        script,
+    )
+        .into_response()
 }
 
 fn parse_mac(text: &str) -> Result<String, HttpError> {
@@ -150,9 +166,15 @@ async fn node_script(
 /// (`Range`: 206 with `Content-Range` or 416; conditional requests: 304 or 412; HEAD) from a
 /// `HEAD` twin of the request, so it never opens a body; a `GET` answered 200 or 206 then gets
 /// [`file::FileBody`], which streams the range with large positioned reads, one read ahead.
-async fn serve_file(path: Option<&PathBuf>, what: &str, req: Request) -> Result<Response, HttpError> {
+async fn serve_file(
+    path: Option<&PathBuf>,
+    what: &str,
+    req: Request,
+) -> Result<Response, HttpError> {
     let path = path.ok_or_else(|| {
-        HttpError::unavailable(format!("no {what} configured (boot.{what} in the configuration)"))
+        HttpError::unavailable(format!(
+            "no {what} configured (boot.{what} in the configuration)"
+        ))
     })?;
     let get = req.method() == Method::GET;
     let (parts, _) = req.into_parts();
@@ -197,12 +219,17 @@ async fn serve_file(path: Option<&PathBuf>, what: &str, req: Request) -> Result<
     match file {
         Ok(Ok((file, len))) if len == size => {
             let (parts, _) = resp.into_parts();
-            Ok(Response::from_parts(parts, Body::new(file::FileBody::new(file, range))))
+            Ok(Response::from_parts(
+                parts,
+                Body::new(file::FileBody::new(file, range)),
+            ))
         }
         // Replaced between the headers and the open (a kernel or initramfs; layers never change).
         Ok(Ok((_, len))) => {
             tracing::warn!(file = %path.display(), size, now = len, "file changed while being served");
-            Err(HttpError::unavailable(format!("{what} changed while being served; retry")))
+            Err(HttpError::unavailable(format!(
+                "{what} changed while being served; retry"
+            )))
         }
         Ok(Err(err)) => {
             tracing::error!(file = %path.display(), error = %err, "opening file");
@@ -247,9 +274,14 @@ async fn boot_file(
     let plain = !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !plain {
-        return Err(HttpError::bad_request(format!("not a boot file name: {:?}", truncate(&name))));
+        return Err(HttpError::bad_request(format!(
+            "not a boot file name: {:?}",
+            truncate(&name)
+        )));
     }
     let path = st.tftp_root.join(&name);
     if !path.is_file() {
@@ -274,7 +306,10 @@ async fn layer(
         .await?
         .ok_or_else(|| HttpError::not_found(format!("no layer {id}")))?;
     let resp = serve_file(Some(&path), "layer", req).await?;
-    let sent = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    let sent = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     if let (Some(n), Some(mac)) = (sent, q.node.as_deref().and_then(ipxe::normalize_mac)) {
         st.fleet.count_layer_bytes(&mac, n);
     }

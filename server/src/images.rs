@@ -32,9 +32,11 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn ImageSource>> {
     let root = config.data_dir.join("store");
     let images_dir = build::default_images_dir();
     let store = tokio::task::spawn_blocking(move || -> anyhow::Result<Store> {
-        let store = Store::open(&root).with_context(|| format!("opening the image store {}", root.display()))?;
-        let built = build::ensure_builtin(&store, &images_dir)
-            .with_context(|| format!("building the built-in image from {}", images_dir.display()))?;
+        let store = Store::open(&root)
+            .with_context(|| format!("opening the image store {}", root.display()))?;
+        let built = build::ensure_builtin(&store, &images_dir).with_context(|| {
+            format!("building the built-in image from {}", images_dir.display())
+        })?;
         tracing::info!(image = %built.image, version = built.version, reused = built.reused,
             roles = built.roles.len(), "built-in image ready");
         Ok(store)
@@ -57,23 +59,31 @@ fn layer_ref(rec: &LayerRecord) -> LayerRef {
 
 impl StoreImages {
     /// `image`'s chain plus the node layer of `node`.
-    fn with_node_layer(&self, image: ImageVersion, node: &NodeRecord) -> Result<ImageChain, FleetError> {
+    fn with_node_layer(
+        &self,
+        image: ImageVersion,
+        node: &NodeRecord,
+    ) -> Result<ImageChain, FleetError> {
         let facts = NodeFacts {
             hostname: node.name.clone(),
             mac: node.mac.clone(),
             ip: None,
             gateway: None,
             node_id: node.name.clone(),
-            token: node
-                .token
-                .clone()
-                .ok_or_else(|| FleetError::Internal(format!("node layer for {}: no node token given", node.mac)))?,
+            token: node.token.clone().ok_or_else(|| {
+                FleetError::Internal(format!("node layer for {}: no node token given", node.mac))
+            })?,
         };
         let node_layer = build::node_layer(&self.store, &image, &facts)
             .map_err(|e| FleetError::Internal(format!("node layer for {}: {e}", node.mac)))?;
         let mut layers: Vec<LayerRef> = image.layers.iter().map(layer_ref).collect();
         layers.push(layer_ref(&node_layer));
-        Ok(ImageChain { image: image.image, version: image.version, layers, boot_tries: DEFAULT_BOOT_TRIES })
+        Ok(ImageChain {
+            image: image.image,
+            version: image.version,
+            layers,
+            boot_tries: DEFAULT_BOOT_TRIES,
+        })
     }
 }
 
@@ -83,10 +93,17 @@ impl ImageSource for StoreImages {
             .store
             .image_for_role_site(role, node.site.as_deref())
             .map_err(|e| FleetError::Internal(format!("{role}: {e}")))?;
-        image.map(|image| self.with_node_layer(image, node)).transpose()
+        image
+            .map(|image| self.with_node_layer(image, node))
+            .transpose()
     }
 
-    fn chain_at(&self, role: &str, version: &VersionRef, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
+    fn chain_at(
+        &self,
+        role: &str,
+        version: &VersionRef,
+        node: &NodeRecord,
+    ) -> Result<Option<ImageChain>, FleetError> {
         let lookup = |site: Option<&str>| {
             self.store
                 .image_version(&version.image, version.version, Some(role), site)
@@ -100,7 +117,9 @@ impl ImageSource for StoreImages {
             },
             None => lookup(None)?,
         };
-        image.map(|image| self.with_node_layer(image, node)).transpose()
+        image
+            .map(|image| self.with_node_layer(image, node))
+            .transpose()
     }
 
     fn versions(&self) -> Result<Vec<ImageInfo>, FleetError> {
@@ -115,7 +134,12 @@ impl ImageSource for StoreImages {
                 let mut roles: Vec<String> = v.roles.into_iter().map(|r| r.role).collect();
                 roles.sort();
                 roles.dedup();
-                ImageInfo { image: v.image, version: v.version, roles, created: v.created }
+                ImageInfo {
+                    image: v.image,
+                    version: v.version,
+                    roles,
+                    created: v.created,
+                }
             })
             .collect())
     }

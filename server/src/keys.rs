@@ -32,7 +32,10 @@ pub enum KeyError {
 /// Loads `<dir>/server.key`, creating it (atomically, mode 0600) if absent.
 pub fn load_or_create(dir: &Path) -> Result<SigningKey, KeyError> {
     let path = dir.join("server.key");
-    let io = |source| KeyError::Io { path: path.clone(), source };
+    let io = |source| KeyError::Io {
+        path: path.clone(),
+        source,
+    };
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let mut secret = [0u8; 32];
@@ -44,11 +47,15 @@ pub fn load_or_create(dir: &Path) -> Result<SigningKey, KeyError> {
             std::fs::create_dir_all(dir).map_err(io)?;
             let key = SigningKey::generate(&mut rand::rngs::OsRng);
             let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-            tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(io)?;
             writeln!(tmp, "{}", hex::encode(key.to_bytes())).map_err(io)?;
             tmp.as_file().sync_all().map_err(io)?;
             tmp.persist_noclobber(&path).map_err(|e| io(e.error))?;
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
             tracing::info!(path = %path.display(), "generated server signing key");
             Ok(key)
         }
@@ -83,7 +90,10 @@ mod tests {
         let a = load_or_create(dir.path()).unwrap();
         let b = load_or_create(dir.path()).unwrap();
         assert_eq!(a.to_bytes(), b.to_bytes());
-        let mode = std::fs::metadata(dir.path().join("server.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("server.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -103,6 +113,9 @@ mod tests {
     fn garbage_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("server.key"), "not hex").unwrap();
-        assert!(matches!(load_or_create(dir.path()), Err(KeyError::Malformed { .. })));
+        assert!(matches!(
+            load_or_create(dir.path()),
+            Err(KeyError::Malformed { .. })
+        ));
     }
 }

@@ -19,9 +19,15 @@ fn server_key(s: &TestServer) -> Result<SigningKey> {
 fn boot_files(dir: &std::path::Path) -> Result<String> {
     let kernel = dir.join("vmlinuz");
     let initramfs = dir.join("initramfs.img");
-    std::fs::write(&kernel, (0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>())?;
+    std::fs::write(
+        &kernel,
+        (0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
+    )?;
     std::fs::write(&initramfs, b"07070100000000")?;
-    Ok(format!("[boot]\nkernel = {:?}\ninitramfs = {:?}\n", kernel, initramfs))
+    Ok(format!(
+        "[boot]\nkernel = {:?}\ninitramfs = {:?}\n",
+        kernel, initramfs
+    ))
 }
 
 #[tokio::test]
@@ -34,19 +40,33 @@ async fn ipxe_scripts_kernel_and_keyed_initramfs() -> Result<()> {
     ensure!(chain.starts_with("#!ipxe\nchain "), "{chain}");
     ensure!(chain.contains("/boot/node.ipxe?mac=${netX/mac}"), "{chain}");
 
-    let script = http.get(s.url("/boot/node.ipxe?mac=52-54-00-12-34-56")).send().await?;
+    let script = http
+        .get(s.url("/boot/node.ipxe?mac=52-54-00-12-34-56"))
+        .send()
+        .await?;
     ensure!(script.status() == 200);
     let script = script.text().await?;
-    ensure!(script.contains("strata.server=http://127.0.0.1:"), "{script}");
+    ensure!(
+        script.contains("strata.server=http://127.0.0.1:"),
+        "{script}"
+    );
     ensure!(script.contains("initrd --name initramfs"), "{script}");
 
-    let bad = http.get(s.url("/boot/node.ipxe?mac=not-a-mac")).send().await?;
+    let bad = http
+        .get(s.url("/boot/node.ipxe?mac=not-a-mac"))
+        .send()
+        .await?;
     ensure!(bad.status() == 400, "bad MAC gave {}", bad.status());
     let body: serde_json::Value = bad.json().await?;
     ensure!(body["error"]["code"] == "invalid_request", "{body}");
 
     // The kernel, whole and by range.
-    let kernel = http.get(s.url("/boot/kernel")).send().await?.bytes().await?;
+    let kernel = http
+        .get(s.url("/boot/kernel"))
+        .send()
+        .await?
+        .bytes()
+        .await?;
     ensure!(kernel.len() == 200_000);
     let part = http
         .get(s.url("/boot/kernel"))
@@ -57,11 +77,19 @@ async fn ipxe_scripts_kernel_and_keyed_initramfs() -> Result<()> {
     ensure!(part.bytes().await?.as_ref() == &kernel[1000..2000]);
 
     // The initramfs ends with a cpio archive carrying the server's public key.
-    let initramfs = http.get(s.url("/boot/initramfs")).send().await?.bytes().await?;
+    let initramfs = http
+        .get(s.url("/boot/initramfs"))
+        .send()
+        .await?
+        .bytes()
+        .await?;
     let public = hex::encode(server_key(&s)?.verifying_key().to_bytes());
     let expected = strata_server::boot::initramfs::key_archive(&public);
     ensure!(initramfs.starts_with(b"07070100000000"));
-    ensure!(initramfs.ends_with(&expected), "initramfs does not end with the key archive");
+    ensure!(
+        initramfs.ends_with(&expected),
+        "initramfs does not end with the key archive"
+    );
     Ok(())
 }
 
@@ -70,33 +98,62 @@ async fn signed_manifest_and_layers_by_range() -> Result<()> {
     let s = TestServer::start("")?;
     let http = reqwest::Client::new();
     let mac = "52:54:00:aa:bb:01";
-    let resp = http.get(s.url(&format!("/api/v1/nodes/by-mac/{mac}/manifest"))).send().await?;
-    ensure!(resp.status() == 200, "manifest: {} {}", resp.status(), resp.text().await?);
+    let resp = http
+        .get(s.url(&format!("/api/v1/nodes/by-mac/{mac}/manifest")))
+        .send()
+        .await?;
+    ensure!(
+        resp.status() == 200,
+        "manifest: {} {}",
+        resp.status(),
+        resp.text().await?
+    );
     let signed: SignedManifest = resp.json().await?;
-    let manifest = signed.verify(&server_key(&s)?.verifying_key()).context("signature")?;
+    let manifest = signed
+        .verify(&server_key(&s)?.verifying_key())
+        .context("signature")?;
     ensure!(manifest.mac == mac);
-    ensure!(manifest.layers.len() >= 2, "base, role and node layers expected: {:?}", manifest.layers.len());
+    ensure!(
+        manifest.layers.len() >= 2,
+        "base, role and node layers expected: {:?}",
+        manifest.layers.len()
+    );
 
     // Another key must not verify it.
-    ensure!(signed.verify(&SigningKey::from_bytes(&[7; 32]).verifying_key()).is_err());
+    ensure!(signed
+        .verify(&SigningKey::from_bytes(&[7; 32]).verifying_key())
+        .is_err());
 
     for layer in &manifest.layers {
         let body = http.get(s.url(&layer.url)).send().await?.bytes().await?;
         ensure!(body.len() as u64 == layer.size, "layer {} size", layer.id);
-        ensure!(wire::Digest::of(&body) == layer.id, "layer {} hash", layer.id);
+        ensure!(
+            wire::Digest::of(&body) == layer.id,
+            "layer {} hash",
+            layer.id
+        );
         let n = layer.size.min(5000);
         let part = http
             .get(s.url(&layer.url))
-            .header("Range", format!("bytes={}-{}", layer.size - n, layer.size - 1))
+            .header(
+                "Range",
+                format!("bytes={}-{}", layer.size - n, layer.size - 1),
+            )
             .send()
             .await?;
         ensure!(part.status() == 206);
         ensure!(part.bytes().await?.as_ref() == &body[(layer.size - n) as usize..]);
     }
 
-    let unknown = http.get(s.url(&format!("/layers/{}", "ab".repeat(32)))).send().await?;
+    let unknown = http
+        .get(s.url(&format!("/layers/{}", "ab".repeat(32))))
+        .send()
+        .await?;
     ensure!(unknown.status() == 404);
-    let bad = http.get(s.url("/layers/..%2f..%2fetc%2fpasswd")).send().await?;
+    let bad = http
+        .get(s.url("/layers/..%2f..%2fetc%2fpasswd"))
+        .send()
+        .await?;
     ensure!(bad.status() == 400, "{}", bad.status());
     Ok(())
 }
@@ -108,7 +165,9 @@ async fn signed_manifest_and_layers_by_range() -> Result<()> {
 async fn file_ranges_at_chunk_boundaries_head_416_and_conditionals() -> Result<()> {
     const MIB: usize = 1 << 20;
     let tmp = tempfile::tempdir()?;
-    let data: Vec<u8> = (0..(2 * MIB + 4321)).map(|i| (i * 31 % 253) as u8).collect();
+    let data: Vec<u8> = (0..(2 * MIB + 4321))
+        .map(|i| (i * 31 % 253) as u8)
+        .collect();
     let kernel = tmp.path().join("vmlinuz");
     std::fs::write(&kernel, &data)?;
     let s = TestServer::start(&format!("[boot]\nkernel = {kernel:?}\n"))?;
@@ -121,7 +180,10 @@ async fn file_ranges_at_chunk_boundaries_head_416_and_conditionals() -> Result<(
     ensure!(whole.headers()["content-length"] == len.to_string().as_str());
     ensure!(whole.headers()["accept-ranges"] == "bytes");
     let last_modified = whole.headers()["last-modified"].clone();
-    ensure!(whole.bytes().await?.as_ref() == data.as_slice(), "whole file differs");
+    ensure!(
+        whole.bytes().await?.as_ref() == data.as_slice(),
+        "whole file differs"
+    );
 
     // (Range header, first byte, last byte)
     let cases = [
@@ -131,28 +193,54 @@ async fn file_ranges_at_chunk_boundaries_head_416_and_conditionals() -> Result<(
         (format!("bytes=7-{}", 2 * MIB + 9), 7, 2 * MIB + 9),
         (format!("bytes={}-", 2 * MIB - 3), 2 * MIB - 3, len - 1),
         ("bytes=-100".to_owned(), len - 100, len - 1),
-        (format!("bytes={}-{}", len - 1, len + 5000), len - 1, len - 1),
+        (
+            format!("bytes={}-{}", len - 1, len + 5000),
+            len - 1,
+            len - 1,
+        ),
         ("bytes=0-0".to_owned(), 0, 0),
     ];
     for (range, first, last) in &cases {
         let part = http.get(&url).header("Range", range).send().await?;
         ensure!(part.status() == 206, "{range}: {}", part.status());
         let want = format!("bytes {first}-{last}/{len}");
-        ensure!(part.headers()["content-range"] == want.as_str(), "{range}: {:?}", part.headers()["content-range"]);
-        ensure!(part.headers()["content-length"] == (last - first + 1).to_string().as_str(), "{range}");
-        ensure!(part.bytes().await?.as_ref() == &data[*first..=*last], "{range}: bytes differ");
+        ensure!(
+            part.headers()["content-range"] == want.as_str(),
+            "{range}: {:?}",
+            part.headers()["content-range"]
+        );
+        ensure!(
+            part.headers()["content-length"] == (last - first + 1).to_string().as_str(),
+            "{range}"
+        );
+        ensure!(
+            part.bytes().await?.as_ref() == &data[*first..=*last],
+            "{range}: bytes differ"
+        );
 
         let head = http.head(&url).header("Range", range).send().await?;
         ensure!(head.status() == 206, "HEAD {range}: {}", head.status());
-        ensure!(head.headers()["content-range"] == want.as_str(), "HEAD {range}");
-        ensure!(head.headers()["content-length"] == (last - first + 1).to_string().as_str(), "HEAD {range}");
+        ensure!(
+            head.headers()["content-range"] == want.as_str(),
+            "HEAD {range}"
+        );
+        ensure!(
+            head.headers()["content-length"] == (last - first + 1).to_string().as_str(),
+            "HEAD {range}"
+        );
         ensure!(head.bytes().await?.is_empty(), "HEAD {range} has a body");
     }
 
-    for range in [format!("bytes={len}-"), format!("bytes={}-{}", len + 10, len + 20)] {
+    for range in [
+        format!("bytes={len}-"),
+        format!("bytes={}-{}", len + 10, len + 20),
+    ] {
         let bad = http.get(&url).header("Range", &range).send().await?;
         ensure!(bad.status() == 416, "{range}: {}", bad.status());
-        ensure!(bad.headers()["content-range"] == format!("bytes */{len}").as_str(), "{range}");
+        ensure!(
+            bad.headers()["content-range"] == format!("bytes */{len}").as_str(),
+            "{range}"
+        );
     }
 
     let head = http.head(&url).send().await?;
@@ -160,17 +248,37 @@ async fn file_ranges_at_chunk_boundaries_head_416_and_conditionals() -> Result<(
     ensure!(head.headers()["content-length"] == len.to_string().as_str());
     ensure!(head.bytes().await?.is_empty(), "HEAD has a body");
 
-    let unchanged = http.get(&url).header("If-Modified-Since", &last_modified).send().await?;
-    ensure!(unchanged.status() == 304, "If-Modified-Since: {}", unchanged.status());
+    let unchanged = http
+        .get(&url)
+        .header("If-Modified-Since", &last_modified)
+        .send()
+        .await?;
+    ensure!(
+        unchanged.status() == 304,
+        "If-Modified-Since: {}",
+        unchanged.status()
+    );
     ensure!(unchanged.bytes().await?.is_empty());
     let stale = http
         .get(&url)
         .header("If-Unmodified-Since", "Mon, 01 Jan 2001 00:00:00 GMT")
         .send()
         .await?;
-    ensure!(stale.status() == 412, "If-Unmodified-Since: {}", stale.status());
-    let current = http.get(&url).header("If-Unmodified-Since", &last_modified).send().await?;
-    ensure!(current.status() == 200, "If-Unmodified-Since now: {}", current.status());
+    ensure!(
+        stale.status() == 412,
+        "If-Unmodified-Since: {}",
+        stale.status()
+    );
+    let current = http
+        .get(&url)
+        .header("If-Unmodified-Since", &last_modified)
+        .send()
+        .await?;
+    ensure!(
+        current.status() == 200,
+        "If-Unmodified-Since now: {}",
+        current.status()
+    );
     ensure!(current.bytes().await?.len() == len);
     Ok(())
 }

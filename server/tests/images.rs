@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -23,7 +23,9 @@ fn images() -> PathBuf {
 }
 
 fn need(tool: &str, hint: &str) {
-    let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().any(|d| Path::new(d).join(tool).is_file());
+    let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(tool).is_file());
     assert!(found, "{tool} is missing: {hint}");
 }
 
@@ -47,7 +49,11 @@ fn shared() -> &'static (tempfile::TempDir, Store, build::Built) {
 
 /// Composes a chain (top file) into a raw image with `strata vhdx to-raw`.
 fn compose(top: &Path, out: &Path) -> Result<()> {
-    let o = Command::new(env!("CARGO_BIN_EXE_strata")).args(["vhdx", "to-raw"]).arg(top).arg(out).output()?;
+    let o = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["vhdx", "to-raw"])
+        .arg(top)
+        .arg(out)
+        .output()?;
     if !o.status.success() {
         bail!("strata vhdx to-raw: {}", String::from_utf8_lossy(&o.stderr));
     }
@@ -70,13 +76,26 @@ impl Image {
         let raw = dir.path().join("disk.raw");
         compose(top, &raw)?;
         let img = Image { _dir: dir, raw };
-        let o = Command::new("e2fsck").args(["-f", "-n"]).arg(&img.raw).output()?;
-        assert!(o.status.success(), "e2fsck -fn: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        let o = Command::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(&img.raw)
+            .output()?;
+        assert!(
+            o.status.success(),
+            "e2fsck -fn: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         Ok(img)
     }
 
     fn debugfs(&self, cmd: &str) -> String {
-        let o = Command::new("debugfs").arg("-R").arg(cmd).arg(&self.raw).output().unwrap();
+        let o = Command::new("debugfs")
+            .arg("-R")
+            .arg(cmd)
+            .arg(&self.raw)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -86,10 +105,16 @@ impl Image {
 
     /// (mode, uid, gid) from `stat`, or None if absent.
     fn meta(&self, path: &str) -> Option<(u32, u32, u32)> {
-        let o = Command::new("debugfs").arg("-R").arg(format!("stat {path}")).arg(&self.raw).output().unwrap();
+        let o = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("stat {path}"))
+            .arg(&self.raw)
+            .output()
+            .unwrap();
         let s = String::from_utf8_lossy(&o.stdout);
         let line = s.lines().find(|l| l.starts_with("Inode:"))?;
-        let mode = u32::from_str_radix(line.split("Mode:").nth(1)?.split_whitespace().next()?, 8).ok()?;
+        let mode =
+            u32::from_str_radix(line.split("Mode:").nth(1)?.split_whitespace().next()?, 8).ok()?;
         let ug = s.lines().find(|l| l.starts_with("User:"))?;
         let mut w = ug.split_whitespace();
         let uid = w.nth(1)?.parse().ok()?;
@@ -100,12 +125,24 @@ impl Image {
     fn kind(&self, path: &str) -> Option<String> {
         let s = self.debugfs(&format!("stat {path}"));
         let line = s.lines().find(|l| l.starts_with("Inode:"))?;
-        Some(line.split("Type:").nth(1)?.split_whitespace().next()?.to_owned())
+        Some(
+            line.split("Type:")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .to_owned(),
+        )
     }
 
     fn link(&self, path: &str) -> String {
         let s = self.debugfs(&format!("stat {path}"));
-        s.lines().find_map(|l| l.trim().strip_prefix("Fast link dest: ").map(|t| t.trim_matches('"').to_owned())).unwrap_or_default()
+        s.lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("Fast link dest: ")
+                    .map(|t| t.trim_matches('"').to_owned())
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -127,14 +164,28 @@ fn builds_are_reproducible() -> Result<()> {
     let other = Store::open(dir.path())?;
     let b = build::ensure_builtin(&other, &images())?;
     assert!(!b.reused);
-    assert_eq!(a.base.id, b.base.id, "base layer differs between two builds");
-    let ids = |x: &build::Built| x.roles.iter().map(|(r, s, l)| (r.clone(), s.clone(), l.id)).collect::<Vec<_>>();
+    assert_eq!(
+        a.base.id, b.base.id,
+        "base layer differs between two builds"
+    );
+    let ids = |x: &build::Built| {
+        x.roles
+            .iter()
+            .map(|(r, s, l)| (r.clone(), s.clone(), l.id))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(ids(a), ids(&b), "role layers differ between two builds");
-    assert_eq!(a.kernel.as_ref().map(|k| k.id), b.kernel.as_ref().map(|k| k.id));
+    assert_eq!(
+        a.kernel.as_ref().map(|k| k.id),
+        b.kernel.as_ref().map(|k| k.id)
+    );
     // Node layers too.
     let ra = store.image_for_role("web")?.context("web")?;
     let rb = other.image_for_role("web")?.context("web")?;
-    assert_eq!(build::node_layer(store, &ra, &facts(7))?.id, build::node_layer(&other, &rb, &facts(7))?.id);
+    assert_eq!(
+        build::node_layer(store, &ra, &facts(7))?.id,
+        build::node_layer(&other, &rb, &facts(7))?.id
+    );
     // And a second build of an unchanged recipe is found, not rebuilt.
     let again = build::ensure_builtin(&other, &images())?;
     assert!(again.reused);
@@ -145,13 +196,22 @@ fn builds_are_reproducible() -> Result<()> {
 #[test]
 fn base_holds_what_the_recipe_says() -> Result<()> {
     let (_d, store, built) = shared();
-    let v = store.image_version("busybox", built.version, None, None)?.context("base")?;
+    let v = store
+        .image_version("busybox", built.version, None, None)?
+        .context("base")?;
     assert_eq!(v.layers.len(), 1);
     let img = Image::of(store, &v)?;
     assert_eq!(img.cat("/etc/strata/image"), "busybox\n");
-    assert_eq!(img.cat("/etc/motd"), "Strata busybox image: images, not installs.\n");
+    assert_eq!(
+        img.cat("/etc/motd"),
+        "Strata busybox image: images, not installs.\n"
+    );
     assert_eq!(img.meta("/bin/busybox"), Some((0o755, 0, 0)));
-    assert_eq!(img.meta("/etc/shadow").map(|m| m.0), Some(0o600), "[[attr]] mode");
+    assert_eq!(
+        img.meta("/etc/shadow").map(|m| m.0),
+        Some(0o600),
+        "[[attr]] mode"
+    );
     assert_eq!(img.meta("/tmp").map(|m| m.0), Some(0o1777));
     assert_eq!(img.meta("/root").map(|m| m.0), Some(0o700));
     assert_eq!(img.link("/bin/sh"), "/bin/busybox");
@@ -165,16 +225,24 @@ fn base_holds_what_the_recipe_says() -> Result<()> {
     // The kernel is recorded and stored.
     let k = v.kernel.context("kernel recorded")?;
     assert!(k.release.starts_with("6."), "{}", k.release);
-    assert_eq!(blake3::hash(&fs::read(&k.path)?).to_hex().to_string(), k.id.to_hex());
+    assert_eq!(
+        blake3::hash(&fs::read(&k.path)?).to_hex().to_string(),
+        k.id.to_hex()
+    );
     Ok(())
 }
 
 #[test]
 fn roles_and_sites_hold_what_their_recipes_say() -> Result<()> {
     let (_d, store, built) = shared();
-    let web = store.image_version("busybox", built.version, Some("web"), None)?.context("web")?;
+    let web = store
+        .image_version("busybox", built.version, Some("web"), None)?
+        .context("web")?;
     assert_eq!(web.layers.len(), 2);
-    assert_eq!(web.layers[0].id, built.base.id, "web sits on the shared base");
+    assert_eq!(
+        web.layers[0].id, built.base.id,
+        "web sits on the shared base"
+    );
     let img = Image::of(store, &web)?;
     let v = built.version;
     assert_eq!(img.cat("/etc/strata/role"), "web\n");
@@ -183,28 +251,60 @@ fn roles_and_sites_hold_what_their_recipes_say() -> Result<()> {
         img.cat("/var/www/index.html"),
         format!("<!doctype html>\n<title>web on busybox v{v}</title>\n<p>Hello from a Strata web node (generic).</p>\n")
     );
-    assert_eq!(img.meta("/var/www/index.html"), Some((0o644, 33, 33)), "template with owner");
-    assert_eq!(img.meta("/var/www"), Some((0o755, 33, 33)), "dir with owner");
-    assert_eq!(img.meta("/etc/strata/web.conf"), Some((0o640, 0, 33)), "integer mode");
+    assert_eq!(
+        img.meta("/var/www/index.html"),
+        Some((0o644, 33, 33)),
+        "template with owner"
+    );
+    assert_eq!(
+        img.meta("/var/www"),
+        Some((0o755, 33, 33)),
+        "dir with owner"
+    );
+    assert_eq!(
+        img.meta("/etc/strata/web.conf"),
+        Some((0o640, 0, 33)),
+        "integer mode"
+    );
     assert_eq!(img.cat("/etc/strata/web.conf"), "document_root=/var/www\n");
-    assert_eq!(img.cat("/etc/issue"), format!("Strata web node (generic), image busybox version {v}\n"), "deleted then re-made");
+    assert_eq!(
+        img.cat("/etc/issue"),
+        format!("Strata web node (generic), image busybox version {v}\n"),
+        "deleted then re-made"
+    );
     assert_eq!(img.kind("/srv/www").as_deref(), Some("symlink"));
     assert_eq!(img.link("/srv/www"), "/var/www");
-    assert_eq!(img.meta("/etc/init.d/S50httpd").map(|m| m.0), Some(0o755), "tree keeps the exec bit");
+    assert_eq!(
+        img.meta("/etc/init.d/S50httpd").map(|m| m.0),
+        Some(0o755),
+        "tree keeps the exec bit"
+    );
     assert_eq!(img.cat("/etc/strata/httpd.env"), "port=80\n");
 
     // Sites override values of the one generic definition.
-    let lab = store.image_version("busybox", v, Some("web"), Some("lab"))?.context("web@lab")?;
+    let lab = store
+        .image_version("busybox", v, Some("web"), Some("lab"))?
+        .context("web@lab")?;
     let img = Image::of(store, &lab)?;
-    assert!(img.cat("/var/www/index.html").contains("Hello from the lab (lab)."));
+    assert!(img
+        .cat("/var/www/index.html")
+        .contains("Hello from the lab (lab)."));
     assert_eq!(img.cat("/etc/strata/site"), "lab\n");
-    let prod = store.image_version("busybox", v, Some("web"), Some("prod"))?.context("web@prod")?;
+    let prod = store
+        .image_version("busybox", v, Some("web"), Some("prod"))?
+        .context("web@prod")?;
     let img = Image::of(store, &prod)?;
     assert_eq!(img.cat("/etc/strata/httpd.env"), "port=8080\n");
-    assert!(img.cat("/var/www/index.html").contains("Hello from a Strata web node (prod)."), "generic value kept");
+    assert!(
+        img.cat("/var/www/index.html")
+            .contains("Hello from a Strata web node (prod)."),
+        "generic value kept"
+    );
 
     // db: deletions, a private data directory, attr on a tree file.
-    let db = store.image_version("busybox", v, Some("db"), None)?.context("db")?;
+    let db = store
+        .image_version("busybox", v, Some("db"), None)?
+        .context("db")?;
     assert_eq!(db.layers[0].id, built.base.id, "db and web share one base");
     let img = Image::of(store, &db)?;
     assert_eq!(img.meta("/usr/sbin/httpd"), None, "deleted");
@@ -216,8 +316,12 @@ fn roles_and_sites_hold_what_their_recipes_say() -> Result<()> {
     assert!(img.cat("/etc/db.conf").contains("max_connections=100"));
     assert_eq!(img.meta("/etc/init.d/S60db").map(|m| m.0), Some(0o750));
     assert_eq!(img.link("/srv/db"), "/var/lib/db");
-    let dblab = store.image_version("busybox", v, Some("db"), Some("lab"))?.context("db@lab")?;
-    assert!(Image::of(store, &dblab)?.cat("/etc/db.conf").contains("max_connections=10\n"));
+    let dblab = store
+        .image_version("busybox", v, Some("db"), Some("lab"))?
+        .context("db@lab")?;
+    assert!(Image::of(store, &dblab)?
+        .cat("/etc/db.conf")
+        .contains("max_connections=10\n"));
     // web's changes are not in db's chain.
     assert_eq!(img.meta("/var/www"), None);
     Ok(())
@@ -234,9 +338,19 @@ fn node_layers_hold_the_node_facts() -> Result<()> {
     assert_eq!(img.cat("/etc/hostname"), "node300\n");
     assert_eq!(img.cat("/etc/strata/token"), "token-300\n");
     assert_eq!(img.meta("/etc/strata/token"), Some((0o600, 0, 0)));
-    assert_eq!(img.cat("/etc/machine-id"), format!("{}\n", build::machine_id("node-300")));
-    assert_eq!(img.cat("/etc/strata/network"), "mac=52:54:00:00:01:2c\naddress=10.0.1.44/16\ngateway=10.0.0.1\n");
-    assert_eq!(img.cat("/etc/strata/role"), "web\n", "role layer visible through the node layer");
+    assert_eq!(
+        img.cat("/etc/machine-id"),
+        format!("{}\n", build::machine_id("node-300"))
+    );
+    assert_eq!(
+        img.cat("/etc/strata/network"),
+        "mac=52:54:00:00:01:2c\naddress=10.0.1.44/16\ngateway=10.0.0.1\n"
+    );
+    assert_eq!(
+        img.cat("/etc/strata/role"),
+        "web\n",
+        "role layer visible through the node layer"
+    );
     // Same facts: the same layer, found without building. New facts: a new layer.
     assert_eq!(build::node_layer(store, &web, &f)?.id, rec.id);
     let mut g = f.clone();
@@ -245,7 +359,9 @@ fn node_layers_hold_the_node_facts() -> Result<()> {
     // Bad facts are refused with the node named.
     let mut bad = f.clone();
     bad.hostname = "no/slashes".into();
-    let e = build::node_layer(store, &web, &bad).unwrap_err().to_string();
+    let e = build::node_layer(store, &web, &bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("node-300") && e.contains("hostname"), "{e}");
     Ok(())
 }
@@ -265,17 +381,30 @@ fn node_layers_from_the_template_equal_the_general_way() -> Result<()> {
     cases[3].hostname = "a-much-longer-host-name-than-the-others-0123456789".into();
     for f in &cases {
         let rec = build::node_layer(store, &db, f)?;
-        assert!(build::node::node_template_in_use(store, &db.layers[1].id), "{}: the fast path was not used", f.node_id);
+        assert!(
+            build::node::node_template_in_use(store, &db.layers[1].id),
+            "{}: the fast path was not used",
+            f.node_id
+        );
         let img = Image::top(&store.layer_path(&rec.id))?;
         let general = img._dir.path().join("general.raw");
         build::node::node_image_general(store, &db, f, &general)?;
-        assert!(fs::read(&img.raw)? == fs::read(&general)?, "{}: the templated node image differs from debugfs's", f.node_id);
+        assert!(
+            fs::read(&img.raw)? == fs::read(&general)?,
+            "{}: the templated node image differs from debugfs's",
+            f.node_id
+        );
         assert_eq!(img.cat("/etc/strata/token"), format!("{}\n", f.token));
         // 3 MiB of VHDX structures, a sector bitmap block and the 1 MiB blocks a node
         // changes (three here), of which only the changed sectors use disk space.
         assert_eq!(rec.size, 7 << 20, "{}: node layer size", f.node_id);
-        let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(store.layer_path(&rec.id))?) * 512;
-        assert!(used <= 256 << 10, "{}: node layer uses {used} bytes of disk", f.node_id);
+        let used =
+            std::os::unix::fs::MetadataExt::blocks(&fs::metadata(store.layer_path(&rec.id))?) * 512;
+        assert!(
+            used <= 256 << 10,
+            "{}: node layer uses {used} bytes of disk",
+            f.node_id
+        );
     }
     Ok(())
 }
@@ -286,7 +415,12 @@ fn snapshot(store: &Store) -> Result<(Vec<String>, Vec<(String, u64)>)> {
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<Result<_, _>>()?;
     files.sort();
-    let versions = store.catalog().versions(None)?.into_iter().map(|v| (v.image, v.version)).collect();
+    let versions = store
+        .catalog()
+        .versions(None)?
+        .into_iter()
+        .map(|v| (v.image, v.version))
+        .collect();
     Ok((files, versions))
 }
 
@@ -299,15 +433,24 @@ fn write(dir: &Path, rel: &str, text: &str) {
 /// A base recipe in a fresh directory (with an empty roles dir next to it).
 fn recipe(base_extra: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    write(d.path(), "img/recipe.toml", &format!("[image]\nname = \"t\"\nsize_mib = 16\n{base_extra}"));
+    write(
+        d.path(),
+        "img/recipe.toml",
+        &format!("[image]\nname = \"t\"\nsize_mib = 16\n{base_extra}"),
+    );
     fs::create_dir_all(d.path().join("roles")).unwrap();
     d
 }
 
 fn build_err(store: &Store, dir: &Path) -> String {
     let before = snapshot(store).unwrap();
-    let e = build::build(store, &dir.join("img"), &BuildOptions::default()).expect_err("the build must fail");
-    assert_eq!(snapshot(store).unwrap(), before, "a failed build changed the store");
+    let e = build::build(store, &dir.join("img"), &BuildOptions::default())
+        .expect_err("the build must fail");
+    assert_eq!(
+        snapshot(store).unwrap(),
+        before,
+        "a failed build changed the store"
+    );
     let tmp = fs::read_dir(store.root().join("tmp")).unwrap().count();
     assert_eq!(tmp, 0, "a failed build left scratch files");
     e.to_string()
@@ -318,7 +461,11 @@ fn tar_bytes(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8>
     for (name, ty, data, link) in entries {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(*ty);
-        h.set_mode(if *ty == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        h.set_mode(if *ty == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
         h.set_size(data.len() as u64);
         h.set_mtime(1);
         h.set_uid(0);
@@ -346,33 +493,60 @@ fn bad_input_is_named_and_leaves_the_store_unchanged() -> Result<()> {
 
     let d = recipe("colour = \"red\"\n[base]\nsource = \"empty\"\n");
     let e = build_err(&store, d.path());
-    assert!(e.contains("recipe.toml") && e.contains("colour") && e.contains("line 4"), "unknown key: {e}");
+    assert!(
+        e.contains("recipe.toml") && e.contains("colour") && e.contains("line 4"),
+        "unknown key: {e}"
+    );
 
     let d = recipe("[base]\nsource = \"empty\"\n[[file]]\npath = \"/x\"\nsource = \"nope.txt\"\n");
     let e = build_err(&store, d.path());
-    assert!(e.contains("[[file]] #1 (/x)") && e.contains("nope.txt"), "missing source: {e}");
+    assert!(
+        e.contains("[[file]] #1 (/x)") && e.contains("nope.txt"),
+        "missing source: {e}"
+    );
 
     let d = recipe("[base]\nsource = \"empty\"\n[[file]]\npath = \"/x\"\ntemplate = \"t.tmpl\"\n");
     write(d.path(), "img/t.tmpl", "hello {{ who }}\n");
     let e = build_err(&store, d.path());
-    assert!(e.contains("\"who\"") && e.contains("t.tmpl") && e.contains("(/x)"), "template variable: {e}");
+    assert!(
+        e.contains("\"who\"") && e.contains("t.tmpl") && e.contains("(/x)"),
+        "template variable: {e}"
+    );
 
     // A role whose site lacks a value: the site is named.
     let d = recipe("[base]\nsource = \"empty\"\n");
     write(d.path(), "roles/r/recipe.toml", "[role]\nname = \"r\"\nimage = \"t\"\n[vars]\nwho = \"x\"\n[sites.s.vars]\nother = \"y\"\n[[file]]\npath = \"/x\"\ntemplate = \"t.tmpl\"\n");
     write(d.path(), "roles/r/t.tmpl", "{{ who }} {{ where }}\n");
     let e = build_err(&store, d.path());
-    assert!(e.contains("\"where\"") && e.contains("roles/r/recipe.toml"), "role template variable: {e}");
+    assert!(
+        e.contains("\"where\"") && e.contains("roles/r/recipe.toml"),
+        "role template variable: {e}"
+    );
 
     let tars: [(&str, Vec<u8>, &str); 4] = [
-        ("dotdot", tar_bytes(&[("a/../../etc/passwd", tar::EntryType::Regular, b"x", None)]), ".. component"),
+        (
+            "dotdot",
+            tar_bytes(&[("a/../../etc/passwd", tar::EntryType::Regular, b"x", None)]),
+            ".. component",
+        ),
         (
             "through-link",
-            tar_bytes(&[("evil", tar::EntryType::Symlink, b"", Some("/etc")), ("evil/passwd", tar::EntryType::Regular, b"x", None)]),
+            tar_bytes(&[
+                ("evil", tar::EntryType::Symlink, b"", Some("/etc")),
+                ("evil/passwd", tar::EntryType::Regular, b"x", None),
+            ]),
             "parent /evil is a symbolic link",
         ),
-        ("escaping-link", tar_bytes(&[("a/up", tar::EntryType::Symlink, b"", Some("../../../etc"))]), "escapes the root"),
-        ("hardlink-out", tar_bytes(&[("a", tar::EntryType::Link, b"", Some("../etc/passwd"))]), "escapes the root"),
+        (
+            "escaping-link",
+            tar_bytes(&[("a/up", tar::EntryType::Symlink, b"", Some("../../../etc"))]),
+            "escapes the root",
+        ),
+        (
+            "hardlink-out",
+            tar_bytes(&[("a", tar::EntryType::Link, b"", Some("../etc/passwd"))]),
+            "escapes the root",
+        ),
     ];
     for (name, bytes, want) in tars {
         let d = recipe("[base]\nsource = \"tar\"\npath = \"root.tar\"\n");
@@ -382,21 +556,36 @@ fn bad_input_is_named_and_leaves_the_store_unchanged() -> Result<()> {
     }
 
     let d = recipe("[base]\nsource = \"oci\"\npath = \"image.tar\"\n");
-    fs::write(d.path().join("img/image.tar"), b"this is not an archive at all, just text. ".repeat(20))?;
+    fs::write(
+        d.path().join("img/image.tar"),
+        b"this is not an archive at all, just text. ".repeat(20),
+    )?;
     let e = build_err(&store, d.path());
     assert!(e.contains("image.tar"), "corrupt OCI: {e}");
     // An OCI layout whose layer blob does not match its digest.
     let d = recipe("[base]\nsource = \"oci\"\npath = \"image.tar\"\n");
-    fs::write(d.path().join("img/image.tar"), oci_layout(&[tar_bytes(&[("f", tar::EntryType::Regular, b"1", None)])], true))?;
+    fs::write(
+        d.path().join("img/image.tar"),
+        oci_layout(
+            &[tar_bytes(&[("f", tar::EntryType::Regular, b"1", None)])],
+            true,
+        ),
+    )?;
     let e = build_err(&store, d.path());
-    assert!(e.contains("image.tar") && e.contains("hashes to sha256:"), "OCI digest: {e}");
+    assert!(
+        e.contains("image.tar") && e.contains("hashes to sha256:"),
+        "OCI digest: {e}"
+    );
 
     let d = recipe("[base]\nsource = \"disk\"\npath = \"disk.img\"\n");
     let text = fs::read_to_string(d.path().join("img/recipe.toml"))?.replace("size_mib = 16\n", "");
     fs::write(d.path().join("img/recipe.toml"), text)?;
     fs::write(d.path().join("img/disk.img"), vec![0u8; 1 << 20])?;
     let e = build_err(&store, d.path());
-    assert!(e.contains("disk.img") && e.contains("not an ext4 file system"), "not ext4: {e}");
+    assert!(
+        e.contains("disk.img") && e.contains("not an ext4 file system"),
+        "not ext4: {e}"
+    );
     Ok(())
 }
 
@@ -507,7 +696,10 @@ fn tarball_oci_and_disk_bases() -> Result<()> {
     assert_eq!(img.meta("/opt"), Some((0o750, 5, 6)));
     assert_eq!(img.meta("/opt/tool"), Some((0o4755, 0, 0)));
     assert_eq!(img.cat("/opt/tool2"), "tool\n");
-    assert!(img.debugfs("stat /opt/tool").contains("Links: 2"), "hard link kept");
+    assert!(
+        img.debugfs("stat /opt/tool").contains("Links: 2"),
+        "hard link kept"
+    );
     assert_eq!(img.link("/etc/localtime"), "/usr/share/zoneinfo/UTC");
     assert_eq!(img.kind("/dev/null").as_deref(), Some("character"));
     assert_eq!(img.meta("/dev/null").map(|m| m.0), Some(0o666));
@@ -533,21 +725,36 @@ fn tarball_oci_and_disk_bases() -> Result<()> {
     assert_eq!(img.cat("/added"), "added\n");
     assert_eq!(img.meta("/gone"), None, "whiteout");
     assert_eq!(img.meta("/d/old"), None, "opaque directory");
-    assert_eq!(img.cat("/d/new"), "new\n", "opaque keeps the layer's own entries");
+    assert_eq!(
+        img.cat("/d/new"),
+        "new\n",
+        "opaque keeps the layer's own entries"
+    );
 
     // A qcow2 disk made by qemu-img from the busybox base.
     let (_sd, shared_store, sb) = shared();
     let raw = sd.path().join("bb.raw");
     compose(&shared_store.layer_path(&sb.base.id), &raw)?;
     let d = recipe("[base]\nsource = \"disk\"\npath = \"disk.qcow2\"\n");
-    let o = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(d.path().join("img/disk.qcow2")).output()?;
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(d.path().join("img/disk.qcow2"))
+        .output()?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = fs::read_to_string(d.path().join("img/recipe.toml"))?.replace("size_mib = 16\n", "");
     fs::write(d.path().join("img/recipe.toml"), text)?;
     let built = build::build(&store, &d.path().join("img"), &BuildOptions::default())?;
     let img = Image::top(&store.layer_path(&built.base.id))?;
-    assert_eq!(img.cat("/etc/motd"), "Strata busybox image: images, not installs.\n");
-    assert_eq!(img.cat("/etc/strata/image"), "t\n", "the recipe's own entries applied on the disk's file system");
+    assert_eq!(
+        img.cat("/etc/motd"),
+        "Strata busybox image: images, not installs.\n"
+    );
+    assert_eq!(
+        img.cat("/etc/strata/image"),
+        "t\n",
+        "the recipe's own entries applied on the disk's file system"
+    );
     Ok(())
 }
 
@@ -559,32 +766,62 @@ fn updates_rebuild_roles_and_gc_collects_old_versions() -> Result<()> {
     let v1 = build::ensure_builtin(&store, &images())?;
     let d = tempfile::tempdir()?;
     write(d.path(), "upd/recipe.toml", "[update]\nimage = \"busybox\"\n[[file]]\npath = \"/etc/patched\"\ncontent = \"yes\\n\"\n[[delete]]\npaths = [\"/usr/bin/wget\"]\n");
-    let v2 = build::build(&store, &d.path().join("upd"), &BuildOptions { roles_dir: Some(images().join("roles")), ..Default::default() })?;
+    let v2 = build::build(
+        &store,
+        &d.path().join("upd"),
+        &BuildOptions {
+            roles_dir: Some(images().join("roles")),
+            ..Default::default()
+        },
+    )?;
     assert_eq!(v2.version, v1.version + 1);
     assert_ne!(v2.base.id, v1.base.id);
-    assert_eq!(v2.roles.len(), v1.roles.len(), "every role rebuilt on the new base");
+    assert_eq!(
+        v2.roles.len(),
+        v1.roles.len(),
+        "every role rebuilt on the new base"
+    );
     let web2 = store.image_for_role("web")?.context("web")?;
-    assert_eq!(web2.version, v2.version, "roles resolve to the newest version");
+    assert_eq!(
+        web2.version, v2.version,
+        "roles resolve to the newest version"
+    );
     let img = Image::of(&store, &web2)?;
     assert_eq!(img.cat("/etc/patched"), "yes\n");
     assert_eq!(img.meta("/usr/bin/wget"), None);
     assert_eq!(img.cat("/etc/strata/version"), format!("{}\n", v2.version));
-    assert_eq!(v2.kernel.as_ref().map(|k| k.id), v1.kernel.as_ref().map(|k| k.id), "kernel carried over");
+    assert_eq!(
+        v2.kernel.as_ref().map(|k| k.id),
+        v1.kernel.as_ref().map(|k| k.id),
+        "kernel carried over"
+    );
     // The diff between the two web versions names what changed.
-    let web1 = store.image_version("busybox", v1.version, Some("web"), None)?.context("web v1")?;
+    let web1 = store
+        .image_version("busybox", v1.version, Some("web"), None)?
+        .context("web v1")?;
     let changes = strata_server::cli::image::diff(&store, &web1, &web2)?;
     assert_eq!(changes.get("/etc/patched"), Some(&'A'));
     assert_eq!(changes.get("/usr/bin/wget"), Some(&'D'));
     assert_eq!(changes.get("/etc/strata/version"), Some(&'M'));
-    assert_eq!(changes.get("/var/www/index.html"), Some(&'M'), "the template shows the version");
+    assert_eq!(
+        changes.get("/var/www/index.html"),
+        Some(&'M'),
+        "the template shows the version"
+    );
     assert!(!changes.contains_key("/bin/busybox"));
     // gc: nothing to collect while both versions exist; v1's layers go once v1 is removed.
     let node = build::node_layer(&store, &web1, &facts(1))?;
     assert!(store.gc(true)?.layers.is_empty());
     assert!(store.catalog().remove_version("busybox", v1.version)?);
     let dry = store.gc(true)?;
-    assert!(dry.layers.contains(&v1.base.id) && dry.layers.contains(&node.id), "{dry:?}");
-    assert!(store.layer_path(&v1.base.id).is_file(), "a dry run removes nothing");
+    assert!(
+        dry.layers.contains(&v1.base.id) && dry.layers.contains(&node.id),
+        "{dry:?}"
+    );
+    assert!(
+        store.layer_path(&v1.base.id).is_file(),
+        "a dry run removes nothing"
+    );
     let done = store.gc(false)?;
     assert_eq!(done.layers.len(), dry.layers.len());
     assert!(!store.layer_path(&v1.base.id).exists());
@@ -605,8 +842,12 @@ fn check_store_after_kill(root: &Path) -> Result<usize> {
     let mut layers = 0;
     for e in fs::read_dir(root.join("layers"))? {
         let name = e?.file_name().to_string_lossy().into_owned();
-        let id = name.strip_suffix(".vhdx").with_context(|| format!("stray file {name} in layers/"))?;
-        store.verify_layer(&id.parse()?).with_context(|| format!("layer {name}"))?;
+        let id = name
+            .strip_suffix(".vhdx")
+            .with_context(|| format!("stray file {name} in layers/"))?;
+        store
+            .verify_layer(&id.parse()?)
+            .with_context(|| format!("layer {name}"))?;
         layers += 1;
     }
     let versions = store.catalog().versions(None)?;
@@ -618,7 +859,11 @@ fn check_store_after_kill(root: &Path) -> Result<usize> {
             store.verify_layer(&r.layer)?;
         }
     }
-    assert_eq!(fs::read_dir(root.join("tmp"))?.count(), 0, "scratch of a dead builder left after open");
+    assert_eq!(
+        fs::read_dir(root.join("tmp"))?.count(),
+        0,
+        "scratch of a dead builder left after open"
+    );
     Ok(layers)
 }
 
@@ -649,17 +894,28 @@ fn killing_the_builder_never_leaves_a_bad_layer_or_catalog() -> Result<()> {
             // The whole process group, as a service manager stops a server: the builder and
             // the e2fsprogs it runs (a child forked but not yet exec'd still holds the
             // store's lock).
-            Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status()?;
+            Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status()?;
             kills += 1;
         }
         child.wait()?;
         // Wait until every process of the group is gone (reaped by init).
-        let gone = |pg: u32| Command::new("kill").args(["-0", "--", &format!("-{pg}")]).stderr(std::process::Stdio::null()).status().map(|s| !s.success());
+        let gone = |pg: u32| {
+            Command::new("kill")
+                .args(["-0", "--", &format!("-{pg}")])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .map(|s| !s.success())
+        };
         let mut waited = 0;
         while !gone(child.id())? {
             std::thread::sleep(std::time::Duration::from_millis(10));
             waited += 1;
-            assert!(waited < 3000, "processes of the killed build still run after 30 s");
+            assert!(
+                waited < 3000,
+                "processes of the killed build still run after 30 s"
+            );
         }
         check_store_after_kill(&root).with_context(|| format!("after a kill at {delay_ms} ms"))?;
         // A build that finished: forget it, so the next round builds (and is killed) again.
@@ -670,12 +926,20 @@ fn killing_the_builder_never_leaves_a_bad_layer_or_catalog() -> Result<()> {
         }
         store.gc(false)?;
     }
-    assert!(kills >= 5, "only {kills} builds were interrupted; the test needs kill points inside builds");
+    assert!(
+        kills >= 5,
+        "only {kills} builds were interrupted; the test needs kill points inside builds"
+    );
     // A build after all that completes and gives the reference layers.
     let store = Store::open(&root)?;
     let built = build::ensure_builtin(&store, &images())?;
     assert_eq!(built.base.id, reference.base.id);
-    let ids = |x: &build::Built| x.roles.iter().map(|(r, s, l)| (r.clone(), s.clone(), l.id)).collect::<Vec<_>>();
+    let ids = |x: &build::Built| {
+        x.roles
+            .iter()
+            .map(|(r, s, l)| (r.clone(), s.clone(), l.id))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(ids(&built), ids(reference));
     drop(store);
     check_store_after_kill(&root)?;
@@ -685,7 +949,12 @@ fn killing_the_builder_never_leaves_a_bad_layer_or_catalog() -> Result<()> {
 #[test]
 fn every_recipe_in_the_repository_parses() -> Result<()> {
     let mut n = 0;
-    for dir in [images().join("busybox"), images().join("debian-bookworm"), images().join("roles/web"), images().join("roles/db")] {
+    for dir in [
+        images().join("busybox"),
+        images().join("debian-bookworm"),
+        images().join("roles/web"),
+        images().join("roles/db"),
+    ] {
         build::recipe::load(&dir).with_context(|| format!("{}", dir.display()))?;
         n += 1;
     }

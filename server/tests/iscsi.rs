@@ -11,9 +11,12 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use strata_server::iscsi::pdu::{self, Bhs, DataOut, Digests, LoginRequest, Lun, Pdu, ScsiCommand, Stage};
+use strata_server::iscsi::pdu::{
+    self, Bhs, DataOut, Digests, LoginRequest, Lun, Pdu, ScsiCommand, Stage,
+};
 use strata_server::iscsi::{
-    node_target_iqn, Backing, ChapCredentials, IscsiTarget, StaticLuns, TargetAccess, TargetOptions, VhdxLun,
+    node_target_iqn, Backing, ChapCredentials, IscsiTarget, StaticLuns, TargetAccess,
+    TargetOptions, VhdxLun,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +27,11 @@ const SIZE: u64 = 8 * MIB;
 fn tool(cmd: &str, args: &[&str]) -> Result<std::process::Output> {
     let out = Command::new(cmd).args(args).output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            let pkg = if cmd.starts_with("qemu") { "qemu-utils qemu-block-extra" } else { "libiscsi-bin" };
+            let pkg = if cmd.starts_with("qemu") {
+                "qemu-utils qemu-block-extra"
+            } else {
+                "libiscsi-bin"
+            };
             anyhow::anyhow!("{cmd} not found: apt-get install {pkg} (scripts/setup.sh)")
         } else {
             anyhow::anyhow!("running {cmd}: {e}")
@@ -36,7 +43,11 @@ fn tool(cmd: &str, args: &[&str]) -> Result<std::process::Output> {
 fn tool_ok(cmd: &str, args: &[&str]) -> Result<String> {
     let out = tool(cmd, args)?;
     if !out.status.success() {
-        bail!("{cmd} {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -50,7 +61,9 @@ struct Fixture {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
 }
 
 impl Fixture {
@@ -58,7 +71,10 @@ impl Fixture {
         let dir = tempfile::tempdir()?;
         let raw = dir.path().join("base.raw");
         std::fs::write(&raw, pattern(1, SIZE as usize))?;
-        let opts = vhdx::CreateOptions { block_size: MIB as u32, ..Default::default() };
+        let opts = vhdx::CreateOptions {
+            block_size: MIB as u32,
+            ..Default::default()
+        };
         let base = dir.path().join("base.vhdx");
         vhdx::from_raw(&raw, &base, None, &opts)?;
         let role = dir.path().join("role.vhdx");
@@ -73,11 +89,20 @@ impl Fixture {
         for n in &nodes {
             vhdx::create_differencing(n, &below, &opts)?;
         }
-        Ok(Fixture { dir, base, role, nodes })
+        Ok(Fixture {
+            dir,
+            base,
+            role,
+            nodes,
+        })
     }
 
     fn chain(&self, node: usize) -> Vec<PathBuf> {
-        vec![self.base.clone(), self.role.clone(), self.nodes[node].clone()]
+        vec![
+            self.base.clone(),
+            self.role.clone(),
+            self.nodes[node].clone(),
+        ]
     }
 
     fn expected(&self) -> Result<Vec<u8>> {
@@ -101,7 +126,10 @@ struct Running {
 
 impl Running {
     fn start(luns: StaticLuns) -> Result<Running> {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
@@ -112,7 +140,11 @@ impl Running {
                 eprintln!("target: {e}");
             }
         });
-        Ok(Running { addr, cancel, thread: Some(thread) })
+        Ok(Running {
+            addr,
+            cancel,
+            thread: Some(thread),
+        })
     }
 
     fn url(&self, iqn: &str) -> String {
@@ -133,12 +165,19 @@ fn node_luns(f: &Fixture, chap: bool) -> Result<StaticLuns> {
     let mut luns = StaticLuns::new();
     for i in 0..2 {
         let access = TargetAccess {
-            chap: chap.then(|| ChapCredentials { user: format!("node{i}"), secret: format!("secret-of-node-{i}").into_bytes() }),
+            chap: chap.then(|| ChapCredentials {
+                user: format!("node{i}"),
+                secret: format!("secret-of-node-{i}").into_bytes(),
+            }),
             target_chap: None,
             initiators: vec![],
         };
         let lun = VhdxLun::open_node(&f.chain(i))?;
-        luns.insert(node_target_iqn(&format!("node{i}")), access, Backing::Shared(Arc::new(lun)));
+        luns.insert(
+            node_target_iqn(&format!("node{i}")),
+            access,
+            Backing::Shared(Arc::new(lun)),
+        );
     }
     Ok(luns)
 }
@@ -157,21 +196,60 @@ fn libiscsi_and_qemu_read_and_write_a_node_chain() -> Result<()> {
     let cap = tool_ok("iscsi-readcapacity16", &[&t.url(&n0)])?;
     assert!(cap.contains(&format!("Total size:{SIZE}")), "{cap}");
     for page in ["0x00", "0x80", "0x83", "0xb0", "0xb1", "0xb2"] {
-        tool_ok("iscsi-inq", &["-e", "1", "-c", page, &t.url(&n0)]).with_context(|| format!("VPD page {page}"))?;
+        tool_ok("iscsi-inq", &["-e", "1", "-c", page, &t.url(&n0)])
+            .with_context(|| format!("VPD page {page}"))?;
     }
 
     // qemu-img reads the whole chain through the target.
     let out = f.dir.path().join("read.raw");
-    tool_ok("qemu-img", &["convert", "-O", "raw", &t.url(&n0), out.to_str().context("path")?])?;
-    assert!(std::fs::read(&out)? == f.expected()?, "qemu-img read differs from the chain");
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            &t.url(&n0),
+            out.to_str().context("path")?,
+        ],
+    )?;
+    assert!(
+        std::fs::read(&out)? == f.expected()?,
+        "qemu-img read differs from the chain"
+    );
 
     // qemu-io writes through node 0's target, and reads its data back.
-    tool_ok("qemu-io", &["-f", "raw", "-c", "write -P 0xa5 1M 640k", "-c", "flush", &t.url(&n0)])?;
-    let r = tool_ok("qemu-io", &["-f", "raw", "-c", "read -P 0xa5 1M 640k", &t.url(&n0)])?;
+    tool_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xa5 1M 640k",
+            "-c",
+            "flush",
+            &t.url(&n0),
+        ],
+    )?;
+    let r = tool_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0xa5 1M 640k", &t.url(&n0)],
+    )?;
     assert!(!r.contains("Pattern verification failed"), "{r}");
     // Node 1 still sees the role's data there.
-    tool_ok("qemu-img", &["convert", "-O", "raw", &t.url(&n1), out.to_str().context("path")?])?;
-    assert!(std::fs::read(&out)? == f.expected()?, "node 1 sees node 0's writes");
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            &t.url(&n1),
+            out.to_str().context("path")?,
+        ],
+    )?;
+    assert!(
+        std::fs::read(&out)? == f.expected()?,
+        "node 1 sees node 0's writes"
+    );
     drop(t);
 
     assert_eq!(b3(&f.base)?, base_hash, "base layer changed");
@@ -195,7 +273,10 @@ fn chap_per_node_and_own_target_only() -> Result<()> {
     assert!(!wrong.status.success(), "wrong CHAP secret logged in");
     // Node 1's (valid) credentials do not open node 0's target.
     let other = tool("iscsi-inq", &[&with("node1", "secret-of-node-1")])?;
-    assert!(!other.status.success(), "node 1 logged in to node 0's target");
+    assert!(
+        !other.status.success(),
+        "node 1 logged in to node 0's target"
+    );
     let none = tool("iscsi-inq", &[&t.url(&n0)])?;
     assert!(!none.status.success(), "logged in without CHAP");
     // The target is still serving after the failures.
@@ -211,16 +292,54 @@ fn stateless_lun_discards_writes_at_logout() -> Result<()> {
     std::fs::create_dir(&scratch)?;
     let mut luns = StaticLuns::new();
     let iqn = node_target_iqn("diskless");
-    luns.insert(iqn.clone(), TargetAccess::default(), Backing::Stateless { paths: f.chain(0), scratch_dir: scratch.clone() });
+    luns.insert(
+        iqn.clone(),
+        TargetAccess::default(),
+        Backing::Stateless {
+            paths: f.chain(0),
+            scratch_dir: scratch.clone(),
+        },
+    );
     let t = Running::start(luns)?;
-    let r = tool_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x3c 0 64k", "-c", "read -P 0x3c 0 64k", &t.url(&iqn)])?;
+    let r = tool_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 0 64k",
+            "-c",
+            "read -P 0x3c 0 64k",
+            &t.url(&iqn),
+        ],
+    )?;
     assert!(!r.contains("Pattern verification failed"), "{r}");
     let out = f.dir.path().join("again.raw");
-    tool_ok("qemu-img", &["convert", "-O", "raw", &t.url(&iqn), out.to_str().context("path")?])?;
-    assert!(std::fs::read(&out)? == f.expected()?, "a stateless write survived logout");
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            &t.url(&iqn),
+            out.to_str().context("path")?,
+        ],
+    )?;
+    assert!(
+        std::fs::read(&out)? == f.expected()?,
+        "a stateless write survived logout"
+    );
     drop(t);
-    assert_eq!(b3(&f.nodes[0])?, node_hash, "the node layer under a stateless LUN changed");
-    assert_eq!(std::fs::read_dir(&scratch)?.count(), 0, "scratch layers left behind");
+    assert_eq!(
+        b3(&f.nodes[0])?,
+        node_hash,
+        "the node layer under a stateless LUN changed"
+    );
+    assert_eq!(
+        std::fs::read_dir(&scratch)?.count(),
+        0,
+        "scratch layers left behind"
+    );
     Ok(())
 }
 
@@ -235,7 +354,11 @@ impl Raw {
     fn login(addr: SocketAddr, target: &str, extra: &str) -> Result<Raw> {
         let s = TcpStream::connect(addr)?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
-        let mut r = Raw { s, itt: 1, cmd_sn: 1 };
+        let mut r = Raw {
+            s,
+            itt: 1,
+            cmd_sn: 1,
+        };
         let req = LoginRequest {
             transit: true,
             continue_: false,
@@ -342,7 +465,9 @@ fn hostile_input_gets_errors_not_damage() -> Result<()> {
     r.command(&read10(blocks - 1, 2), 1024, false, vec![])?;
     let (st, key, asc, _) = r.status()?;
     assert_eq!((st, key, asc), (2, 5, 0x21));
-    let mut w16 = vec![0x8a, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, 0, 0];
+    let mut w16 = vec![
+        0x8a, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, 0, 0,
+    ];
     r.command(&w16, 512, true, vec![0xff; 512])?;
     let (st, key, asc, _) = r.status()?;
     assert_eq!((st, key, asc), (2, 5, 0x21));
@@ -366,15 +491,34 @@ fn hostile_input_gets_errors_not_damage() -> Result<()> {
 
     // A data segment longer than we accept: Reject, then the connection closes.
     let mut p = Pdu::new(
-        Bhs::NopOut(pdu::NopOut { immediate: true, lun: Lun::default(), itt: 99, ttt: !0, cmd_sn: r.cmd_sn, exp_stat_sn: 0 }),
+        Bhs::NopOut(pdu::NopOut {
+            immediate: true,
+            lun: Lun::default(),
+            itt: 99,
+            ttt: !0,
+            cmd_sn: r.cmd_sn,
+            exp_stat_sn: 0,
+        }),
         vec![0u8; 300_000],
     )
     .to_bytes(Digests::default());
     p.truncate(pdu::BHS_LEN);
     r.s.write_all(&p)?;
     let rej = r.recv()?;
-    assert!(matches!(rej.bhs, Bhs::Reject(pdu::Reject { reason: pdu::reject_reason::PROTOCOL_ERROR, .. })), "{rej:?}");
-    assert!(r.recv().is_err(), "connection stayed open after a bad length");
+    assert!(
+        matches!(
+            rej.bhs,
+            Bhs::Reject(pdu::Reject {
+                reason: pdu::reject_reason::PROTOCOL_ERROR,
+                ..
+            })
+        ),
+        "{rej:?}"
+    );
+    assert!(
+        r.recv().is_err(),
+        "connection stayed open after a bad length"
+    );
 
     // Garbage instead of a login: the connection closes, the target lives on.
     let mut g = TcpStream::connect(t.addr)?;
@@ -386,13 +530,28 @@ fn hostile_input_gets_errors_not_damage() -> Result<()> {
     let mut g = TcpStream::connect(t.addr)?;
     g.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
     let req = LoginRequest {
-        transit: true, continue_: false, csg: Stage::Operational, nsg: Stage::FullFeature, version_max: 0,
-        version_min: 0, isid: [0; 6], tsih: 0, itt: 0, cid: 0, cmd_sn: 0, exp_stat_sn: 0,
+        transit: true,
+        continue_: false,
+        csg: Stage::Operational,
+        nsg: Stage::FullFeature,
+        version_max: 0,
+        version_min: 0,
+        isid: [0; 6],
+        tsih: 0,
+        itt: 0,
+        cid: 0,
+        cmd_sn: 0,
+        exp_stat_sn: 0,
     };
-    g.write_all(&Pdu::new(Bhs::LoginRequest(req), b"InitiatorName\0\xff=\0".to_vec()).to_bytes(Digests::default()))?;
+    g.write_all(
+        &Pdu::new(Bhs::LoginRequest(req), b"InitiatorName\0\xff=\0".to_vec())
+            .to_bytes(Digests::default()),
+    )?;
     let mut raw = [0u8; 48];
     g.read_exact(&mut raw)?;
-    let Bhs::LoginResponse(l) = Bhs::parse(&raw)? else { bail!("not a login response") };
+    let Bhs::LoginResponse(l) = Bhs::parse(&raw)? else {
+        bail!("not a login response")
+    };
     assert_eq!(l.status_class, 2);
 
     // A connection dropped in the middle of a write leaves the LUN as it was.
@@ -401,9 +560,26 @@ fn hostile_input_gets_errors_not_damage() -> Result<()> {
         c.command(&read10(0, 128), 65536, false, vec![])?;
         c.status()?.3
     };
-    let mut d = Raw::login(t.addr, &n0, "InitialR2T=No\0ImmediateData=Yes\0FirstBurstLength=65536\0")?;
-    let itt = d.command(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 128, 0], 65536, true, vec![0xee; 8192])?;
-    let dout = DataOut { final_: false, lun: Lun::default(), itt, ttt: !0, exp_stat_sn: 0, data_sn: 0, buffer_offset: 8192 };
+    let mut d = Raw::login(
+        t.addr,
+        &n0,
+        "InitialR2T=No\0ImmediateData=Yes\0FirstBurstLength=65536\0",
+    )?;
+    let itt = d.command(
+        &[0x2a, 0, 0, 0, 0, 0, 0, 0, 128, 0],
+        65536,
+        true,
+        vec![0xee; 8192],
+    )?;
+    let dout = DataOut {
+        final_: false,
+        lun: Lun::default(),
+        itt,
+        ttt: !0,
+        exp_stat_sn: 0,
+        data_sn: 0,
+        buffer_offset: 8192,
+    };
     d.send(&Pdu::new(Bhs::DataOut(dout), vec![0xee; 8192]))?;
     drop(d);
     let mut c = Raw::login(t.addr, &n0, "")?;
@@ -411,7 +587,12 @@ fn hostile_input_gets_errors_not_damage() -> Result<()> {
     assert!(c.status()?.3 == before, "a dropped write changed the LUN");
     // Immediate data beyond FirstBurstLength is a protocol error, not a write.
     let mut e = Raw::login(t.addr, &n0, "FirstBurstLength=4096\0")?;
-    e.command(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 16, 0], 8192, true, vec![0xee; 8192])?;
+    e.command(
+        &[0x2a, 0, 0, 0, 0, 0, 0, 0, 16, 0],
+        8192,
+        true,
+        vec![0xee; 8192],
+    )?;
     assert!(matches!(e.recv()?.bhs, Bhs::Reject(_)));
     c.command(&read10(0, 128), 65536, false, vec![])?;
     assert!(c.status()?.3 == before, "a refused write changed the LUN");
@@ -453,25 +634,43 @@ fn qemu_boots_a_vm_from_the_lun() -> Result<()> {
     let mut img = boot_sector(marker);
     img.resize(4 * MIB as usize, 0);
     std::fs::write(&raw, &img)?;
-    let opts = vhdx::CreateOptions { block_size: MIB as u32, ..Default::default() };
+    let opts = vhdx::CreateOptions {
+        block_size: MIB as u32,
+        ..Default::default()
+    };
     let base = dir.path().join("base.vhdx");
     vhdx::from_raw(&raw, &base, None, &opts)?;
     let node = dir.path().join("node.vhdx");
     vhdx::create_differencing(&node, &vhdx::Chain::from_paths(&[base.clone()])?, &opts)?;
     let mut luns = StaticLuns::new();
     let iqn = node_target_iqn("vm");
-    luns.insert(iqn.clone(), TargetAccess::default(), Backing::Shared(Arc::new(VhdxLun::open_node(&[base, node])?)));
+    luns.insert(
+        iqn.clone(),
+        TargetAccess::default(),
+        Backing::Shared(Arc::new(VhdxLun::open_node(&[base, node])?)),
+    );
     let t = Running::start(luns)?;
     let serial = dir.path().join("serial.log");
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "64", "-nodefaults", "-display", "none", "-no-reboot"])
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .args(["-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")
         .arg(format!("file={},format=raw,if=ide", t.url(&iqn)))
         .spawn()
-        .map_err(|e| anyhow::anyhow!("qemu-system-x86_64: {e} (apt-get install qemu-system-x86)"))?;
+        .map_err(|e| {
+            anyhow::anyhow!("qemu-system-x86_64: {e} (apt-get install qemu-system-x86)")
+        })?;
     // Wait for the marker; give up (and fail) only if QEMU exits or after 120 s.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     let found = loop {
@@ -486,6 +685,10 @@ fn qemu_boots_a_vm_from_the_lun() -> Result<()> {
     };
     let _ = qemu.kill();
     let _ = qemu.wait();
-    assert!(found, "the VM did not boot from the iSCSI LUN: {}", String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()));
+    assert!(
+        found,
+        "the VM did not boot from the iSCSI LUN: {}",
+        String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default())
+    );
     Ok(())
 }

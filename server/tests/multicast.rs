@@ -38,7 +38,10 @@ fn require(tool: &str, package: &str) -> Result<()> {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
         .unwrap_or(false);
-    ensure!(found, "{tool} not found: apt-get install {package} (scripts/setup.sh)");
+    ensure!(
+        found,
+        "{tool} not found: apt-get install {package} (scripts/setup.sh)"
+    );
     Ok(())
 }
 
@@ -65,16 +68,43 @@ impl Lab {
         let s = lab.ns("s");
         for ns in [&br, &s] {
             run(&["ip", "netns", "add", ns])?;
-            run(&["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ])?;
             run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
         }
-        run(&["ip", "-n", &br, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
+        run(&[
+            "ip",
+            "-n",
+            &br,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         run(&["ip", "-n", &br, "link", "set", "br0", "up"])?;
         lab.attach(&s, "p0", 1)?;
         for i in 1..=receivers {
             let r = lab.ns(&format!("r{i}"));
             run(&["ip", "netns", "add", &r])?;
-            run(&["ip", "netns", "exec", &r, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &r,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+            ])?;
             run(&["ip", "-n", &r, "link", "set", "lo", "up"])?;
             lab.attach(&r, &format!("p{i}"), 10 + i)?;
         }
@@ -87,7 +117,10 @@ impl Lab {
 
     fn attach(&self, ns: &str, port: &str, host: usize) -> Result<()> {
         let br = self.ns("br");
-        run(&["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", &br])?;
+        run(&[
+            "ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port,
+            "netns", &br,
+        ])?;
         run(&["ip", "-n", &br, "link", "set", port, "master", "br0", "up"])?;
         let addr = format!("10.{}.0.{host}/24", self.subnet);
         run(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
@@ -108,7 +141,14 @@ impl Lab {
             run(&v)
         };
         nft(&["add", "table", "inet", "loss"])?;
-        nft(&["add", "chain", "inet", "loss", "input", "{ type filter hook input priority 0; }"])?;
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            "loss",
+            "input",
+            "{ type filter hook input priority 0; }",
+        ])?;
         let rule = format!("meta l4proto udp numgen random mod 100 < {percent} counter drop");
         let mut v = vec!["add", "rule", "inet", "loss", "input"];
         v.extend(rule.split(' '));
@@ -136,14 +176,28 @@ impl Lab {
     fn recv(&self, i: usize, extra: &[&str]) -> Result<Child> {
         let out = self.out(i);
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns(&format!("r{i}")), STRATA, "mcast", "recv"])
-            .args(["--group", &self.group(), "--iface", "eth0", "--timeout", "300"])
-            .arg("--out")
-            .arg(&out)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "netns",
+            "exec",
+            &self.ns(&format!("r{i}")),
+            STRATA,
+            "mcast",
+            "recv",
+        ])
+        .args([
+            "--group",
+            &self.group(),
+            "--iface",
+            "eth0",
+            "--timeout",
+            "300",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         cmd.spawn().context("starting strata mcast recv")
     }
 
@@ -162,10 +216,14 @@ impl Lab {
 
     fn down(&self) {
         for i in 1..=self.receivers {
-            let _ = Command::new("ip").args(["netns", "del", &self.ns(&format!("r{i}"))]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(&format!("r{i}"))])
+                .output();
         }
         for n in ["s", "br"] {
-            let _ = Command::new("ip").args(["netns", "del", &self.ns(n)]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(n)])
+                .output();
         }
     }
 }
@@ -178,7 +236,11 @@ impl Drop for Lab {
 
 /// Waits for a command and parses the JSON report on its stdout.
 fn report(child: Child, what: &str) -> Result<(bool, Value, String)> {
-    let Output { status, stdout, stderr } = child.wait_with_output()?;
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output()?;
     let err = String::from_utf8_lossy(&stderr).into_owned();
     let json: Value = serde_json::from_slice(&stdout)
         .with_context(|| format!("{what}: no JSON report; stderr:\n{err}"))?;
@@ -197,7 +259,9 @@ fn transfer(lab: &Lab, file: &Path, loss: &[u32]) -> Result<Value> {
             lab.loss(i + 1, *l)?;
         }
     }
-    let rx: Vec<Child> = (1..=lab.receivers).map(|i| lab.recv(i, &[])).collect::<Result<_>>()?;
+    let rx: Vec<Child> = (1..=lab.receivers)
+        .map(|i| lab.recv(i, &[]))
+        .collect::<Result<_>>()?;
     let n = lab.receivers.to_string();
     let tx = lab.send(file, &["--min-receivers", &n, "--rate", "400M"])?;
     let (ok, sent, err) = report(tx, "sender")?;
@@ -205,14 +269,22 @@ fn transfer(lab: &Lab, file: &Path, loss: &[u32]) -> Result<Value> {
         let (ok, r, err) = report(child, "receiver")?;
         ensure!(ok, "receiver {} failed: {r}\n{err}", i + 1);
         ensure!(r["outcome"] == "Complete", "receiver {}: {r}", i + 1);
-        ensure!(same(file, &lab.out(i + 1))?, "receiver {} has a different file", i + 1);
+        ensure!(
+            same(file, &lab.out(i + 1))?,
+            "receiver {} has a different file",
+            i + 1
+        );
         ensure!(!wire::multicast::net::part_path(&lab.out(i + 1)).exists());
     }
     ensure!(ok, "sender failed: {sent}\n{err}");
     ensure!(sent["receivers_done"] == lab.receivers as u64, "{sent}");
     eprintln!(
         "{} receivers, loss {loss:?}: wire ratio {:.3} ({} data, {} repair packets, {} NACKs)",
-        lab.receivers, sent["wire_ratio"], sent["data_packets"], sent["repair_packets"], sent["nacks"]
+        lab.receivers,
+        sent["wire_ratio"],
+        sent["data_packets"],
+        sent["repair_packets"],
+        sent["nacks"]
     );
     Ok(sent)
 }
@@ -269,13 +341,22 @@ fn late_joiner_and_restarted_receiver_complete() -> Result<()> {
     for (i, child) in [(1, r1), (2, r2), (3, r3)] {
         let (ok, r, err) = report(child, "receiver")?;
         ensure!(ok && r["outcome"] == "Complete", "receiver {i}: {r}\n{err}");
-        ensure!(same(&file, &lab.out(i))?, "receiver {i} has a different file");
+        ensure!(
+            same(&file, &lab.out(i))?,
+            "receiver {i} has a different file"
+        );
         if i == 2 {
-            ensure!(r["resumed_chunks"].as_u64() >= Some(4), "restart did not resume: {r}");
+            ensure!(
+                r["resumed_chunks"].as_u64() >= Some(4),
+                "restart did not resume: {r}"
+            );
         }
         if i == 3 {
             // It joined after the pass began: what it has came partly from repairs it asked for.
-            ensure!(r["nacks"].as_u64() > Some(0), "late joiner asked for nothing: {r}");
+            ensure!(
+                r["nacks"].as_u64() > Some(0),
+                "late joiner asked for nothing: {r}"
+            );
         }
     }
     ensure!(sent["receivers_done"].as_u64() >= Some(3), "{sent}\n{err}");
@@ -307,7 +388,10 @@ fn wait_for_chunks(part: &Path, file: &Path, n: usize) -> Result<()> {
 /// Enters a network namespace on this thread.
 fn enter_netns(name: &str) -> Result<()> {
     let f = File::open(format!("/run/netns/{name}"))?;
-    rustix::thread::move_into_link_name_space(f.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))?;
+    rustix::thread::move_into_link_name_space(
+        f.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
     Ok(())
 }
 
@@ -337,7 +421,10 @@ fn foreign_sessions_and_forged_packets_are_never_written() -> Result<()> {
             sock.set_read_timeout(Some(Duration::from_millis(100)))?;
             let out = strata_server::multicast::open_sender_socket(
                 group,
-                &strata_server::multicast::SocketOptions { iface: Some("eth0".into()), ..Default::default() },
+                &strata_server::multicast::SocketOptions {
+                    iface: Some("eth0".into()),
+                    ..Default::default()
+                },
             )?;
             out.set_nonblocking(false)?;
             let mut buf = [0u8; 2048];
@@ -360,9 +447,17 @@ fn foreign_sessions_and_forged_packets_are_never_written() -> Result<()> {
                 x ^= x >> 7;
                 x ^= x << 17;
                 let symbol = (x % u64::from(layout.symbol_slots())) as u32;
-                let Some(r) = layout.symbol_in_chunk(symbol) else { continue };
+                let Some(r) = layout.symbol_in_chunk(symbol) else {
+                    continue;
+                };
                 let payload = vec![(x >> 8) as u8; r.len()];
-                let p = Packet::Data(Data { session, seq: x as u32, symbol, repair: true, payload: &payload });
+                let p = Packet::Data(Data {
+                    session,
+                    seq: x as u32,
+                    symbol,
+                    repair: true,
+                    payload: &payload,
+                });
                 out.send_to(&p.to_bytes(), SocketAddr::V4(group))?;
                 if sent.is_multiple_of(100) {
                     let h = Packet::Hashes(Hashes {
@@ -392,14 +487,22 @@ fn foreign_sessions_and_forged_packets_are_never_written() -> Result<()> {
     let tx = lab.send(&file, &["--min-receivers", "1", "--rate", "60M"])?;
     let (ok, r, err) = report(rx, "receiver")?;
     stop.store(true, Ordering::Relaxed);
-    let forged = forger.join().map_err(|_| anyhow::anyhow!("forger panicked"))??;
+    let forged = forger
+        .join()
+        .map_err(|_| anyhow::anyhow!("forger panicked"))??;
     let (_, sent, _) = report(tx, "sender")?;
     let mut tx_other = tx_other;
     let _ = tx_other.kill();
     let _ = tx_other.wait();
-    ensure!(ok && r["outcome"] == "Complete", "receiver: {r}\n{err}\nsender: {sent}");
+    ensure!(
+        ok && r["outcome"] == "Complete",
+        "receiver: {r}\n{err}\nsender: {sent}"
+    );
     ensure!(same(&file, &lab.out(1))?, "receiver wrote something else");
-    ensure!(r["foreign"].as_u64() > Some(0), "no foreign packets counted: {r}");
+    ensure!(
+        r["foreign"].as_u64() > Some(0),
+        "no foreign packets counted: {r}"
+    );
     eprintln!("forged {forged} packets; receiver: {r}");
     ensure!(forged > 0);
     // Forged symbols either poisoned a chunk (thrown away) or arrived as duplicates.
@@ -414,14 +517,28 @@ fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Resu
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("no HTTP header end")?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no HTTP header end")?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    ensure!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "chunked answer: {head}");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no status")?;
+    ensure!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "chunked answer: {head}"
+    );
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
     Ok((status, raw[split + 4..].to_vec()))
 }
 
@@ -465,7 +582,10 @@ fn the_server_offers_a_session_in_manifests_and_sends_the_base_once() -> Result<
     let log = Arc::new(std::sync::Mutex::new(String::new()));
     let log2 = Arc::clone(&log);
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+        {
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
                 let _ = tx.send(addr);
@@ -478,14 +598,21 @@ fn the_server_offers_a_session_in_manifests_and_sends_the_base_once() -> Result<
     });
     let addr: SocketAddr = rx
         .recv_timeout(Duration::from_secs(120))
-        .map_err(|_| anyhow::anyhow!("strata serve did not start:\n{}", log.lock().map(|l| l.clone()).unwrap_or_default()))?
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "strata serve did not start:\n{}",
+                log.lock().map(|l| l.clone()).unwrap_or_default()
+            )
+        })?
         .trim_end_matches(|c: char| !c.is_ascii_digit())
         .parse()?;
     let key_hex = std::fs::read_to_string(data.join("keys/server.key"))?;
     let mut secret = [0u8; 32];
     hex::decode_to_slice(key_hex.trim(), &mut secret)?;
     let vk = ed25519_dalek::SigningKey::from_bytes(&secret).verifying_key();
-    let admin = std::fs::read_to_string(data.join("admin.token"))?.trim().to_owned();
+    let admin = std::fs::read_to_string(data.join("admin.token"))?
+        .trim()
+        .to_owned();
 
     let nodes: Vec<_> = (1..=2)
         .map(|i| {
@@ -518,10 +645,15 @@ fn the_server_offers_a_session_in_manifests_and_sends_the_base_once() -> Result<
         .collect();
     let mut base = None;
     for n in nodes {
-        let (l, out, r) = n.join().map_err(|_| anyhow::anyhow!("node thread panicked"))??;
+        let (l, out, r) = n
+            .join()
+            .map_err(|_| anyhow::anyhow!("node thread panicked"))??;
         ensure!(r.is_complete(), "node did not complete: {:?}", r.outcome);
         let bytes = std::fs::read(&out)?;
-        ensure!(wire::chunk::Digest::of(&bytes) == l.id, "node's copy does not hash to the layer id");
+        ensure!(
+            wire::chunk::Digest::of(&bytes) == l.id,
+            "node's copy does not hash to the layer id"
+        );
         base = Some(l);
     }
     let base = base.context("no node")?;
@@ -535,24 +667,38 @@ fn the_server_offers_a_session_in_manifests_and_sends_the_base_once() -> Result<
             let (status, body) = http(addr, "GET", "/api/v1/multicast/sessions", Some(&admin))?;
             ensure!(status == 200, "sessions: {status}");
             let v: Value = serde_json::from_slice(&body)?;
-            if v.as_array().is_some_and(|a| a.iter().any(|s| s["state"] == "finished")) {
+            if v.as_array()
+                .is_some_and(|a| a.iter().any(|s| s["state"] == "finished"))
+            {
                 return Ok(v);
             }
-            ensure!(start.elapsed() < Duration::from_secs(60), "no finished session: {v}");
+            ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "no finished session: {v}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     })
     .join()
     .map_err(|_| anyhow::anyhow!("sessions thread panicked"))??;
-    let s = sessions.as_array().and_then(|a| a.iter().find(|s| s["state"] == "finished")).context("finished")?;
+    let s = sessions
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["state"] == "finished"))
+        .context("finished")?;
     let c = &s["counters"];
     eprintln!("scheduled session: {s}");
     ensure!(s["layer"] == base.id.to_string(), "{s}");
     ensure!(s["offered_to"].as_array().map(Vec::len) == Some(2), "{s}");
     ensure!(c["receivers_done"] == 2, "{s}");
-    ensure!(c["data_packets"] == c["layer_symbols"], "the layer went out once: {s}");
+    ensure!(
+        c["data_packets"] == c["layer_symbols"],
+        "the layer went out once: {s}"
+    );
     let repairs = c["repair_packets"].as_u64().unwrap_or(u64::MAX);
-    ensure!(repairs * 20 < c["layer_symbols"].as_u64().unwrap_or(0), "repairs within 5%: {s}");
+    ensure!(
+        repairs * 20 < c["layer_symbols"].as_u64().unwrap_or(0),
+        "repairs within 5%: {s}"
+    );
 
     // The operator's view through the CLI: the same session, as JSON and as a table; starting a
     // session nobody offered is a clear error.
@@ -565,18 +711,32 @@ fn the_server_offers_a_session_in_manifests_and_sends_the_base_once() -> Result<
             .output()?)
     };
     let out = cli(&["sessions", "--json"])?;
-    ensure!(out.status.success(), "strata mcast sessions: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "strata mcast sessions: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listed: Value = serde_json::from_slice(&out.stdout)?;
     ensure!(
-        listed.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == s["id"] && x["layer"] == s["layer"])),
+        listed.as_array().is_some_and(|a| a
+            .iter()
+            .any(|x| x["id"] == s["id"] && x["layer"] == s["layer"])),
         "the CLI lists the finished session: {listed}"
     );
     let out = cli(&["sessions"])?;
     let table = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success() && table.contains("finished") && table.contains(&base.id.to_string()[..16]), "{table}");
+    ensure!(
+        out.status.success()
+            && table.contains("finished")
+            && table.contains(&base.id.to_string()[..16]),
+        "{table}"
+    );
     let out = cli(&["start", &"0".repeat(64)])?;
     let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success() && err.contains("multicast session"), "starting an unknown session: {err}");
+    ensure!(
+        !out.status.success() && err.contains("multicast session"),
+        "starting an unknown session: {err}"
+    );
     drop(server);
     Ok(())
 }

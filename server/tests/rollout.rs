@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use orch_sim::{run_fleet, setup_fleet, setup_fleet_on, Api, Server};
-use support::TestServer;
 use serde_json::{json, Value};
+use support::TestServer;
 use tokio_util::sync::CancellationToken;
 
 fn spec(roles: &[&str], canary: usize, batch: usize, maxu: usize) -> Value {
@@ -34,7 +34,13 @@ fn ops(events: &[Value]) -> Vec<(u64, String, Value)> {
     events
         .iter()
         .filter(|e| e["kind"] == "rollout.op")
-        .map(|e| (e["detail"]["wave"].as_u64().unwrap_or(u64::MAX), e["actor"].as_str().unwrap_or("").to_owned(), e["detail"]["op"].clone()))
+        .map(|e| {
+            (
+                e["detail"]["wave"].as_u64().unwrap_or(u64::MAX),
+                e["actor"].as_str().unwrap_or("").to_owned(),
+                e["detail"]["op"].clone(),
+            )
+        })
         .collect()
 }
 
@@ -45,26 +51,48 @@ async fn rollout_over_three_roles_in_role_order_with_canary_and_batches() -> Res
     let api = server.api();
     let url = Arc::new(RwLock::new(server.url.clone()));
     // compute goes last, storage first: the order field, not the spec's order, decides.
-    let sims = setup_fleet(&api, Arc::clone(&url), &[("compute", 20, 50), ("storage", 0, 20), ("database", 10, 30)]).await?;
+    let sims = setup_fleet(
+        &api,
+        Arc::clone(&url),
+        &[
+            ("compute", 20, 50),
+            ("storage", 0, 20),
+            ("database", 10, 30),
+        ],
+    )
+    .await?;
     let role_of: HashMap<String, String> = api
         .ok("GET", "/api/v1/nodes", None)
         .await?
         .as_array()
         .context("nodes")?
         .iter()
-        .map(|n| (n["mac"].as_str().unwrap_or("").to_owned(), n["role"].as_str().unwrap_or("").to_owned()))
+        .map(|n| {
+            (
+                n["mac"].as_str().unwrap_or("").to_owned(),
+                n["role"].as_str().unwrap_or("").to_owned(),
+            )
+        })
         .collect();
     assert_eq!(role_of.len(), 100);
     let stop = CancellationToken::new();
     let fleet = run_fleet(sims, Duration::from_millis(20), stop.clone());
 
-    let id = api.start_rollout(spec(&["compute", "database", "storage"], 1, 10, 5)).await?;
+    let id = api
+        .start_rollout(spec(&["compute", "database", "storage"], 1, 10, 5))
+        .await?;
     let r = api.wait_final(id, Duration::from_secs(240)).await?;
     assert_eq!(r["state"], "succeeded", "{r}");
     let waves = r["plan"]["waves"].as_array().context("waves")?;
     let shape: Vec<(String, String, usize)> = waves
         .iter()
-        .map(|w| (w["role"].as_str().unwrap_or("").to_owned(), w["kind"].as_str().unwrap_or("").to_owned(), w["nodes"].as_array().map_or(0, Vec::len)))
+        .map(|w| {
+            (
+                w["role"].as_str().unwrap_or("").to_owned(),
+                w["kind"].as_str().unwrap_or("").to_owned(),
+                w["nodes"].as_array().map_or(0, Vec::len),
+            )
+        })
         .collect();
     let expect = |role: &str, n: usize| {
         let mut v = vec![(role.to_owned(), "canary".to_owned(), 1)];
@@ -95,7 +123,10 @@ async fn rollout_over_three_roles_in_role_order_with_canary_and_batches() -> Res
     dedup.dedup();
     assert_eq!(dedup, vec!["storage", "database", "compute"]);
     let waves_seen: Vec<u64> = acts.iter().map(|(w, _)| *w).collect();
-    assert!(waves_seen.windows(2).all(|p| p[0] <= p[1]), "waves in order");
+    assert!(
+        waves_seen.windows(2).all(|p| p[0] <= p[1]),
+        "waves in order"
+    );
     let mut per_node: HashMap<&str, usize> = HashMap::new();
     for (_, m) in &acts {
         *per_node.entry(m.as_str()).or_default() += 1;
@@ -105,10 +136,16 @@ async fn rollout_over_three_roles_in_role_order_with_canary_and_batches() -> Res
     // The fleet: every node runs img@2, every role's desired version is img@2, no pins left.
     stop.cancel();
     let sims = fleet.await?;
-    assert!(sims.iter().all(|s| s.running == 2), "{:?}", sims.iter().map(|s| (&s.mac, s.running)).collect::<Vec<_>>());
+    assert!(
+        sims.iter().all(|s| s.running == 2),
+        "{:?}",
+        sims.iter().map(|s| (&s.mac, s.running)).collect::<Vec<_>>()
+    );
     assert!(sims.iter().all(|s| s.reboots == 1));
     for role in ["storage", "database", "compute"] {
-        let r = api.ok("GET", &format!("/api/v1/roles/{role}"), None).await?;
+        let r = api
+            .ok("GET", &format!("/api/v1/roles/{role}"), None)
+            .await?;
         assert_eq!(r["version"], json!({ "image": "img", "version": 2 }));
     }
     let nodes = api.ok("GET", "/api/v1/nodes", None).await?;
@@ -138,15 +175,26 @@ async fn a_failing_canary_halts_the_rollout_and_rolls_back() -> Result<()> {
     let r = api.wait_final(id, Duration::from_secs(120)).await?;
     assert_eq!(r["state"], "halted", "{r}");
     let reason = r["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("health gate") && reason.contains(&canary), "{reason}");
+    assert!(
+        reason.contains("health gate") && reason.contains(&canary),
+        "{reason}"
+    );
     assert_eq!(r["progress"]["wave"], 0, "halted in the canary wave");
 
     let events = api.events("rollout.").await?;
     let done = ops(&events);
-    let activated: Vec<&Value> = done.iter().filter(|(_, _, o)| o["op"] == "activate").map(|(_, _, o)| o).collect();
+    let activated: Vec<&Value> = done
+        .iter()
+        .filter(|(_, _, o)| o["op"] == "activate")
+        .map(|(_, _, o)| o)
+        .collect();
     assert_eq!(activated.len(), 1, "only the canary was activated");
     assert_eq!(activated[0]["node"], canary.as_str());
-    assert!(done.iter().any(|(w, _, o)| *w == 0 && o["op"] == "rollback" && o["node"] == canary.as_str()), "the canary wave rolled back by plan");
+    assert!(
+        done.iter()
+            .any(|(w, _, o)| *w == 0 && o["op"] == "rollback" && o["node"] == canary.as_str()),
+        "the canary wave rolled back by plan"
+    );
     assert!(!done.iter().any(|(_, _, o)| o["op"] == "set_role"));
 
     // Let the fleet settle, then: every node on img@1, the role unchanged, no pins.
@@ -156,7 +204,9 @@ async fn a_failing_canary_halts_the_rollout_and_rolls_back() -> Result<()> {
     assert!(sims.iter().all(|s| s.running == 1));
     let role = api.ok("GET", "/api/v1/roles/web", None).await?;
     assert_eq!(role["version"]["version"], 1);
-    let node = api.ok("GET", &format!("/api/v1/nodes/{canary}"), None).await?;
+    let node = api
+        .ok("GET", &format!("/api/v1/nodes/{canary}"), None)
+        .await?;
     assert_eq!(node["pin"], Value::Null);
     assert_eq!(node["status"]["version"], 1);
     server.stop().await;
@@ -172,20 +222,33 @@ async fn pause_resume_and_abort() -> Result<()> {
     let sims = setup_fleet(&api, Arc::clone(&url), &[("web", 0, 6)]).await?;
     let id = api.start_rollout(spec(&["web"], 1, 2, 1)).await?;
     // No node runs yet: the rollout waits in staging. Pause it there.
-    let r = api.ok("POST", &format!("/api/v1/rollouts/{id}/pause"), None).await?;
+    let r = api
+        .ok("POST", &format!("/api/v1/rollouts/{id}/pause"), None)
+        .await?;
     assert_eq!(r["state"], "paused");
-    let (s, v) = api.call("POST", &format!("/api/v1/rollouts/{id}/pause"), None).await?;
+    let (s, v) = api
+        .call("POST", &format!("/api/v1/rollouts/{id}/pause"), None)
+        .await?;
     assert_eq!((s, v["error"]["code"].as_str()), (409, Some("conflict")));
     // Changing a role under an active rollout is refused.
-    let (s, _) = api.call("PUT", "/api/v1/roles/web", Some(json!({ "version": { "image": "img", "version": 3 } }))).await?;
+    let (s, _) = api
+        .call(
+            "PUT",
+            "/api/v1/roles/web",
+            Some(json!({ "version": { "image": "img", "version": 3 } })),
+        )
+        .await?;
     assert_eq!(s, 409);
-    api.ok("POST", &format!("/api/v1/rollouts/{id}/resume"), None).await?;
+    api.ok("POST", &format!("/api/v1/rollouts/{id}/resume"), None)
+        .await?;
     let stop = CancellationToken::new();
     let fleet = run_fleet(sims, Duration::from_millis(20), stop.clone());
     // Abort once the canary is healthy and the next wave started.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let r = api.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await?;
+        let r = api
+            .ok("GET", &format!("/api/v1/rollouts/{id}"), None)
+            .await?;
         if r["progress"]["wave"].as_u64() >= Some(1) {
             break;
         }
@@ -194,13 +257,18 @@ async fn pause_resume_and_abort() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    api.ok("POST", &format!("/api/v1/rollouts/{id}/abort"), None).await?;
+    api.ok("POST", &format!("/api/v1/rollouts/{id}/abort"), None)
+        .await?;
     let r = api.wait_final(id, Duration::from_secs(60)).await?;
     assert_eq!(r["state"], "aborted", "{r}");
     stop.cancel();
     let sims = fleet.await?;
     // The canary (wave 0, done) keeps img@2; nothing of the aborted wave stays on it.
-    let on2: Vec<&str> = sims.iter().filter(|s| s.running == 2).map(|s| s.mac.as_str()).collect();
+    let on2: Vec<&str> = sims
+        .iter()
+        .filter(|s| s.running == 2)
+        .map(|s| s.mac.as_str())
+        .collect();
     assert!(on2.len() <= 1, "{on2:?}");
     server.stop().await;
     Ok(())
@@ -220,16 +288,32 @@ async fn the_fleet_leaving_the_plan_halts_the_rollout() -> Result<()> {
     let stop = CancellationToken::new();
     let fleet = run_fleet(sims, Duration::from_millis(20), stop.clone());
     let id = api.start_rollout(spec(&["web"], 1, 2, 1)).await?;
-    wait_for(&api, id, "wave 1", |r| r["progress"]["wave"].as_u64() >= Some(1)).await?;
-    let (s, v) = api.call("PATCH", &format!("/api/v1/nodes/{planned}"), Some(json!({ "role": "db" }))).await?;
-    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
+    wait_for(&api, id, "wave 1", |r| {
+        r["progress"]["wave"].as_u64() >= Some(1)
+    })
+    .await?;
+    let (s, v) = api
+        .call(
+            "PATCH",
+            &format!("/api/v1/nodes/{planned}"),
+            Some(json!({ "role": "db" })),
+        )
+        .await?;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{v}"
+    );
 
     let mut newcomer = orch_sim::Sim::new(&orch_sim::mac(500), Arc::clone(&url));
     newcomer.boot().await?;
     let r = api.wait_final(id, Duration::from_secs(60)).await?;
     assert_eq!(r["state"], "halted", "{r}");
     let reason = r["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("outside the plan") && reason.contains(&newcomer.mac), "{reason}");
+    assert!(
+        reason.contains("outside the plan") && reason.contains(&newcomer.mac),
+        "{reason}"
+    );
     let halted_wave = r["progress"]["wave"].as_u64().context("wave")?;
     assert!(halted_wave >= 1 && halted_wave < 5, "{r}");
     // Waves done before the halt keep the new version; the halted wave's nodes run the old
@@ -242,10 +326,19 @@ async fn the_fleet_leaving_the_plan_halts_the_rollout() -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let nodes = api.ok("GET", "/api/v1/nodes?role=web", None).await?;
-        let settled = nodes.as_array().context("nodes")?.iter().filter(|n| n["mac"] != newcomer.mac.as_str()).all(|n| {
-            let expect = if done.iter().any(|d| n["mac"] == d.as_str()) { 2 } else { 1 };
-            n["status"]["version"] == expect && n["state"] == "healthy"
-        });
+        let settled = nodes
+            .as_array()
+            .context("nodes")?
+            .iter()
+            .filter(|n| n["mac"] != newcomer.mac.as_str())
+            .all(|n| {
+                let expect = if done.iter().any(|d| n["mac"] == d.as_str()) {
+                    2
+                } else {
+                    1
+                };
+                n["status"]["version"] == expect && n["state"] == "healthy"
+            });
         if settled {
             break;
         }
@@ -277,7 +370,12 @@ fn leases_taken(events: &[Value]) -> Vec<(u64, u32)> {
     events
         .iter()
         .filter(|e| e["kind"] == "rollout.lease_taken")
-        .map(|e| (e["detail"]["token"].as_u64().unwrap_or(0), pid_of(e["actor"].as_str().unwrap_or(""))))
+        .map(|e| {
+            (
+                e["detail"]["token"].as_u64().unwrap_or(0),
+                pid_of(e["actor"].as_str().unwrap_or("")),
+            )
+        })
         .collect()
 }
 
@@ -286,11 +384,17 @@ fn leases_taken(events: &[Value]) -> Vec<(u64, u32)> {
 /// build` as an operator does.
 fn prepare_data_dir(data: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(data.join("keys"))?;
-    std::fs::write(data.join("keys/server.key"), format!("{}\n", hex::encode(orch_sim::key().to_bytes())))?;
+    std::fs::write(
+        data.join("keys/server.key"),
+        format!("{}\n", hex::encode(orch_sim::key().to_bytes())),
+    )?;
     let images = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
     let update = data.join("update");
     std::fs::create_dir_all(&update)?;
-    std::fs::write(update.join("recipe.toml"), "[update]\nimage = \"busybox\"\n[[file]]\npath = \"/etc/release\"\ncontent = \"2\\n\"\n")?;
+    std::fs::write(
+        update.join("recipe.toml"),
+        "[update]\nimage = \"busybox\"\n[[file]]\npath = \"/etc/release\"\ncontent = \"2\\n\"\n",
+    )?;
     for recipe in [images.join("busybox"), update] {
         let o = Command::new(env!("CARGO_BIN_EXE_strata"))
             .args(["image", "build"])
@@ -300,7 +404,12 @@ fn prepare_data_dir(data: &std::path::Path) -> Result<()> {
             .arg("--store")
             .arg(data.join("store"))
             .output()?;
-        anyhow::ensure!(o.status.success(), "strata image build {}: {}", recipe.display(), String::from_utf8_lossy(&o.stderr));
+        anyhow::ensure!(
+            o.status.success(),
+            "strata image build {}: {}",
+            recipe.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     Ok(())
 }
@@ -311,14 +420,27 @@ fn serve(data: &std::path::Path) -> Result<TestServer> {
 }
 
 fn token_of(actor: &str) -> u64 {
-    actor.rsplit('#').next().and_then(|t| t.parse().ok()).unwrap_or(0)
+    actor
+        .rsplit('#')
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0)
 }
 
 fn pid_of(actor: &str) -> u32 {
-    actor.split(':').nth(2).and_then(|p| p.parse().ok()).unwrap_or(0)
+    actor
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
 }
 
-async fn wait_for(api: &Api, id: u64, what: &str, mut f: impl FnMut(&Value) -> bool) -> Result<Value> {
+async fn wait_for(
+    api: &Api,
+    id: u64,
+    what: &str,
+    mut f: impl FnMut(&Value) -> bool,
+) -> Result<Value> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(r) = api.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await {
@@ -341,14 +463,21 @@ async fn killed_server_resumes_the_rollout_at_the_right_wave() -> Result<()> {
     prepare_data_dir(&data)?;
     let a = serve(&data)?;
     let a_url = a.url("");
-    let admin = std::fs::read_to_string(data.join("admin.token"))?.trim().to_owned();
+    let admin = std::fs::read_to_string(data.join("admin.token"))?
+        .trim()
+        .to_owned();
     let url = Arc::new(RwLock::new(a_url.clone()));
     let mut api = Api::new(&a_url, Some(&admin));
     let sims = setup_fleet_on(&api, Arc::clone(&url), &[("web", 0, 13)], "busybox", false).await?;
     let stop = CancellationToken::new();
     let fleet = run_fleet(sims, Duration::from_millis(20), stop.clone());
-    let id = api.start_rollout(spec_on("busybox", &["web"], 1, 4, 2)).await?;
-    wait_for(&api, id, "wave 2", |r| r["progress"]["wave"].as_u64() >= Some(2)).await?;
+    let id = api
+        .start_rollout(spec_on("busybox", &["web"], 1, 4, 2))
+        .await?;
+    wait_for(&api, id, "wave 2", |r| {
+        r["progress"]["wave"].as_u64() >= Some(2)
+    })
+    .await?;
     let a_pid = a.pid();
     drop(a); // SIGKILL: no flush, no lease release.
 
@@ -356,7 +485,9 @@ async fn killed_server_resumes_the_rollout_at_the_right_wave() -> Result<()> {
     let b_url = b.url("");
     *url.write().map_err(|_| anyhow::anyhow!("lock"))? = b_url.clone();
     api.url = b_url.clone();
-    let stored = api.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await?;
+    let stored = api
+        .ok("GET", &format!("/api/v1/rollouts/{id}"), None)
+        .await?;
     let resume_wave = stored["progress"]["wave"].as_u64().context("wave")?;
     assert!(resume_wave >= 2, "{stored}");
     let r = api.wait_final(id, Duration::from_secs(120)).await?;
@@ -364,22 +495,46 @@ async fn killed_server_resumes_the_rollout_at_the_right_wave() -> Result<()> {
 
     let events = api.events("rollout.").await?;
     let taken = leases_taken(&events);
-    assert!(taken.windows(2).all(|w| w[0].0 < w[1].0), "fencing tokens only grow: {taken:?}");
-    let b_token = taken.iter().find(|(_, pid)| *pid == b.pid()).context("B took the lease")?.0;
-    assert!(taken.iter().all(|(t, pid)| (*pid == a_pid && *t < b_token) || (*pid == b.pid() && *t >= b_token)), "A before B, B last, higher: {taken:?}");
+    assert!(
+        taken.windows(2).all(|w| w[0].0 < w[1].0),
+        "fencing tokens only grow: {taken:?}"
+    );
+    let b_token = taken
+        .iter()
+        .find(|(_, pid)| *pid == b.pid())
+        .context("B took the lease")?
+        .0;
+    assert!(
+        taken
+            .iter()
+            .all(|(t, pid)| (*pid == a_pid && *t < b_token) || (*pid == b.pid() && *t >= b_token)),
+        "A before B, B last, higher: {taken:?}"
+    );
     let done = ops(&events);
-    let (before, after): (Vec<_>, Vec<_>) = done.iter().partition(|(_, actor, _)| pid_of(actor) == a_pid);
+    let (before, after): (Vec<_>, Vec<_>) = done
+        .iter()
+        .partition(|(_, actor, _)| pid_of(actor) == a_pid);
     assert!(!after.is_empty());
-    assert!(after.iter().all(|(w, actor, _)| *w >= resume_wave && pid_of(actor) == b.pid()), "resumed at wave {resume_wave}: {after:?}");
+    assert!(
+        after
+            .iter()
+            .all(|(w, actor, _)| *w >= resume_wave && pid_of(actor) == b.pid()),
+        "resumed at wave {resume_wave}: {after:?}"
+    );
     assert!(before.iter().all(|(w, _, _)| *w <= resume_wave));
     let mut per_node: HashMap<String, usize> = HashMap::new();
     for (_, _, op) in &done {
         if op["op"] == "activate" {
-            *per_node.entry(op["node"].as_str().unwrap_or("").to_owned()).or_default() += 1;
+            *per_node
+                .entry(op["node"].as_str().unwrap_or("").to_owned())
+                .or_default() += 1;
         }
     }
     assert_eq!(per_node.len(), 13);
-    assert!(per_node.values().all(|&n| n == 1), "no node activated twice: {per_node:?}");
+    assert!(
+        per_node.values().all(|&n| n == 1),
+        "no node activated twice: {per_node:?}"
+    );
     stop.cancel();
     let sims = fleet.await?;
     assert!(sims.iter().all(|s| s.running == 2));
@@ -410,28 +565,43 @@ async fn two_server_processes_never_both_act_on_a_rollout() -> Result<()> {
     prepare_data_dir(&data)?;
     let a = serve(&data)?;
     let a_url = a.url("");
-    let admin = std::fs::read_to_string(data.join("admin.token"))?.trim().to_owned();
+    let admin = std::fs::read_to_string(data.join("admin.token"))?
+        .trim()
+        .to_owned();
     let url = Arc::new(RwLock::new(a_url.clone()));
     let mut api = Api::new(&a_url, Some(&admin));
     let sims = setup_fleet_on(&api, Arc::clone(&url), &[("web", 0, 13)], "busybox", false).await?;
     let stop = CancellationToken::new();
     let fleet = run_fleet(sims, Duration::from_millis(20), stop.clone());
-    let id = api.start_rollout(spec_on("busybox", &["web"], 1, 4, 2)).await?;
+    let id = api
+        .start_rollout(spec_on("busybox", &["web"], 1, 4, 2))
+        .await?;
     wait_for(&api, id, "A holds the lease and acted", |r| {
-        r["lease"]["holder"].as_str().is_some_and(|h| h.contains(&format!(":{}:", a.pid()))) && r["progress"]["wave"].as_u64() >= Some(1)
+        r["lease"]["holder"]
+            .as_str()
+            .is_some_and(|h| h.contains(&format!(":{}:", a.pid())))
+            && r["progress"]["wave"].as_u64() >= Some(1)
     })
     .await?;
     // Pausing keeps A's lease alive (heartbeats) without further steps.
-    api.ok("POST", &format!("/api/v1/rollouts/{id}/pause"), None).await?;
+    api.ok("POST", &format!("/api/v1/rollouts/{id}/pause"), None)
+        .await?;
 
     // B starts against the same database while A is alive: for several lease lifetimes it
     // never takes the rollout.
     let b = serve(&data)?;
     let b_url = b.url("");
     for _ in 0..50 {
-        let r = api.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await?;
+        let r = api
+            .ok("GET", &format!("/api/v1/rollouts/{id}"), None)
+            .await?;
         // A alone holds it (A may have re-taken its own lease after a stall, with a new token).
-        assert!(r["lease"]["holder"].as_str().is_some_and(|h| h.contains(&format!(":{}:", a.pid()))), "{r}");
+        assert!(
+            r["lease"]["holder"]
+                .as_str()
+                .is_some_and(|h| h.contains(&format!(":{}:", a.pid()))),
+            "{r}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -439,27 +609,64 @@ async fn two_server_processes_never_both_act_on_a_rollout() -> Result<()> {
     stop_outside_transactions(&a, &data.join("orchestrator.db"))?;
     *url.write().map_err(|_| anyhow::anyhow!("lock"))? = b_url.clone();
     api.url = b_url.clone();
-    wait_for(&api, id, "B takes over", |r| r["lease"]["holder"].as_str().is_some_and(|h| h.contains(&format!(":{}:", b.pid())))).await?;
-    api.ok("POST", &format!("/api/v1/rollouts/{id}/resume"), None).await?;
+    wait_for(&api, id, "B takes over", |r| {
+        r["lease"]["holder"]
+            .as_str()
+            .is_some_and(|h| h.contains(&format!(":{}:", b.pid())))
+    })
+    .await?;
+    api.ok("POST", &format!("/api/v1/rollouts/{id}/resume"), None)
+        .await?;
     // A wakes up believing it holds the lease: its next write is fenced off.
     a.signal("CONT")?;
     let r = api.wait_final(id, Duration::from_secs(120)).await?;
-    assert_eq!(r["state"], "succeeded", "{r}\nA:\n{}\nB:\n{}", a.log(), b.log());
+    assert_eq!(
+        r["state"],
+        "succeeded",
+        "{r}\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !(a.log().contains("lease lost") || a.log().contains("fenced off")) && std::time::Instant::now() < deadline {
+    while !(a.log().contains("lease lost") || a.log().contains("fenced off"))
+        && std::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     let events = api.events("rollout.").await?;
     let done = ops(&events);
-    let first_b = done.iter().position(|(_, actor, _)| pid_of(actor) == b.pid()).context("B performed operations")?;
+    let first_b = done
+        .iter()
+        .position(|(_, actor, _)| pid_of(actor) == b.pid())
+        .context("B performed operations")?;
     let taken = leases_taken(&events);
-    assert!(taken.windows(2).all(|w| w[0].0 < w[1].0), "fencing tokens only grow: {taken:?}");
-    let b_token = taken.iter().find(|(_, pid)| *pid == b.pid()).context("B took the lease")?.0;
-    assert!(done[..first_b].iter().all(|(_, actor, _)| pid_of(actor) == a.pid() && token_of(actor) < b_token));
-    assert!(done[first_b..].iter().all(|(_, actor, _)| pid_of(actor) == b.pid() && token_of(actor) >= b_token), "after B's takeover nothing by A: {:?}", &done[first_b..]);
+    assert!(
+        taken.windows(2).all(|w| w[0].0 < w[1].0),
+        "fencing tokens only grow: {taken:?}"
+    );
+    let b_token = taken
+        .iter()
+        .find(|(_, pid)| *pid == b.pid())
+        .context("B took the lease")?
+        .0;
+    assert!(done[..first_b]
+        .iter()
+        .all(|(_, actor, _)| pid_of(actor) == a.pid() && token_of(actor) < b_token));
+    assert!(
+        done[first_b..]
+            .iter()
+            .all(|(_, actor, _)| pid_of(actor) == b.pid() && token_of(actor) >= b_token),
+        "after B's takeover nothing by A: {:?}",
+        &done[first_b..]
+    );
     let a_log = a.log();
-    assert!(a_log.contains("lease lost") || a_log.contains("fenced off") || !a_log.contains("driving rollout"), "A noticed it lost the lease:\n{a_log}");
+    assert!(
+        a_log.contains("lease lost")
+            || a_log.contains("fenced off")
+            || !a_log.contains("driving rollout"),
+        "A noticed it lost the lease:\n{a_log}"
+    );
     stop.cancel();
     let sims = fleet.await?;
     assert!(sims.iter().all(|s| s.running == 2));
@@ -474,31 +681,67 @@ async fn a_stale_fencing_token_writes_nothing() -> Result<()> {
     let api = server.api();
     let url = Arc::new(RwLock::new(server.url.clone()));
     setup_fleet(&api, url, &[("web", 0, 2)]).await?;
-    let r = api.ok("POST", "/api/v1/rollouts", Some(spec(&["web"], 1, 1, 1))).await?;
+    let r = api
+        .ok("POST", "/api/v1/rollouts", Some(spec(&["web"], 1, 1, 1)))
+        .await?;
     let id = r["id"].as_u64().context("id")?;
-    api.ok("POST", &format!("/api/v1/rollouts/{id}/approve"), Some(json!({ "digest": r["digest"] }))).await?;
+    api.ok(
+        "POST",
+        &format!("/api/v1/rollouts/{id}/approve"),
+        Some(json!({ "digest": r["digest"] })),
+    )
+    .await?;
     server.stop().await;
     // Two workers on the database directly, with explicit clocks.
     let db = strata_server::db::Db::open(&dir.path().join("orchestrator.db"))?;
     let out = db
         .call(move |c| {
-            c.execute("UPDATE rollouts SET state = 'running' WHERE id = ?1", [id as i64])?;
+            c.execute(
+                "UPDATE rollouts SET state = 'running' WHERE id = ?1",
+                [id as i64],
+            )?;
             let a = rollouts::acquire(c, id, "A", 1_000, 100)?;
             let held = rollouts::acquire(c, id, "B", 1_050, 100);
             let b = rollouts::acquire(c, id, "B", 1_100, 100)?;
             let plan = rollouts::get(c, id)?.plan;
             let op = plan.waves[0].ops[0].clone();
             let progress = strata_server::orchestrator::rollout::Progress::default();
-            let stale = rollouts::apply_step(c, id, "A", a.token, 1_101, 0, &[op.clone()], &progress, None);
-            let node = strata_server::db::nodes::get(c, match &op { strata_server::orchestrator::plan::Op::Stage { node, .. } => node, _ => "" })?;
+            let stale = rollouts::apply_step(
+                c,
+                id,
+                "A",
+                a.token,
+                1_101,
+                0,
+                &[op.clone()],
+                &progress,
+                None,
+            );
+            let node = strata_server::db::nodes::get(
+                c,
+                match &op {
+                    strata_server::orchestrator::plan::Op::Stage { node, .. } => node,
+                    _ => "",
+                },
+            )?;
             let fresh = rollouts::apply_step(c, id, "B", b.token, 1_102, 0, &[op], &progress, None);
-            Ok((a.token, held.is_err(), b.token, stale.map_err(|e| e.to_string()), node.and_then(|n| n.stage), fresh.is_ok()))
+            Ok((
+                a.token,
+                held.is_err(),
+                b.token,
+                stale.map_err(|e| e.to_string()),
+                node.and_then(|n| n.stage),
+                fresh.is_ok(),
+            ))
         })
         .await?;
     let (ta, held, tb, stale, stage_after_stale, fresh) = out;
     assert_eq!((ta, tb), (1, 2));
     assert!(held, "B cannot take a live lease");
-    assert!(stale.as_ref().is_err_and(|e| e.contains("lease lost")), "{stale:?}");
+    assert!(
+        stale.as_ref().is_err_and(|e| e.contains("lease lost")),
+        "{stale:?}"
+    );
     assert_eq!(stage_after_stale, None, "the stale write changed nothing");
     assert!(fresh);
     Ok(())

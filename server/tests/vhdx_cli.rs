@@ -10,13 +10,21 @@ use anyhow::{bail, Context, Result};
 const MIB: usize = 1 << 20;
 
 fn strata(args: &[&str]) -> Result<Output> {
-    Command::new(env!("CARGO_BIN_EXE_strata")).arg("vhdx").args(args).output().context("running strata")
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("vhdx")
+        .args(args)
+        .output()
+        .context("running strata")
 }
 
 fn ok(args: &[&str]) -> Result<String> {
     let out = strata(args)?;
     if !out.status.success() {
-        bail!("strata vhdx {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "strata vhdx {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -27,7 +35,10 @@ fn qemu_img(args: &[&str]) -> Result<()> {
         .output()
         .context("qemu-img not found: install it with `apt-get install qemu-utils`")?;
     if !out.status.success() {
-        bail!("qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -64,7 +75,17 @@ fn round_trips_with_qemu_img() -> Result<()> {
 
     // qemu-img writes, strata reads.
     let q = d.join("q.vhdx");
-    qemu_img(&["convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic,block_size=8388608", s(&raw), s(&q)])?;
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vhdx",
+        "-o",
+        "subformat=dynamic,block_size=8388608",
+        s(&raw),
+        s(&q),
+    ])?;
     let out = d.join("q.raw");
     ok(&["to-raw", s(&q), s(&out)])?;
     assert!(std::fs::read(&out)? == data, "to-raw of a qemu-img file");
@@ -75,7 +96,10 @@ fn round_trips_with_qemu_img() -> Result<()> {
     qemu_img(&["check", "-f", "vhdx", s(&v)])?;
     let back = d.join("s.raw");
     qemu_img(&["convert", "-f", "vhdx", "-O", "raw", s(&v), s(&back)])?;
-    assert!(std::fs::read(&back)? == data, "qemu-img convert of from-raw output");
+    assert!(
+        std::fs::read(&back)? == data,
+        "qemu-img convert of from-raw output"
+    );
     ok(&["check", s(&v)])?;
 
     // A differencing layer holding a few changed sectors.
@@ -84,7 +108,15 @@ fn round_trips_with_qemu_img() -> Result<()> {
     let raw2 = d.join("in2.raw");
     std::fs::write(&raw2, &changed)?;
     let child = d.join("child.vhdx");
-    ok(&["from-raw", s(&raw2), s(&child), "--parent", s(&v), "--block-size", "2M"])?;
+    ok(&[
+        "from-raw",
+        s(&raw2),
+        s(&child),
+        "--parent",
+        s(&v),
+        "--block-size",
+        "2M",
+    ])?;
     let out2 = d.join("child.raw");
     ok(&["to-raw", s(&child), s(&out2)])?;
     assert!(std::fs::read(&out2)? == changed, "to-raw through the chain");
@@ -94,7 +126,11 @@ fn round_trips_with_qemu_img() -> Result<()> {
     assert_eq!(info["virtual_size"], data.len() as u64);
     assert_eq!(info["block_size"], 2 * MIB as u64);
     assert_eq!(info["logical_sector_size"], 512);
-    assert_eq!(info["allocated_bytes"], (2 * MIB + MIB) as u64, "one block and one sector bitmap");
+    assert_eq!(
+        info["allocated_bytes"],
+        (2 * MIB + MIB) as u64,
+        "one block and one sector bitmap"
+    );
     assert_eq!(info["chain"][0]["type"], "dynamic");
     let base_info: serde_json::Value = serde_json::from_str(&ok(&["info", s(&v)])?)?;
     assert_eq!(info["parent"]["linkage"], base_info["data_write_guid"]);
@@ -123,7 +159,10 @@ fn check_names_the_fault_and_fails() -> Result<()> {
     let out = strata(&["check", s(&v)])?;
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("BAT entry 1") && text.contains("past the end"), "{text}");
+    assert!(
+        text.contains("BAT entry 1") && text.contains("past the end"),
+        "{text}"
+    );
     // A missing parent is named too.
     let out = strata(&["info", "/nonexistent.vhdx"])?;
     assert!(!out.status.success());

@@ -58,18 +58,30 @@ impl Chain {
     }
 
     fn open_following(top: &Path, writable: bool) -> Result<Chain> {
-        let first = if writable { Vhdx::open_writable(top)? } else { Vhdx::open(top)? };
+        let first = if writable {
+            Vhdx::open_writable(top)?
+        } else {
+            Vhdx::open(top)?
+        };
         let mut seen = HashSet::new();
         seen.insert(identity(top));
         let mut layers = vec![first];
         while let Some(child) = layers.last() {
-            let Some(loc) = child.parent_locator() else { break };
+            let Some(loc) = child.parent_locator() else {
+                break;
+            };
             if layers.len() >= MAX_CHAIN_DEPTH {
-                return Err(VhdxError::ChainTooDeep { file: child.path().to_path_buf(), max: MAX_CHAIN_DEPTH });
+                return Err(VhdxError::ChainTooDeep {
+                    file: child.path().to_path_buf(),
+                    max: MAX_CHAIN_DEPTH,
+                });
             }
             let tried = loc.candidates(child.path());
             let Some(found) = tried.iter().find(|p| p.is_file()).cloned() else {
-                return Err(VhdxError::ParentNotFound { child: child.path().to_path_buf(), tried });
+                return Err(VhdxError::ParentNotFound {
+                    child: child.path().to_path_buf(),
+                    tried,
+                });
             };
             if !seen.insert(identity(&found)) {
                 return Err(VhdxError::ParentLoop { file: found });
@@ -98,9 +110,16 @@ impl Chain {
         let mut layers = Vec::with_capacity(paths.len().min(MAX_CHAIN_DEPTH));
         for (i, p) in paths.iter().enumerate() {
             let top = i + 1 == paths.len();
-            layers.push(if writable && top { Vhdx::open_writable(p)? } else { Vhdx::open(p)? });
+            layers.push(if writable && top {
+                Vhdx::open_writable(p)?
+            } else {
+                Vhdx::open(p)?
+            });
             if layers.len() > MAX_CHAIN_DEPTH {
-                return Err(VhdxError::ChainTooDeep { file: p.clone(), max: MAX_CHAIN_DEPTH });
+                return Err(VhdxError::ChainTooDeep {
+                    file: p.clone(),
+                    max: MAX_CHAIN_DEPTH,
+                });
             }
         }
         Self::from_layers(layers)
@@ -109,10 +128,16 @@ impl Chain {
     /// Builds a chain from open files, base first, checking shape, loops and linkage.
     pub fn from_layers(layers: Vec<Vhdx>) -> Result<Chain> {
         let Some(base) = layers.first() else {
-            return Err(VhdxError::InvalidArgument { file: PathBuf::new(), reason: "empty chain".into() });
+            return Err(VhdxError::InvalidArgument {
+                file: PathBuf::new(),
+                reason: "empty chain".into(),
+            });
         };
         if layers.len() > MAX_CHAIN_DEPTH {
-            return Err(VhdxError::ChainTooDeep { file: base.path().to_path_buf(), max: MAX_CHAIN_DEPTH });
+            return Err(VhdxError::ChainTooDeep {
+                file: base.path().to_path_buf(),
+                max: MAX_CHAIN_DEPTH,
+            });
         }
         if base.disk_type() == DiskType::Differencing && layers.len() > 1 {
             return Err(VhdxError::ChainShape {
@@ -123,7 +148,9 @@ impl Chain {
         let mut seen = HashSet::new();
         for l in &layers {
             if !seen.insert(identity(l.path())) {
-                return Err(VhdxError::ParentLoop { file: l.path().to_path_buf() });
+                return Err(VhdxError::ParentLoop {
+                    file: l.path().to_path_buf(),
+                });
             }
         }
         for pair in layers.windows(2) {
@@ -152,7 +179,10 @@ impl Chain {
     }
 
     /// The top layer.
-    #[expect(clippy::indexing_slicing, reason = "a chain always has at least one layer")]
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "a chain always has at least one layer"
+    )]
     pub fn top(&self) -> &Vhdx {
         // Non-empty: from_layers rejects an empty list and open always pushes the top.
         &self.layers[self.layers.len() - 1]
@@ -173,7 +203,10 @@ impl Chain {
     }
 
     fn range_check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.virtual_size()) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.virtual_size())
+        {
             return Err(VhdxError::OutOfRange {
                 file: self.top().path().to_path_buf(),
                 offset,
@@ -199,12 +232,22 @@ impl Chain {
     }
 
     fn resolve(&self, layer: usize, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
-        let Some(file) = self.layers.get(layer) else { return Ok(()) };
+        let Some(file) = self.layers.get(layer) else {
+            return Ok(());
+        };
         let mut pieces = Vec::new();
         file.pieces(offset, len, &mut pieces)?;
         for (voff, n, piece) in pieces {
             match piece {
-                Piece::Here(fo) => push(out, voff, n, Source::File { layer_index: layer, file_offset: fo }),
+                Piece::Here(fo) => push(
+                    out,
+                    voff,
+                    n,
+                    Source::File {
+                        layer_index: layer,
+                        file_offset: fo,
+                    },
+                ),
                 Piece::Zero => push(out, voff, n, Source::Zero),
                 Piece::Parent if layer == 0 => push(out, voff, n, Source::Zero),
                 Piece::Parent => self.resolve(layer - 1, voff, n, out)?,
@@ -221,8 +264,13 @@ impl Chain {
             let dst = buf.get_mut(at..at + e.length as usize).unwrap_or_default();
             match e.source {
                 Source::Zero => dst.fill(0),
-                Source::File { layer_index, file_offset } => {
-                    let Some(l) = self.layers.get(layer_index) else { continue };
+                Source::File {
+                    layer_index,
+                    file_offset,
+                } => {
+                    let Some(l) = self.layers.get(layer_index) else {
+                        continue;
+                    };
                     crate::io::read_exact_at(l.file(), l.path(), dst, file_offset)?;
                 }
             }
@@ -241,7 +289,9 @@ impl Chain {
         let start = offset / lss * lss;
         let end = (offset + buf.len() as u64).div_ceil(lss) * lss;
         if start == offset && end == offset + buf.len() as u64 {
-            return self.top_mut().map_or(Ok(()), |t| t.write_sectors(buf, offset));
+            return self
+                .top_mut()
+                .map_or(Ok(()), |t| t.write_sectors(buf, offset));
         }
         let mut aligned = vec![0u8; (end - start) as usize];
         // Only the first and last sectors can be partial: read just those.
@@ -253,8 +303,12 @@ impl Chain {
             self.read_at(last, end - lss)?;
         }
         let at = (offset - start) as usize;
-        aligned.get_mut(at..at + buf.len()).unwrap_or_default().copy_from_slice(buf);
-        self.top_mut().map_or(Ok(()), |t| t.write_sectors(&aligned, start))
+        aligned
+            .get_mut(at..at + buf.len())
+            .unwrap_or_default()
+            .copy_from_slice(buf);
+        self.top_mut()
+            .map_or(Ok(()), |t| t.write_sectors(&aligned, start))
     }
 
     /// Flushes the top file.
@@ -286,7 +340,9 @@ fn check_link(child: &Vhdx, parent: &Vhdx) -> Result<()> {
             found,
         });
     }
-    if child.virtual_size() != parent.virtual_size() || child.logical_sector_size() != parent.logical_sector_size() {
+    if child.virtual_size() != parent.virtual_size()
+        || child.logical_sector_size() != parent.logical_sector_size()
+    {
         return Err(VhdxError::ParentGeometry {
             child: child.path().to_path_buf(),
             parent: parent.path().to_path_buf(),
@@ -319,8 +375,14 @@ fn push(out: &mut Vec<Extent>, virtual_offset: u64, length: u64, source: Source)
         let merge = match (last.source, source) {
             (Source::Zero, Source::Zero) => true,
             (
-                Source::File { layer_index: a, file_offset: fa },
-                Source::File { layer_index: b, file_offset: fb },
+                Source::File {
+                    layer_index: a,
+                    file_offset: fa,
+                },
+                Source::File {
+                    layer_index: b,
+                    file_offset: fb,
+                },
             ) => a == b && fa + last.length == fb,
             _ => false,
         };
@@ -329,5 +391,9 @@ fn push(out: &mut Vec<Extent>, virtual_offset: u64, length: u64, source: Source)
             return;
         }
     }
-    out.push(Extent { virtual_offset, length, source });
+    out.push(Extent {
+        virtual_offset,
+        length,
+        source,
+    });
 }

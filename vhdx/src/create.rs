@@ -201,11 +201,17 @@ impl Builder {
         let mut page = 0;
         while page < data.len() {
             let run_start = page;
-            while page < data.len() && data.get(page..(page + PAGE).min(data.len())).is_some_and(|p| !is_zero(p)) {
+            while page < data.len()
+                && data
+                    .get(page..(page + PAGE).min(data.len()))
+                    .is_some_and(|p| !is_zero(p))
+            {
                 page += PAGE;
             }
             if page > run_start {
-                let run = data.get(run_start..page.min(data.len())).unwrap_or_default();
+                let run = data
+                    .get(run_start..page.min(data.len()))
+                    .unwrap_or_default();
                 io::write_all_at(&self.file, &self.path, run, at + run_start as u64)?;
             } else {
                 page += PAGE;
@@ -229,7 +235,12 @@ impl Builder {
                 t += 1;
             }
             let (a, b) = (s * lss as usize, t * lss as usize);
-            io::write_all_at(&self.file, &self.path, data.get(a..b).unwrap_or_default(), at + a as u64)?;
+            io::write_all_at(
+                &self.file,
+                &self.path,
+                data.get(a..b).unwrap_or_default(),
+                at + a as u64,
+            )?;
             s = t;
         }
         self.end += u64::from(self.meta.block_size);
@@ -238,7 +249,10 @@ impl Builder {
         if let Some(e) = self.bat.get_mut(idx) {
             *e = bat::entry(bat::PARTIALLY_PRESENT, at);
         }
-        let bitmap = self.bitmaps.entry(block / cr).or_insert_with(|| vec![0u8; MIB as usize]);
+        let bitmap = self
+            .bitmaps
+            .entry(block / cr)
+            .or_insert_with(|| vec![0u8; MIB as usize]);
         let first = (block % cr) * u64::from(self.meta.block_size) / lss;
         for (i, &p) in present.iter().enumerate() {
             if p {
@@ -258,12 +272,23 @@ impl Builder {
     /// `parent`: nothing if none differ, a fully present block if all differ or if
     /// `whole`, else a partially present block. `scratch` is a buffer for the parent's
     /// bytes.
-    fn put_diff(&mut self, parent: &Chain, block: u64, data: &[u8], scratch: &mut Vec<u8>, whole: bool) -> Result<()> {
+    fn put_diff(
+        &mut self,
+        parent: &Chain,
+        block: u64,
+        data: &[u8],
+        scratch: &mut Vec<u8>,
+        whole: bool,
+    ) -> Result<()> {
         let lss = self.meta.logical_sector_size as usize;
         scratch.resize(data.len(), 0);
         let pb = scratch.get_mut(..data.len()).unwrap_or_default();
         parent.read_at(pb, block * u64::from(self.meta.block_size))?;
-        let present: Vec<bool> = data.chunks(lss).zip(pb.chunks(lss)).map(|(a, c)| a != c).collect();
+        let present: Vec<bool> = data
+            .chunks(lss)
+            .zip(pb.chunks(lss))
+            .map(|(a, c)| a != c)
+            .collect();
         let count = present.iter().filter(|&&x| x).count();
         if count == present.len() || (count > 0 && whole) {
             self.put_full(block, data)?;
@@ -277,7 +302,10 @@ impl Builder {
     fn finish(mut self) -> Result<(File, ConvertStats)> {
         let cr = self.meta.chunk_ratio();
         let bitmaps = std::mem::take(&mut self.bitmaps);
-        debug_assert!(sectors_per_bitmap() == cr * u64::from(self.meta.block_size) / u64::from(self.meta.logical_sector_size));
+        debug_assert!(
+            sectors_per_bitmap()
+                == cr * u64::from(self.meta.block_size) / u64::from(self.meta.logical_sector_size)
+        );
         for (chunk, bits) in bitmaps {
             let at = self.end;
             self.write_sparse(&bits, at)?;
@@ -293,8 +321,14 @@ impl Builder {
         let md = metadata::to_region(&self.meta, METADATA_LENGTH as usize);
         self.write_sparse(&md, self.metadata_offset)?;
         let regions = Regions {
-            bat: Region { offset: self.bat_offset, length: bat_len },
-            metadata: Region { offset: self.metadata_offset, length: METADATA_LENGTH },
+            bat: Region {
+                offset: self.bat_offset,
+                length: bat_len,
+            },
+            metadata: Region {
+                offset: self.metadata_offset,
+                length: METADATA_LENGTH,
+            },
         };
         let rt = region::to_block(&regions);
         for off in REGION_TABLE_OFFSETS {
@@ -308,7 +342,11 @@ impl Builder {
         self.write_sparse(&h2, HEADER_OFFSETS[1])?;
         self.write_sparse(&header::file_identifier_block(&self.creator), 0)?;
         if self.sync {
-            self.file.sync_all().map_err(|source| VhdxError::Write { file: self.path.clone(), offset: 0, source })?;
+            self.file.sync_all().map_err(|source| VhdxError::Write {
+                file: self.path.clone(),
+                offset: 0,
+                source,
+            })?;
         }
         self.stats.file_size = self.end;
         Ok((self.file, self.stats))
@@ -318,20 +356,40 @@ impl Builder {
 /// Writes a file through a temporary in the destination's directory and renames it into
 /// place once complete (and flushed, with the directory, if `sync`). The temporary is
 /// removed on error.
-pub(crate) fn atomic_write<T>(out: &Path, sync: bool, body: impl FnOnce(&Path, File) -> Result<T>) -> Result<T> {
+pub(crate) fn atomic_write<T>(
+    out: &Path,
+    sync: bool,
+    body: impl FnOnce(&Path, File) -> Result<T>,
+) -> Result<T> {
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(&dir)
-        .map_err(|source| VhdxError::Open { file: dir.join(&name), source })?;
-    let file = tmp.as_file().try_clone().map_err(|source| VhdxError::Open { file: tmp.path().to_path_buf(), source })?;
+        .map_err(|source| VhdxError::Open {
+            file: dir.join(&name),
+            source,
+        })?;
+    let file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(|source| VhdxError::Open {
+            file: tmp.path().to_path_buf(),
+            source,
+        })?;
     let value = body(out, file)?;
-    tmp.persist(out).map_err(|e| VhdxError::Write { file: out.to_path_buf(), offset: 0, source: e.error })?;
+    tmp.persist(out).map_err(|e| VhdxError::Write {
+        file: out.to_path_buf(),
+        offset: 0,
+        source: e.error,
+    })?;
     if sync {
         if let Ok(d) = File::open(&dir) {
             let _ = d.sync_all();
@@ -340,12 +398,23 @@ pub(crate) fn atomic_write<T>(out: &Path, sync: bool, body: impl FnOnce(&Path, F
     Ok(value)
 }
 
-fn new_metadata(path: &Path, virtual_size: u64, opts: &CreateOptions, parent: Option<ParentLocator>) -> Result<Metadata> {
+fn new_metadata(
+    path: &Path,
+    virtual_size: u64,
+    opts: &CreateOptions,
+    parent: Option<ParentLocator>,
+) -> Result<Metadata> {
     let lss = u64::from(opts.logical_sector_size);
-    if virtual_size == 0 || virtual_size > MAX_VIRTUAL_SIZE || lss == 0 || !virtual_size.is_multiple_of(lss) {
+    if virtual_size == 0
+        || virtual_size > MAX_VIRTUAL_SIZE
+        || lss == 0
+        || !virtual_size.is_multiple_of(lss)
+    {
         return Err(VhdxError::InvalidArgument {
             file: path.to_path_buf(),
-            reason: format!("virtual size {virtual_size} must be a non-zero multiple of {lss} up to 64 TiB"),
+            reason: format!(
+                "virtual size {virtual_size} must be a non-zero multiple of {lss} up to 64 TiB"
+            ),
         });
     }
     let meta = Metadata {
@@ -358,7 +427,11 @@ fn new_metadata(path: &Path, virtual_size: u64, opts: &CreateOptions, parent: Op
         page83: opts.page83.unwrap_or_else(Uuid::new_v4),
         parent,
     };
-    meta.validate(path).map_err(|e| VhdxError::InvalidArgument { file: path.to_path_buf(), reason: e.to_string() })?;
+    meta.validate(path)
+        .map_err(|e| VhdxError::InvalidArgument {
+            file: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     Ok(meta)
 }
 
@@ -371,7 +444,9 @@ fn locator_for(out: &Path, parent: &Chain, opts: &CreateOptions) -> ParentLocato
         .parent_relative_path
         .clone()
         .or_else(|| parent::relative_win_path(out_dir, &abs_parent));
-    let absolute = opts.record_absolute_parent_path.then(|| parent::host_to_win(&abs_parent));
+    let absolute = opts
+        .record_absolute_parent_path
+        .then(|| parent::host_to_win(&abs_parent));
     ParentLocator::new(parent.top().data_write_guid(), relative, absolute)
 }
 
@@ -400,19 +475,42 @@ pub fn create(out: &Path, virtual_size: u64, opts: &CreateOptions) -> Result<Vhd
 pub fn create_differencing(out: &Path, parent: &Chain, opts: &CreateOptions) -> Result<Vhdx> {
     let mut o = opts.clone();
     o.logical_sector_size = parent.logical_sector_size();
-    let meta = new_metadata(out, parent.virtual_size(), &o, Some(locator_for(out, parent, opts)))?;
-    atomic_write(out, o.sync, |path, file| Builder::new(path, file, meta, &o)?.finish())?;
+    let meta = new_metadata(
+        out,
+        parent.virtual_size(),
+        &o,
+        Some(locator_for(out, parent, opts)),
+    )?;
+    atomic_write(out, o.sync, |path, file| {
+        Builder::new(path, file, meta, &o)?.finish()
+    })?;
     Vhdx::open_writable(out)
 }
 
 /// Converts the raw image at `raw` into a VHDX at `out` (see [`from_raw_reader`]).
-pub fn from_raw(raw: &Path, out: &Path, parent: Option<&Chain>, opts: &CreateOptions) -> Result<ConvertStats> {
-    let f = File::open(raw).map_err(|source| VhdxError::Open { file: raw.to_path_buf(), source })?;
+pub fn from_raw(
+    raw: &Path,
+    out: &Path,
+    parent: Option<&Chain>,
+    opts: &CreateOptions,
+) -> Result<ConvertStats> {
+    let f = File::open(raw).map_err(|source| VhdxError::Open {
+        file: raw.to_path_buf(),
+        source,
+    })?;
     let len = io::file_len(&f, raw)?;
     from_raw_reader(f, len, out, parent, opts).map_err(|e| match e {
-        VhdxError::Read { file, offset, len, source } if file.as_os_str() == "<raw input>" => {
-            VhdxError::Read { file: raw.to_path_buf(), offset, len, source }
-        }
+        VhdxError::Read {
+            file,
+            offset,
+            len,
+            source,
+        } if file.as_os_str() == "<raw input>" => VhdxError::Read {
+            file: raw.to_path_buf(),
+            offset,
+            len,
+            source,
+        },
         e => e,
     })
 }
@@ -441,7 +539,10 @@ pub fn from_raw_reader(
         if virtual_size != p.virtual_size() {
             return Err(VhdxError::InvalidArgument {
                 file: out.to_path_buf(),
-                reason: format!("raw image is {len} bytes, the parent's virtual disk {} bytes", p.virtual_size()),
+                reason: format!(
+                    "raw image is {len} bytes, the parent's virtual disk {} bytes",
+                    p.virtual_size()
+                ),
             });
         }
     }
@@ -456,7 +557,11 @@ pub fn from_raw_reader(
             let blen = b.block_len(block);
             let buf = data.get_mut(..blen as usize).unwrap_or_default();
             let want = (len - (block * bs).min(len)).min(blen);
-            read_full(&mut reader, buf.get_mut(..want as usize).unwrap_or_default(), block * bs)?;
+            read_full(
+                &mut reader,
+                buf.get_mut(..want as usize).unwrap_or_default(),
+                block * bs,
+            )?;
             buf.get_mut(want as usize..).unwrap_or_default().fill(0);
             let buf = data.get(..blen as usize).unwrap_or_default();
             match parent {
@@ -499,8 +604,16 @@ pub fn differencing_from_blocks<B: AsRef<[u8]>>(
 ) -> Result<ConvertStats> {
     let mut o = opts.clone();
     o.logical_sector_size = parent.logical_sector_size();
-    let meta = new_metadata(out, parent.virtual_size(), &o, Some(locator_for(out, parent, opts)))?;
-    let bad = |reason: String| VhdxError::InvalidArgument { file: out.to_path_buf(), reason };
+    let meta = new_metadata(
+        out,
+        parent.virtual_size(),
+        &o,
+        Some(locator_for(out, parent, opts)),
+    )?;
+    let bad = |reason: String| VhdxError::InvalidArgument {
+        file: out.to_path_buf(),
+        reason,
+    };
     atomic_write(out, o.sync, |path, file| {
         let mut b = Builder::new(path, file, meta, &o)?;
         let mut scratch = Vec::new();
@@ -508,14 +621,22 @@ pub fn differencing_from_blocks<B: AsRef<[u8]>>(
         for (block, data) in blocks {
             let data = data.as_ref();
             if block < next {
-                return Err(bad(format!("block {block} given out of order (blocks must increase)")));
+                return Err(bad(format!(
+                    "block {block} given out of order (blocks must increase)"
+                )));
             }
             if block >= b.meta.data_blocks() {
-                return Err(bad(format!("block {block} past the disk's {} blocks", b.meta.data_blocks())));
+                return Err(bad(format!(
+                    "block {block} past the disk's {} blocks",
+                    b.meta.data_blocks()
+                )));
             }
             let blen = b.block_len(block);
             if data.len() as u64 != blen {
-                return Err(bad(format!("block {block} given as {} bytes, the block is {blen}", data.len())));
+                return Err(bad(format!(
+                    "block {block} given as {} bytes, the block is {blen}",
+                    data.len()
+                )));
             }
             b.put_diff(parent, block, data, &mut scratch, o.whole_blocks)?;
             next = block + 1;

@@ -19,7 +19,11 @@ pub fn to_raw(chain: &Chain, out: &Path) -> Result<u64> {
     atomic_write(out, true, |path, file| {
         io::set_len(&file, path, chain.virtual_size())?;
         let copied = copy_windows(chain, &file, path)?;
-        file.sync_all().map_err(|source| VhdxError::Write { file: path.to_path_buf(), offset: 0, source })?;
+        file.sync_all().map_err(|source| VhdxError::Write {
+            file: path.to_path_buf(),
+            offset: 0,
+            source,
+        })?;
         Ok(copied)
     })
 }
@@ -34,7 +38,9 @@ fn copy_windows(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
     let next = AtomicU64::new(0);
     let copied = AtomicU64::new(0);
     let kernel_copy = AtomicBool::new(true);
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4);
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4);
     let worker = || -> Result<()> {
         let mut buf = Vec::new();
         loop {
@@ -45,13 +51,28 @@ fn copy_windows(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
             let start = w * WINDOW;
             let len = WINDOW.min(size - start);
             let extents = chain.map_range(start, len)?;
-            let data: u64 = extents.iter().filter(|e| e.source != Source::Zero).map(|e| e.length).sum();
+            let data: u64 = extents
+                .iter()
+                .filter(|e| e.source != Source::Zero)
+                .map(|e| e.length)
+                .sum();
             copied.fetch_add(data, Ordering::Relaxed);
             match extents.as_slice() {
                 _ if data == 0 => {}
-                [Extent { source: Source::File { layer_index, file_offset }, .. }] => {
-                    let Some(layer) = chain.layers().get(*layer_index) else { continue };
-                    if kernel_copy.load(Ordering::Relaxed) && copy_range(layer.file(), *file_offset, out, start, len) {
+                [Extent {
+                    source:
+                        Source::File {
+                            layer_index,
+                            file_offset,
+                        },
+                    ..
+                }] => {
+                    let Some(layer) = chain.layers().get(*layer_index) else {
+                        continue;
+                    };
+                    if kernel_copy.load(Ordering::Relaxed)
+                        && copy_range(layer.file(), *file_offset, out, start, len)
+                    {
                         continue;
                     }
                     kernel_copy.store(false, Ordering::Relaxed);
@@ -66,8 +87,13 @@ fn copy_windows(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
                         let dst = buf.get_mut(at..at + e.length as usize).unwrap_or_default();
                         match e.source {
                             Source::Zero => dst.fill(0),
-                            Source::File { layer_index, file_offset } => {
-                                let Some(layer) = chain.layers().get(layer_index) else { continue };
+                            Source::File {
+                                layer_index,
+                                file_offset,
+                            } => {
+                                let Some(layer) = chain.layers().get(layer_index) else {
+                                    continue;
+                                };
                                 io::read_exact_at(layer.file(), layer.path(), dst, file_offset)?;
                             }
                         }
@@ -83,7 +109,10 @@ fn copy_windows(chain: &Chain, out: &File, out_path: &Path) -> Result<u64> {
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(VhdxError::InvalidArgument { file: out_path.to_path_buf(), reason: "copy thread panicked".into() })
+                    Err(VhdxError::InvalidArgument {
+                        file: out_path.to_path_buf(),
+                        reason: "copy thread panicked".into(),
+                    })
                 })
             })
             .collect()

@@ -89,15 +89,28 @@ impl std::fmt::Debug for Vhdx {
 }
 
 fn truncated(path: &Path, structure: Structure, offset: u64, file_size: u64) -> VhdxError {
-    VhdxError::Truncated { file: path.to_path_buf(), structure, offset, file_size }
+    VhdxError::Truncated {
+        file: path.to_path_buf(),
+        structure,
+        offset,
+        file_size,
+    }
 }
 
 /// Reads `len` bytes at `offset`, or `Truncated` if the file is shorter.
-fn read_struct(file: &File, path: &Path, size: u64, structure: Structure, offset: u64, len: u64) -> Result<Vec<u8>> {
+fn read_struct(
+    file: &File,
+    path: &Path,
+    size: u64,
+    structure: Structure,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
     if offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(truncated(path, structure, offset, size));
     }
-    let mut buf = vec![0u8; usize::try_from(len).map_err(|_| truncated(path, structure, offset, size))?];
+    let mut buf =
+        vec![0u8; usize::try_from(len).map_err(|_| truncated(path, structure, offset, size))?];
     io::read_exact_at(file, path, &mut buf, offset)?;
     Ok(buf)
 }
@@ -119,14 +132,16 @@ impl Vhdx {
             .read(true)
             .write(writable)
             .open(path)
-            .map_err(|source| VhdxError::Open { file: path.to_path_buf(), source })?;
+            .map_err(|source| VhdxError::Open {
+                file: path.to_path_buf(),
+                source,
+            })?;
         let mut vhdx = Self::parse(path, file, writable)?;
-        if vhdx.header.log_guid != Uuid::nil()
-            && vhdx.replay_log()? {
-                // The log rewrote metadata: parse again from the replayed bytes.
-                let file = vhdx.file;
-                vhdx = Self::parse(path, file, writable)?;
-            }
+        if vhdx.header.log_guid != Uuid::nil() && vhdx.replay_log()? {
+            // The log rewrote metadata: parse again from the replayed bytes.
+            let file = vhdx.file;
+            vhdx = Self::parse(path, file, writable)?;
+        }
         vhdx.validate_bat()?;
         Ok(vhdx)
     }
@@ -134,25 +149,48 @@ impl Vhdx {
     /// Parses headers, region table, metadata and BAT (the BAT not yet validated).
     fn parse(path: &Path, file: File, writable: bool) -> Result<Vhdx> {
         let size = io::file_len(&file, path)?;
-        let id = read_struct(&file, path, size, Structure::FileIdentifier, FILE_ID_OFFSET, 64 * 1024)
-            .map_err(|e| match e {
-                VhdxError::Truncated { .. } if size >= 8 => e,
-                VhdxError::Truncated { .. } => VhdxError::NotVhdx { file: path.to_path_buf() },
-                e => e,
-            })?;
+        let id = read_struct(
+            &file,
+            path,
+            size,
+            Structure::FileIdentifier,
+            FILE_ID_OFFSET,
+            64 * 1024,
+        )
+        .map_err(|e| match e {
+            VhdxError::Truncated { .. } if size >= 8 => e,
+            VhdxError::Truncated { .. } => VhdxError::NotVhdx {
+                file: path.to_path_buf(),
+            },
+            e => e,
+        })?;
         if id.get(0..8) != Some(header::FILE_SIGNATURE) {
-            return Err(VhdxError::NotVhdx { file: path.to_path_buf() });
+            return Err(VhdxError::NotVhdx {
+                file: path.to_path_buf(),
+            });
         }
         let creator = header::creator(&id);
-        let mut parsed = [0, 1].map(|i| {
-            let offset = HEADER_OFFSETS.get(i).copied().unwrap_or(0);
-            read_struct(&file, path, size, Structure::Header(i as u8 + 1), offset, HEADER_SIZE as u64)
+        let mut parsed = [0, 1]
+            .map(|i| {
+                let offset = HEADER_OFFSETS.get(i).copied().unwrap_or(0);
+                read_struct(
+                    &file,
+                    path,
+                    size,
+                    Structure::Header(i as u8 + 1),
+                    offset,
+                    HEADER_SIZE as u64,
+                )
                 .and_then(|b| header::parse_header(path, i as u8 + 1, offset, &b))
-        })
-        .into_iter();
+            })
+            .into_iter();
         let (h1, h2) = match (parsed.next(), parsed.next()) {
             (Some(a), Some(b)) => (a, b),
-            _ => return Err(VhdxError::NotVhdx { file: path.to_path_buf() }),
+            _ => {
+                return Err(VhdxError::NotVhdx {
+                    file: path.to_path_buf(),
+                })
+            }
         };
         // A damaged redundant copy does not stop the open; `check` reports it.
         let mut damaged: Option<VhdxError> = None;
@@ -160,14 +198,25 @@ impl Vhdx {
         let header_faults = (note(&h1), note(&h2));
         let (header, header_slot) = header::choose(path, h1, h2)?;
         if let Some(reason) = header_faults.0.or(header_faults.1) {
-            damaged = Some(VhdxError::DamagedCopy { file: path.to_path_buf(), reason });
+            damaged = Some(VhdxError::DamagedCopy {
+                file: path.to_path_buf(),
+                reason,
+            });
         }
-        let mut tables = [0, 1].map(|i| {
-            let offset = REGION_TABLE_OFFSETS.get(i).copied().unwrap_or(0);
-            read_struct(&file, path, size, Structure::RegionTable(i as u8 + 1), offset, REGION_TABLE_SIZE as u64)
+        let mut tables = [0, 1]
+            .map(|i| {
+                let offset = REGION_TABLE_OFFSETS.get(i).copied().unwrap_or(0);
+                read_struct(
+                    &file,
+                    path,
+                    size,
+                    Structure::RegionTable(i as u8 + 1),
+                    offset,
+                    REGION_TABLE_SIZE as u64,
+                )
                 .and_then(|b| region::parse(path, i as u8 + 1, offset, &b))
-        })
-        .into_iter();
+            })
+            .into_iter();
         let regions = match (tables.next(), tables.next()) {
             (Some(Ok(r)), Some(second)) => {
                 match second {
@@ -179,7 +228,10 @@ impl Vhdx {
                         });
                     }
                     Err(e) => {
-                        damaged.get_or_insert(VhdxError::DamagedCopy { file: path.to_path_buf(), reason: e.to_string() });
+                        damaged.get_or_insert(VhdxError::DamagedCopy {
+                            file: path.to_path_buf(),
+                            reason: e.to_string(),
+                        });
                     }
                 }
                 r
@@ -189,22 +241,45 @@ impl Vhdx {
                 if matches!(a, VhdxError::Unsupported { .. }) {
                     return Err(a);
                 }
-                damaged.get_or_insert(VhdxError::DamagedCopy { file: path.to_path_buf(), reason: a.to_string() });
+                damaged.get_or_insert(VhdxError::DamagedCopy {
+                    file: path.to_path_buf(),
+                    reason: a.to_string(),
+                });
                 r
             }
-            (Some(Err(a)), Some(Err(_))) if matches!(a, VhdxError::Unsupported { .. }) => return Err(a),
-            (Some(Err(a)), Some(Err(b))) => {
-                return Err(VhdxError::NoValidRegionTable { file: path.to_path_buf(), first: Box::new(a), second: Box::new(b) })
+            (Some(Err(a)), Some(Err(_))) if matches!(a, VhdxError::Unsupported { .. }) => {
+                return Err(a)
             }
-            _ => return Err(VhdxError::NotVhdx { file: path.to_path_buf() }),
+            (Some(Err(a)), Some(Err(b))) => {
+                return Err(VhdxError::NoValidRegionTable {
+                    file: path.to_path_buf(),
+                    first: Box::new(a),
+                    second: Box::new(b),
+                })
+            }
+            _ => {
+                return Err(VhdxError::NotVhdx {
+                    file: path.to_path_buf(),
+                })
+            }
         };
         if header.log_length > 0 {
-            let end = header.log_offset.saturating_add(u64::from(header.log_length));
+            let end = header
+                .log_offset
+                .saturating_add(u64::from(header.log_length));
             if end > size {
-                return Err(truncated(path, Structure::LogEntry, header.log_offset, size));
+                return Err(truncated(
+                    path,
+                    Structure::LogEntry,
+                    header.log_offset,
+                    size,
+                ));
             }
         }
-        let log_region = Region { offset: header.log_offset, length: u64::from(header.log_length) };
+        let log_region = Region {
+            offset: header.log_offset,
+            length: u64::from(header.log_length),
+        };
         for r in [regions.bat, regions.metadata] {
             if header.log_length > 0 && region::overlaps(r, log_region) {
                 return Err(VhdxError::RegionOverlap {
@@ -219,7 +294,14 @@ impl Vhdx {
         // The metadata region is normally 1 MiB; items past the first 32 MiB are rejected as
         // outside the region rather than read into memory.
         let md_len = regions.metadata.length.min(MAX_METADATA_READ);
-        let md = read_struct(&file, path, size, Structure::MetadataTable, regions.metadata.offset, md_len)?;
+        let md = read_struct(
+            &file,
+            path,
+            size,
+            Structure::MetadataTable,
+            regions.metadata.offset,
+            md_len,
+        )?;
         let meta = metadata::parse(path, regions.metadata.offset, &md)?;
         let needed = meta.bat_entries();
         let with_bitmaps = meta.bitmap_blocks().saturating_mul(meta.chunk_ratio() + 1);
@@ -233,7 +315,14 @@ impl Vhdx {
         }
         let count = with_bitmaps.min(have);
         // Read the whole BAT at once.
-        let raw = read_struct(&file, path, size, Structure::Bat, regions.bat.offset, count * 8)?;
+        let raw = read_struct(
+            &file,
+            path,
+            size,
+            Structure::Bat,
+            regions.bat.offset,
+            count * 8,
+        )?;
         let bat: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| c.iter().rev().fold(0u64, |acc, &b| acc << 8 | u64::from(b)))
@@ -276,21 +365,37 @@ impl Vhdx {
             return Ok(false);
         };
         if !self.writable {
-            return Err(VhdxError::DirtyLog { file: self.path.clone() });
+            return Err(VhdxError::DirtyLog {
+                file: self.path.clone(),
+            });
         }
         if size < replay.flushed_file_offset {
             return Err(VhdxError::BadLog {
                 file: self.path.clone(),
-                reason: format!("file is {size} bytes, the log says {} were flushed", replay.flushed_file_offset),
+                reason: format!(
+                    "file is {size} bytes, the log says {} were flushed",
+                    replay.flushed_file_offset
+                ),
             });
         }
-        let log_region = Region { offset: self.header.log_offset, length: u64::from(self.header.log_length) };
+        let log_region = Region {
+            offset: self.header.log_offset,
+            length: u64::from(self.header.log_length),
+        };
         for op in &replay.ops {
             let (offset, len) = match op {
                 log::LogOp::Data { offset, bytes } => (*offset, bytes.len() as u64),
                 log::LogOp::Zero { offset, len } => (*offset, *len),
             };
-            if offset < MIB || region::overlaps(Region { offset, length: len }, log_region) {
+            if offset < MIB
+                || region::overlaps(
+                    Region {
+                        offset,
+                        length: len,
+                    },
+                    log_region,
+                )
+            {
                 return Err(VhdxError::BadLog {
                     file: self.path.clone(),
                     reason: format!("entry writes [{offset}, +{len}) over the headers or the log"),
@@ -299,13 +404,20 @@ impl Vhdx {
         }
         for op in &replay.ops {
             match op {
-                log::LogOp::Data { offset, bytes } => io::write_all_at(&self.file, &self.path, bytes, *offset)?,
+                log::LogOp::Data { offset, bytes } => {
+                    io::write_all_at(&self.file, &self.path, bytes, *offset)?
+                }
                 log::LogOp::Zero { offset, len } => {
                     let zeros = vec![0u8; MIB as usize];
                     let mut done = 0;
                     while done < *len {
                         let n = (*len - done).min(MIB);
-                        io::write_all_at(&self.file, &self.path, zeros.get(..n as usize).unwrap_or_default(), offset + done)?;
+                        io::write_all_at(
+                            &self.file,
+                            &self.path,
+                            zeros.get(..n as usize).unwrap_or_default(),
+                            offset + done,
+                        )?;
                         done += n;
                     }
                 }
@@ -331,7 +443,10 @@ impl Vhdx {
             h.data_write_guid = dw;
         }
         let slot = 1 - self.header_slot;
-        let offset = HEADER_OFFSETS.get(slot).copied().unwrap_or(HEADER_OFFSETS[0]);
+        let offset = HEADER_OFFSETS
+            .get(slot)
+            .copied()
+            .unwrap_or(HEADER_OFFSETS[0]);
         io::write_all_at(&self.file, &self.path, &h.to_block(), offset)?;
         io::sync_data(&self.file, &self.path)?;
         self.header = h;
@@ -345,7 +460,11 @@ impl Vhdx {
         let size = io::file_len(&self.file, &self.path)?;
         let cr = self.meta.chunk_ratio();
         let bs = u64::from(self.meta.block_size);
-        let bad = |index: u64, reason: String| VhdxError::BadBatEntry { file: self.path.clone(), index, reason };
+        let bad = |index: u64, reason: String| VhdxError::BadBatEntry {
+            file: self.path.clone(),
+            index,
+            reason,
+        };
         let mut used: Vec<(u64, u64, u64)> = Vec::new();
         for (index, &e) in self.bat.iter().enumerate() {
             let index = index as u64;
@@ -366,35 +485,66 @@ impl Vhdx {
                     bat::NOT_PRESENT | bat::UNDEFINED | bat::ZERO | bat::UNMAPPED => continue,
                     bat::FULLY_PRESENT => {}
                     bat::PARTIALLY_PRESENT if self.meta.has_parent => {
-                        let sb = self.bat.get(bat::bitmap_index(block / cr, cr) as usize).copied().unwrap_or(0);
+                        let sb = self
+                            .bat
+                            .get(bat::bitmap_index(block / cr, cr) as usize)
+                            .copied()
+                            .unwrap_or(0);
                         if bat::state(sb) != bat::SB_PRESENT {
-                            return Err(bad(index, "partially present block without a sector bitmap block".into()));
+                            return Err(bad(
+                                index,
+                                "partially present block without a sector bitmap block".into(),
+                            ));
                         }
                     }
-                    bat::PARTIALLY_PRESENT => return Err(bad(index, "partially present block in a disk without a parent".into())),
+                    bat::PARTIALLY_PRESENT => {
+                        return Err(bad(
+                            index,
+                            "partially present block in a disk without a parent".into(),
+                        ))
+                    }
                     s => return Err(bad(index, format!("reserved payload state {s}"))),
                 }
                 bs.min(self.meta.virtual_size - block * bs)
             };
             if off < MIB {
-                return Err(bad(index, format!("block at offset {off}, inside the first MiB")));
+                return Err(bad(
+                    index,
+                    format!("block at offset {off}, inside the first MiB"),
+                ));
             }
             if off.saturating_add(len) > size {
-                return Err(VhdxError::BatPastEnd { file: self.path.clone(), index, offset: off, file_size: size });
+                return Err(VhdxError::BatPastEnd {
+                    file: self.path.clone(),
+                    index,
+                    offset: off,
+                    file_size: size,
+                });
             }
             used.push((off, len, index));
         }
         used.push((self.regions.bat.offset, self.regions.bat.length, u64::MAX));
-        used.push((self.regions.metadata.offset, self.regions.metadata.length, u64::MAX));
+        used.push((
+            self.regions.metadata.offset,
+            self.regions.metadata.length,
+            u64::MAX,
+        ));
         if self.header.log_length > 0 {
-            used.push((self.header.log_offset, u64::from(self.header.log_length), u64::MAX));
+            used.push((
+                self.header.log_offset,
+                u64::from(self.header.log_length),
+                u64::MAX,
+            ));
         }
         used.sort_unstable();
         for w in used.windows(2) {
             if let [(a_off, a_len, a_idx), (b_off, _, b_idx)] = w {
                 if a_off + a_len > *b_off {
                     let index = if *b_idx == u64::MAX { *a_idx } else { *b_idx };
-                    return Err(bad(index, format!("block at {b_off} overlaps another block or region at {a_off}")));
+                    return Err(bad(
+                        index,
+                        format!("block at {b_off} overlaps another block or region at {a_off}"),
+                    ));
                 }
             }
         }
@@ -494,7 +644,11 @@ impl Vhdx {
             .map(|(i, &e)| {
                 let state = bat::state(e);
                 if bat::is_bitmap_index(i as u64, cr) {
-                    if state == bat::SB_PRESENT { MIB } else { 0 }
+                    if state == bat::SB_PRESENT {
+                        MIB
+                    } else {
+                        0
+                    }
                 } else if state == bat::FULLY_PRESENT || state == bat::PARTIALLY_PRESENT {
                     bs
                 } else {
@@ -516,7 +670,12 @@ impl Vhdx {
 
     /// Resolves `[offset, offset + len)` of the virtual disk within this file alone into
     /// runs, appended to `out` as `(virtual_offset, len, piece)`.
-    pub(crate) fn pieces(&self, offset: u64, len: u64, out: &mut Vec<(u64, u64, Piece)>) -> Result<()> {
+    pub(crate) fn pieces(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<(u64, u64, Piece)>,
+    ) -> Result<()> {
         let bs = u64::from(self.meta.block_size);
         let lss = u64::from(self.meta.logical_sector_size);
         let cr = self.meta.chunk_ratio();
@@ -534,7 +693,11 @@ impl Vhdx {
                 }
                 BlockState::Zero | BlockState::Unmapped => push(out, pos, n, Piece::Zero),
                 BlockState::PartiallyPresent(fo) => {
-                    let sb = self.bat.get(bat::bitmap_index(block / cr, cr) as usize).copied().unwrap_or(0);
+                    let sb = self
+                        .bat
+                        .get(bat::bitmap_index(block / cr, cr) as usize)
+                        .copied()
+                        .unwrap_or(0);
                     let sb_off = bat::offset(sb);
                     // Sector numbers relative to the chunk's bitmap block.
                     let first = pos / lss;
@@ -553,7 +716,11 @@ impl Vhdx {
                         }
                         let v0 = ((chunk_first + s) * lss).max(pos);
                         let v1 = ((chunk_first + t) * lss).min(pos + n);
-                        let piece = if present { Piece::Here(fo + (v0 - block * bs)) } else { Piece::Parent };
+                        let piece = if present {
+                            Piece::Here(fo + (v0 - block * bs))
+                        } else {
+                            Piece::Parent
+                        };
                         push(out, v0, v1 - v0, piece);
                         s = t;
                     }
@@ -568,7 +735,9 @@ impl Vhdx {
         if self.writable {
             Ok(())
         } else {
-            Err(VhdxError::ReadOnly { file: self.path.clone() })
+            Err(VhdxError::ReadOnly {
+                file: self.path.clone(),
+            })
         }
     }
 
@@ -578,7 +747,9 @@ impl Vhdx {
         if self.session_started {
             return Ok(());
         }
-        let guids = self.session_guids.unwrap_or_else(|| (Uuid::new_v4(), Uuid::new_v4()));
+        let guids = self
+            .session_guids
+            .unwrap_or_else(|| (Uuid::new_v4(), Uuid::new_v4()));
         self.write_header(Uuid::nil(), Some(guids))?;
         self.session_started = true;
         Ok(())
@@ -586,23 +757,33 @@ impl Vhdx {
 
     fn allocate(&mut self, len: u64) -> Result<u64> {
         let at = self.alloc_end;
-        let end = at.checked_add(len).ok_or_else(|| VhdxError::InvalidArgument {
-            file: self.path.clone(),
-            reason: "file offset overflow".into(),
-        })?;
+        let end = at
+            .checked_add(len)
+            .ok_or_else(|| VhdxError::InvalidArgument {
+                file: self.path.clone(),
+                reason: "file offset overflow".into(),
+            })?;
         io::set_len(&self.file, &self.path, end)?;
         self.alloc_end = end;
         Ok(at)
     }
 
     fn set_bat(&mut self, index: u64, entry: u64) -> Result<()> {
-        let slot = self.bat.get_mut(index as usize).ok_or_else(|| VhdxError::BadBatEntry {
-            file: self.path.clone(),
-            index,
-            reason: "index past the BAT".into(),
-        })?;
+        let slot = self
+            .bat
+            .get_mut(index as usize)
+            .ok_or_else(|| VhdxError::BadBatEntry {
+                file: self.path.clone(),
+                index,
+                reason: "index past the BAT".into(),
+            })?;
         *slot = entry;
-        io::write_all_at(&self.file, &self.path, &entry.to_le_bytes(), self.regions.bat.offset + index * 8)
+        io::write_all_at(
+            &self.file,
+            &self.path,
+            &entry.to_le_bytes(),
+            self.regions.bat.offset + index * 8,
+        )
     }
 
     /// Writes whole logical sectors at a sector-aligned virtual offset into this file.
@@ -612,10 +793,21 @@ impl Vhdx {
         let lss = u64::from(self.meta.logical_sector_size);
         let len = buf.len() as u64;
         if !offset.is_multiple_of(lss) || !len.is_multiple_of(lss) {
-            return Err(VhdxError::InvalidArgument { file: self.path.clone(), reason: "unaligned sector write".into() });
+            return Err(VhdxError::InvalidArgument {
+                file: self.path.clone(),
+                reason: "unaligned sector write".into(),
+            });
         }
-        if offset.checked_add(len).is_none_or(|e| e > self.meta.virtual_size) {
-            return Err(VhdxError::OutOfRange { file: self.path.clone(), offset, len, virtual_size: self.meta.virtual_size });
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.meta.virtual_size)
+        {
+            return Err(VhdxError::OutOfRange {
+                file: self.path.clone(),
+                offset,
+                len,
+                virtual_size: self.meta.virtual_size,
+            });
         }
         if len == 0 {
             return Ok(());
@@ -629,10 +821,14 @@ impl Vhdx {
             let in_block = pos % bs;
             let block_len = bs.min(self.meta.virtual_size - block * bs);
             let n = (block_len - in_block).min(offset + len - pos);
-            let data = buf.get((pos - offset) as usize..(pos - offset + n) as usize).unwrap_or_default();
+            let data = buf
+                .get((pos - offset) as usize..(pos - offset + n) as usize)
+                .unwrap_or_default();
             let pidx = bat::payload_index(block, cr);
             match self.block_state(block) {
-                BlockState::FullyPresent(fo) => io::write_all_at(&self.file, &self.path, data, fo + in_block)?,
+                BlockState::FullyPresent(fo) => {
+                    io::write_all_at(&self.file, &self.path, data, fo + in_block)?
+                }
                 BlockState::PartiallyPresent(fo) => {
                     io::write_all_at(&self.file, &self.path, data, fo + in_block)?;
                     io::sync_data(&self.file, &self.path)?;
@@ -667,7 +863,13 @@ impl Vhdx {
     /// the block's whole bitmap range is rewritten (clearing stale bits of an earlier
     /// allocation) first. Allocates the chunk's bitmap block when needed; the bitmap data
     /// is flushed before the BAT entry that makes a new bitmap block visible.
-    fn set_bitmap_bits(&mut self, block: u64, in_block: u64, n: u64, fresh: Option<u64>) -> Result<()> {
+    fn set_bitmap_bits(
+        &mut self,
+        block: u64,
+        in_block: u64,
+        n: u64,
+        fresh: Option<u64>,
+    ) -> Result<()> {
         let bs = u64::from(self.meta.block_size);
         let lss = u64::from(self.meta.logical_sector_size);
         let cr = self.meta.chunk_ratio();
@@ -681,7 +883,10 @@ impl Vhdx {
         let block_first = (block % cr) * bs / lss;
         let (r0, r1) = match fresh {
             Some(block_len) => (block_first, block_first + block_len.div_ceil(lss)),
-            None => (block_first + in_block / lss, block_first + (in_block + n) / lss),
+            None => (
+                block_first + in_block / lss,
+                block_first + (in_block + n) / lss,
+            ),
         };
         let byte0 = r0 / 8;
         let byte1 = r1.div_ceil(8);
@@ -692,7 +897,10 @@ impl Vhdx {
                 set_bit(&mut bits, s - byte0 * 8, false);
             }
         }
-        let (w0, w1) = (block_first + in_block / lss, block_first + (in_block + n) / lss);
+        let (w0, w1) = (
+            block_first + in_block / lss,
+            block_first + (in_block + n) / lss,
+        );
         for s in w0..w1 {
             set_bit(&mut bits, s - byte0 * 8, true);
         }
@@ -716,9 +924,10 @@ impl Vhdx {
     pub fn check(&self) -> Result<()> {
         self.validate_bat()?;
         match &self.damaged {
-            Some(VhdxError::DamagedCopy { file, reason }) => {
-                Err(VhdxError::DamagedCopy { file: file.clone(), reason: reason.clone() })
-            }
+            Some(VhdxError::DamagedCopy { file, reason }) => Err(VhdxError::DamagedCopy {
+                file: file.clone(),
+                reason: reason.clone(),
+            }),
             _ => Ok(()),
         }
     }
@@ -743,7 +952,8 @@ fn push(out: &mut Vec<(u64, u64, Piece)>, voff: u64, len: u64, piece: Piece) {
 }
 
 fn bit(bits: &[u8], i: u64) -> bool {
-    bits.get((i / 8) as usize).is_some_and(|b| b >> (i % 8) & 1 == 1)
+    bits.get((i / 8) as usize)
+        .is_some_and(|b| b >> (i % 8) & 1 == 1)
 }
 
 fn set_bit(bits: &mut [u8], i: u64, on: bool) {

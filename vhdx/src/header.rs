@@ -69,10 +69,16 @@ impl TryFrom<HeaderRaw> for Header {
             return Err(Invalid(format!("log version {} (want 0)", raw.log_version)));
         }
         if u64::from(raw.log_length) % MIB != 0 {
-            return Err(Invalid(format!("log length {} not a 1 MiB multiple", raw.log_length)));
+            return Err(Invalid(format!(
+                "log length {} not a 1 MiB multiple",
+                raw.log_length
+            )));
         }
         if !raw.log_offset.is_multiple_of(MIB) || (raw.log_length != 0 && raw.log_offset < MIB) {
-            return Err(Invalid(format!("log offset {} not a 1 MiB multiple of at least 1 MiB", raw.log_offset)));
+            return Err(Invalid(format!(
+                "log offset {} not a 1 MiB multiple of at least 1 MiB",
+                raw.log_offset
+            )));
         }
         Ok(Header {
             sequence_number: raw.sequence_number,
@@ -111,11 +117,21 @@ impl Header {
 pub(crate) fn parse_header(file: &Path, slot: u8, offset: u64, block: &[u8]) -> Result<Header> {
     let structure = Structure::Header(slot);
     if block.get(0..4) != Some(b"head") {
-        return Err(VhdxError::BadSignature { file: file.to_path_buf(), structure, offset });
+        return Err(VhdxError::BadSignature {
+            file: file.to_path_buf(),
+            structure,
+            offset,
+        });
     }
     let (stored, computed) = (crc::stored(block, 4), crc::checksum(block, 4));
     if stored != computed {
-        return Err(VhdxError::BadChecksum { file: file.to_path_buf(), structure, offset, stored, computed });
+        return Err(VhdxError::BadChecksum {
+            file: file.to_path_buf(),
+            structure,
+            offset,
+            stored,
+            computed,
+        });
     }
     let raw = HeaderRaw::read(&mut Cursor::new(block)).map_err(|e| VhdxError::InvalidField {
         file: file.to_path_buf(),
@@ -131,7 +147,11 @@ pub(crate) fn parse_header(file: &Path, slot: u8, offset: u64, block: &[u8]) -> 
 
 /// Chooses the current header from the two parse results (MS-VHDX §2.2.2.1). Returns the
 /// header and its slot (0 or 1).
-pub(crate) fn choose(file: &Path, first: Result<Header>, second: Result<Header>) -> Result<(Header, usize)> {
+pub(crate) fn choose(
+    file: &Path,
+    first: Result<Header>,
+    second: Result<Header>,
+) -> Result<(Header, usize)> {
     match (first, second) {
         (Ok(a), Ok(b)) => {
             if a.sequence_number == b.sequence_number && a != b {
@@ -142,7 +162,11 @@ pub(crate) fn choose(file: &Path, first: Result<Header>, second: Result<Header>)
                     reason: "both headers carry the same sequence number but differ".into(),
                 });
             }
-            Ok(if b.sequence_number > a.sequence_number { (b, 1) } else { (a, 0) })
+            Ok(if b.sequence_number > a.sequence_number {
+                (b, 1)
+            } else {
+                (a, 0)
+            })
         }
         (Ok(a), Err(_)) => Ok((a, 0)),
         (Err(_), Ok(b)) => Ok((b, 1)),
@@ -174,7 +198,12 @@ pub(crate) fn creator(block: &[u8]) -> String {
         .get(8..8 + 512)
         .unwrap_or(&[])
         .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c.first().copied().unwrap_or(0), c.get(1).copied().unwrap_or(0)]))
+        .map(|c| {
+            u16::from_le_bytes([
+                c.first().copied().unwrap_or(0),
+                c.get(1).copied().unwrap_or(0),
+            ])
+        })
         .take_while(|&u| u != 0)
         .collect();
     String::from_utf16_lossy(&units)
@@ -215,7 +244,9 @@ mod tests {
         torn[100] ^= 1;
         let second = parse_header(Path::new("x"), 2, 0, &torn);
         assert!(matches!(second, Err(VhdxError::BadChecksum { .. })));
-        let (h, slot) = choose(Path::new("x"), Ok(a), second).map_err(|e| e.to_string()).unwrap();
+        let (h, slot) = choose(Path::new("x"), Ok(a), second)
+            .map_err(|e| e.to_string())
+            .unwrap();
         assert_eq!((h, slot), (a, 0));
     }
 }

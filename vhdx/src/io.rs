@@ -8,21 +8,23 @@ use crate::error::{Result, VhdxError};
 
 /// Reads exactly `buf.len()` bytes at `offset`.
 pub(crate) fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
-    file.read_exact_at(buf, offset).map_err(|source| VhdxError::Read {
-        file: path.to_path_buf(),
-        offset,
-        len: buf.len() as u64,
-        source,
-    })
+    file.read_exact_at(buf, offset)
+        .map_err(|source| VhdxError::Read {
+            file: path.to_path_buf(),
+            offset,
+            len: buf.len() as u64,
+            source,
+        })
 }
 
 /// Writes all of `buf` at `offset`.
 pub(crate) fn write_all_at(file: &File, path: &Path, buf: &[u8], offset: u64) -> Result<()> {
-    file.write_all_at(buf, offset).map_err(|source| VhdxError::Write {
-        file: path.to_path_buf(),
-        offset,
-        source,
-    })
+    file.write_all_at(buf, offset)
+        .map_err(|source| VhdxError::Write {
+            file: path.to_path_buf(),
+            offset,
+            source,
+        })
 }
 
 /// Flushes data (not necessarily metadata such as timestamps) to stable storage.

@@ -17,7 +17,12 @@
 #![warn(missing_docs)]
 #![cfg_attr(
     not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
 )]
 
 mod bat;
@@ -37,9 +42,12 @@ mod region;
 
 pub use bat::BlockState;
 pub use chain::{Chain, Extent, Source, MAX_CHAIN_DEPTH};
-pub use create::{create, create_differencing, differencing_from_blocks, from_raw, from_raw_reader, ConvertStats, CreateOptions};
-pub use export::to_raw;
+pub use create::{
+    create, create_differencing, differencing_from_blocks, from_raw, from_raw_reader, ConvertStats,
+    CreateOptions,
+};
 pub use error::{ErrorKind, MetadataItem, Result, Structure, VhdxError};
+pub use export::to_raw;
 pub use file::{DiskType, Vhdx};
 pub use header::Header;
 pub use metadata::Metadata;
@@ -74,7 +82,14 @@ pub mod fuzzing {
             ok &= crate::parent::parse(p, &l.to_bytes()).is_ok_and(|a| a == l);
         }
         if let Ok(Some(r)) = crate::log::scan(p, data, uuid::Uuid::nil()) {
-            let entry = crate::log::encode_entry(uuid::Uuid::nil(), 1, 0, r.flushed_file_offset, r.last_file_offset, &r.ops);
+            let entry = crate::log::encode_entry(
+                uuid::Uuid::nil(),
+                1,
+                0,
+                r.flushed_file_offset,
+                r.last_file_offset,
+                &r.ops,
+            );
             let mut log = entry.clone();
             log.resize(entry.len().next_multiple_of(1 << 20), 0);
             let again = crate::log::scan(p, &log, uuid::Uuid::nil());

@@ -105,7 +105,11 @@ fn entry_at(log: &[u8], pos: u64, log_guid: Uuid) -> Option<Entry> {
     let head = read_log(log, pos, SECTOR)?;
     let raw = EntryHeaderRaw::read(&mut Cursor::new(&head)).ok()?;
     let length = u64::from(raw.entry_length);
-    if length == 0 || length % SECTOR != 0 || length > log.len() as u64 || u64::from(raw.tail) % SECTOR != 0 {
+    if length == 0
+        || length % SECTOR != 0
+        || length > log.len() as u64
+        || u64::from(raw.tail) % SECTOR != 0
+    {
         return None;
     }
     if guid::from_disk(raw.log_guid) != log_guid || raw.sequence_number == 0 {
@@ -133,7 +137,10 @@ fn entry_at(log: &[u8], pos: u64, log_guid: Uuid) -> Option<Entry> {
                 if d.quad % SECTOR != 0 {
                     return None;
                 }
-                ops.push(LogOp::Zero { offset: d.file_offset, len: d.quad });
+                ops.push(LogOp::Zero {
+                    offset: d.file_offset,
+                    len: d.quad,
+                });
             }
             b"desc" => {
                 let at = (data_sector * SECTOR) as usize;
@@ -141,14 +148,19 @@ fn entry_at(log: &[u8], pos: u64, log_guid: Uuid) -> Option<Entry> {
                 data_sector += 1;
                 let high = u32::from_le_bytes(sector.get(4..8)?.try_into().ok()?);
                 let low = u32::from_le_bytes(sector.get(4092..4096)?.try_into().ok()?);
-                if sector.get(0..4)? != b"data" || (u64::from(high) << 32 | u64::from(low)) != raw.sequence_number {
+                if sector.get(0..4)? != b"data"
+                    || (u64::from(high) << 32 | u64::from(low)) != raw.sequence_number
+                {
                     return None;
                 }
                 let mut out = Vec::with_capacity(SECTOR as usize);
                 out.extend_from_slice(&d.quad.to_le_bytes());
                 out.extend_from_slice(sector.get(8..4092)?);
                 out.extend_from_slice(&d.word.to_le_bytes());
-                ops.push(LogOp::Data { offset: d.file_offset, bytes: out });
+                ops.push(LogOp::Data {
+                    offset: d.file_offset,
+                    bytes: out,
+                });
             }
             _ => return None,
         }
@@ -207,7 +219,10 @@ pub(crate) fn scan(file: &Path, log: &[u8], log_guid: Uuid) -> Result<Option<Rep
         pos += SECTOR;
     }
     let Some(seq) = best else { return Ok(None) };
-    let head = seq.last().ok_or_else(|| VhdxError::BadLog { file: file.to_path_buf(), reason: "empty sequence".into() })?;
+    let head = seq.last().ok_or_else(|| VhdxError::BadLog {
+        file: file.to_path_buf(),
+        reason: "empty sequence".into(),
+    })?;
     let mut replay = Replay {
         ops: Vec::new(),
         flushed_file_offset: head.flushed_file_offset,
@@ -231,7 +246,10 @@ pub fn encode_entry(
 ) -> Vec<u8> {
     let count = ops.len();
     let desc_sectors = (ENTRY_HEADER + count * DESCRIPTOR).div_ceil(SECTOR as usize);
-    let data_count = ops.iter().filter(|o| matches!(o, LogOp::Data { .. })).count();
+    let data_count = ops
+        .iter()
+        .filter(|o| matches!(o, LogOp::Data { .. }))
+        .count();
     let length = (desc_sectors + data_count) * SECTOR as usize;
     let mut out = vec![0u8; length];
     let head = EntryHeaderRaw {
@@ -261,7 +279,9 @@ pub fn encode_entry(
             LogOp::Data { offset, bytes } => {
                 let mut b = [0u8; 4096];
                 let n = bytes.len().min(4096);
-                b.get_mut(..n).unwrap_or_default().copy_from_slice(bytes.get(..n).unwrap_or_default());
+                b.get_mut(..n)
+                    .unwrap_or_default()
+                    .copy_from_slice(bytes.get(..n).unwrap_or_default());
                 data.push(b);
                 DescriptorRaw {
                     signature: *b"desc",
@@ -300,30 +320,51 @@ mod tests {
         page[4095] = 2;
         page[100] = 3;
         let ops = vec![
-            LogOp::Data { offset: 3 << 20, bytes: page },
-            LogOp::Zero { offset: 4 << 20, len: 8192 },
+            LogOp::Data {
+                offset: 3 << 20,
+                bytes: page,
+            },
+            LogOp::Zero {
+                offset: 4 << 20,
+                len: 8192,
+            },
         ];
         let e = encode_entry(g, 7, 4096, 1 << 30, 1 << 30, &ops);
         let mut log = vec![0u8; 1 << 20];
         log[4096..4096 + e.len()].copy_from_slice(&e);
-        let r = scan(Path::new("x"), &log, g).map_err(|e| e.to_string()).unwrap().unwrap();
+        let r = scan(Path::new("x"), &log, g)
+            .map_err(|e| e.to_string())
+            .unwrap()
+            .unwrap();
         assert_eq!(r.ops, ops);
-        assert!(scan(Path::new("x"), &log, Uuid::from_u128(6)).map_err(|e| e.to_string()).unwrap().is_none());
+        assert!(scan(Path::new("x"), &log, Uuid::from_u128(6))
+            .map_err(|e| e.to_string())
+            .unwrap()
+            .is_none());
         let mut bad = log.clone();
         bad[4096 + 200] ^= 1;
-        assert!(scan(Path::new("x"), &bad, g).map_err(|e| e.to_string()).unwrap().is_none());
+        assert!(scan(Path::new("x"), &bad, g)
+            .map_err(|e| e.to_string())
+            .unwrap()
+            .is_none());
     }
 
     #[test]
     fn entry_wraps_around_the_end() {
         let g = Uuid::from_u128(5);
-        let ops = vec![LogOp::Data { offset: 1 << 20, bytes: vec![9u8; 4096] }];
+        let ops = vec![LogOp::Data {
+            offset: 1 << 20,
+            bytes: vec![9u8; 4096],
+        }];
         let e = encode_entry(g, 1, (1 << 20) - 4096, 0, 0, &ops);
         let mut log = vec![0u8; 1 << 20];
         let split = 4096;
         log[(1 << 20) - split..].copy_from_slice(&e[..split]);
         log[..e.len() - split].copy_from_slice(&e[split..]);
-        let r = scan(Path::new("x"), &log, g).map_err(|e| e.to_string()).unwrap().unwrap();
+        let r = scan(Path::new("x"), &log, g)
+            .map_err(|e| e.to_string())
+            .unwrap()
+            .unwrap();
         assert_eq!(r.ops, ops);
     }
 }

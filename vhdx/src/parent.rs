@@ -12,8 +12,12 @@ use crate::error::{MetadataItem, Result, Structure, VhdxError};
 use crate::guid;
 
 /// MS-VHDX §2.6.2.6.2: the VHDX parent locator type.
-const LOCATOR_TYPE_VHDX: Uuid =
-    guid::constant((0xB04A_EFB7, 0xD19E, 0x4A81, [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13]));
+const LOCATOR_TYPE_VHDX: Uuid = guid::constant((
+    0xB04A_EFB7,
+    0xD19E,
+    0x4A81,
+    [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13],
+));
 const MAX_PAIRS: u16 = 256;
 
 /// MS-VHDX §2.6.2.6.1: parent locator header.
@@ -48,7 +52,11 @@ pub struct ParentLocator {
 
 impl ParentLocator {
     /// A locator with the given linkage and paths.
-    pub fn new(parent_linkage: Uuid, relative_path: Option<String>, absolute_win32_path: Option<String>) -> Self {
+    pub fn new(
+        parent_linkage: Uuid,
+        relative_path: Option<String>,
+        absolute_win32_path: Option<String>,
+    ) -> Self {
         let mut entries = vec![("parent_linkage".to_string(), braced(parent_linkage))];
         if let Some(p) = relative_path {
             entries.push(("relative_path".to_string(), p));
@@ -56,12 +64,19 @@ impl ParentLocator {
         if let Some(p) = absolute_win32_path {
             entries.push(("absolute_win32_path".to_string(), p));
         }
-        Self { parent_linkage, parent_linkage2: None, entries }
+        Self {
+            parent_linkage,
+            parent_linkage2: None,
+            entries,
+        }
     }
 
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Candidate parent paths for a child at `child`, in the order they are tried:
@@ -88,7 +103,11 @@ impl ParentLocator {
         }
         for key in keys {
             let Some(v) = self.get(key) else { continue };
-            if let Some(name) = v.rsplit(['\\', '/']).next().filter(|n| !n.is_empty() && *n != "." && *n != "..") {
+            if let Some(name) = v
+                .rsplit(['\\', '/'])
+                .next()
+                .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+            {
                 push(dir.join(name));
             }
         }
@@ -148,7 +167,12 @@ fn utf16(bytes: &[u8]) -> Option<String> {
     }
     let units: Vec<u16> = bytes
         .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c.first().copied().unwrap_or(0), c.get(1).copied().unwrap_or(0)]))
+        .map(|c| {
+            u16::from_le_bytes([
+                c.first().copied().unwrap_or(0),
+                c.get(1).copied().unwrap_or(0),
+            ])
+        })
         .collect();
     String::from_utf16(&units).ok()
 }
@@ -156,15 +180,25 @@ fn utf16(bytes: &[u8]) -> Option<String> {
 /// Parses the parent locator item.
 pub(crate) fn parse(file: &Path, item: &[u8]) -> Result<ParentLocator> {
     let structure = Structure::MetadataItem(MetadataItem::ParentLocator);
-    let invalid = |reason: String| VhdxError::InvalidField { file: file.to_path_buf(), structure, reason };
+    let invalid = |reason: String| VhdxError::InvalidField {
+        file: file.to_path_buf(),
+        structure,
+        reason,
+    };
     let mut cur = Cursor::new(item);
     let head = LocatorHeaderRaw::read(&mut cur).map_err(|e| invalid(e.to_string()))?;
     let ty = guid::from_disk(head.locator_type);
     if ty != LOCATOR_TYPE_VHDX {
-        return Err(VhdxError::Unsupported { file: file.to_path_buf(), what: format!("parent locator type {ty}") });
+        return Err(VhdxError::Unsupported {
+            file: file.to_path_buf(),
+            what: format!("parent locator type {ty}"),
+        });
     }
     if head.key_value_count > MAX_PAIRS {
-        return Err(invalid(format!("{} key/value pairs (at most {MAX_PAIRS})", head.key_value_count)));
+        return Err(invalid(format!(
+            "{} key/value pairs (at most {MAX_PAIRS})",
+            head.key_value_count
+        )));
     }
     let mut entries = Vec::new();
     for i in 0..head.key_value_count {
@@ -184,11 +218,22 @@ pub(crate) fn parse(file: &Path, item: &[u8]) -> Result<ParentLocator> {
         }
         entries.push((k, v));
     }
-    let linkage_of = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    let linkage = linkage_of("parent_linkage").ok_or_else(|| invalid("no parent_linkage key".into()))?;
-    let parent_linkage = parse_guid(&linkage).ok_or_else(|| invalid(format!("parent_linkage {linkage:?} is not a GUID")))?;
+    let linkage_of = |key: &str| {
+        entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let linkage =
+        linkage_of("parent_linkage").ok_or_else(|| invalid("no parent_linkage key".into()))?;
+    let parent_linkage = parse_guid(&linkage)
+        .ok_or_else(|| invalid(format!("parent_linkage {linkage:?} is not a GUID")))?;
     let parent_linkage2 = linkage_of("parent_linkage2").and_then(|v| parse_guid(&v));
-    Ok(ParentLocator { parent_linkage, parent_linkage2, entries })
+    Ok(ParentLocator {
+        parent_linkage,
+        parent_linkage2,
+        entries,
+    })
 }
 
 /// A Windows path (`..\base.vhdx`, `.\x`) as a host path.
@@ -223,7 +268,11 @@ fn normalize(p: &Path) -> PathBuf {
 pub(crate) fn relative_win_path(from_dir: &Path, to: &Path) -> Option<String> {
     let from: Vec<Component> = from_dir.components().collect();
     let to_c: Vec<Component> = to.components().collect();
-    let common = from.iter().zip(to_c.iter()).take_while(|(a, b)| a == b).count();
+    let common = from
+        .iter()
+        .zip(to_c.iter())
+        .take_while(|(a, b)| a == b)
+        .count();
     let mut parts: Vec<String> = Vec::new();
     for _ in common..from.len() {
         parts.push("..".into());
@@ -243,16 +292,29 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let loc = ParentLocator::new(Uuid::from_u128(77), Some(".\\base.vhdx".into()), Some("/srv/base.vhdx".into()));
+        let loc = ParentLocator::new(
+            Uuid::from_u128(77),
+            Some(".\\base.vhdx".into()),
+            Some("/srv/base.vhdx".into()),
+        );
         let back = parse(Path::new("x"), &loc.to_bytes()).map_err(|e| e.to_string());
         assert_eq!(back, Ok(loc));
     }
 
     #[test]
     fn relative_paths() {
-        assert_eq!(relative_win_path(Path::new("/a/b"), Path::new("/a/b/c.vhdx")).as_deref(), Some(".\\c.vhdx"));
-        assert_eq!(relative_win_path(Path::new("/a/b"), Path::new("/a/d/c.vhdx")).as_deref(), Some("..\\d\\c.vhdx"));
+        assert_eq!(
+            relative_win_path(Path::new("/a/b"), Path::new("/a/b/c.vhdx")).as_deref(),
+            Some(".\\c.vhdx")
+        );
+        assert_eq!(
+            relative_win_path(Path::new("/a/b"), Path::new("/a/d/c.vhdx")).as_deref(),
+            Some("..\\d\\c.vhdx")
+        );
         let loc = ParentLocator::new(Uuid::nil(), Some("..\\d\\c.vhdx".into()), None);
-        assert_eq!(loc.candidates(Path::new("/a/b/child.vhdx")).first(), Some(&PathBuf::from("/a/d/c.vhdx")));
+        assert_eq!(
+            loc.candidates(Path::new("/a/b/child.vhdx")).first(),
+            Some(&PathBuf::from("/a/d/c.vhdx"))
+        );
     }
 }

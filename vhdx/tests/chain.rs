@@ -10,13 +10,22 @@ use anyhow::Result;
 use common::*;
 use vhdx::{Chain, CreateOptions, DiskType, Vhdx};
 
-fn build_chain(dir: &std::path::Path, images: &[Vec<u8>], block_mib: u32, lss: u32) -> Result<Vec<PathBuf>> {
+fn build_chain(
+    dir: &std::path::Path,
+    images: &[Vec<u8>],
+    block_mib: u32,
+    lss: u32,
+) -> Result<Vec<PathBuf>> {
     let mut paths: Vec<PathBuf> = Vec::new();
     for (i, img) in images.iter().enumerate() {
         let raw = dir.join(format!("r{i}.raw"));
         std::fs::write(&raw, img)?;
         let out = dir.join(format!("layer{i}.vhdx"));
-        let parent = if paths.is_empty() { None } else { Some(Chain::from_paths(&paths)?) };
+        let parent = if paths.is_empty() {
+            None
+        } else {
+            Some(Chain::from_paths(&paths)?)
+        };
         let opts = CreateOptions {
             block_size: block_mib * MIB as u32,
             logical_sector_size: lss,
@@ -46,15 +55,35 @@ fn chains_of_depth_one_to_three_read_back_the_last_image() -> Result<()> {
             let chain = Chain::open(top)?;
             assert_eq!(chain.layers().len(), depth);
             assert_eq!(chain.logical_sector_size(), lss);
-            assert_same(&format!("lss {lss} depth {depth}: Chain::open"), &read_chain(&chain)?, want);
-            assert_same(&format!("lss {lss} depth {depth}: map"), &read_via_map(&chain)?, want);
+            assert_same(
+                &format!("lss {lss} depth {depth}: Chain::open"),
+                &read_chain(&chain)?,
+                want,
+            );
+            assert_same(
+                &format!("lss {lss} depth {depth}: map"),
+                &read_via_map(&chain)?,
+                want,
+            );
             let chain = Chain::from_paths(&paths)?;
-            assert_same(&format!("lss {lss} depth {depth}: from_paths"), &read_chain(&chain)?, want);
+            assert_same(
+                &format!("lss {lss} depth {depth}: from_paths"),
+                &read_chain(&chain)?,
+                want,
+            );
             let out = sub.join("out.raw");
             vhdx::to_raw(&chain, &out)?;
-            assert_same(&format!("lss {lss} depth {depth}: to_raw"), &std::fs::read(&out)?, want);
+            assert_same(
+                &format!("lss {lss} depth {depth}: to_raw"),
+                &std::fs::read(&out)?,
+                want,
+            );
             for (i, l) in chain.layers().iter().enumerate() {
-                let want_type = if i == 0 { DiskType::Dynamic } else { DiskType::Differencing };
+                let want_type = if i == 0 {
+                    DiskType::Dynamic
+                } else {
+                    DiskType::Differencing
+                };
                 assert_eq!(l.disk_type(), want_type);
             }
         }
@@ -71,7 +100,10 @@ fn differencing_size_grows_with_changed_sectors_not_disk_size() -> Result<()> {
     let base_raw = dir.path().join("base.raw");
     std::fs::write(&base_raw, &base)?;
     let base_vhdx = dir.path().join("base.vhdx");
-    let opts = CreateOptions { block_size: MIB as u32, ..CreateOptions::default() };
+    let opts = CreateOptions {
+        block_size: MIB as u32,
+        ..CreateOptions::default()
+    };
     vhdx::from_raw(&base_raw, &base_vhdx, None, &opts)?;
     let parent = Chain::open(&base_vhdx)?;
     let mut sizes = Vec::new();
@@ -86,7 +118,10 @@ fn differencing_size_grows_with_changed_sectors_not_disk_size() -> Result<()> {
         std::fs::write(&raw, &img)?;
         let out = dir.path().join(format!("c{n}.vhdx"));
         let stats = vhdx::from_raw(&raw, &out, Some(&parent), &opts)?;
-        assert_eq!(stats.sectors, n as u64, "only the changed sectors are stored");
+        assert_eq!(
+            stats.sectors, n as u64,
+            "only the changed sectors are stored"
+        );
         assert_eq!(stats.blocks, blocks_touched);
         let file_size = std::fs::metadata(&out)?.len();
         // Fixed overhead (4 MiB of headers, log, metadata, BAT) + one block per touched
@@ -95,7 +130,10 @@ fn differencing_size_grows_with_changed_sectors_not_disk_size() -> Result<()> {
         sizes.push(file_size);
         let chain = Chain::open(&out)?;
         assert_same("changed image", &read_chain(&chain)?, &img);
-        assert_eq!(Vhdx::open(&out)?.allocated_bytes(), blocks_touched * MIB + MIB);
+        assert_eq!(
+            Vhdx::open(&out)?.allocated_bytes(),
+            blocks_touched * MIB + MIB
+        );
     }
     assert!(sizes.windows(2).all(|w| w[0] < w[1]));
     Ok(())
@@ -106,17 +144,34 @@ fn to_raw_leaves_holes_where_the_chain_has_no_data() -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let dir = scratch();
     let p = dir.path().join("sparse.vhdx");
-    let mut f = vhdx::create(&p, 64 * MIB, &CreateOptions { block_size: MIB as u32, ..CreateOptions::default() })?;
+    let mut f = vhdx::create(
+        &p,
+        64 * MIB,
+        &CreateOptions {
+            block_size: MIB as u32,
+            ..CreateOptions::default()
+        },
+    )?;
     drop(f);
     let mut chain = Chain::open_writable(&p)?;
     chain.write_at(&[7u8; 4096], 40 * MIB)?;
     let out = dir.path().join("sparse.raw");
-    assert_eq!(vhdx::to_raw(&chain, &out)?, MIB, "one allocated block copied");
+    assert_eq!(
+        vhdx::to_raw(&chain, &out)?,
+        MIB,
+        "one allocated block copied"
+    );
     let meta = std::fs::metadata(&out)?;
     assert_eq!(meta.len(), 64 * MIB);
-    assert!(meta.blocks() * 512 <= 8 * MIB, "{} bytes allocated", meta.blocks() * 512);
+    assert!(
+        meta.blocks() * 512 <= 8 * MIB,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
     let data = std::fs::read(&out)?;
-    assert!(data[40 * MIB as usize..40 * MIB as usize + 4096].iter().all(|&b| b == 7));
+    assert!(data[40 * MIB as usize..40 * MIB as usize + 4096]
+        .iter()
+        .all(|&b| b == 7));
     assert_eq!(data.iter().filter(|&&b| b != 0).count(), 4096);
     f = Vhdx::open(&p)?;
     assert_eq!(f.allocated_bytes(), MIB);

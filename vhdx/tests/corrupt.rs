@@ -27,7 +27,15 @@ fn fixture(dir: &Path, name: &str) -> Result<PathBuf> {
     img[..MIB as usize].fill(0x5A); // block 0 allocated
     std::fs::write(&raw, &img)?;
     let out = dir.join(format!("{name}.vhdx"));
-    vhdx::from_raw(&raw, &out, None, &CreateOptions { block_size: MIB as u32, ..CreateOptions::default() })?;
+    vhdx::from_raw(
+        &raw,
+        &out,
+        None,
+        &CreateOptions {
+            block_size: MIB as u32,
+            ..CreateOptions::default()
+        },
+    )?;
     Ok(out)
 }
 
@@ -62,7 +70,11 @@ fn open_err(path: &Path) -> VhdxError {
     let ro = Vhdx::open(path).expect_err("read-only open must fail");
     let rw = Vhdx::open_writable(path).expect_err("read-write open must fail");
     assert_eq!(ro.to_string(), rw.to_string());
-    assert_eq!(std::fs::read(path).expect("read"), before, "a failed open wrote to the file");
+    assert_eq!(
+        std::fs::read(path).expect("read"),
+        before,
+        "a failed open wrote to the file"
+    );
     ro
 }
 
@@ -94,11 +106,20 @@ fn truncated_files() -> Result<()> {
         let e = open_err(&p);
         let ok = match check {
             "not" => matches!(e, VhdxError::NotVhdx { .. }),
-            "trunc-id" => matches!(e, VhdxError::Truncated { structure: Structure::FileIdentifier, .. }),
+            "trunc-id" => matches!(
+                e,
+                VhdxError::Truncated {
+                    structure: Structure::FileIdentifier,
+                    ..
+                }
+            ),
             "header" => matches!(e, VhdxError::NoValidHeader { .. }),
             "region" => matches!(e, VhdxError::NoValidRegionTable { .. }),
             // The log region (1..2 MiB) is checked against the file size first.
-            _ => matches!(e, VhdxError::Truncated { .. } | VhdxError::BatPastEnd { .. }),
+            _ => matches!(
+                e,
+                VhdxError::Truncated { .. } | VhdxError::BatPastEnd { .. }
+            ),
         };
         assert!(ok, "length {len}: unexpected {e:?}");
         assert_ne!(e.kind(), ErrorKind::Io, "length {len}: {e}");
@@ -121,14 +142,29 @@ fn one_torn_header_falls_back_both_torn_fail() -> Result<()> {
     flip(&p, H2 + 300)?;
     let f = Vhdx::open(&p)?;
     assert_eq!(f.header_sequence(), seq - 1, "fell back to header 1");
-    assert!(matches!(f.check(), Err(VhdxError::DamagedCopy { .. })), "check reports the torn copy");
+    assert!(
+        matches!(f.check(), Err(VhdxError::DamagedCopy { .. })),
+        "check reports the torn copy"
+    );
     assert_same("after fallback", &read_chain(&Chain::open(&p)?)?, &want);
     flip(&p, H1 + 40)?;
     let e = open_err(&p);
     match e {
         VhdxError::NoValidHeader { first, second, .. } => {
-            assert!(matches!(*first, VhdxError::BadChecksum { structure: Structure::Header(1), .. }));
-            assert!(matches!(*second, VhdxError::BadChecksum { structure: Structure::Header(2), .. }));
+            assert!(matches!(
+                *first,
+                VhdxError::BadChecksum {
+                    structure: Structure::Header(1),
+                    ..
+                }
+            ));
+            assert!(matches!(
+                *second,
+                VhdxError::BadChecksum {
+                    structure: Structure::Header(2),
+                    ..
+                }
+            ));
         }
         e => panic!("unexpected {e:?}"),
     }
@@ -155,7 +191,13 @@ fn header_fields_and_signatures() -> Result<()> {
     }
     match open_err(&p) {
         VhdxError::NoValidHeader { first, .. } => {
-            assert!(matches!(*first, VhdxError::InvalidField { structure: Structure::Header(1), .. }))
+            assert!(matches!(
+                *first,
+                VhdxError::InvalidField {
+                    structure: Structure::Header(1),
+                    ..
+                }
+            ))
         }
         e => panic!("unexpected {e:?}"),
     }
@@ -169,12 +211,27 @@ fn region_tables() -> Result<()> {
     let want = read_chain(&Chain::open(&p)?)?;
     flip(&p, RT1 + 20)?;
     assert_same("table 2 used", &read_chain(&Chain::open(&p)?)?, &want);
-    assert!(matches!(Vhdx::open(&p)?.check(), Err(VhdxError::DamagedCopy { .. })));
+    assert!(matches!(
+        Vhdx::open(&p)?.check(),
+        Err(VhdxError::DamagedCopy { .. })
+    ));
     flip(&p, RT2 + 20)?;
     match open_err(&p) {
         VhdxError::NoValidRegionTable { first, second, .. } => {
-            assert!(matches!(*first, VhdxError::BadChecksum { structure: Structure::RegionTable(1), .. }));
-            assert!(matches!(*second, VhdxError::BadChecksum { structure: Structure::RegionTable(2), .. }));
+            assert!(matches!(
+                *first,
+                VhdxError::BadChecksum {
+                    structure: Structure::RegionTable(1),
+                    ..
+                }
+            ));
+            assert!(matches!(
+                *second,
+                VhdxError::BadChecksum {
+                    structure: Structure::RegionTable(2),
+                    ..
+                }
+            ));
         }
         e => panic!("unexpected {e:?}"),
     }
@@ -186,7 +243,9 @@ fn region_tables() -> Result<()> {
         reseal(&p, rt, 64 * 1024)?;
     }
     match open_err(&p) {
-        VhdxError::NoValidRegionTable { first, .. } => assert!(matches!(*first, VhdxError::RegionOverlap { .. })),
+        VhdxError::NoValidRegionTable { first, .. } => {
+            assert!(matches!(*first, VhdxError::RegionOverlap { .. }))
+        }
         e => panic!("unexpected {e:?}"),
     }
     // The BAT region moved onto the log.
@@ -213,16 +272,42 @@ fn metadata_items() -> Result<()> {
     let dir = scratch();
     let p = fixture(dir.path(), "mdsig")?;
     patch(&p, METADATA, b"METADATA")?;
-    assert!(matches!(open_err(&p), VhdxError::BadSignature { structure: Structure::MetadataTable, .. }));
+    assert!(matches!(
+        open_err(&p),
+        VhdxError::BadSignature {
+            structure: Structure::MetadataTable,
+            ..
+        }
+    ));
 
     // Items are placed from 64 KiB on 8-byte boundaries: file parameters (+0), virtual
     // size (+8), page 83 (+16), logical (+32) and physical (+40) sector size.
     let items = METADATA + 64 * KIB;
     for (name, offset, bytes, item) in [
-        ("bs", items, 3_000_000u32.to_le_bytes().to_vec(), MetadataItem::FileParameters),
-        ("vsz", items + 8, (6 * MIB + 100).to_le_bytes().to_vec(), MetadataItem::VirtualDiskSize),
-        ("lss", items + 32, 1000u32.to_le_bytes().to_vec(), MetadataItem::LogicalSectorSize),
-        ("pss", items + 40, 0u32.to_le_bytes().to_vec(), MetadataItem::PhysicalSectorSize),
+        (
+            "bs",
+            items,
+            3_000_000u32.to_le_bytes().to_vec(),
+            MetadataItem::FileParameters,
+        ),
+        (
+            "vsz",
+            items + 8,
+            (6 * MIB + 100).to_le_bytes().to_vec(),
+            MetadataItem::VirtualDiskSize,
+        ),
+        (
+            "lss",
+            items + 32,
+            1000u32.to_le_bytes().to_vec(),
+            MetadataItem::LogicalSectorSize,
+        ),
+        (
+            "pss",
+            items + 40,
+            0u32.to_le_bytes().to_vec(),
+            MetadataItem::PhysicalSectorSize,
+        ),
     ] {
         let p = fixture(dir.path(), name)?;
         patch(&p, offset, &bytes)?;
@@ -237,11 +322,26 @@ fn metadata_items() -> Result<()> {
     let p = fixture(dir.path(), "mdmissing")?;
     patch(&p, METADATA + 32 + 3 * 32, &[0u8; 32])?;
     let e = open_err(&p);
-    assert!(matches!(e, VhdxError::MissingMetadata { item: MetadataItem::LogicalSectorSize, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            VhdxError::MissingMetadata {
+                item: MetadataItem::LogicalSectorSize,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     // An item pointing outside the region.
     let p = fixture(dir.path(), "mdrange")?;
     patch(&p, METADATA + 32 + 16, &(2 * MIB as u32).to_le_bytes())?;
-    assert!(matches!(open_err(&p), VhdxError::InvalidField { structure: Structure::MetadataTable, .. }));
+    assert!(matches!(
+        open_err(&p),
+        VhdxError::InvalidField {
+            structure: Structure::MetadataTable,
+            ..
+        }
+    ));
     Ok(())
 }
 
@@ -256,7 +356,10 @@ fn bat_entries() -> Result<()> {
     // A reserved state.
     let p = fixture(dir.path(), "state")?;
     patch(&p, BAT + 8, &bat_entry(4, 4))?;
-    assert!(matches!(open_err(&p), VhdxError::BadBatEntry { index: 1, .. }));
+    assert!(matches!(
+        open_err(&p),
+        VhdxError::BadBatEntry { index: 1, .. }
+    ));
     // Two blocks at the same offset.
     let p = fixture(dir.path(), "dup")?;
     let first = std::fs::read(&p)?[BAT as usize..BAT as usize + 8].to_vec();
@@ -271,7 +374,10 @@ fn bat_entries() -> Result<()> {
     let mut e = first.clone();
     e[0] = (e[0] & !7) | 7;
     patch(&p, BAT, &e)?;
-    assert!(matches!(open_err(&p), VhdxError::BadBatEntry { index: 0, .. }));
+    assert!(matches!(
+        open_err(&p),
+        VhdxError::BadBatEntry { index: 0, .. }
+    ));
     Ok(())
 }
 
@@ -280,7 +386,10 @@ fn parents_missing_mismatched_looping_too_deep() -> Result<()> {
     let dir = scratch();
     let d = dir.path();
     let size = MIB;
-    let opts = CreateOptions { block_size: MIB as u32, ..CreateOptions::default() };
+    let opts = CreateOptions {
+        block_size: MIB as u32,
+        ..CreateOptions::default()
+    };
     let base = d.join("base.vhdx");
     vhdx::create(&base, size, &opts)?;
     let base_chain = Chain::open(&base)?;
@@ -301,7 +410,10 @@ fn parents_missing_mismatched_looping_too_deep() -> Result<()> {
     // A different file under the parent's name: linkage mismatch.
     vhdx::create(&base, size, &opts)?;
     let e = Chain::open(&child).expect_err("mismatch");
-    assert!(matches!(&e, VhdxError::ParentMismatch { child: c, parent, .. } if *c == child && *parent == base), "{e:?}");
+    assert!(
+        matches!(&e, VhdxError::ParentMismatch { child: c, parent, .. } if *c == child && *parent == base),
+        "{e:?}"
+    );
     let e = Chain::from_paths(&[base.clone(), child.clone()]).expect_err("mismatch");
     assert!(matches!(e, VhdxError::ParentMismatch { .. }));
     // Wrong order in from_paths.
@@ -316,15 +428,41 @@ fn parents_missing_mismatched_looping_too_deep() -> Result<()> {
     // A disk whose locator names itself, and two naming each other.
     let base_chain = Chain::open(&base)?;
     let selfp = d.join("self.vhdx");
-    let o = CreateOptions { parent_relative_path: Some(".\\self.vhdx".into()), ..opts.clone() };
+    let o = CreateOptions {
+        parent_relative_path: Some(".\\self.vhdx".into()),
+        ..opts.clone()
+    };
     vhdx::create_differencing(&selfp, &base_chain, &o)?;
-    assert!(matches!(Chain::open(&selfp).expect_err("self"), VhdxError::ParentLoop { .. }));
+    assert!(matches!(
+        Chain::open(&selfp).expect_err("self"),
+        VhdxError::ParentLoop { .. }
+    ));
     let a = d.join("a.vhdx");
     let b = d.join("b.vhdx");
-    vhdx::create_differencing(&a, &base_chain, &CreateOptions { parent_relative_path: Some(".\\b.vhdx".into()), ..opts.clone() })?;
-    vhdx::create_differencing(&b, &base_chain, &CreateOptions { parent_relative_path: Some(".\\a.vhdx".into()), ..opts.clone() })?;
+    vhdx::create_differencing(
+        &a,
+        &base_chain,
+        &CreateOptions {
+            parent_relative_path: Some(".\\b.vhdx".into()),
+            ..opts.clone()
+        },
+    )?;
+    vhdx::create_differencing(
+        &b,
+        &base_chain,
+        &CreateOptions {
+            parent_relative_path: Some(".\\a.vhdx".into()),
+            ..opts.clone()
+        },
+    )?;
     let e = Chain::open(&a).expect_err("cycle");
-    assert!(matches!(e, VhdxError::ParentLoop { .. } | VhdxError::ParentMismatch { .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            VhdxError::ParentLoop { .. } | VhdxError::ParentMismatch { .. }
+        ),
+        "{e:?}"
+    );
 
     // Deeper than the cap.
     let mut top = base.clone();

@@ -9,7 +9,12 @@ use common::*;
 use vhdx::{Chain, CreateOptions};
 
 fn blocks_of(a: &[u8], b: &[u8], bs: usize) -> Vec<(u64, Vec<u8>)> {
-    a.chunks(bs).zip(b.chunks(bs)).enumerate().filter(|(_, (x, y))| x != y).map(|(i, (_, y))| (i as u64, y.to_vec())).collect()
+    a.chunks(bs)
+        .zip(b.chunks(bs))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, (_, y))| (i as u64, y.to_vec()))
+        .collect()
 }
 
 #[test]
@@ -25,11 +30,24 @@ fn same_bytes_as_from_raw_and_reads_back() -> Result<()> {
     let base = dir.path().join("base.vhdx");
     let g = |n| uuid::Uuid::from_u128(n);
     for (log, whole) in [(true, false), (false, true), (false, false)] {
-        let opts = CreateOptions { block_size: MIB as u32, log, whole_blocks: whole, ..CreateOptions::deterministic(g(1), g(2), g(3)) };
+        let opts = CreateOptions {
+            block_size: MIB as u32,
+            log,
+            whole_blocks: whole,
+            ..CreateOptions::deterministic(g(1), g(2), g(3))
+        };
         vhdx::from_raw(&p0, &base, None, &opts)?;
         let parent = Chain::open(&base)?;
-        let copts = CreateOptions { parent_relative_path: Some("base.vhdx".into()), ..CreateOptions::deterministic(g(4), g(5), g(6)) };
-        let copts = CreateOptions { block_size: MIB as u32, log, whole_blocks: whole, ..copts };
+        let copts = CreateOptions {
+            parent_relative_path: Some("base.vhdx".into()),
+            ..CreateOptions::deterministic(g(4), g(5), g(6))
+        };
+        let copts = CreateOptions {
+            block_size: MIB as u32,
+            log,
+            whole_blocks: whole,
+            ..copts
+        };
         let (a, b) = (dir.path().join("a.vhdx"), dir.path().join("b.vhdx"));
         let sa = vhdx::from_raw(&p1, &a, Some(&parent), &copts)?;
         let changed = blocks_of(&r0, &r1, MIB as usize);
@@ -39,9 +57,17 @@ fn same_bytes_as_from_raw_and_reads_back() -> Result<()> {
         given.insert(0, (0, r1[..MIB as usize].to_vec()));
         given.sort_by_key(|x| x.0);
         given.dedup_by_key(|x| x.0);
-        let sb = vhdx::differencing_from_blocks(&b, &parent, &copts, given.iter().map(|(i, d)| (*i, d.as_slice())))?;
+        let sb = vhdx::differencing_from_blocks(
+            &b,
+            &parent,
+            &copts,
+            given.iter().map(|(i, d)| (*i, d.as_slice())),
+        )?;
         assert_eq!(sa, sb, "log {log} whole {whole}: stats");
-        assert!(std::fs::read(&a)? == std::fs::read(&b)?, "log {log} whole {whole}: differs from from_raw's output");
+        assert!(
+            std::fs::read(&a)? == std::fs::read(&b)?,
+            "log {log} whole {whole}: differs from from_raw's output"
+        );
         let chain = Chain::from_paths(&[base.clone(), b.clone()])?;
         assert_same("chain read", &read_chain(&chain)?, &r1);
         assert_same("chain map", &read_via_map(&chain)?, &r1);
@@ -59,7 +85,10 @@ fn bad_block_lists_are_refused() -> Result<()> {
     let p0 = dir.path().join("r0.raw");
     std::fs::write(&p0, random_raw(9101, size))?;
     let base = dir.path().join("base.vhdx");
-    let opts = CreateOptions { block_size: MIB as u32, ..CreateOptions::default() };
+    let opts = CreateOptions {
+        block_size: MIB as u32,
+        ..CreateOptions::default()
+    };
     vhdx::from_raw(&p0, &base, None, &opts)?;
     let parent = Chain::open(&base)?;
     let out = dir.path().join("out.vhdx");
@@ -73,9 +102,15 @@ fn bad_block_lists_are_refused() -> Result<()> {
     ];
     for (blocks, want) in cases {
         let err = vhdx::differencing_from_blocks(&out, &parent, &opts, blocks).unwrap_err();
-        assert!(matches!(err, vhdx::VhdxError::InvalidArgument { .. }), "{err}");
+        assert!(
+            matches!(err, vhdx::VhdxError::InvalidArgument { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains(want), "{err} should say {want:?}");
-        assert!(!out.exists(), "nothing is left at the destination after {want}");
+        assert!(
+            !out.exists(),
+            "nothing is left at the destination after {want}"
+        );
     }
     Ok(())
 }

@@ -16,7 +16,9 @@ use vhdx::{Chain, CreateOptions};
 fn tool(name: &str) -> Result<PathBuf> {
     let p = PathBuf::from("/usr/bin").join(name);
     if !p.exists() {
-        bail!("{name} not found: install it with `apt-get install libvhdi-utils` (scripts/setup.sh)");
+        bail!(
+            "{name} not found: install it with `apt-get install libvhdi-utils` (scripts/setup.sh)"
+        );
     }
     Ok(p)
 }
@@ -54,22 +56,34 @@ struct Mount {
 impl Mount {
     fn new(image: &Path, dir: &Path) -> Result<Mount> {
         std::fs::create_dir_all(dir)?;
-        let mut m = Mount { dir: dir.to_path_buf(), mounted: false };
+        let mut m = Mount {
+            dir: dir.to_path_buf(),
+            mounted: false,
+        };
         // vhdimount daemonizes only once the file system is mounted.
         let res = run(Command::new(tool("vhdimount")?).arg(image).arg(dir));
         m.mounted = is_mountpoint(dir);
         res?;
         if !m.mounted {
-            bail!("vhdimount {} {} returned but nothing is mounted there", image.display(), dir.display());
+            bail!(
+                "vhdimount {} {} returned but nothing is mounted there",
+                image.display(),
+                dir.display()
+            );
         }
         Ok(m)
     }
 }
 
 fn is_mountpoint(dir: &Path) -> bool {
-    let Ok(dir) = dir.canonicalize() else { return false };
+    let Ok(dir) = dir.canonicalize() else {
+        return false;
+    };
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|s| s.lines().any(|l| l.split(' ').nth(4) == Some(&*dir.to_string_lossy())))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.split(' ').nth(4) == Some(&*dir.to_string_lossy()))
+        })
         .unwrap_or(false)
 }
 
@@ -79,7 +93,12 @@ impl Drop for Mount {
             return;
         }
         for cmd in ["fusermount3", "fusermount"] {
-            if Command::new(cmd).arg("-u").arg(&self.dir).status().is_ok_and(|s| s.success()) {
+            if Command::new(cmd)
+                .arg("-u")
+                .arg(&self.dir)
+                .status()
+                .is_ok_and(|s| s.success())
+            {
                 return;
             }
         }
@@ -99,15 +118,30 @@ fn vhdiinfo_reports_the_parent_linkage() -> Result<()> {
     std::fs::write(&p0, &r0)?;
     std::fs::write(&p1, &r1)?;
     let base = dir.path().join("base.vhdx");
-    vhdx::from_raw(&p0, &base, None, &CreateOptions { block_size: MIB as u32, ..CreateOptions::default() })?;
+    vhdx::from_raw(
+        &p0,
+        &base,
+        None,
+        &CreateOptions {
+            block_size: MIB as u32,
+            ..CreateOptions::default()
+        },
+    )?;
     let base_chain = Chain::open(&base)?;
     let want = base_chain.top().data_write_guid().to_string();
     for absolute in [false, true] {
         let child = dir.path().join(format!("child-{absolute}.vhdx"));
-        let opts = CreateOptions { record_absolute_parent_path: absolute, ..CreateOptions::default() };
+        let opts = CreateOptions {
+            record_absolute_parent_path: absolute,
+            ..CreateOptions::default()
+        };
         vhdx::from_raw(&p1, &child, Some(&base_chain), &opts)?;
         assert_eq!(vhdiinfo_field(&child, "Disk type")?, "Differential");
-        assert_eq!(vhdiinfo_field(&child, "Parent identifier")?, want, "absolute_win32_path recorded: {absolute}");
+        assert_eq!(
+            vhdiinfo_field(&child, "Parent identifier")?,
+            want,
+            "absolute_win32_path recorded: {absolute}"
+        );
     }
     Ok(())
 }
@@ -127,8 +161,19 @@ fn vhdimount_reads_the_chain_like_we_do() -> Result<()> {
     std::fs::create_dir(&layers)?;
     let base = layers.join("base.vhdx");
     let child = layers.join("child.vhdx");
-    vhdx::from_raw(&p0, &base, None, &CreateOptions { block_size: 2 * MIB as u32, ..CreateOptions::default() })?;
-    let opts = CreateOptions { record_absolute_parent_path: true, ..CreateOptions::default() };
+    vhdx::from_raw(
+        &p0,
+        &base,
+        None,
+        &CreateOptions {
+            block_size: 2 * MIB as u32,
+            ..CreateOptions::default()
+        },
+    )?;
+    let opts = CreateOptions {
+        record_absolute_parent_path: true,
+        ..CreateOptions::default()
+    };
     vhdx::from_raw(&p1, &child, Some(&Chain::open(&base)?), &opts)?;
     let mnt = Mount::new(&child, &dir.path().join("mnt"))?;
     let layer = |n: u32| -> Result<Vec<u8>> {
@@ -136,11 +181,17 @@ fn vhdimount_reads_the_chain_like_we_do() -> Result<()> {
         std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
     };
     let (bottom, top) = (layer(1)?, layer(2)?);
-    assert!(!mnt.dir.join("vhdi3").exists(), "vhdimount shows more layers than the chain has");
+    assert!(
+        !mnt.dir.join("vhdi3").exists(),
+        "vhdimount shows more layers than the chain has"
+    );
     assert!(bottom == r0, "vhdimount's vhdi1 (base) differs from R0");
     assert!(top == r1, "vhdimount's vhdi2 (top) differs from R1");
     drop(mnt);
-    assert!(!is_mountpoint(&dir.path().join("mnt")), "vhdimount file system still mounted");
+    assert!(
+        !is_mountpoint(&dir.path().join("mnt")),
+        "vhdimount file system still mounted"
+    );
     Ok(())
 }
 
@@ -158,14 +209,31 @@ fn legacy_parent_locator_item_id_still_reads() -> Result<()> {
     let base = dir.path().join("base.vhdx");
     let child = dir.path().join("child.vhdx");
     vhdx::from_raw(&p0, &base, None, &CreateOptions::default())?;
-    vhdx::from_raw(&p1, &child, Some(&Chain::open(&base)?), &CreateOptions::default())?;
+    vhdx::from_raw(
+        &p1,
+        &child,
+        Some(&Chain::open(&base)?),
+        &CreateOptions::default(),
+    )?;
     // The item ID as stored (mixed-endian GUID), and the mistyped one.
-    let good: [u8; 16] = [0x2d, 0x5f, 0xd3, 0xa8, 0x0b, 0xb3, 0x4d, 0x45, 0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c];
+    let good: [u8; 16] = [
+        0x2d, 0x5f, 0xd3, 0xa8, 0x0b, 0xb3, 0x4d, 0x45, 0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab,
+        0x0c,
+    ];
     let mut legacy = good;
     legacy[0] = 0x2b;
     let mut bytes = std::fs::read(&child)?;
-    let at: Vec<usize> = bytes.windows(16).enumerate().filter(|(_, w)| *w == good).map(|(i, _)| i).collect();
-    assert_eq!(at.len(), 1, "the parent locator item ID appears once in the file");
+    let at: Vec<usize> = bytes
+        .windows(16)
+        .enumerate()
+        .filter(|(_, w)| *w == good)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        at.len(),
+        1,
+        "the parent locator item ID appears once in the file"
+    );
     bytes[at[0]..at[0] + 16].copy_from_slice(&legacy);
     std::fs::write(&child, &bytes)?;
     let chain = Chain::open(&child)?;
@@ -190,21 +258,48 @@ fn vhdimount_reads_logless_whole_block_layers() -> Result<()> {
     std::fs::create_dir(&layers)?;
     let base = layers.join("base.vhdx");
     let child = layers.join("child.vhdx");
-    let opts = CreateOptions { block_size: MIB as u32, log: false, record_absolute_parent_path: true, ..CreateOptions::default() };
+    let opts = CreateOptions {
+        block_size: MIB as u32,
+        log: false,
+        record_absolute_parent_path: true,
+        ..CreateOptions::default()
+    };
     vhdx::from_raw(&p0, &base, None, &opts)?;
-    let stats = vhdx::from_raw(&p1, &child, Some(&Chain::open(&base)?), &CreateOptions { whole_blocks: true, ..opts })?;
-    assert_eq!(stats.partial_blocks, 0, "whole-block output has no partially present block");
+    let stats = vhdx::from_raw(
+        &p1,
+        &child,
+        Some(&Chain::open(&base)?),
+        &CreateOptions {
+            whole_blocks: true,
+            ..opts
+        },
+    )?;
+    assert_eq!(
+        stats.partial_blocks, 0,
+        "whole-block output has no partially present block"
+    );
     // Headers, metadata and BAT (1 MiB each) plus the changed blocks, no bitmap block.
     assert_eq!(stats.file_size, (3 + stats.blocks) * MIB);
-    let changed = (0..size / MIB).filter(|b| r0[(b * MIB) as usize..((b + 1) * MIB) as usize] != r1[(b * MIB) as usize..((b + 1) * MIB) as usize]).count();
+    let changed = (0..size / MIB)
+        .filter(|b| {
+            r0[(b * MIB) as usize..((b + 1) * MIB) as usize]
+                != r1[(b * MIB) as usize..((b + 1) * MIB) as usize]
+        })
+        .count();
     assert_eq!(stats.blocks, changed as u64);
     let mnt = Mount::new(&child, &dir.path().join("mnt"))?;
     let layer = |n: u32| -> Result<Vec<u8>> {
         let p = mnt.dir.join(format!("vhdi{n}"));
         std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
     };
-    assert!(layer(1)? == r0, "vhdimount's vhdi1 (log-less base) differs from R0");
-    assert!(layer(2)? == r1, "vhdimount's vhdi2 (whole-block child) differs from R1");
+    assert!(
+        layer(1)? == r0,
+        "vhdimount's vhdi1 (log-less base) differs from R0"
+    );
+    assert!(
+        layer(2)? == r1,
+        "vhdimount's vhdi2 (whole-block child) differs from R1"
+    );
     drop(mnt);
     Ok(())
 }

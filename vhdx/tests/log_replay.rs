@@ -18,7 +18,10 @@ const BAT: u64 = 3 * MIB;
 
 fn patch(path: &Path, offset: u64, bytes: &[u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    std::fs::OpenOptions::new().write(true).open(path)?.write_all_at(bytes, offset)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .write_all_at(bytes, offset)?;
     Ok(())
 }
 
@@ -33,7 +36,17 @@ fn crash_with_logged_allocation(path: &Path, log_guid: Uuid) -> Result<Vec<u8>> 
     // BAT sector 0 with entry 5 = FULLY_PRESENT at the new block.
     let mut sector = data[BAT as usize..BAT as usize + 4096].to_vec();
     sector[40..48].copy_from_slice(&(end | 6).to_le_bytes());
-    let entry = encode_entry(log_guid, 1, 0, new_len, new_len, &[LogOp::Data { offset: BAT, bytes: sector }]);
+    let entry = encode_entry(
+        log_guid,
+        1,
+        0,
+        new_len,
+        new_len,
+        &[LogOp::Data {
+            offset: BAT,
+            bytes: sector,
+        }],
+    );
     patch(path, LOG, &entry)?;
     // New current header (sequence 3 in slot 1) naming the log.
     let mut h = data[H2 as usize..H2 as usize + 4096].to_vec();
@@ -54,7 +67,15 @@ fn logged_update_is_refused_read_only_and_replayed_read_write() -> Result<()> {
     img[5 * MIB as usize..6 * MIB as usize].fill(0); // block 5 unallocated
     std::fs::write(&raw, &img)?;
     let p = dir.path().join("d.vhdx");
-    vhdx::from_raw(&raw, &p, None, &CreateOptions { block_size: MIB as u32, ..CreateOptions::default() })?;
+    vhdx::from_raw(
+        &raw,
+        &p,
+        None,
+        &CreateOptions {
+            block_size: MIB as u32,
+            ..CreateOptions::default()
+        },
+    )?;
     let block = crash_with_logged_allocation(&p, Uuid::from_u128(0xABCD))?;
     let copy = dir.path().join("copy.vhdx");
     std::fs::copy(&p, &copy)?;
@@ -88,7 +109,15 @@ fn a_damaged_log_entry_is_not_replayed() -> Result<()> {
     let img = random_raw(22, 6 * MIB);
     std::fs::write(&raw, &img)?;
     let p = dir.path().join("d.vhdx");
-    vhdx::from_raw(&raw, &p, None, &CreateOptions { block_size: MIB as u32, ..CreateOptions::default() })?;
+    vhdx::from_raw(
+        &raw,
+        &p,
+        None,
+        &CreateOptions {
+            block_size: MIB as u32,
+            ..CreateOptions::default()
+        },
+    )?;
     crash_with_logged_allocation(&p, Uuid::from_u128(7))?;
     // Tear the entry: its checksum no longer matches, so there is no active sequence and
     // the update never happened.

@@ -17,10 +17,18 @@ enum Op {
 
 fn ops(size: u64) -> impl Strategy<Value = Vec<Op>> {
     let op = prop_oneof![
-        (0..size, 1usize..300_000, any::<u8>()).prop_map(|(offset, len, byte)| Op::Write { offset, len, byte }),
+        (0..size, 1usize..300_000, any::<u8>()).prop_map(|(offset, len, byte)| Op::Write {
+            offset,
+            len,
+            byte
+        }),
         (0..size, 1usize..300_000).prop_map(|(offset, len)| Op::Read { offset, len }),
         // Small sector-sized writes: partially present blocks.
-        (0..size / 512, 1usize..4, any::<u8>()).prop_map(|(s, n, byte)| Op::Write { offset: s * 512, len: n * 512, byte }),
+        (0..size / 512, 1usize..4, any::<u8>()).prop_map(|(s, n, byte)| Op::Write {
+            offset: s * 512,
+            len: n * 512,
+            byte
+        }),
     ];
     proptest::collection::vec(op, 1..24)
 }
@@ -28,7 +36,11 @@ fn ops(size: u64) -> impl Strategy<Value = Vec<Op>> {
 fn run(depth: usize, lss: u32, ops: &[Op]) -> Result<()> {
     let dir = scratch();
     let size = 3 * MIB + 8 * 4096;
-    let opts = CreateOptions { block_size: MIB as u32, logical_sector_size: lss, ..CreateOptions::default() };
+    let opts = CreateOptions {
+        block_size: MIB as u32,
+        logical_sector_size: lss,
+        ..CreateOptions::default()
+    };
     let base_img = random_raw(5, size);
     let raw = dir.path().join("base.raw");
     std::fs::write(&raw, &base_img)?;
@@ -40,7 +52,10 @@ fn run(depth: usize, lss: u32, ops: &[Op]) -> Result<()> {
         vhdx::create_differencing(&p, &parent, &opts)?;
         paths.push(p);
     }
-    let parent_bytes: Vec<Vec<u8>> = paths[..depth - 1].iter().map(std::fs::read).collect::<std::io::Result<_>>()?;
+    let parent_bytes: Vec<Vec<u8>> = paths[..depth - 1]
+        .iter()
+        .map(std::fs::read)
+        .collect::<std::io::Result<_>>()?;
     let mut model = base_img.clone();
     let mut chain = Chain::from_paths_writable(&paths)?;
     for op in ops {
@@ -63,7 +78,12 @@ fn run(depth: usize, lss: u32, ops: &[Op]) -> Result<()> {
     assert_same("via map", &read_via_map(&chain)?, &model);
     drop(chain);
     for (p, before) in paths.iter().zip(&parent_bytes) {
-        assert_eq!(&std::fs::read(p)?, before, "parent {} was written", p.display());
+        assert_eq!(
+            &std::fs::read(p)?,
+            before,
+            "parent {} was written",
+            p.display()
+        );
     }
     let reopened = Chain::open(paths.last().expect("top"))?;
     assert_same("reopened", &read_chain(&reopened)?, &model);
@@ -88,14 +108,33 @@ proptest! {
 fn out_of_range_and_read_only_are_errors() -> Result<()> {
     let dir = scratch();
     let p = dir.path().join("x.vhdx");
-    vhdx::create(&p, MIB, &CreateOptions { block_size: MIB as u32, ..CreateOptions::default() })?;
+    vhdx::create(
+        &p,
+        MIB,
+        &CreateOptions {
+            block_size: MIB as u32,
+            ..CreateOptions::default()
+        },
+    )?;
     let mut ro = Chain::open(&p)?;
-    assert!(matches!(ro.write_at(&[1; 512], 0), Err(vhdx::VhdxError::ReadOnly { .. })));
+    assert!(matches!(
+        ro.write_at(&[1; 512], 0),
+        Err(vhdx::VhdxError::ReadOnly { .. })
+    ));
     let mut rw = Chain::open_writable(&p)?;
     let mut buf = [0u8; 2];
-    assert!(matches!(rw.read_at(&mut buf, MIB - 1), Err(vhdx::VhdxError::OutOfRange { .. })));
-    assert!(matches!(rw.write_at(&[1; 2], MIB - 1), Err(vhdx::VhdxError::OutOfRange { .. })));
-    assert!(matches!(rw.read_at(&mut buf, u64::MAX), Err(vhdx::VhdxError::OutOfRange { .. })));
+    assert!(matches!(
+        rw.read_at(&mut buf, MIB - 1),
+        Err(vhdx::VhdxError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        rw.write_at(&[1; 2], MIB - 1),
+        Err(vhdx::VhdxError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        rw.read_at(&mut buf, u64::MAX),
+        Err(vhdx::VhdxError::OutOfRange { .. })
+    ));
     rw.write_at(&[9; 3], MIB - 3)?;
     rw.read_at(&mut buf, MIB - 2)?;
     assert_eq!(buf, [9, 9]);

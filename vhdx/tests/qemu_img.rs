@@ -39,20 +39,48 @@ fn qemu_written_files_read_back_like_qemu_convert() -> Result<()> {
                 s(&vhdx_path),
             ])?;
             let back_path = dir.path().join(format!("q{i}-{subformat}.raw"));
-            run_qemu_img(&["convert", "-f", "vhdx", "-O", "raw", s(&vhdx_path), s(&back_path)])?;
+            run_qemu_img(&[
+                "convert",
+                "-f",
+                "vhdx",
+                "-O",
+                "raw",
+                s(&vhdx_path),
+                s(&back_path),
+            ])?;
             let qemu_raw = std::fs::read(&back_path)?;
 
             let file = Vhdx::open(&vhdx_path)?;
             file.check()?;
-            assert_eq!(file.block_size(), bs_mib * MIB as u32, "case {i} {subformat}");
-            let want_type = if subformat == "fixed" { DiskType::Fixed } else { DiskType::Dynamic };
+            assert_eq!(
+                file.block_size(),
+                bs_mib * MIB as u32,
+                "case {i} {subformat}"
+            );
+            let want_type = if subformat == "fixed" {
+                DiskType::Fixed
+            } else {
+                DiskType::Dynamic
+            };
             assert_eq!(file.disk_type(), want_type);
             let chain = Chain::open(&vhdx_path)?;
-            assert_eq!(chain.virtual_size(), qemu_raw.len() as u64, "case {i} {subformat}: virtual size");
+            assert_eq!(
+                chain.virtual_size(),
+                qemu_raw.len() as u64,
+                "case {i} {subformat}: virtual size"
+            );
             let ours = read_chain(&chain)?;
-            assert_same(&format!("case {i} {subformat}: read_at vs qemu-img"), &ours, &qemu_raw);
+            assert_same(
+                &format!("case {i} {subformat}: read_at vs qemu-img"),
+                &ours,
+                &qemu_raw,
+            );
             let mapped = read_via_map(&chain)?;
-            assert_same(&format!("case {i} {subformat}: map vs qemu-img"), &mapped, &qemu_raw);
+            assert_same(
+                &format!("case {i} {subformat}: map vs qemu-img"),
+                &mapped,
+                &qemu_raw,
+            );
             // qemu-img's raw output is the input padded to the virtual size.
             assert_same(&format!("case {i}: input"), &ours[..raw.len()], &raw);
         }
@@ -70,17 +98,31 @@ fn our_files_pass_qemu_check_and_convert_to_the_input() -> Result<()> {
         let raw_path = dir.path().join(format!("in{i}.raw"));
         std::fs::write(&raw_path, &raw)?;
         for disk_type in [DiskType::Dynamic, DiskType::Fixed] {
-            let out = dir.path().join(format!("ours{i}-{}.vhdx", disk_type.as_str()));
-            let opts = CreateOptions { block_size: bs_mib * MIB as u32, disk_type, ..CreateOptions::default() };
+            let out = dir
+                .path()
+                .join(format!("ours{i}-{}.vhdx", disk_type.as_str()));
+            let opts = CreateOptions {
+                block_size: bs_mib * MIB as u32,
+                disk_type,
+                ..CreateOptions::default()
+            };
             vhdx::from_raw(&raw_path, &out, None, &opts)?;
             run_qemu_img(&["check", "-f", "vhdx", s(&out)])?;
             Vhdx::open(&out)?.check()?;
             let info = run_qemu_img(&["info", "--output=json", s(&out)])?;
             let info: serde_json::Value = serde_json::from_str(&info)?;
-            assert_eq!(info["virtual-size"].as_u64(), Some(size), "case {i}: qemu-img info size");
+            assert_eq!(
+                info["virtual-size"].as_u64(),
+                Some(size),
+                "case {i}: qemu-img info size"
+            );
             let back = dir.path().join(format!("ours{i}.raw"));
             run_qemu_img(&["convert", "-f", "vhdx", "-O", "raw", s(&out), s(&back)])?;
-            assert_same(&format!("case {i} {disk_type:?}: qemu-img convert of ours"), &std::fs::read(&back)?, &raw);
+            assert_same(
+                &format!("case {i} {disk_type:?}: qemu-img convert of ours"),
+                &std::fs::read(&back)?,
+                &raw,
+            );
         }
     }
     Ok(())
@@ -94,7 +136,11 @@ fn deterministic_output_is_byte_identical() -> Result<()> {
     std::fs::write(&raw_path, &raw)?;
     let opts = CreateOptions {
         block_size: MIB as u32,
-        ..CreateOptions::deterministic(uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2), uuid::Uuid::from_u128(3))
+        ..CreateOptions::deterministic(
+            uuid::Uuid::from_u128(1),
+            uuid::Uuid::from_u128(2),
+            uuid::Uuid::from_u128(3),
+        )
     };
     let a = dir.path().join("a.vhdx");
     let b = dir.path().join("b.vhdx");
@@ -116,15 +162,26 @@ fn logless_files_pass_qemu_check_and_convert() -> Result<()> {
         std::fs::write(&raw_path, &raw)?;
         let with_log = dir.path().join(format!("log{i}.vhdx"));
         let out = dir.path().join(format!("nolog{i}.vhdx"));
-        let opts = CreateOptions { block_size: bs_mib * MIB as u32, ..CreateOptions::default() };
+        let opts = CreateOptions {
+            block_size: bs_mib * MIB as u32,
+            ..CreateOptions::default()
+        };
         vhdx::from_raw(&raw_path, &with_log, None, &opts)?;
         vhdx::from_raw(&raw_path, &out, None, &CreateOptions { log: false, ..opts })?;
-        assert_eq!(std::fs::metadata(&with_log)?.len() - std::fs::metadata(&out)?.len(), MIB, "case {i}: the log region is 1 MiB");
+        assert_eq!(
+            std::fs::metadata(&with_log)?.len() - std::fs::metadata(&out)?.len(),
+            MIB,
+            "case {i}: the log region is 1 MiB"
+        );
         run_qemu_img(&["check", "-f", "vhdx", s(&out)])?;
         Vhdx::open(&out)?.check()?;
         let back = dir.path().join(format!("nolog{i}.raw"));
         run_qemu_img(&["convert", "-f", "vhdx", "-O", "raw", s(&out), s(&back)])?;
-        assert_same(&format!("case {i}: qemu-img convert of a log-less file"), &std::fs::read(&back)?, &raw);
+        assert_same(
+            &format!("case {i}: qemu-img convert of a log-less file"),
+            &std::fs::read(&back)?,
+            &raw,
+        );
     }
     Ok(())
 }

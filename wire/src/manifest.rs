@@ -329,7 +329,12 @@ impl Manifest {
         for (index, o) in self.multicast.iter().enumerate() {
             let why = if !self.layers.iter().any(|l| l.id == o.layer) {
                 Some("layer not in the chain")
-            } else if self.multicast.iter().take(index).any(|p| p.layer == o.layer) {
+            } else if self
+                .multicast
+                .iter()
+                .take(index)
+                .any(|p| p.layer == o.layer)
+            {
                 Some("layer offered twice")
             } else if !o.group.ip().is_multicast() {
                 Some("group is not an IPv4 multicast address")
@@ -515,7 +520,9 @@ mod tests {
     fn the_signature_covers_the_offer() {
         let s = SignedManifest::sign(&offered(), &key(1)).unwrap();
         let mut forged = s.clone();
-        forged.manifest = forged.manifest.replace("239.255.77.1:9300", "239.255.77.2:9300");
+        forged.manifest = forged
+            .manifest
+            .replace("239.255.77.1:9300", "239.255.77.2:9300");
         assert_ne!(forged.manifest, s.manifest);
         assert!(matches!(
             forged.verify(&key(1).verifying_key()),
@@ -534,14 +541,19 @@ mod tests {
             }),
             ("port 0", |o| o.group.set_port(0)),
             ("wait_secs out of range", |o| o.wait_secs = 0),
-            ("wait_secs out of range", |o| o.wait_secs = MAX_MULTICAST_WAIT + 1),
+            ("wait_secs out of range", |o| {
+                o.wait_secs = MAX_MULTICAST_WAIT + 1
+            }),
         ];
         for (want, f) in cases {
             let mut m = offered();
             f(&mut m.multicast[0]);
             assert_eq!(
                 m.validate(),
-                Err(InvalidManifest::MulticastOffer { index: 0, why: want })
+                Err(InvalidManifest::MulticastOffer {
+                    index: 0,
+                    why: want
+                })
             );
             assert!(SignedManifest::sign(&m, &key(1)).is_err());
         }
@@ -549,7 +561,10 @@ mod tests {
         m.multicast.push(m.multicast[0].clone());
         assert_eq!(
             m.validate(),
-            Err(InvalidManifest::MulticastOffer { index: 1, why: "layer offered twice" })
+            Err(InvalidManifest::MulticastOffer {
+                index: 1,
+                why: "layer offered twice"
+            })
         );
     }
 

@@ -67,8 +67,12 @@ impl Caller {
     pub fn viewer(&self) -> Result<(), ApiError> {
         match self {
             Caller::Token(t) if matches!(t.scope, Scope::Admin | Scope::Viewer) => Ok(()),
-            Caller::Token(_) => Err(ApiError::forbidden("node tokens cannot use operator routes")),
-            Caller::Anonymous => Err(ApiError::Unauthenticated { message: "a bearer token is required".into() }),
+            Caller::Token(_) => Err(ApiError::forbidden(
+                "node tokens cannot use operator routes",
+            )),
+            Caller::Anonymous => Err(ApiError::Unauthenticated {
+                message: "a bearer token is required".into(),
+            }),
         }
     }
 
@@ -87,11 +91,15 @@ impl Caller {
     pub fn node(&self, mac: &str, anonymous_ok: bool, admin_ok: bool) -> Result<(), ApiError> {
         match self {
             Caller::Token(t) if t.scope == Scope::Node && t.node.as_deref() == Some(mac) => Ok(()),
-            Caller::Token(t) if t.scope == Scope::Node => Err(ApiError::forbidden("a node token covers only its own node")),
+            Caller::Token(t) if t.scope == Scope::Node => {
+                Err(ApiError::forbidden("a node token covers only its own node"))
+            }
             Caller::Token(t) if admin_ok && t.scope == Scope::Admin => Ok(()),
             Caller::Token(_) => Err(ApiError::forbidden("this route is for the node itself")),
             Caller::Anonymous if anonymous_ok => Ok(()),
-            Caller::Anonymous => Err(ApiError::Unauthenticated { message: format!("node {mac} has used its token: send it") }),
+            Caller::Anonymous => Err(ApiError::Unauthenticated {
+                message: format!("node {mac} has used its token: send it"),
+            }),
         }
     }
 
@@ -107,7 +115,10 @@ impl Caller {
 impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
         let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
             return Ok(Caller::Anonymous);
         };
@@ -117,15 +128,24 @@ impl FromRequestParts<ApiState> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|s| s.len() <= 128)
-            .ok_or_else(|| ApiError::Unauthenticated { message: "Authorization must be `Bearer <token>`".into() })?
+            .ok_or_else(|| ApiError::Unauthenticated {
+                message: "Authorization must be `Bearer <token>`".into(),
+            })?
             .to_owned();
         let h = tokens::hash(&secret);
-        let node_rev = |t: &TokenInfo| t.node.as_deref().filter(|_| t.scope == Scope::Node).and_then(|m| state.fleet.node_rev(m));
+        let node_rev = |t: &TokenInfo| {
+            t.node
+                .as_deref()
+                .filter(|_| t.scope == Scope::Node)
+                .and_then(|m| state.fleet.node_rev(m))
+        };
         let cached = {
             let map = state.tokens.map.lock().unwrap_or_else(|e| e.into_inner());
             map.get(&h)
                 .filter(|(t, at, rev)| match t {
-                    Some(t) if t.scope == Scope::Node => at.elapsed() < NODE_CACHE_TTL && rev.is_some() && *rev == node_rev(t),
+                    Some(t) if t.scope == Scope::Node => {
+                        at.elapsed() < NODE_CACHE_TTL && rev.is_some() && *rev == node_rev(t)
+                    }
                     _ => at.elapsed() < CACHE_TTL,
                 })
                 .map(|(t, _, _)| t.clone())
@@ -143,6 +163,9 @@ impl FromRequestParts<ApiState> for Caller {
                 t
             }
         };
-        info.map(Caller::Token).ok_or_else(|| ApiError::Unauthenticated { message: "unknown or revoked token".into() })
+        info.map(Caller::Token)
+            .ok_or_else(|| ApiError::Unauthenticated {
+                message: "unknown or revoked token".into(),
+            })
     }
 }

@@ -72,12 +72,16 @@ pub enum ApiError {
 impl ApiError {
     /// A 400.
     pub fn invalid(message: impl Into<String>) -> Self {
-        ApiError::InvalidRequest { message: message.into() }
+        ApiError::InvalidRequest {
+            message: message.into(),
+        }
     }
 
     /// A 403.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        ApiError::Forbidden { message: message.into() }
+        ApiError::Forbidden {
+            message: message.into(),
+        }
     }
 
     /// The HTTP status.
@@ -111,7 +115,10 @@ impl ApiError {
 
     /// Whether the same request may succeed later.
     pub fn retryable(&self) -> bool {
-        matches!(self, ApiError::Unavailable { .. } | ApiError::Internal { .. })
+        matches!(
+            self,
+            ApiError::Unavailable { .. } | ApiError::Internal { .. }
+        )
     }
 }
 
@@ -147,11 +154,22 @@ impl From<DbError> for ApiError {
         match e {
             DbError::NotFound { kind, id } => ApiError::NotFound { kind, id },
             DbError::Conflict(message) => ApiError::Conflict { message },
-            DbError::Closed => ApiError::Unavailable { message: "server shutting down".into() },
-            DbError::Sqlite(ref s) if matches!(s.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)) => {
-                ApiError::Unavailable { message: "database busy".into() }
+            DbError::Closed => ApiError::Unavailable {
+                message: "server shutting down".into(),
+            },
+            DbError::Sqlite(ref s)
+                if matches!(
+                    s.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                ) =>
+            {
+                ApiError::Unavailable {
+                    message: "database busy".into(),
+                }
             }
-            other => ApiError::Internal { detail: chain(&other) },
+            other => ApiError::Internal {
+                detail: chain(&other),
+            },
         }
     }
 }
@@ -159,9 +177,16 @@ impl From<DbError> for ApiError {
 impl From<FleetError> for ApiError {
     fn from(e: FleetError) -> Self {
         match e {
-            FleetError::NoImage { .. } => ApiError::Unavailable { message: e.to_string() },
-            FleetError::NotAssigned { .. } => ApiError::NotFound { kind: "assignment", id: e.to_string() },
-            FleetError::IllegalTransition { .. } => ApiError::IllegalTransition { message: e.to_string() },
+            FleetError::NoImage { .. } => ApiError::Unavailable {
+                message: e.to_string(),
+            },
+            FleetError::NotAssigned { .. } => ApiError::NotFound {
+                kind: "assignment",
+                id: e.to_string(),
+            },
+            FleetError::IllegalTransition { .. } => ApiError::IllegalTransition {
+                message: e.to_string(),
+            },
             FleetError::MacMismatch { .. } => ApiError::invalid(e.to_string()),
             FleetError::Db(d) => d.into(),
             FleetError::Internal(detail) => ApiError::Internal { detail },

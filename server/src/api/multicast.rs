@@ -9,15 +9,23 @@ use super::{ApiError, ApiState};
 use crate::multicast::{Scheduler, SessionInfo};
 
 fn scheduler(st: &ApiState) -> Result<&std::sync::Arc<Scheduler>, ApiError> {
-    st.fleet
-        .multicast()
-        .ok_or_else(|| ApiError::Unavailable { message: "multicast sessions are off (multicast.enabled)".into() })
+    st.fleet.multicast().ok_or_else(|| ApiError::Unavailable {
+        message: "multicast sessions are off (multicast.enabled)".into(),
+    })
 }
 
 /// `GET /api/v1/multicast/sessions`: live sessions, then finished ones.
-pub(super) async fn list(State(st): State<ApiState>, caller: Caller) -> Result<Json<Vec<SessionInfo>>, ApiError> {
+pub(super) async fn list(
+    State(st): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<Vec<SessionInfo>>, ApiError> {
     caller.viewer()?;
-    Ok(Json(st.fleet.multicast().map(|s| s.sessions()).unwrap_or_default()))
+    Ok(Json(
+        st.fleet
+            .multicast()
+            .map(|s| s.sessions())
+            .unwrap_or_default(),
+    ))
 }
 
 /// `POST /api/v1/multicast/sessions/{layer}/start`: start the live session of a layer now.
@@ -27,10 +35,21 @@ pub(super) async fn start(
     Path(layer): Path<String>,
 ) -> Result<Json<Vec<SessionInfo>>, ApiError> {
     caller.admin()?;
-    let id: wire::LayerId = layer.parse().map_err(|_| ApiError::invalid("layer is not 64 hex digits"))?;
+    let id: wire::LayerId = layer
+        .parse()
+        .map_err(|_| ApiError::invalid("layer is not 64 hex digits"))?;
     let sched = scheduler(&st)?;
     if !sched.start(&id) {
-        return Err(ApiError::NotFound { kind: "multicast session for layer", id: layer });
+        return Err(ApiError::NotFound {
+            kind: "multicast session for layer",
+            id: layer,
+        });
     }
-    Ok(Json(sched.sessions().into_iter().filter(|s| s.layer == id).collect()))
+    Ok(Json(
+        sched
+            .sessions()
+            .into_iter()
+            .filter(|s| s.layer == id)
+            .collect(),
+    ))
 }

@@ -20,19 +20,34 @@ pub(super) struct ListQuery {
     role: Option<String>,
 }
 
-pub(super) async fn list(State(st): State<ApiState>, caller: Caller, Q(q): Q<ListQuery>) -> Result<Json<Vec<NodeRow>>, ApiError> {
+pub(super) async fn list(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Q(q): Q<ListQuery>,
+) -> Result<Json<Vec<NodeRow>>, ApiError> {
     caller.viewer()?;
     st.fleet.flush().await?;
-    Ok(Json(st.db.call(move |c| crate::db::nodes::list(c, q.role.as_deref())).await?))
+    Ok(Json(
+        st.db
+            .call(move |c| crate::db::nodes::list(c, q.role.as_deref()))
+            .await?,
+    ))
 }
 
-pub(super) async fn get_one(State(st): State<ApiState>, caller: Caller, Path(mac): Path<String>) -> Result<Json<NodeRow>, ApiError> {
+pub(super) async fn get_one(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(mac): Path<String>,
+) -> Result<Json<NodeRow>, ApiError> {
     caller.viewer()?;
     let mac = parse_mac(&mac)?;
     st.fleet.flush().await?;
     let m = mac.clone();
     let row = st.db.call(move |c| crate::db::nodes::get(c, &m)).await?;
-    Ok(Json(row.ok_or(ApiError::NotFound { kind: "node", id: mac })?))
+    Ok(Json(row.ok_or(ApiError::NotFound {
+        kind: "node",
+        id: mac,
+    })?))
 }
 
 fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
@@ -54,10 +69,18 @@ pub struct NodePatch {
     #[serde(default)]
     pub role: Option<String>,
     /// New site (`null` clears).
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub site: Option<Option<String>>,
     /// New pin (`null` clears: the node follows its site and role).
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pin: Option<Option<VersionRef>>,
     /// Ask the node to reboot.
     #[serde(default)]
@@ -81,21 +104,36 @@ pub(super) async fn patch(
     if let Some(Some(s)) = &p.site {
         check_name("site", s)?;
     }
-    let change = NodeChange { name: p.name, role: p.role, site: p.site, pin: p.pin, reboot: p.reboot };
+    let change = NodeChange {
+        name: p.name,
+        role: p.role,
+        site: p.site,
+        pin: p.pin,
+        reboot: p.reboot,
+    };
     let actor = caller.actor();
     st.fleet.flush().await?;
-    let row = st.db.call(move |c| crate::db::nodes::change(c, &mac, &change, &actor)).await?;
+    let row = st
+        .db
+        .call(move |c| crate::db::nodes::change(c, &mac, &change, &actor))
+        .await?;
     st.fleet.flush().await?;
     Ok(Json(row))
 }
 
-pub(super) async fn delete(State(st): State<ApiState>, caller: Caller, Path(mac): Path<String>) -> Result<StatusCode, ApiError> {
+pub(super) async fn delete(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(mac): Path<String>,
+) -> Result<StatusCode, ApiError> {
     caller.admin()?;
     let mac = parse_mac(&mac)?;
     let actor = caller.actor();
     st.fleet.flush().await?;
     let m = mac.clone();
-    st.db.call(move |c| crate::db::nodes::delete(c, &m, &actor)).await?;
+    st.db
+        .call(move |c| crate::db::nodes::delete(c, &m, &actor))
+        .await?;
     st.fleet.forget(&mac);
     st.tokens.clear();
     Ok(StatusCode::NO_CONTENT)
@@ -129,20 +167,30 @@ pub(super) async fn create_token(
     let mac = parse_mac(&mac)?;
     let name = req.name.unwrap_or_else(|| format!("node {mac}"));
     if name.len() > 128 || name.chars().any(char::is_control) {
-        return Err(ApiError::invalid("token name must be at most 128 printable characters"));
+        return Err(ApiError::invalid(
+            "token name must be at most 128 printable characters",
+        ));
     }
     let actor = caller.actor();
     let (info, token) = st
         .db
         .call(move |c| {
             if crate::db::nodes::get(c, &mac)?.is_none() {
-                return Err(crate::db::DbError::NotFound { kind: "node", id: mac });
+                return Err(crate::db::DbError::NotFound {
+                    kind: "node",
+                    id: mac,
+                });
             }
             let out = crate::db::tokens::create(c, Scope::Node, Some(&mac), &name)?;
             crate::db::nodes::bump(c, &mac)?;
             crate::db::events::record(
                 c,
-                &crate::db::events::NewEvent::now(actor, "token.created", format!("node/{mac}"), serde_json::json!({ "id": out.0.id })),
+                &crate::db::events::NewEvent::now(
+                    actor,
+                    "token.created",
+                    format!("node/{mac}"),
+                    serde_json::json!({ "id": out.0.id }),
+                ),
             )?;
             Ok(out)
         })
@@ -195,7 +243,11 @@ async fn first_use(st: &ApiState, caller: &Caller, mac: &str) -> Result<(), ApiE
     Ok(())
 }
 
-pub(super) async fn rotate_token(State(st): State<ApiState>, caller: Caller, Path(mac): Path<String>) -> Result<(StatusCode, Json<TokenInfo>), ApiError> {
+pub(super) async fn rotate_token(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(mac): Path<String>,
+) -> Result<(StatusCode, Json<TokenInfo>), ApiError> {
     caller.admin()?;
     let mac = parse_mac(&mac)?;
     let actor = caller.actor();
@@ -204,9 +256,17 @@ pub(super) async fn rotate_token(State(st): State<ApiState>, caller: Caller, Pat
         .db
         .call(move |c| {
             if crate::db::nodes::get(c, &mac)?.is_none() {
-                return Err(crate::db::DbError::NotFound { kind: "node", id: mac });
+                return Err(crate::db::DbError::NotFound {
+                    kind: "node",
+                    id: mac,
+                });
             }
-            crate::db::tokens::rotate(c, &mac, &|gen| crate::keys::node_token(&key, &mac, gen), &actor)
+            crate::db::tokens::rotate(
+                c,
+                &mac,
+                &|gen| crate::keys::node_token(&key, &mac, gen),
+                &actor,
+            )
         })
         .await?;
     st.fleet.flush().await?;

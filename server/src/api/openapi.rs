@@ -45,44 +45,307 @@ pub struct Route {
 
 macro_rules! r {
     ($m:literal, $p:literal, $s:literal, $a:ident, $req:expr, $st:literal, $resp:expr) => {
-        Route { method: $m, path: $p, summary: $s, access: Access::$a, request: $req, response: ($st, $resp) }
+        Route {
+            method: $m,
+            path: $p,
+            summary: $s,
+            access: Access::$a,
+            request: $req,
+            response: ($st, $resp),
+        }
     };
 }
 
 /// Every operation.
 pub const ROUTES: &[Route] = &[
-    r!("get", "/api/v1/openapi.json", "This document", Public, None, 200, Some("Any")),
-    r!("get", "/api/v1/nodes", "List nodes (query: role)", Viewer, None, 200, Some("NodeList")),
-    r!("get", "/api/v1/nodes/{mac}", "One node", Viewer, None, 200, Some("Node")),
-    r!("patch", "/api/v1/nodes/{mac}", "Rename, place, pin or reboot a node", Admin, Some("NodePatch"), 200, Some("Node")),
-    r!("delete", "/api/v1/nodes/{mac}", "Forget a node (revokes its tokens)", Admin, None, 204, None),
-    r!("post", "/api/v1/nodes/{mac}/tokens", "Issue a node token", Admin, Some("NodeTokenRequest"), 201, Some("NewToken")),
-    r!("post", "/api/v1/nodes/{mac}/tokens/rotate", "Rotate the node's layer token (the next node layer carries a new one)", Admin, None, 201, Some("TokenInfo")),
-    r!("get", "/api/v1/nodes/by-mac/{mac}/manifest", "The node's signed manifest (query: version, for staging)", Node, None, 200, Some("SignedManifest")),
-    r!("post", "/api/v1/nodes/by-mac/{mac}/report", "A node's state report (delta)", Node, Some("StateReport"), 200, Some("ReportAck")),
-    r!("get", "/api/v1/roles", "List roles", Viewer, None, 200, Some("RoleList")),
-    r!("get", "/api/v1/roles/{name}", "One role", Viewer, None, 200, Some("Role")),
-    r!("put", "/api/v1/roles/{name}", "Create or change a role", Admin, Some("RolePut"), 200, Some("Role")),
-    r!("delete", "/api/v1/roles/{name}", "Delete a role no node uses", Admin, None, 204, None),
-    r!("get", "/api/v1/sites", "List sites", Viewer, None, 200, Some("SiteList")),
-    r!("get", "/api/v1/sites/{name}", "One site", Viewer, None, 200, Some("Site")),
-    r!("put", "/api/v1/sites/{name}", "Create or change a site and its overrides", Admin, Some("SitePut"), 200, Some("Site")),
-    r!("delete", "/api/v1/sites/{name}", "Delete a site no node is in", Admin, None, 204, None),
-    r!("get", "/api/v1/images", "Image versions in the store", Viewer, None, 200, Some("ImageList")),
-    r!("get", "/api/v1/rollouts", "List rollouts (query: active)", Viewer, None, 200, Some("RolloutList")),
-    r!("post", "/api/v1/rollouts", "Plan a rollout", Admin, Some("RolloutSpec"), 201, Some("Rollout")),
-    r!("get", "/api/v1/rollouts/{id}", "One rollout with its plan and progress", Viewer, None, 200, Some("Rollout")),
-    r!("post", "/api/v1/rollouts/{id}/approve", "Approve the plan (quote its digest)", Admin, Some("Approve"), 200, Some("Rollout")),
-    r!("post", "/api/v1/rollouts/{id}/apply", "Start an approved rollout", Admin, None, 200, Some("Rollout")),
-    r!("post", "/api/v1/rollouts/{id}/pause", "Pause", Admin, None, 200, Some("Rollout")),
-    r!("post", "/api/v1/rollouts/{id}/resume", "Resume", Admin, None, 200, Some("Rollout")),
-    r!("post", "/api/v1/rollouts/{id}/abort", "Abort (the current wave rolls back)", Admin, None, 200, Some("Rollout")),
-    r!("get", "/api/v1/events", "The event log (query: after, limit, subject, kind)", Viewer, None, 200, Some("EventList")),
-    r!("get", "/api/v1/tokens", "List tokens (never the secrets)", Admin, None, 200, Some("TokenList")),
-    r!("post", "/api/v1/tokens", "Create an admin or viewer token", Admin, Some("TokenRequest"), 201, Some("NewToken")),
-    r!("delete", "/api/v1/tokens/{id}", "Revoke a token", Admin, None, 204, None),
-    r!("get", "/api/v1/multicast/sessions", "Multicast sessions offered in manifests, live then finished, with counters", Viewer, None, 200, Some("McastSessionList")),
-    r!("post", "/api/v1/multicast/sessions/{layer}/start", "Start the live multicast session of a layer now", Admin, None, 200, Some("McastSessionList")),
+    r!(
+        "get",
+        "/api/v1/openapi.json",
+        "This document",
+        Public,
+        None,
+        200,
+        Some("Any")
+    ),
+    r!(
+        "get",
+        "/api/v1/nodes",
+        "List nodes (query: role)",
+        Viewer,
+        None,
+        200,
+        Some("NodeList")
+    ),
+    r!(
+        "get",
+        "/api/v1/nodes/{mac}",
+        "One node",
+        Viewer,
+        None,
+        200,
+        Some("Node")
+    ),
+    r!(
+        "patch",
+        "/api/v1/nodes/{mac}",
+        "Rename, place, pin or reboot a node",
+        Admin,
+        Some("NodePatch"),
+        200,
+        Some("Node")
+    ),
+    r!(
+        "delete",
+        "/api/v1/nodes/{mac}",
+        "Forget a node (revokes its tokens)",
+        Admin,
+        None,
+        204,
+        None
+    ),
+    r!(
+        "post",
+        "/api/v1/nodes/{mac}/tokens",
+        "Issue a node token",
+        Admin,
+        Some("NodeTokenRequest"),
+        201,
+        Some("NewToken")
+    ),
+    r!(
+        "post",
+        "/api/v1/nodes/{mac}/tokens/rotate",
+        "Rotate the node's layer token (the next node layer carries a new one)",
+        Admin,
+        None,
+        201,
+        Some("TokenInfo")
+    ),
+    r!(
+        "get",
+        "/api/v1/nodes/by-mac/{mac}/manifest",
+        "The node's signed manifest (query: version, for staging)",
+        Node,
+        None,
+        200,
+        Some("SignedManifest")
+    ),
+    r!(
+        "post",
+        "/api/v1/nodes/by-mac/{mac}/report",
+        "A node's state report (delta)",
+        Node,
+        Some("StateReport"),
+        200,
+        Some("ReportAck")
+    ),
+    r!(
+        "get",
+        "/api/v1/roles",
+        "List roles",
+        Viewer,
+        None,
+        200,
+        Some("RoleList")
+    ),
+    r!(
+        "get",
+        "/api/v1/roles/{name}",
+        "One role",
+        Viewer,
+        None,
+        200,
+        Some("Role")
+    ),
+    r!(
+        "put",
+        "/api/v1/roles/{name}",
+        "Create or change a role",
+        Admin,
+        Some("RolePut"),
+        200,
+        Some("Role")
+    ),
+    r!(
+        "delete",
+        "/api/v1/roles/{name}",
+        "Delete a role no node uses",
+        Admin,
+        None,
+        204,
+        None
+    ),
+    r!(
+        "get",
+        "/api/v1/sites",
+        "List sites",
+        Viewer,
+        None,
+        200,
+        Some("SiteList")
+    ),
+    r!(
+        "get",
+        "/api/v1/sites/{name}",
+        "One site",
+        Viewer,
+        None,
+        200,
+        Some("Site")
+    ),
+    r!(
+        "put",
+        "/api/v1/sites/{name}",
+        "Create or change a site and its overrides",
+        Admin,
+        Some("SitePut"),
+        200,
+        Some("Site")
+    ),
+    r!(
+        "delete",
+        "/api/v1/sites/{name}",
+        "Delete a site no node is in",
+        Admin,
+        None,
+        204,
+        None
+    ),
+    r!(
+        "get",
+        "/api/v1/images",
+        "Image versions in the store",
+        Viewer,
+        None,
+        200,
+        Some("ImageList")
+    ),
+    r!(
+        "get",
+        "/api/v1/rollouts",
+        "List rollouts (query: active)",
+        Viewer,
+        None,
+        200,
+        Some("RolloutList")
+    ),
+    r!(
+        "post",
+        "/api/v1/rollouts",
+        "Plan a rollout",
+        Admin,
+        Some("RolloutSpec"),
+        201,
+        Some("Rollout")
+    ),
+    r!(
+        "get",
+        "/api/v1/rollouts/{id}",
+        "One rollout with its plan and progress",
+        Viewer,
+        None,
+        200,
+        Some("Rollout")
+    ),
+    r!(
+        "post",
+        "/api/v1/rollouts/{id}/approve",
+        "Approve the plan (quote its digest)",
+        Admin,
+        Some("Approve"),
+        200,
+        Some("Rollout")
+    ),
+    r!(
+        "post",
+        "/api/v1/rollouts/{id}/apply",
+        "Start an approved rollout",
+        Admin,
+        None,
+        200,
+        Some("Rollout")
+    ),
+    r!(
+        "post",
+        "/api/v1/rollouts/{id}/pause",
+        "Pause",
+        Admin,
+        None,
+        200,
+        Some("Rollout")
+    ),
+    r!(
+        "post",
+        "/api/v1/rollouts/{id}/resume",
+        "Resume",
+        Admin,
+        None,
+        200,
+        Some("Rollout")
+    ),
+    r!(
+        "post",
+        "/api/v1/rollouts/{id}/abort",
+        "Abort (the current wave rolls back)",
+        Admin,
+        None,
+        200,
+        Some("Rollout")
+    ),
+    r!(
+        "get",
+        "/api/v1/events",
+        "The event log (query: after, limit, subject, kind)",
+        Viewer,
+        None,
+        200,
+        Some("EventList")
+    ),
+    r!(
+        "get",
+        "/api/v1/tokens",
+        "List tokens (never the secrets)",
+        Admin,
+        None,
+        200,
+        Some("TokenList")
+    ),
+    r!(
+        "post",
+        "/api/v1/tokens",
+        "Create an admin or viewer token",
+        Admin,
+        Some("TokenRequest"),
+        201,
+        Some("NewToken")
+    ),
+    r!(
+        "delete",
+        "/api/v1/tokens/{id}",
+        "Revoke a token",
+        Admin,
+        None,
+        204,
+        None
+    ),
+    r!(
+        "get",
+        "/api/v1/multicast/sessions",
+        "Multicast sessions offered in manifests, live then finished, with counters",
+        Viewer,
+        None,
+        200,
+        Some("McastSessionList")
+    ),
+    r!(
+        "post",
+        "/api/v1/multicast/sessions/{layer}/start",
+        "Start the live multicast session of a layer now",
+        Admin,
+        None,
+        200,
+        Some("McastSessionList")
+    ),
 ];
 
 fn obj(props: Value, required: &[&str]) -> Value {
@@ -119,7 +382,10 @@ fn schemas() -> Value {
     all.insert("NodeList".into(), json!(list("Node")));
     all.insert("NodePatch".into(), json!(obj(json!({ "name": { "type": "string" }, "role": { "type": "string" },
             "site": { "type": ["string", "null"] }, "pin": nullable_version(), "reboot": { "type": "boolean" } }), &[])));
-    all.insert("NodeTokenRequest".into(), json!(obj(json!({ "name": { "type": "string" } }), &[])));
+    all.insert(
+        "NodeTokenRequest".into(),
+        json!(obj(json!({ "name": { "type": "string" } }), &[])),
+    );
     all.insert("TokenInfo".into(), json!({ "type": "object", "properties": { "id": { "type": "integer" },
             "scope": { "type": "string", "enum": ["admin", "viewer", "node"] }, "node": { "type": ["string", "null"] },
             "name": { "type": "string" }, "created_ms": { "type": "integer" },
@@ -140,11 +406,29 @@ fn schemas() -> Value {
     all.insert("Role".into(), json!({ "type": "object", "properties": { "name": { "type": "string" }, "version": nullable_version(),
             "order": { "type": "integer" }, "created_ms": { "type": "integer" }, "updated_ms": { "type": "integer" } } }));
     all.insert("RoleList".into(), json!(list("Role")));
-    all.insert("RolePut".into(), json!(obj(json!({ "version": nullable_version(), "order": { "type": "integer" } }), &[])));
-    all.insert("Override".into(), json!(obj(json!({ "role": { "type": "string" }, "version": version() }), &["role", "version"])));
+    all.insert(
+        "RolePut".into(),
+        json!(obj(
+            json!({ "version": nullable_version(), "order": { "type": "integer" } }),
+            &[]
+        )),
+    );
+    all.insert(
+        "Override".into(),
+        json!(obj(
+            json!({ "role": { "type": "string" }, "version": version() }),
+            &["role", "version"]
+        )),
+    );
     all.insert("Site".into(), json!({ "type": "object", "properties": { "name": { "type": "string" }, "description": { "type": "string" }, "overrides": list("Override") } }));
     all.insert("SiteList".into(), json!(list("Site")));
-    all.insert("SitePut".into(), json!(obj(json!({ "description": { "type": "string" }, "overrides": list("Override") }), &[])));
+    all.insert(
+        "SitePut".into(),
+        json!(obj(
+            json!({ "description": { "type": "string" }, "overrides": list("Override") }),
+            &[]
+        )),
+    );
     all.insert("ImageInfo".into(), json!({ "type": "object", "properties": { "image": { "type": "string" }, "version": { "type": "integer" },
             "roles": { "type": "array", "items": { "type": "string" } }, "created": { "type": "integer" } } }));
     all.insert("ImageList".into(), json!(list("ImageInfo")));
@@ -170,7 +454,10 @@ fn schemas() -> Value {
             "reason": { "type": ["string", "null"] }, "created_by": { "type": "string" }, "approved_by": { "type": ["string", "null"] },
             "lease": { "type": ["object", "null"] } } }));
     all.insert("RolloutList".into(), json!(list("Rollout")));
-    all.insert("Approve".into(), json!(obj(json!({ "digest": { "type": "string" } }), &["digest"])));
+    all.insert(
+        "Approve".into(),
+        json!(obj(json!({ "digest": { "type": "string" } }), &["digest"])),
+    );
     all.insert("Event".into(), json!({ "type": "object", "properties": { "id": { "type": "integer" }, "at_ms": { "type": "integer" },
             "actor": { "type": "string" }, "kind": { "type": "string" }, "subject": { "type": "string" }, "detail": { "type": "object" } } }));
     all.insert("EventList".into(), json!(list("Event")));
@@ -208,7 +495,9 @@ pub fn document() -> Value {
             Access::Node => "the node's own token (manifest: none needed, admin may read; report: none until the node has used its token)",
         };
         let ok = match r.response.1 {
-            Some(s) => json!({ "description": "success", "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{s}") } } } }),
+            Some(s) => {
+                json!({ "description": "success", "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{s}") } } } })
+            }
             None => json!({ "description": "success" }),
         };
         let err = json!({ "description": "error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } });
@@ -262,8 +551,14 @@ mod tests {
         let doc = document();
         let text = doc.to_string();
         for part in text.split("#/components/schemas/").skip(1) {
-            let name: String = part.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
-            assert!(doc["components"]["schemas"].get(&name).is_some(), "missing schema {name}");
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            assert!(
+                doc["components"]["schemas"].get(&name).is_some(),
+                "missing schema {name}"
+            );
         }
     }
 }

@@ -12,17 +12,27 @@ use crate::db::roles::{Override, Role, Site};
 use crate::fleet::ImageInfo;
 use crate::orchestrator::VersionRef;
 
-pub(super) async fn list(State(st): State<ApiState>, caller: Caller) -> Result<Json<Vec<Role>>, ApiError> {
+pub(super) async fn list(
+    State(st): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<Vec<Role>>, ApiError> {
     caller.viewer()?;
     Ok(Json(st.db.call(|c| crate::db::roles::list(c)).await?))
 }
 
-pub(super) async fn get_one(State(st): State<ApiState>, caller: Caller, Path(name): Path<String>) -> Result<Json<Role>, ApiError> {
+pub(super) async fn get_one(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Role>, ApiError> {
     caller.viewer()?;
     check_name("role", &name)?;
     let n = name.clone();
     let role = st.db.call(move |c| crate::db::roles::get(c, &n)).await?;
-    Ok(Json(role.ok_or(ApiError::NotFound { kind: "role", id: name })?))
+    Ok(Json(role.ok_or(ApiError::NotFound {
+        kind: "role",
+        id: name,
+    })?))
 }
 
 /// `PUT /api/v1/roles/{name}`.
@@ -53,7 +63,15 @@ pub(super) async fn put(
         .db
         .call(move |c| {
             let role = crate::db::roles::put(c, &name, body.version.as_ref(), body.order)?;
-            crate::db::events::record(c, &NewEvent::now(actor, "role.put", format!("role/{name}"), serde_json::json!({ "version": role.version, "order": role.order })))?;
+            crate::db::events::record(
+                c,
+                &NewEvent::now(
+                    actor,
+                    "role.put",
+                    format!("role/{name}"),
+                    serde_json::json!({ "version": role.version, "order": role.order }),
+                ),
+            )?;
             Ok(role)
         })
         .await?;
@@ -61,7 +79,11 @@ pub(super) async fn put(
     Ok(Json(role))
 }
 
-pub(super) async fn delete(State(st): State<ApiState>, caller: Caller, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub(super) async fn delete(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     caller.admin()?;
     check_name("role", &name)?;
     let actor = caller.actor();
@@ -69,23 +91,41 @@ pub(super) async fn delete(State(st): State<ApiState>, caller: Caller, Path(name
     st.db
         .call(move |c| {
             crate::db::roles::delete(c, &name)?;
-            crate::db::events::record(c, &NewEvent::now(actor, "role.deleted", format!("role/{name}"), serde_json::json!({})))
+            crate::db::events::record(
+                c,
+                &NewEvent::now(
+                    actor,
+                    "role.deleted",
+                    format!("role/{name}"),
+                    serde_json::json!({}),
+                ),
+            )
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(super) async fn sites(State(st): State<ApiState>, caller: Caller) -> Result<Json<Vec<Site>>, ApiError> {
+pub(super) async fn sites(
+    State(st): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<Vec<Site>>, ApiError> {
     caller.viewer()?;
     Ok(Json(st.db.call(|c| crate::db::roles::sites(c)).await?))
 }
 
-pub(super) async fn site(State(st): State<ApiState>, caller: Caller, Path(name): Path<String>) -> Result<Json<Site>, ApiError> {
+pub(super) async fn site(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Json<Site>, ApiError> {
     caller.viewer()?;
     check_name("site", &name)?;
     let n = name.clone();
     let s = st.db.call(move |c| crate::db::roles::site(c, &n)).await?;
-    Ok(Json(s.ok_or(ApiError::NotFound { kind: "site", id: name })?))
+    Ok(Json(s.ok_or(ApiError::NotFound {
+        kind: "site",
+        id: name,
+    })?))
 }
 
 /// `PUT /api/v1/sites/{name}`.
@@ -123,7 +163,15 @@ pub(super) async fn put_site(
         .db
         .call(move |c| {
             let site = crate::db::roles::put_site(c, &name, &body.description, &body.overrides)?;
-            crate::db::events::record(c, &NewEvent::now(actor, "site.put", format!("site/{name}"), serde_json::json!({ "overrides": site.overrides })))?;
+            crate::db::events::record(
+                c,
+                &NewEvent::now(
+                    actor,
+                    "site.put",
+                    format!("site/{name}"),
+                    serde_json::json!({ "overrides": site.overrides }),
+                ),
+            )?;
             Ok(site)
         })
         .await?;
@@ -131,7 +179,11 @@ pub(super) async fn put_site(
     Ok(Json(site))
 }
 
-pub(super) async fn delete_site(State(st): State<ApiState>, caller: Caller, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub(super) async fn delete_site(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     caller.admin()?;
     check_name("site", &name)?;
     let actor = caller.actor();
@@ -139,17 +191,30 @@ pub(super) async fn delete_site(State(st): State<ApiState>, caller: Caller, Path
     st.db
         .call(move |c| {
             crate::db::roles::delete_site(c, &name)?;
-            crate::db::events::record(c, &NewEvent::now(actor, "site.deleted", format!("site/{name}"), serde_json::json!({})))
+            crate::db::events::record(
+                c,
+                &NewEvent::now(
+                    actor,
+                    "site.deleted",
+                    format!("site/{name}"),
+                    serde_json::json!({}),
+                ),
+            )
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub(super) async fn images(State(st): State<ApiState>, caller: Caller) -> Result<Json<Vec<ImageInfo>>, ApiError> {
+pub(super) async fn images(
+    State(st): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<Vec<ImageInfo>>, ApiError> {
     caller.viewer()?;
     let images = std::sync::Arc::clone(st.fleet.images());
     let v = tokio::task::spawn_blocking(move || images.versions())
         .await
-        .map_err(|e| ApiError::Internal { detail: format!("image listing task: {e}") })??;
+        .map_err(|e| ApiError::Internal {
+            detail: format!("image listing task: {e}"),
+        })??;
     Ok(Json(v))
 }

@@ -21,7 +21,12 @@ fn parse_id(text: &str) -> Result<u64, ApiError> {
     text.parse::<u64>()
         .ok()
         .filter(|&n| n > 0 && n < i64::MAX as u64)
-        .ok_or_else(|| ApiError::invalid(format!("not an id: {:?}", text.chars().take(32).collect::<String>())))
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "not an id: {:?}",
+                text.chars().take(32).collect::<String>()
+            ))
+        })
 }
 
 #[derive(Deserialize)]
@@ -31,12 +36,24 @@ pub(super) struct ListQuery {
     active: bool,
 }
 
-pub(super) async fn list(State(st): State<ApiState>, caller: Caller, Q(q): Q<ListQuery>) -> Result<Json<Vec<Rollout>>, ApiError> {
+pub(super) async fn list(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Q(q): Q<ListQuery>,
+) -> Result<Json<Vec<Rollout>>, ApiError> {
     caller.viewer()?;
-    Ok(Json(st.db.call(move |c| crate::db::rollouts::list(c, q.active)).await?))
+    Ok(Json(
+        st.db
+            .call(move |c| crate::db::rollouts::list(c, q.active))
+            .await?,
+    ))
 }
 
-pub(super) async fn create(State(st): State<ApiState>, caller: Caller, Body(spec): Body<RolloutSpec>) -> Result<(StatusCode, Json<Rollout>), ApiError> {
+pub(super) async fn create(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Body(spec): Body<RolloutSpec>,
+) -> Result<(StatusCode, Json<Rollout>), ApiError> {
     caller.admin()?;
     if spec.roles.len() > MAX_ROLES {
         return Err(ApiError::invalid(format!("more than {MAX_ROLES} roles")));
@@ -50,7 +67,8 @@ pub(super) async fn create(State(st): State<ApiState>, caller: Caller, Body(spec
     let r = st
         .db
         .call(move |c| {
-            let plan = crate::db::rollouts::plan(c, &spec)?.map_err(|e| crate::db::DbError::Conflict(format!("cannot plan: {e}")))?;
+            let plan = crate::db::rollouts::plan(c, &spec)?
+                .map_err(|e| crate::db::DbError::Conflict(format!("cannot plan: {e}")))?;
             crate::db::rollouts::create(c, &plan, &actor)
         })
         .await
@@ -61,10 +79,16 @@ pub(super) async fn create(State(st): State<ApiState>, caller: Caller, Body(spec
     Ok((StatusCode::CREATED, Json(r)))
 }
 
-pub(super) async fn get_one(State(st): State<ApiState>, caller: Caller, Path(id): Path<String>) -> Result<Json<Rollout>, ApiError> {
+pub(super) async fn get_one(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Rollout>, ApiError> {
     caller.viewer()?;
     let id = parse_id(&id)?;
-    Ok(Json(st.db.call(move |c| crate::db::rollouts::get(c, id)).await?))
+    Ok(Json(
+        st.db.call(move |c| crate::db::rollouts::get(c, id)).await?,
+    ))
 }
 
 /// `POST /api/v1/rollouts/{id}/approve` body.
@@ -86,18 +110,28 @@ pub(super) async fn act(
     let id = parse_id(&id)?;
     let action = match (action.as_str(), body.digest) {
         ("approve", Some(d)) => Action::Approve(d),
-        ("approve", None) => return Err(ApiError::invalid("approve needs the plan's digest: {\"digest\": \"...\"}")),
+        ("approve", None) => {
+            return Err(ApiError::invalid(
+                "approve needs the plan's digest: {\"digest\": \"...\"}",
+            ))
+        }
         (_, Some(_)) => return Err(ApiError::invalid("digest is only for approve")),
         ("apply", None) => Action::Apply,
         ("pause", None) => Action::Pause,
         ("resume", None) => Action::Resume,
         ("abort", None) => Action::Abort,
         (other, None) => {
-            return Err(ApiError::NotFound { kind: "rollout action", id: other.chars().take(32).collect() });
+            return Err(ApiError::NotFound {
+                kind: "rollout action",
+                id: other.chars().take(32).collect(),
+            });
         }
     };
     let actor = caller.actor();
-    let r = st.db.call(move |c| crate::db::rollouts::act(c, id, &action, &actor)).await?;
+    let r = st
+        .db
+        .call(move |c| crate::db::rollouts::act(c, id, &action, &actor))
+        .await?;
     st.wake.notify_waiters();
     Ok(Json(r))
 }
@@ -112,18 +146,27 @@ pub(super) struct EventQuery {
     kind: Option<String>,
 }
 
-pub(super) async fn events(State(st): State<ApiState>, caller: Caller, Q(q): Q<EventQuery>) -> Result<Json<Vec<Event>>, ApiError> {
+pub(super) async fn events(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Q(q): Q<EventQuery>,
+) -> Result<Json<Vec<Event>>, ApiError> {
     caller.viewer()?;
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     st.fleet.flush().await?;
     Ok(Json(
         st.db
-            .call(move |c| crate::db::events::list(c, q.after, limit, q.subject.as_deref(), q.kind.as_deref()))
+            .call(move |c| {
+                crate::db::events::list(c, q.after, limit, q.subject.as_deref(), q.kind.as_deref())
+            })
             .await?,
     ))
 }
 
-pub(super) async fn tokens(State(st): State<ApiState>, caller: Caller) -> Result<Json<Vec<TokenInfo>>, ApiError> {
+pub(super) async fn tokens(
+    State(st): State<ApiState>,
+    caller: Caller,
+) -> Result<Json<Vec<TokenInfo>>, ApiError> {
     caller.admin()?;
     Ok(Json(st.db.call(|c| crate::db::tokens::list(c)).await?))
 }
@@ -145,24 +188,40 @@ pub(super) async fn create_token(
 ) -> Result<(StatusCode, Json<NewToken>), ApiError> {
     caller.admin()?;
     if req.scope == Scope::Node {
-        return Err(ApiError::invalid("node tokens are made with POST /api/v1/nodes/{mac}/tokens"));
+        return Err(ApiError::invalid(
+            "node tokens are made with POST /api/v1/nodes/{mac}/tokens",
+        ));
     }
     if req.name.is_empty() || req.name.len() > 128 || req.name.chars().any(char::is_control) {
-        return Err(ApiError::invalid("token name must be 1-128 printable characters"));
+        return Err(ApiError::invalid(
+            "token name must be 1-128 printable characters",
+        ));
     }
     let actor = caller.actor();
     let (info, token) = st
         .db
         .call(move |c| {
             let out = crate::db::tokens::create(c, req.scope, None, &req.name)?;
-            crate::db::events::record(c, &crate::db::events::NewEvent::now(actor, "token.created", format!("token/{}", out.0.id), serde_json::json!({ "scope": req.scope })))?;
+            crate::db::events::record(
+                c,
+                &crate::db::events::NewEvent::now(
+                    actor,
+                    "token.created",
+                    format!("token/{}", out.0.id),
+                    serde_json::json!({ "scope": req.scope }),
+                ),
+            )?;
             Ok(out)
         })
         .await?;
     Ok((StatusCode::CREATED, Json(NewToken { token, info })))
 }
 
-pub(super) async fn revoke_token(State(st): State<ApiState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub(super) async fn revoke_token(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     caller.admin()?;
     let id = parse_id(&id)?;
     let actor = caller.actor();
@@ -172,7 +231,15 @@ pub(super) async fn revoke_token(State(st): State<ApiState>, caller: Caller, Pat
             if let Some(mac) = &t.node {
                 crate::db::nodes::bump(c, mac)?;
             }
-            crate::db::events::record(c, &crate::db::events::NewEvent::now(actor, "token.revoked", format!("token/{id}"), serde_json::json!({})))
+            crate::db::events::record(
+                c,
+                &crate::db::events::NewEvent::now(
+                    actor,
+                    "token.revoked",
+                    format!("token/{id}"),
+                    serde_json::json!({}),
+                ),
+            )
         })
         .await?;
     st.tokens.clear();

@@ -66,7 +66,11 @@ pub fn key_archive(public_key_hex: &str) -> Vec<u8> {
 /// Writes `<out_dir>/initramfs-<blake3>.img`: `base`, zero padding to a 512-byte boundary,
 /// then the key archive. Returns its path. Written to a temp file and renamed into place, so
 /// a half-written initramfs is never served.
-pub fn with_public_key(base: &Path, public_key_hex: &str, out_dir: &Path) -> Result<PathBuf, InitramfsError> {
+pub fn with_public_key(
+    base: &Path,
+    public_key_hex: &str,
+    out_dir: &Path,
+) -> Result<PathBuf, InitramfsError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| InitramfsError::Io { path, source }
@@ -85,7 +89,10 @@ pub fn with_public_key(base: &Path, public_key_hex: &str, out_dir: &Path) -> Res
     let mut tmp = tempfile::NamedTempFile::new_in(out_dir).map_err(io(out_dir))?;
     tmp.write_all(&bytes).map_err(io(&dest))?;
     tmp.as_file().sync_all().map_err(io(&dest))?;
-    tmp.persist(&dest).map_err(|e| InitramfsError::Io { path: dest.clone(), source: e.error })?;
+    tmp.persist(&dest).map_err(|e| InitramfsError::Io {
+        path: dest.clone(),
+        source: e.error,
+    })?;
     Ok(dest)
 }
 
@@ -105,8 +112,15 @@ mod tests {
             .stdin(std::fs::File::open(&path).unwrap())
             .output()
             .expect("cpio missing: run scripts/setup.sh (Debian package cpio)");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{}\n", "ab".repeat(32)));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("{}\n", "ab".repeat(32))
+        );
     }
 
     #[test]

@@ -31,7 +31,11 @@ pub struct NodeBoot<'a> {
 /// `initrd=initramfs`, which the EFI stub needs under UEFI iPXE and BIOS kernels ignore.
 pub fn node_script(b: &NodeBoot<'_>) -> String {
     let mut s = String::from("#!ipxe\n");
-    let _ = writeln!(s, "echo Strata: node {} role {} ({})", b.node, b.role, b.mac);
+    let _ = writeln!(
+        s,
+        "echo Strata: node {} role {} ({})",
+        b.node, b.role, b.mac
+    );
     let _ = writeln!(s, "initrd --name initramfs {}/boot/initramfs", b.public_url);
     let _ = write!(
         s,
@@ -54,7 +58,10 @@ pub fn node_script(b: &NodeBoot<'_>) -> String {
 /// A MAC address in the canonical form `aa:bb:cc:dd:ee:ff` (from `:` or `-` separated hex, any
 /// case), or `None`.
 pub fn normalize_mac(text: &str) -> Option<String> {
-    text.trim().parse::<wire::dhcp::MacAddr>().ok().map(|m| m.to_string())
+    text.trim()
+        .parse::<wire::dhcp::MacAddr>()
+        .ok()
+        .map(|m| m.to_string())
 }
 
 #[cfg(test)]
@@ -63,7 +70,10 @@ mod tests {
 
     #[test]
     fn macs_normalise() {
-        assert_eq!(normalize_mac("52-54-00-AB-cd-01").as_deref(), Some("52:54:00:ab:cd:01"));
+        assert_eq!(
+            normalize_mac("52-54-00-AB-cd-01").as_deref(),
+            Some("52:54:00:ab:cd:01")
+        );
         assert_eq!(normalize_mac("52:54:00:ab:cd"), None);
         assert_eq!(normalize_mac("52:54:00:ab:cd:0g"), None);
         assert_eq!(normalize_mac("525:4:00:ab:cd:01"), None);
@@ -82,7 +92,9 @@ mod tests {
         });
         assert!(s.starts_with("#!ipxe\n"));
         assert!(s.contains("initrd --name initramfs http://10.0.0.1:8080/boot/initramfs\n"));
-        assert!(s.contains("kernel http://10.0.0.1:8080/boot/kernel initrd=initramfs console=ttyS0"));
+        assert!(
+            s.contains("kernel http://10.0.0.1:8080/boot/kernel initrd=initramfs console=ttyS0")
+        );
         assert!(s.contains("strata.server=http://10.0.0.1:8080 "));
         assert!(s.contains(" quiet\nboot\n"));
     }

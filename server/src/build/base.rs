@@ -66,7 +66,11 @@ pub struct Stage {
 }
 
 fn arch_err(archive: &Path, entry: &str, problem: impl Into<String>) -> BuildError {
-    BuildError::Archive { archive: archive.to_owned(), entry: entry.to_owned(), problem: problem.into() }
+    BuildError::Archive {
+        archive: archive.to_owned(),
+        entry: entry.to_owned(),
+        problem: problem.into(),
+    }
 }
 
 /// Normalises an archive member name to an image path (`/a/b`), rejecting `..`.
@@ -76,14 +80,22 @@ fn member_path(archive: &Path, raw: &Path) -> Result<Option<String>, BuildError>
     for c in raw.components() {
         match c {
             Component::Normal(n) => {
-                let n = n.to_str().ok_or_else(|| arch_err(archive, &shown, "name is not UTF-8"))?;
+                let n = n
+                    .to_str()
+                    .ok_or_else(|| arch_err(archive, &shown, "name is not UTF-8"))?;
                 if n.chars().any(|ch| ch == '"' || ch.is_control()) {
-                    return Err(arch_err(archive, &shown, "name has quotes or control characters"));
+                    return Err(arch_err(
+                        archive,
+                        &shown,
+                        "name has quotes or control characters",
+                    ));
                 }
                 parts.push(n.to_owned());
             }
             Component::CurDir | Component::RootDir => {}
-            Component::ParentDir => return Err(arch_err(archive, &shown, "path has a .. component")),
+            Component::ParentDir => {
+                return Err(arch_err(archive, &shown, "path has a .. component"))
+            }
             Component::Prefix(_) => return Err(arch_err(archive, &shown, "path has a prefix")),
         }
     }
@@ -96,7 +108,12 @@ fn member_path(archive: &Path, raw: &Path) -> Result<Option<String>, BuildError>
 impl Stage {
     /// An empty stage in `root` (which must exist).
     pub fn new(root: PathBuf) -> Stage {
-        Stage { root, meta: BTreeMap::new(), nodes: BTreeMap::new(), this_layer: BTreeSet::new() }
+        Stage {
+            root,
+            meta: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            this_layer: BTreeSet::new(),
+        }
     }
 
     fn host(&self, p: &str) -> PathBuf {
@@ -113,16 +130,34 @@ impl Stage {
             let host = self.host(&cur);
             match fs::symlink_metadata(&host) {
                 Ok(md) if md.is_dir() => {}
-                Ok(md) if md.file_type().is_symlink() => {
-                    return Err(arch_err(archive, p, format!("parent {cur} is a symbolic link: writing through it could escape the root")))
+                Ok(md) if md.file_type().is_symlink() => return Err(arch_err(
+                    archive,
+                    p,
+                    format!(
+                        "parent {cur} is a symbolic link: writing through it could escape the root"
+                    ),
+                )),
+                Ok(_) => {
+                    return Err(arch_err(
+                        archive,
+                        p,
+                        format!("parent {cur} is not a directory"),
+                    ))
                 }
-                Ok(_) => return Err(arch_err(archive, p, format!("parent {cur} is not a directory"))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     if self.nodes.contains_key(&cur) {
-                        return Err(arch_err(archive, p, format!("parent {cur} is a device node")));
+                        return Err(arch_err(
+                            archive,
+                            p,
+                            format!("parent {cur} is a device node"),
+                        ));
                     }
                     fs::create_dir(&host).map_err(|e| BuildError::io("creating", &host, e))?;
-                    self.meta.entry(cur.clone()).or_insert(Meta { mode: 0o040755, uid: 0, gid: 0 });
+                    self.meta.entry(cur.clone()).or_insert(Meta {
+                        mode: 0o040755,
+                        uid: 0,
+                        gid: 0,
+                    });
                 }
                 Err(e) => return Err(BuildError::io("reading", &host, e)),
             }
@@ -136,7 +171,11 @@ impl Stage {
         let host = self.host(p);
         let prefix = format!("{p}/");
         let spared: Vec<String> = if keep_this_layer {
-            self.this_layer.iter().filter(|q| *q == p || q.starts_with(&prefix)).cloned().collect()
+            self.this_layer
+                .iter()
+                .filter(|q| *q == p || q.starts_with(&prefix))
+                .cloned()
+                .collect()
         } else {
             Vec::new()
         };
@@ -155,7 +194,9 @@ impl Stage {
             return Ok(());
         }
         match fs::symlink_metadata(&host) {
-            Ok(md) if md.is_dir() => fs::remove_dir_all(&host).map_err(|e| BuildError::io("removing", &host, e))?,
+            Ok(md) if md.is_dir() => {
+                fs::remove_dir_all(&host).map_err(|e| BuildError::io("removing", &host, e))?
+            }
             Ok(_) => fs::remove_file(&host).map_err(|e| BuildError::io("removing", &host, e))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(BuildError::io("reading", &host, e)),
@@ -166,14 +207,27 @@ impl Stage {
     }
 
     /// Unpacks one tar stream into the stage. With `oci`, whiteouts are applied.
-    pub fn unpack(&mut self, archive: &Path, reader: impl Read, oci: bool) -> Result<(), BuildError> {
+    pub fn unpack(
+        &mut self,
+        archive: &Path,
+        reader: impl Read,
+        oci: bool,
+    ) -> Result<(), BuildError> {
         self.this_layer.clear();
         let mut ar = tar::Archive::new(reader);
-        let entries = ar.entries().map_err(|e| arch_err(archive, "-", format!("not a tar archive: {e}")))?;
+        let entries = ar
+            .entries()
+            .map_err(|e| arch_err(archive, "-", format!("not a tar archive: {e}")))?;
         for entry in entries {
-            let mut entry = entry.map_err(|e| arch_err(archive, "-", format!("corrupt tar: {e}")))?;
-            let raw = entry.path().map_err(|e| arch_err(archive, "-", format!("bad member name: {e}")))?.into_owned();
-            let Some(p) = member_path(archive, &raw)? else { continue };
+            let mut entry =
+                entry.map_err(|e| arch_err(archive, "-", format!("corrupt tar: {e}")))?;
+            let raw = entry
+                .path()
+                .map_err(|e| arch_err(archive, "-", format!("bad member name: {e}")))?
+                .into_owned();
+            let Some(p) = member_path(archive, &raw)? else {
+                continue;
+            };
             let name = p.rsplit('/').next().unwrap_or_default().to_owned();
             let dir = p[..p.len() - name.len()].trim_end_matches('/').to_owned();
             let dir = if dir.is_empty() { "/".to_owned() } else { dir };
@@ -181,7 +235,10 @@ impl Stage {
                 self.parents(archive, &p)?;
                 let host = self.host(&dir);
                 if let Ok(rd) = fs::read_dir(&host) {
-                    let mut names: Vec<String> = rd.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)).collect();
+                    let mut names: Vec<String> = rd
+                        .flatten()
+                        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                        .collect();
                     names.sort();
                     for n in names {
                         let child = super::ops::join(&dir, &n);
@@ -202,16 +259,27 @@ impl Stage {
             }
             self.parents(archive, &p)?;
             let h = entry.header();
-            let mode = h.mode().map_err(|e| arch_err(archive, &p, format!("bad mode: {e}")))? & 0o7777;
-            let uid = u32::try_from(h.uid().map_err(|e| arch_err(archive, &p, format!("bad uid: {e}")))?)
-                .map_err(|_| arch_err(archive, &p, "uid out of range"))?;
-            let gid = u32::try_from(h.gid().map_err(|e| arch_err(archive, &p, format!("bad gid: {e}")))?)
-                .map_err(|_| arch_err(archive, &p, "gid out of range"))?;
+            let mode = h
+                .mode()
+                .map_err(|e| arch_err(archive, &p, format!("bad mode: {e}")))?
+                & 0o7777;
+            let uid = u32::try_from(
+                h.uid()
+                    .map_err(|e| arch_err(archive, &p, format!("bad uid: {e}")))?,
+            )
+            .map_err(|_| arch_err(archive, &p, "uid out of range"))?;
+            let gid = u32::try_from(
+                h.gid()
+                    .map_err(|e| arch_err(archive, &p, format!("bad gid: {e}")))?,
+            )
+            .map_err(|_| arch_err(archive, &p, "gid out of range"))?;
             let host = self.host(&p);
             let kind = h.entry_type();
             // Replace what a lower layer (or an earlier member) put there, except a directory
             // by a directory.
-            let existing_dir = fs::symlink_metadata(&host).map(|m| m.is_dir()).unwrap_or(false);
+            let existing_dir = fs::symlink_metadata(&host)
+                .map(|m| m.is_dir())
+                .unwrap_or(false);
             if !(kind.is_dir() && existing_dir) {
                 self.remove(&p, false)?;
             }
@@ -221,12 +289,28 @@ impl Stage {
                     if !existing_dir {
                         fs::create_dir(&host).map_err(|e| BuildError::io("creating", &host, e))?;
                     }
-                    self.meta.insert(p, Meta { mode: 0o040000 | mode, uid, gid });
+                    self.meta.insert(
+                        p,
+                        Meta {
+                            mode: 0o040000 | mode,
+                            uid,
+                            gid,
+                        },
+                    );
                 }
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    let mut f = File::create(&host).map_err(|e| BuildError::io("creating", &host, e))?;
-                    io::copy(&mut entry, &mut f).map_err(|e| arch_err(archive, &p, format!("reading content: {e}")))?;
-                    self.meta.insert(p, Meta { mode: 0o100000 | mode, uid, gid });
+                    let mut f =
+                        File::create(&host).map_err(|e| BuildError::io("creating", &host, e))?;
+                    io::copy(&mut entry, &mut f)
+                        .map_err(|e| arch_err(archive, &p, format!("reading content: {e}")))?;
+                    self.meta.insert(
+                        p,
+                        Meta {
+                            mode: 0o100000 | mode,
+                            uid,
+                            gid,
+                        },
+                    );
                 }
                 tar::EntryType::Symlink => {
                     let target = entry
@@ -234,15 +318,37 @@ impl Stage {
                         .map_err(|e| arch_err(archive, &p, format!("bad link target: {e}")))?
                         .ok_or_else(|| arch_err(archive, &p, "symbolic link without a target"))?
                         .into_owned();
-                    let t = target.to_str().ok_or_else(|| arch_err(archive, &p, "link target is not UTF-8"))?;
+                    let t = target
+                        .to_str()
+                        .ok_or_else(|| arch_err(archive, &p, "link target is not UTF-8"))?;
                     if t.chars().any(|c| c == '"' || c.is_control()) || t.is_empty() {
-                        return Err(arch_err(archive, &p, "link target has quotes or control characters"));
+                        return Err(arch_err(
+                            archive,
+                            &p,
+                            "link target has quotes or control characters",
+                        ));
                     }
-                    if !target.is_absolute() && !relative_stays_inside(&Path::new(dir.trim_start_matches('/')).join(&target)) {
-                        return Err(arch_err(archive, &p, format!("symbolic link to {t} escapes the root")));
+                    if !target.is_absolute()
+                        && !relative_stays_inside(
+                            &Path::new(dir.trim_start_matches('/')).join(&target),
+                        )
+                    {
+                        return Err(arch_err(
+                            archive,
+                            &p,
+                            format!("symbolic link to {t} escapes the root"),
+                        ));
                     }
-                    std::os::unix::fs::symlink(&target, &host).map_err(|e| BuildError::io("creating", &host, e))?;
-                    self.meta.insert(p, Meta { mode: 0o120777, uid, gid });
+                    std::os::unix::fs::symlink(&target, &host)
+                        .map_err(|e| BuildError::io("creating", &host, e))?;
+                    self.meta.insert(
+                        p,
+                        Meta {
+                            mode: 0o120777,
+                            uid,
+                            gid,
+                        },
+                    );
                 }
                 tar::EntryType::Link => {
                     let target = entry
@@ -251,16 +357,34 @@ impl Stage {
                         .ok_or_else(|| arch_err(archive, &p, "hard link without a target"))?
                         .into_owned();
                     let tp = member_path(archive, &target)
-                        .map_err(|_| arch_err(archive, &p, format!("hard link to {} escapes the root", target.display())))?
+                        .map_err(|_| {
+                            arch_err(
+                                archive,
+                                &p,
+                                format!("hard link to {} escapes the root", target.display()),
+                            )
+                        })?
                         .ok_or_else(|| arch_err(archive, &p, "hard link to the root"))?;
                     let th = self.host(&tp);
                     match fs::symlink_metadata(&th) {
                         Ok(md) if md.is_file() => {}
-                        _ => return Err(arch_err(archive, &p, format!("hard link to {tp}, which is not a regular file in the archive"))),
+                        _ => {
+                            return Err(arch_err(
+                                archive,
+                                &p,
+                                format!(
+                                    "hard link to {tp}, which is not a regular file in the archive"
+                                ),
+                            ))
+                        }
                     }
                     self.parents(archive, &tp)?;
                     fs::hard_link(&th, &host).map_err(|e| BuildError::io("linking", &host, e))?;
-                    let m = self.meta.get(&tp).copied().unwrap_or(Meta { mode: 0o100644, uid: 0, gid: 0 });
+                    let m = self.meta.get(&tp).copied().unwrap_or(Meta {
+                        mode: 0o100644,
+                        uid: 0,
+                        gid: 0,
+                    });
                     self.meta.insert(p, m);
                 }
                 tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
@@ -271,10 +395,32 @@ impl Stage {
                     };
                     let major = h.device_major().ok().flatten().unwrap_or(0);
                     let minor = h.device_minor().ok().flatten().unwrap_or(0);
-                    self.nodes.insert(p.clone(), Node { path: p, kind: k, major, minor, meta: Meta { mode: ty | mode, uid, gid } });
+                    self.nodes.insert(
+                        p.clone(),
+                        Node {
+                            path: p,
+                            kind: k,
+                            major,
+                            minor,
+                            meta: Meta {
+                                mode: ty | mode,
+                                uid,
+                                gid,
+                            },
+                        },
+                    );
                 }
-                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {}
-                other => return Err(arch_err(archive, &p, format!("unsupported member type {other:?}"))),
+                tar::EntryType::XGlobalHeader
+                | tar::EntryType::XHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink => {}
+                other => {
+                    return Err(arch_err(
+                        archive,
+                        &p,
+                        format!("unsupported member type {other:?}"),
+                    ))
+                }
             }
         }
         Ok(())
@@ -331,10 +477,14 @@ fn index_archive(archive: &Path) -> Result<Index, BuildError> {
     let f = File::open(archive).map_err(|e| BuildError::io("opening", archive, e))?;
     let mut ar = tar::Archive::new(BufReader::new(f));
     let mut idx = Index::new();
-    let entries = ar.entries().map_err(|e| arch_err(archive, "-", format!("not a tar archive: {e}")))?;
+    let entries = ar
+        .entries()
+        .map_err(|e| arch_err(archive, "-", format!("not a tar archive: {e}")))?;
     for e in entries {
         let e = e.map_err(|e| arch_err(archive, "-", format!("corrupt archive: {e}")))?;
-        let name = e.path().map_err(|e| arch_err(archive, "-", format!("bad member name: {e}")))?;
+        let name = e
+            .path()
+            .map_err(|e| arch_err(archive, "-", format!("bad member name: {e}")))?;
         let name = name.to_string_lossy().trim_start_matches("./").to_owned();
         if e.header().entry_type().is_file() {
             idx.insert(name, (e.raw_file_position(), e.size()));
@@ -345,20 +495,35 @@ fn index_archive(archive: &Path) -> Result<Index, BuildError> {
 
 const MAX_JSON: u64 = 4 << 20;
 
-fn member(archive: &Path, idx: &Index, name: &str) -> Result<io::Take<BufReader<File>>, BuildError> {
-    let &(off, size) = idx.get(name).ok_or_else(|| arch_err(archive, name, "member missing from the archive"))?;
+fn member(
+    archive: &Path,
+    idx: &Index,
+    name: &str,
+) -> Result<io::Take<BufReader<File>>, BuildError> {
+    let &(off, size) = idx
+        .get(name)
+        .ok_or_else(|| arch_err(archive, name, "member missing from the archive"))?;
     let mut f = File::open(archive).map_err(|e| BuildError::io("opening", archive, e))?;
-    f.seek(SeekFrom::Start(off)).map_err(|e| BuildError::io("seeking", archive, e))?;
+    f.seek(SeekFrom::Start(off))
+        .map_err(|e| BuildError::io("seeking", archive, e))?;
     Ok(BufReader::new(f).take(size))
 }
 
 fn member_json(archive: &Path, idx: &Index, name: &str) -> Result<serde_json::Value, BuildError> {
-    let &(_, size) = idx.get(name).ok_or_else(|| arch_err(archive, name, "member missing from the archive"))?;
+    let &(_, size) = idx
+        .get(name)
+        .ok_or_else(|| arch_err(archive, name, "member missing from the archive"))?;
     if size > MAX_JSON {
-        return Err(arch_err(archive, name, format!("{size} bytes of JSON is more than the {MAX_JSON} allowed")));
+        return Err(arch_err(
+            archive,
+            name,
+            format!("{size} bytes of JSON is more than the {MAX_JSON} allowed"),
+        ));
     }
     let mut text = Vec::new();
-    member(archive, idx, name)?.read_to_end(&mut text).map_err(|e| BuildError::io("reading", archive, e))?;
+    member(archive, idx, name)?
+        .read_to_end(&mut text)
+        .map_err(|e| BuildError::io("reading", archive, e))?;
     serde_json::from_slice(&text).map_err(|e| arch_err(archive, name, format!("bad JSON: {e}")))
 }
 
@@ -391,7 +556,11 @@ impl<R: Read> Verified<R> {
         io::copy(&mut self, &mut io::sink()).map_err(|e| BuildError::io("reading", archive, e))?;
         let got = hex::encode(self.hasher.finalize());
         if got != self.want {
-            return Err(arch_err(archive, name, format!("content hashes to sha256:{got}, not sha256:{}", self.want)));
+            return Err(arch_err(
+                archive,
+                name,
+                format!("content hashes to sha256:{got}, not sha256:{}", self.want),
+            ));
         }
         Ok(())
     }
@@ -411,10 +580,17 @@ pub fn unpack_oci(stage: &mut Stage, archive: &Path) -> Result<(), BuildError> {
         // Follow nested indexes (multi-platform) to the first image manifest.
         let mut depth = 0;
         loop {
-            let digest = desc.get("digest").and_then(|d| d.as_str()).ok_or_else(|| arch_err(archive, "index.json", "manifest without digest"))?;
+            let digest = desc
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .ok_or_else(|| arch_err(archive, "index.json", "manifest without digest"))?;
             let (name, _) = blob_name(archive, digest)?;
             let m = member_json(archive, &idx, &name)?;
-            if let Some(next) = m.get("manifests").and_then(|x| x.as_array()).and_then(|x| x.first()) {
+            if let Some(next) = m
+                .get("manifests")
+                .and_then(|x| x.as_array())
+                .and_then(|x| x.first())
+            {
                 depth += 1;
                 if depth > 4 {
                     return Err(arch_err(archive, &name, "image indexes nested too deep"));
@@ -422,10 +598,16 @@ pub fn unpack_oci(stage: &mut Stage, archive: &Path) -> Result<(), BuildError> {
                 desc = next.clone();
                 continue;
             }
-            let ls = m.get("layers").and_then(|l| l.as_array()).ok_or_else(|| arch_err(archive, &name, "manifest has no layers"))?;
+            let ls = m
+                .get("layers")
+                .and_then(|l| l.as_array())
+                .ok_or_else(|| arch_err(archive, &name, "manifest has no layers"))?;
             let mut out = Vec::new();
             for l in ls {
-                let d = l.get("digest").and_then(|d| d.as_str()).ok_or_else(|| arch_err(archive, &name, "layer without digest"))?;
+                let d = l
+                    .get("digest")
+                    .and_then(|d| d.as_str())
+                    .ok_or_else(|| arch_err(archive, &name, "layer without digest"))?;
                 let (n, hex) = blob_name(archive, d)?;
                 out.push((n, Some(hex)));
             }
@@ -433,18 +615,30 @@ pub fn unpack_oci(stage: &mut Stage, archive: &Path) -> Result<(), BuildError> {
         }
     } else if idx.contains_key("manifest.json") {
         let m = member_json(archive, &idx, "manifest.json")?;
-        let first = m.as_array().and_then(|a| a.first()).ok_or_else(|| arch_err(archive, "manifest.json", "empty manifest list"))?;
-        let ls = first.get("Layers").and_then(|l| l.as_array()).ok_or_else(|| arch_err(archive, "manifest.json", "no Layers"))?;
+        let first = m
+            .as_array()
+            .and_then(|a| a.first())
+            .ok_or_else(|| arch_err(archive, "manifest.json", "empty manifest list"))?;
+        let ls = first
+            .get("Layers")
+            .and_then(|l| l.as_array())
+            .ok_or_else(|| arch_err(archive, "manifest.json", "no Layers"))?;
         let mut out = Vec::new();
         for l in ls {
-            let n = l.as_str().ok_or_else(|| arch_err(archive, "manifest.json", "layer name is not a string"))?;
+            let n = l
+                .as_str()
+                .ok_or_else(|| arch_err(archive, "manifest.json", "layer name is not a string"))?;
             // Newer docker writes layers as blobs/sha256/<hex>: verify those.
             let hex = n.strip_prefix("blobs/sha256/").map(str::to_owned);
             out.push((n.trim_start_matches("./").to_owned(), hex));
         }
         out
     } else {
-        return Err(arch_err(archive, "-", "neither index.json (OCI layout) nor manifest.json (docker save) found"));
+        return Err(arch_err(
+            archive,
+            "-",
+            "neither index.json (OCI layout) nor manifest.json (docker save) found",
+        ));
     };
     if layers.is_empty() {
         return Err(arch_err(archive, "-", "image has no layers"));
@@ -453,13 +647,24 @@ pub fn unpack_oci(stage: &mut Stage, archive: &Path) -> Result<(), BuildError> {
         let r = member(archive, &idx, &name)?;
         match hex {
             Some(want) => {
-                let mut v = Verified { inner: r, hasher: Sha256::new(), want };
+                let mut v = Verified {
+                    inner: r,
+                    hasher: Sha256::new(),
+                    want,
+                };
                 {
-                    let z = maybe_gunzip(&mut v).map_err(|e| arch_err(archive, &name, e.to_string()))?;
+                    let z = maybe_gunzip(&mut v)
+                        .map_err(|e| arch_err(archive, &name, e.to_string()))?;
                     stage.unpack(archive, z, true).map_err(|e| match e {
-                        BuildError::Archive { archive, entry, problem } => {
-                            BuildError::Archive { archive, entry: format!("{name}: {entry}"), problem }
-                        }
+                        BuildError::Archive {
+                            archive,
+                            entry,
+                            problem,
+                        } => BuildError::Archive {
+                            archive,
+                            entry: format!("{name}: {entry}"),
+                            problem,
+                        },
                         other => other,
                     })?;
                 }
@@ -487,7 +692,10 @@ pub fn disk_to_raw(src: &Path, format: Option<&str>, out: &Path) -> Result<(), B
         "qcow2" => qemu_img_convert(src, "qcow2", out)?,
         "vhdx" => super::layer::vhdx_to_raw(&[src.to_owned()], out)?,
         other => {
-            return Err(BuildError::BadSource { path: src.to_owned(), message: format!("unknown disk format {other:?} (raw, qcow2, vhdx)") })
+            return Err(BuildError::BadSource {
+                path: src.to_owned(),
+                message: format!("unknown disk format {other:?} (raw, qcow2, vhdx)"),
+            })
         }
     }
     if !super::ext4::has_ext_superblock(out).map_err(|e| BuildError::io("reading", out, e))? {
@@ -496,14 +704,19 @@ pub fn disk_to_raw(src: &Path, format: Option<&str>, out: &Path) -> Result<(), B
             message: "not an ext4 file system (no ext2/3/4 superblock at offset 1024; partitioned disks are not supported)".into(),
         });
     }
-    super::ext4::fsck(out).map_err(|e| BuildError::BadSource { path: src.to_owned(), message: format!("file system check failed: {e}") })?;
+    super::ext4::fsck(out).map_err(|e| BuildError::BadSource {
+        path: src.to_owned(),
+        message: format!("file system check failed: {e}"),
+    })?;
     Ok(())
 }
 
 fn sniff_format(src: &Path) -> Result<String, BuildError> {
     let mut f = File::open(src).map_err(|e| BuildError::io("opening", src, e))?;
     let mut magic = [0u8; 8];
-    let n = f.read(&mut magic).map_err(|e| BuildError::io("reading", src, e))?;
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| BuildError::io("reading", src, e))?;
     Ok(match &magic[..n.min(8)] {
         [b'Q', b'F', b'I', 0xfb, ..] => "qcow2",
         b"vhdxfile" => "vhdx",
@@ -519,13 +732,19 @@ fn qemu_img_convert(src: &Path, fmt: &str, out: &Path) -> Result<(), BuildError>
         .arg(out)
         .output()
         .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => BuildError::ToolMissing { tool: "qemu-img", hint: "apt-get install qemu-utils" },
+            io::ErrorKind::NotFound => BuildError::ToolMissing {
+                tool: "qemu-img",
+                hint: "apt-get install qemu-utils",
+            },
             _ => BuildError::io("running qemu-img on", src, e),
         })?;
     if !o.status.success() {
         return Err(BuildError::BadSource {
             path: src.to_owned(),
-            message: format!("qemu-img convert: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            message: format!(
+                "qemu-img convert: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
         });
     }
     Ok(())
@@ -550,7 +769,11 @@ mod tests {
     fn archive(entries: &[(String, u8, String)], outside: &Path) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (name, kind, target) in entries {
-            let target = if target == "OUTSIDE" { outside.display().to_string() } else { target.clone() };
+            let target = if target == "OUTSIDE" {
+                outside.display().to_string()
+            } else {
+                target.clone()
+            };
             let mut h = tar::Header::new_gnu();
             h.set_mode(0o644);
             h.set_uid(0);
@@ -607,8 +830,16 @@ mod tests {
     #[test]
     fn member_paths_normalise_and_reject_dotdot() {
         let a = Path::new("a.tar");
-        assert_eq!(member_path(a, Path::new("./etc/passwd")).unwrap().as_deref(), Some("/etc/passwd"));
-        assert_eq!(member_path(a, Path::new("/etc/x")).unwrap().as_deref(), Some("/etc/x"));
+        assert_eq!(
+            member_path(a, Path::new("./etc/passwd"))
+                .unwrap()
+                .as_deref(),
+            Some("/etc/passwd")
+        );
+        assert_eq!(
+            member_path(a, Path::new("/etc/x")).unwrap().as_deref(),
+            Some("/etc/x")
+        );
         assert_eq!(member_path(a, Path::new("./")).unwrap(), None);
         assert!(member_path(a, Path::new("etc/../../x")).is_err());
     }

@@ -45,7 +45,9 @@ pub enum Ext4Error {
         message: String,
     },
     /// A path cannot be passed to debugfs.
-    #[error("path {path:?} cannot be handled by debugfs (quotes, control characters or non-UTF-8)")]
+    #[error(
+        "path {path:?} cannot be handled by debugfs (quotes, control characters or non-UTF-8)"
+    )]
     UnsupportedName {
         /// The path.
         path: String,
@@ -83,7 +85,9 @@ fn tool(name: &'static str) -> Result<Command, Ext4Error> {
         let p = Path::new(dir).join(name);
         if p.is_file() {
             let mut c = Command::new(p);
-            c.env("LC_ALL", "C").env_remove("MKE2FS_CONFIG").env_remove("E2FSPROGS_FAKE_TIME");
+            c.env("LC_ALL", "C")
+                .env_remove("MKE2FS_CONFIG")
+                .env_remove("E2FSPROGS_FAKE_TIME");
             return Ok(c);
         }
     }
@@ -94,13 +98,20 @@ fn run(tool_name: &'static str, mut cmd: Command, image: &Path) -> Result<String
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| Ext4Error::Spawn { tool: tool_name, source })?;
+        .map_err(|source| Ext4Error::Spawn {
+            tool: tool_name,
+            source,
+        })?;
     if !out.status.success() {
         let mut message = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         if message.is_empty() {
             message = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         }
-        return Err(Ext4Error::Failed { tool: tool_name, image: image.to_owned(), message });
+        return Err(Ext4Error::Failed {
+            tool: tool_name,
+            image: image.to_owned(),
+            message,
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -114,7 +125,10 @@ pub fn mkfs(image: &Path, root: Option<&Path>, opts: &MkfsOptions) -> Result<(),
         .arg("-U")
         .arg(&opts.uuid)
         .arg("-E")
-        .arg(format!("hash_seed={},root_owner=0:0,lazy_itable_init=0,nodiscard", opts.hash_seed))
+        .arg(format!(
+            "hash_seed={},root_owner=0:0,lazy_itable_init=0,nodiscard",
+            opts.hash_seed
+        ))
         .arg("-L")
         .arg(&opts.label)
         // Features: a journal, no metadata_csum_seed surprises, no resize inode growth.
@@ -140,7 +154,9 @@ pub fn fsck(image: &Path) -> Result<(), Ext4Error> {
 /// Quotes one debugfs argument.
 pub fn quote(arg: &str) -> Result<String, Ext4Error> {
     if arg.is_empty() || arg.chars().any(|c| c == '"' || c.is_control()) {
-        return Err(Ext4Error::UnsupportedName { path: arg.to_owned() });
+        return Err(Ext4Error::UnsupportedName {
+            path: arg.to_owned(),
+        });
     }
     Ok(format!("\"{arg}\""))
 }
@@ -186,7 +202,9 @@ impl Script {
 
     /// `write host_file path`.
     pub fn write(&mut self, host: &Path, path: &str) -> Result<(), Ext4Error> {
-        let h = host.to_str().ok_or_else(|| Ext4Error::UnsupportedName { path: host.display().to_string() })?;
+        let h = host.to_str().ok_or_else(|| Ext4Error::UnsupportedName {
+            path: host.display().to_string(),
+        })?;
         let l = format!("write {} {}", quote(h)?, quote(path)?);
         self.line(l);
         Ok(())
@@ -222,7 +240,13 @@ impl Script {
 
     /// `mknod path p|c|b [major minor]`. debugfs's mknod links the name into its current
     /// directory without resolving a path, so the command runs after a `cd` to the parent.
-    pub fn mknod(&mut self, path: &str, kind: char, major: u32, minor: u32) -> Result<(), Ext4Error> {
+    pub fn mknod(
+        &mut self,
+        path: &str,
+        kind: char,
+        major: u32,
+        minor: u32,
+    ) -> Result<(), Ext4Error> {
         let (dir, name) = match path.rfind('/') {
             Some(0) => ("/", &path[1..]),
             Some(i) => (&path[..i], &path[i + 1..]),
@@ -246,10 +270,20 @@ impl Script {
     }
 
     /// Sets type+mode, owner and all four timestamps of `path`.
-    pub fn set_meta(&mut self, path: &str, mode: u32, uid: u32, gid: u32, epoch: u64) -> Result<(), Ext4Error> {
+    pub fn set_meta(
+        &mut self,
+        path: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        epoch: u64,
+    ) -> Result<(), Ext4Error> {
         let q = quote(path)?;
         let mut l = String::new();
-        let _ = write!(l, "sif {q} mode 0{mode:o}\nsif {q} uid {uid}\nsif {q} gid {gid}");
+        let _ = write!(
+            l,
+            "sif {q} mode 0{mode:o}\nsif {q} uid {uid}\nsif {q} gid {gid}"
+        );
         for f in ["atime", "mtime", "ctime", "crtime"] {
             let _ = write!(l, "\nsif {q} {f} @{epoch}");
         }
@@ -276,9 +310,17 @@ impl Script {
 
 /// Runs a debugfs script against `image` (writable if `write`), in scratch dir `dir`. Returns
 /// stdout. Any stderr line other than the version banner is a failure.
-pub fn debugfs(image: &Path, write: bool, script: &Script, dir: &Path) -> Result<String, Ext4Error> {
+pub fn debugfs(
+    image: &Path,
+    write: bool,
+    script: &Script,
+    dir: &Path,
+) -> Result<String, Ext4Error> {
     let path = dir.join("debugfs.cmds");
-    std::fs::write(&path, script.text()).map_err(|source| Ext4Error::Script { path: path.clone(), source })?;
+    std::fs::write(&path, script.text()).map_err(|source| Ext4Error::Script {
+        path: path.clone(),
+        source,
+    })?;
     let mut cmd = tool("debugfs")?;
     if write {
         cmd.arg("-w");
@@ -287,7 +329,10 @@ pub fn debugfs(image: &Path, write: bool, script: &Script, dir: &Path) -> Result
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| Ext4Error::Spawn { tool: "debugfs", source })?;
+        .map_err(|source| Ext4Error::Spawn {
+            tool: "debugfs",
+            source,
+        })?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<&str> = stderr
         .lines()
@@ -298,7 +343,11 @@ pub fn debugfs(image: &Path, write: bool, script: &Script, dir: &Path) -> Result
         return Err(Ext4Error::Failed {
             tool: "debugfs",
             image: image.to_owned(),
-            message: if errors.is_empty() { stderr.trim().to_owned() } else { errors.join("; ") },
+            message: if errors.is_empty() {
+                stderr.trim().to_owned()
+            } else {
+                errors.join("; ")
+            },
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -328,19 +377,29 @@ impl Entry {
 
 /// Lists many directories in one read-only debugfs session. A path that is not an existing
 /// directory maps to `None`. `.` and `..` are left out.
-pub fn list_dirs(image: &Path, dirs: &[String], scratch: &Path) -> Result<Vec<Option<Vec<Entry>>>, Ext4Error> {
+pub fn list_dirs(
+    image: &Path,
+    dirs: &[String],
+    scratch: &Path,
+) -> Result<Vec<Option<Vec<Entry>>>, Ext4Error> {
     let mut script = Script::default();
     for d in dirs {
         script.line(format!("ls -p {}", quote(d)?));
     }
     let path = scratch.join("debugfs-ls.cmds");
-    std::fs::write(&path, script.text()).map_err(|source| Ext4Error::Script { path: path.clone(), source })?;
+    std::fs::write(&path, script.text()).map_err(|source| Ext4Error::Script {
+        path: path.clone(),
+        source,
+    })?;
     let mut cmd = tool("debugfs")?;
     cmd.arg("-f").arg(&path).arg(image);
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| Ext4Error::Spawn { tool: "debugfs", source })?;
+        .map_err(|source| Ext4Error::Spawn {
+            tool: "debugfs",
+            source,
+        })?;
     if !out.status.success() {
         return Err(Ext4Error::Failed {
             tool: "debugfs",
@@ -359,7 +418,9 @@ pub fn list_dirs(image: &Path, dirs: &[String], scratch: &Path) -> Result<Vec<Op
             current = Some((false, Vec::new()));
             continue;
         }
-        let Some((has_dot, entries)) = current.as_mut() else { continue };
+        let Some((has_dot, entries)) = current.as_mut() else {
+            continue;
+        };
         if let Some(e) = parse_ls_p(line) {
             match e.name.as_str() {
                 "." => *has_dot = true,
@@ -392,13 +453,21 @@ fn parse_ls_p(line: &str) -> Option<Entry> {
     let tail = it.next()?; // name/size/
     let tail = tail.strip_suffix('/')?;
     let (name, _size) = tail.rsplit_once('/')?;
-    Some(Entry { ino, mode, uid, gid, name: name.to_owned() })
+    Some(Entry {
+        ino,
+        mode,
+        uid,
+        gid,
+        name: name.to_owned(),
+    })
 }
 
 /// Reads one file out of an image (`debugfs dump`) into `dest`.
 pub fn dump(image: &Path, path: &str, dest: &Path, scratch: &Path) -> Result<(), Ext4Error> {
     let mut script = Script::default();
-    let d = dest.to_str().ok_or_else(|| Ext4Error::UnsupportedName { path: dest.display().to_string() })?;
+    let d = dest.to_str().ok_or_else(|| Ext4Error::UnsupportedName {
+        path: dest.display().to_string(),
+    })?;
     script.line(format!("dump {} {}", quote(path)?, quote(d)?));
     debugfs(image, false, &script, scratch)?;
     Ok(())
@@ -424,7 +493,16 @@ mod tests {
     #[test]
     fn ls_p_lines_parse() {
         let e = parse_ls_p("/20/040755/0/0/a b//").unwrap();
-        assert_eq!(e, Entry { ino: 20, mode: 0o40755, uid: 0, gid: 0, name: "a b".into() });
+        assert_eq!(
+            e,
+            Entry {
+                ino: 20,
+                mode: 0o40755,
+                uid: 0,
+                gid: 0,
+                name: "a b".into()
+            }
+        );
         assert!(e.is_dir());
         let e = parse_ls_p("/12/100644/5/6/s/2/").unwrap();
         assert_eq!((e.uid, e.gid, e.name.as_str()), (5, 6, "s"));

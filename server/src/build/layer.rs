@@ -22,7 +22,10 @@ use super::BuildError;
 pub const BLOCK_SIZE: u32 = 1 << 20;
 
 fn guid(seed: &blake3::Hash, what: &str) -> uuid::Uuid {
-    let h = blake3::Hasher::new().update(seed.as_bytes()).update(what.as_bytes()).finalize();
+    let h = blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .update(what.as_bytes())
+        .finalize();
     let mut b = [0u8; 16];
     b.copy_from_slice(&h.as_bytes()[..16]);
     // RFC 9562 version 8 (custom), variant 10.
@@ -32,15 +35,24 @@ fn guid(seed: &blake3::Hash, what: &str) -> uuid::Uuid {
 }
 
 /// Deterministic creation options: GUIDs from the raw content and the parent.
-fn options(raw: &Path, parent: Option<&LayerId>, kind: LayerKind) -> Result<CreateOptions, BuildError> {
+fn options(
+    raw: &Path,
+    parent: Option<&LayerId>,
+    kind: LayerKind,
+) -> Result<CreateOptions, BuildError> {
     let mut h = blake3::Hasher::new();
     h.update(b"strata layer guid v1\0");
     if let Some(p) = parent {
         h.update(p.as_bytes());
     }
-    h.update_mmap(raw).map_err(|e| BuildError::io("hashing", raw, e))?;
+    h.update_mmap(raw)
+        .map_err(|e| BuildError::io("hashing", raw, e))?;
     let seed = h.finalize();
-    let o = CreateOptions::deterministic(guid(&seed, "file"), guid(&seed, "data"), guid(&seed, "page83"));
+    let o = CreateOptions::deterministic(
+        guid(&seed, "file"),
+        guid(&seed, "data"),
+        guid(&seed, "page83"),
+    );
     Ok(layer_options(o, parent, kind))
 }
 
@@ -62,7 +74,11 @@ fn layer_options(mut o: CreateOptions, parent: Option<&LayerId>, kind: LayerKind
 
 /// Deterministic options for a layer given as blocks: GUIDs from the blocks and the parent.
 /// The file is not flushed: the caller publishes it (and flushes it then).
-fn options_for_blocks(blocks: &[(u64, Vec<u8>)], parent: &LayerId, kind: LayerKind) -> CreateOptions {
+fn options_for_blocks(
+    blocks: &[(u64, Vec<u8>)],
+    parent: &LayerId,
+    kind: LayerKind,
+) -> CreateOptions {
     let mut h = blake3::Hasher::new();
     h.update(b"strata layer guid v1 blocks\0");
     h.update(parent.as_bytes());
@@ -71,7 +87,14 @@ fn options_for_blocks(blocks: &[(u64, Vec<u8>)], parent: &LayerId, kind: LayerKi
         h.update(b);
     }
     let seed = h.finalize();
-    let o = CreateOptions { sync: false, ..CreateOptions::deterministic(guid(&seed, "file"), guid(&seed, "data"), guid(&seed, "page83")) };
+    let o = CreateOptions {
+        sync: false,
+        ..CreateOptions::deterministic(
+            guid(&seed, "file"),
+            guid(&seed, "data"),
+            guid(&seed, "page83"),
+        )
+    };
     layer_options(o, Some(parent), kind)
 }
 
@@ -79,7 +102,10 @@ fn options_for_blocks(blocks: &[(u64, Vec<u8>)], parent: &LayerId, kind: LayerKi
 pub fn changed_blocks(a: &Path, b: &Path) -> Result<Vec<u64>, BuildError> {
     let mut fa = File::open(a).map_err(|e| BuildError::io("opening", a, e))?;
     let mut fb = File::open(b).map_err(|e| BuildError::io("opening", b, e))?;
-    let len = fa.metadata().map_err(|e| BuildError::io("reading", a, e))?.len();
+    let len = fa
+        .metadata()
+        .map_err(|e| BuildError::io("reading", a, e))?
+        .len();
     let step = u64::from(BLOCK_SIZE);
     let mut x = vec![0u8; BLOCK_SIZE as usize];
     let mut y = vec![0u8; BLOCK_SIZE as usize];
@@ -87,8 +113,10 @@ pub fn changed_blocks(a: &Path, b: &Path) -> Result<Vec<u64>, BuildError> {
     let mut off = 0;
     while off < len {
         let n = usize::try_from((len - off).min(step)).unwrap_or(0);
-        fa.read_exact(&mut x[..n]).map_err(|e| BuildError::io("reading", a, e))?;
-        fb.read_exact(&mut y[..n]).map_err(|e| BuildError::io("reading", b, e))?;
+        fa.read_exact(&mut x[..n])
+            .map_err(|e| BuildError::io("reading", a, e))?;
+        fb.read_exact(&mut y[..n])
+            .map_err(|e| BuildError::io("reading", b, e))?;
         if x[..n] != y[..n] {
             out.push(off / step);
         }
@@ -101,9 +129,17 @@ pub fn changed_blocks(a: &Path, b: &Path) -> Result<Vec<u64>, BuildError> {
 fn verify_blocks(chain: &Chain, raw: &Path, blocks: &[u64]) -> Result<(), BuildError> {
     use std::os::unix::fs::FileExt;
     let f = File::open(raw).map_err(|e| BuildError::io("opening", raw, e))?;
-    let len = f.metadata().map_err(|e| BuildError::io("reading", raw, e))?.len();
+    let len = f
+        .metadata()
+        .map_err(|e| BuildError::io("reading", raw, e))?
+        .len();
     if len != chain.virtual_size() {
-        return Err(BuildError::Verify { message: format!("virtual size {} but raw image {len} bytes", chain.virtual_size()) });
+        return Err(BuildError::Verify {
+            message: format!(
+                "virtual size {} but raw image {len} bytes",
+                chain.virtual_size()
+            ),
+        });
     }
     let step = u64::from(BLOCK_SIZE);
     let mut a = vec![0u8; BLOCK_SIZE as usize];
@@ -114,10 +150,18 @@ fn verify_blocks(chain: &Chain, raw: &Path, blocks: &[u64]) -> Result<(), BuildE
             continue;
         }
         let n = usize::try_from((len - off).min(step)).unwrap_or(0);
-        f.read_exact_at(&mut a[..n], off).map_err(|e| BuildError::io("reading", raw, e))?;
-        chain.read_at(&mut b[..n], off).map_err(|e| BuildError::Vhdx { what: "reading back".into(), source: e })?;
+        f.read_exact_at(&mut a[..n], off)
+            .map_err(|e| BuildError::io("reading", raw, e))?;
+        chain
+            .read_at(&mut b[..n], off)
+            .map_err(|e| BuildError::Vhdx {
+                what: "reading back".into(),
+                source: e,
+            })?;
         if a[..n] != b[..n] {
-            return Err(BuildError::Verify { message: format!("content differs from the raw image in block {blk}") });
+            return Err(BuildError::Verify {
+                message: format!("content differs from the raw image in block {blk}"),
+            });
         }
     }
     Ok(())
@@ -126,9 +170,17 @@ fn verify_blocks(chain: &Chain, raw: &Path, blocks: &[u64]) -> Result<(), BuildE
 /// Compares the virtual disk of `chain` with the raw file; both must be identical.
 fn verify(chain: &Chain, raw: &Path) -> Result<(), BuildError> {
     let mut f = File::open(raw).map_err(|e| BuildError::io("opening", raw, e))?;
-    let len = f.metadata().map_err(|e| BuildError::io("reading", raw, e))?.len();
+    let len = f
+        .metadata()
+        .map_err(|e| BuildError::io("reading", raw, e))?
+        .len();
     if len != chain.virtual_size() {
-        return Err(BuildError::Verify { message: format!("virtual size {} but raw image {len} bytes", chain.virtual_size()) });
+        return Err(BuildError::Verify {
+            message: format!(
+                "virtual size {} but raw image {len} bytes",
+                chain.virtual_size()
+            ),
+        });
     }
     let step = 4 << 20;
     let mut a = vec![0u8; step];
@@ -137,10 +189,16 @@ fn verify(chain: &Chain, raw: &Path) -> Result<(), BuildError> {
     while off < len {
         let n = usize::try_from((len - off).min(step as u64)).unwrap_or(step);
         let (a, b) = (&mut a[..n], &mut b[..n]);
-        f.read_exact(a).map_err(|e| BuildError::io("reading", raw, e))?;
-        chain.read_at(b, off).map_err(|e| BuildError::Vhdx { what: "reading back".into(), source: e })?;
+        f.read_exact(a)
+            .map_err(|e| BuildError::io("reading", raw, e))?;
+        chain.read_at(b, off).map_err(|e| BuildError::Vhdx {
+            what: "reading back".into(),
+            source: e,
+        })?;
         if a != b {
-            return Err(BuildError::Verify { message: format!("content differs from the raw image near offset {off}") });
+            return Err(BuildError::Verify {
+                message: format!("content differs from the raw image near offset {off}"),
+            });
         }
         off += n as u64;
     }
@@ -161,17 +219,30 @@ pub struct Prepared {
 /// Writes `raw` as a VHDX at `out`: dynamic if `parent` is empty, else differencing on the
 /// chain `parent` (id and file of each layer, base first). Reads the new chain back and
 /// compares it with `raw` before returning.
-pub fn prepare(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, kind: LayerKind) -> Result<Prepared, BuildError> {
+pub fn prepare(
+    raw: &Path,
+    parent: &[(LayerId, PathBuf)],
+    out: &Path,
+    kind: LayerKind,
+) -> Result<Prepared, BuildError> {
     prepare_checked(raw, parent, out, None, kind)
 }
 
 /// Like [`prepare`]; with `changed`, only those blocks (where `raw` differs from the parent's
 /// image) are read back: the writer has compared every sector with the parent already, and
 /// everything else must come from the parent.
-pub fn prepare_checked(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, changed: Option<&[u64]>, kind: LayerKind) -> Result<Prepared, BuildError> {
+pub fn prepare_checked(
+    raw: &Path,
+    parent: &[(LayerId, PathBuf)],
+    out: &Path,
+    changed: Option<&[u64]>,
+    kind: LayerKind,
+) -> Result<Prepared, BuildError> {
     let top = parent.last().map(|p| p.0);
     let opts = options(raw, top.as_ref(), kind)?;
-    let vsize = std::fs::metadata(raw).map_err(|e| BuildError::io("reading", raw, e))?.len();
+    let vsize = std::fs::metadata(raw)
+        .map_err(|e| BuildError::io("reading", raw, e))?
+        .len();
     let vx = |what: &str| {
         let what = what.to_owned();
         move |source| BuildError::Vhdx { what, source }
@@ -181,7 +252,8 @@ pub fn prepare_checked(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, ch
         vhdx::from_raw(raw, out, None, &opts).map_err(vx("writing the base layer"))?;
     } else {
         let pchain = Chain::from_paths(&paths).map_err(vx("opening the parent chain"))?;
-        vhdx::from_raw(raw, out, Some(&pchain), &opts).map_err(vx("writing the differencing layer"))?;
+        vhdx::from_raw(raw, out, Some(&pchain), &opts)
+            .map_err(vx("writing the differencing layer"))?;
     }
     let mut all = paths;
     all.push(out.to_owned());
@@ -194,7 +266,11 @@ pub fn prepare_checked(raw: &Path, parent: &[(LayerId, PathBuf)], out: &Path, ch
     std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .map_err(|e| BuildError::io("chmod", out, e))?;
     let (id, _, _) = crate::store::hash_file(out)?;
-    Ok(Prepared { path: out.to_owned(), id, virtual_size: vsize })
+    Ok(Prepared {
+        path: out.to_owned(),
+        id,
+        virtual_size: vsize,
+    })
 }
 
 /// Writes a differencing layer at `out` on `parent` (the parent chain, opened from the
@@ -212,9 +288,19 @@ pub fn prepare_blocks(
     out: &Path,
 ) -> Result<LayerRecord, BuildError> {
     let opts = options_for_blocks(blocks, parent_id, kind);
-    let vx = |what: &'static str| move |source| BuildError::Vhdx { what: what.into(), source };
-    vhdx::differencing_from_blocks(out, parent, &opts, blocks.iter().map(|(i, b)| (*i, b.as_slice())))
-        .map_err(vx("writing the differencing layer"))?;
+    let vx = |what: &'static str| {
+        move |source| BuildError::Vhdx {
+            what: what.into(),
+            source,
+        }
+    };
+    vhdx::differencing_from_blocks(
+        out,
+        parent,
+        &opts,
+        blocks.iter().map(|(i, b)| (*i, b.as_slice())),
+    )
+    .map_err(vx("writing the differencing layer"))?;
     let mut paths = parent_paths.to_vec();
     paths.push(out.to_owned());
     let chain = Chain::from_paths(&paths).map_err(vx("opening the new chain"))?;
@@ -222,9 +308,13 @@ pub fn prepare_blocks(
     let mut back = Vec::new();
     for (i, want) in blocks {
         back.resize(want.len(), 0);
-        chain.read_at(&mut back, i.saturating_mul(step)).map_err(vx("reading back"))?;
+        chain
+            .read_at(&mut back, i.saturating_mul(step))
+            .map_err(vx("reading back"))?;
         if back != *want {
-            return Err(BuildError::Verify { message: format!("content differs from the image in block {i}") });
+            return Err(BuildError::Verify {
+                message: format!("content differs from the image in block {i}"),
+            });
         }
     }
     std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o644))
@@ -243,7 +333,10 @@ pub fn prepare_blocks(
 
 /// Reads a chain (base first) into a raw file.
 pub fn vhdx_to_raw(paths: &[PathBuf], out: &Path) -> Result<(), BuildError> {
-    let chain = Chain::from_paths(paths).map_err(|source| BuildError::Vhdx { what: "opening".into(), source })?;
+    let chain = Chain::from_paths(paths).map_err(|source| BuildError::Vhdx {
+        what: "opening".into(),
+        source,
+    })?;
     let mut f = File::create(out).map_err(|e| BuildError::io("creating", out, e))?;
     let len = chain.virtual_size();
     let step: u64 = 4 << 20;
@@ -252,24 +345,36 @@ pub fn vhdx_to_raw(paths: &[PathBuf], out: &Path) -> Result<(), BuildError> {
     while off < len {
         let n = usize::try_from((len - off).min(step)).unwrap_or(0);
         let b = &mut buf[..n];
-        chain.read_at(b, off).map_err(|source| BuildError::Vhdx { what: "reading".into(), source })?;
+        chain.read_at(b, off).map_err(|source| BuildError::Vhdx {
+            what: "reading".into(),
+            source,
+        })?;
         if b.iter().all(|&x| x == 0) {
             // Keep the raw file sparse.
-            std::io::Seek::seek(&mut f, std::io::SeekFrom::Current(n as i64)).map_err(|e| BuildError::io("writing", out, e))?;
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Current(n as i64))
+                .map_err(|e| BuildError::io("writing", out, e))?;
         } else {
-            f.write_all(b).map_err(|e| BuildError::io("writing", out, e))?;
+            f.write_all(b)
+                .map_err(|e| BuildError::io("writing", out, e))?;
         }
         off += n as u64;
     }
-    f.set_len(len).map_err(|e| BuildError::io("writing", out, e))?;
+    f.set_len(len)
+        .map_err(|e| BuildError::io("writing", out, e))?;
     Ok(())
 }
 
 /// The raw image of the chain ending at `chain`'s top, from the store's cache (made once,
 /// published atomically).
-pub fn cached_raw(store: &Store, chain: &[LayerRecord], scratch: &Path) -> Result<PathBuf, BuildError> {
+pub fn cached_raw(
+    store: &Store,
+    chain: &[LayerRecord],
+    scratch: &Path,
+) -> Result<PathBuf, BuildError> {
     let Some(top) = chain.last() else {
-        return Err(BuildError::Verify { message: "empty chain".into() });
+        return Err(BuildError::Verify {
+            message: "empty chain".into(),
+        });
     };
     let path = store.cache_path(&top.id);
     if path.is_file() {

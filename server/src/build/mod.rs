@@ -133,7 +133,10 @@ pub enum BuildError {
 
 impl From<recipe::RecipeError> for BuildError {
     fn from(e: recipe::RecipeError) -> Self {
-        BuildError::Recipe { file: e.file, message: e.message }
+        BuildError::Recipe {
+            file: e.file,
+            message: e.message,
+        }
     }
 }
 
@@ -146,7 +149,11 @@ impl From<CatalogError> for BuildError {
 impl BuildError {
     /// An I/O error on `path`.
     pub fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
-        BuildError::Io { op, path: path.to_owned(), source }
+        BuildError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -182,7 +189,10 @@ pub struct BuildOptions<'a> {
 
 impl Default for BuildOptions<'_> {
     fn default() -> Self {
-        BuildOptions { roles_dir: None, progress: &NoProgress }
+        BuildOptions {
+            roles_dir: None,
+            progress: &NoProgress,
+        }
     }
 }
 
@@ -208,14 +218,25 @@ pub struct Built {
 pub fn default_images_dir() -> PathBuf {
     std::env::var_os("STRATA_IMAGES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("images"))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("images")
+        })
 }
 
 /// Makes sure the built-in busybox test image and its roles (`images/busybox`,
 /// `images/roles/*` on it) are in the store; builds them if absent. Idempotent, and fast when
 /// present (hashes the inputs, builds nothing).
 pub fn ensure_builtin(store: &Store, images_dir: &Path) -> Result<Built, BuildError> {
-    build(store, &images_dir.join("busybox"), &BuildOptions { roles_dir: Some(images_dir.join("roles")), progress: &LogProgress })
+    build(
+        store,
+        &images_dir.join("busybox"),
+        &BuildOptions {
+            roles_dir: Some(images_dir.join("roles")),
+            progress: &LogProgress,
+        },
+    )
 }
 
 /// Role recipes in `dir` whose `[role] image` is `image`, sorted by role name.
@@ -240,11 +261,28 @@ pub fn discover_roles(dir: &Path, image: &str) -> Result<Vec<Loaded>, BuildError
             out.push(l);
         }
     }
-    out.sort_by(|a, b| a.recipe.role.as_ref().map(|r| r.name.clone()).cmp(&b.recipe.role.as_ref().map(|r| r.name.clone())));
+    out.sort_by(|a, b| {
+        a.recipe
+            .role
+            .as_ref()
+            .map(|r| r.name.clone())
+            .cmp(&b.recipe.role.as_ref().map(|r| r.name.clone()))
+    });
     for w in out.windows(2) {
         if let [a, b] = w {
             if a.recipe.role.as_ref().map(|r| &r.name) == b.recipe.role.as_ref().map(|r| &r.name) {
-                return Err(BuildError::Recipe { file: b.file.clone(), message: format!("role {:?} is also defined in {}", b.recipe.role.as_ref().map(|r| r.name.as_str()).unwrap_or(""), a.file.display()) });
+                return Err(BuildError::Recipe {
+                    file: b.file.clone(),
+                    message: format!(
+                        "role {:?} is also defined in {}",
+                        b.recipe
+                            .role
+                            .as_ref()
+                            .map(|r| r.name.as_str())
+                            .unwrap_or(""),
+                        a.file.display()
+                    ),
+                });
             }
         }
     }
@@ -259,7 +297,12 @@ fn hash_host(h: &mut blake3::Hasher, path: &Path) -> Result<(), BuildError> {
 
 fn hash_host_at(h: &mut blake3::Hasher, top: &Path, path: &Path) -> Result<(), BuildError> {
     let md = fs::symlink_metadata(path).map_err(|e| BuildError::io("reading", path, e))?;
-    h.update(path.strip_prefix(top).unwrap_or(path).as_os_str().as_encoded_bytes());
+    h.update(
+        path.strip_prefix(top)
+            .unwrap_or(path)
+            .as_os_str()
+            .as_encoded_bytes(),
+    );
     h.update(b"\0");
     // Only what a git checkout keeps: the type and the executable bit (see ops::tree_mode).
     h.update(&(md.mode() & 0o170000).to_le_bytes());
@@ -278,7 +321,8 @@ fn hash_host_at(h: &mut blake3::Hasher, top: &Path, path: &Path) -> Result<(), B
         let t = fs::read_link(path).map_err(|e| BuildError::io("reading", path, e))?;
         h.update(t.as_os_str().as_encoded_bytes());
     } else if md.is_file() {
-        h.update_mmap(path).map_err(|e| BuildError::io("hashing", path, e))?;
+        h.update_mmap(path)
+            .map_err(|e| BuildError::io("hashing", path, e))?;
     }
     Ok(())
 }
@@ -312,7 +356,11 @@ fn external_sources(l: &Loaded) -> Vec<PathBuf> {
     v
 }
 
-fn inputs_digest(recipes: &[&Loaded], extra: &[u8], kernel: Option<&Path>) -> Result<String, BuildError> {
+fn inputs_digest(
+    recipes: &[&Loaded],
+    extra: &[u8],
+    kernel: Option<&Path>,
+) -> Result<String, BuildError> {
     let mut h = blake3::Hasher::new();
     h.update(BUILDER_FORMAT.as_bytes());
     h.update(extra);
@@ -339,15 +387,32 @@ fn mke2fs_version() -> String {
     Command::new("/sbin/mke2fs")
         .arg("-V")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or_default().to_owned())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .unwrap_or_default()
 }
 
 fn uuid_from(name: &str, what: &str) -> String {
-    let h = blake3::Hasher::new().update(b"strata ext4 ").update(what.as_bytes()).update(name.as_bytes()).finalize();
+    let h = blake3::Hasher::new()
+        .update(b"strata ext4 ")
+        .update(what.as_bytes())
+        .update(name.as_bytes())
+        .finalize();
     let b = h.as_bytes();
     let hex = hex::encode(&b[..16]);
-    format!("{}-{}-8{}-a{}-{}", &hex[0..8], &hex[8..12], &hex[13..16], &hex[17..20], &hex[20..32])
+    format!(
+        "{}-{}-8{}-a{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
 }
 
 /// The kernel a base boots with: `boot/vmlinuz-<release>` of `dir`.
@@ -359,21 +424,39 @@ fn find_vmlinuz(dir: &Path, recipe_file: &Path) -> Result<(PathBuf, String), Bui
         message: format!("[kernel] dir: cannot list {}: {e}", boot.display()),
     })?;
     for e in rd.flatten() {
-        if let Some(rel) = e.file_name().to_str().and_then(|n| n.strip_prefix("vmlinuz-")) {
+        if let Some(rel) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+        {
             found.push((e.path(), rel.to_owned()));
         }
     }
     found.sort();
     match found.len() {
-        1 => found.pop().ok_or_else(|| BuildError::Verify { message: "unreachable".into() }),
-        0 => Err(BuildError::Recipe { file: recipe_file.to_owned(), message: format!("[kernel] dir: no vmlinuz-* in {}", boot.display()) }),
-        n => Err(BuildError::Recipe { file: recipe_file.to_owned(), message: format!("[kernel] dir: {n} kernels in {}; keep one", boot.display()) }),
+        1 => found.pop().ok_or_else(|| BuildError::Verify {
+            message: "unreachable".into(),
+        }),
+        0 => Err(BuildError::Recipe {
+            file: recipe_file.to_owned(),
+            message: format!("[kernel] dir: no vmlinuz-* in {}", boot.display()),
+        }),
+        n => Err(BuildError::Recipe {
+            file: recipe_file.to_owned(),
+            message: format!("[kernel] dir: {n} kernels in {}; keep one", boot.display()),
+        }),
     }
 }
 
 /// Copies the named modules (and what they depend on) of kernel `release` from `kdir` into a
 /// staging tree `lib/modules/<release>/...` with a fresh `modules.dep` (depmod -b).
-fn stage_modules(kdir: &Path, release: &str, names: &[String], stage: &Path, recipe_file: &Path) -> Result<(), BuildError> {
+fn stage_modules(
+    kdir: &Path,
+    release: &str,
+    names: &[String],
+    stage: &Path,
+    recipe_file: &Path,
+) -> Result<(), BuildError> {
     let mroot = kdir.join("lib/modules").join(release);
     let mut all: BTreeMap<String, PathBuf> = BTreeMap::new();
     fn index(dir: &Path, root: &Path, out: &mut BTreeMap<String, PathBuf>) {
@@ -383,8 +466,17 @@ fn stage_modules(kdir: &Path, release: &str, names: &[String], stage: &Path, rec
                 if p.is_dir() {
                     index(&p, root, out);
                 } else if let Some(n) = p.file_name().and_then(|n| n.to_str()) {
-                    if let Some(stem) = n.strip_suffix(".ko").or_else(|| n.strip_suffix(".ko.xz")).or_else(|| n.strip_suffix(".ko.zst")) {
-                        out.insert(stem.replace('-', "_"), p.strip_prefix(root).map(Path::to_owned).unwrap_or(p.clone()));
+                    if let Some(stem) = n
+                        .strip_suffix(".ko")
+                        .or_else(|| n.strip_suffix(".ko.xz"))
+                        .or_else(|| n.strip_suffix(".ko.zst"))
+                    {
+                        out.insert(
+                            stem.replace('-', "_"),
+                            p.strip_prefix(root)
+                                .map(Path::to_owned)
+                                .unwrap_or(p.clone()),
+                        );
                     }
                 }
             }
@@ -407,27 +499,53 @@ fn stage_modules(kdir: &Path, release: &str, names: &[String], stage: &Path, rec
             fs::create_dir_all(p).map_err(|e| BuildError::io("creating", p, e))?;
         }
         fs::copy(&src, &dst).map_err(|e| BuildError::io("copying", &src, e))?;
-        let out = Command::new("/sbin/modinfo").args(["-F", "depends"]).arg(&src).output().map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => BuildError::ToolMissing { tool: "modinfo", hint: "apt-get install kmod" },
-            _ => BuildError::io("running modinfo on", &src, e),
-        })?;
-        for d in String::from_utf8_lossy(&out.stdout).trim().split(',').filter(|s| !s.is_empty()) {
+        let out = Command::new("/sbin/modinfo")
+            .args(["-F", "depends"])
+            .arg(&src)
+            .output()
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => BuildError::ToolMissing {
+                    tool: "modinfo",
+                    hint: "apt-get install kmod",
+                },
+                _ => BuildError::io("running modinfo on", &src, e),
+            })?;
+        for d in String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split(',')
+            .filter(|s| !s.is_empty())
+        {
             todo.push(d.replace('-', "_"));
         }
     }
-    for f in ["modules.order", "modules.builtin", "modules.builtin.modinfo"] {
+    for f in [
+        "modules.order",
+        "modules.builtin",
+        "modules.builtin.modinfo",
+    ] {
         let src = mroot.join(f);
         if src.is_file() {
             let dst = stage.join("lib/modules").join(release).join(f);
             fs::copy(&src, &dst).map_err(|e| BuildError::io("copying", &src, e))?;
         }
     }
-    let o = Command::new("/sbin/depmod").arg("-b").arg(stage).arg(release).output().map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => BuildError::ToolMissing { tool: "depmod", hint: "apt-get install kmod" },
-        _ => BuildError::io("running depmod on", stage, e),
-    })?;
+    let o = Command::new("/sbin/depmod")
+        .arg("-b")
+        .arg(stage)
+        .arg(release)
+        .output()
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => BuildError::ToolMissing {
+                tool: "depmod",
+                hint: "apt-get install kmod",
+            },
+            _ => BuildError::io("running depmod on", stage, e),
+        })?;
     if !o.status.success() {
-        return Err(BuildError::BadSource { path: stage.to_owned(), message: format!("depmod: {}", String::from_utf8_lossy(&o.stderr).trim()) });
+        return Err(BuildError::BadSource {
+            path: stage.to_owned(),
+            message: format!("depmod: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        });
     }
     Ok(())
 }
@@ -436,14 +554,31 @@ fn stage_modules(kdir: &Path, release: &str, names: &[String], stage: &Path, rec
 fn implicit_file(path: &str, content: &str, scratch: &Path, n: usize) -> Result<Op, BuildError> {
     let host = scratch.join(format!("implicit-{n}"));
     fs::write(&host, content).map_err(|e| BuildError::io("writing", &host, e))?;
-    Ok(Op::File { path: path.to_owned(), host, mode: 0o644, uid: 0, gid: 0 })
+    Ok(Op::File {
+        path: path.to_owned(),
+        host,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    })
 }
 
 /// Makes a base's raw ext4 image at `raw`. Returns the kernel file (and release) to publish.
-fn make_base(l: &Loaded, raw: &Path, scratch: &Path, progress: &dyn Progress) -> Result<Option<(PathBuf, String)>, BuildError> {
+fn make_base(
+    l: &Loaded,
+    raw: &Path,
+    scratch: &Path,
+    progress: &dyn Progress,
+) -> Result<Option<(PathBuf, String)>, BuildError> {
     let r = &l.recipe;
-    let img = r.image.as_ref().ok_or_else(|| BuildError::Recipe { file: l.file.clone(), message: "missing [image]".into() })?;
-    let base = r.base.as_ref().ok_or_else(|| BuildError::Recipe { file: l.file.clone(), message: "missing [base]".into() })?;
+    let img = r.image.as_ref().ok_or_else(|| BuildError::Recipe {
+        file: l.file.clone(),
+        message: "missing [image]".into(),
+    })?;
+    let base = r.base.as_ref().ok_or_else(|| BuildError::Recipe {
+        file: l.file.clone(),
+        message: "missing [base]".into(),
+    })?;
     let epoch = img.epoch.unwrap_or(DEFAULT_EPOCH);
     let mk = ext4::MkfsOptions {
         size: img.size_mib.unwrap_or(0).saturating_mul(1 << 20),
@@ -454,7 +589,10 @@ fn make_base(l: &Loaded, raw: &Path, scratch: &Path, progress: &dyn Progress) ->
         inodes: img.inodes,
     };
     let src = base.path.as_deref().map(|p| host_path(&l.dir, p));
-    let missing = |p: &Path| BuildError::Recipe { file: l.file.clone(), message: format!("[base] path {}: does not exist", p.display()) };
+    let missing = |p: &Path| BuildError::Recipe {
+        file: l.file.clone(),
+        message: format!("[base] path {}: does not exist", p.display()),
+    };
     progress.stage("making the base file system");
     match (base.source, &src) {
         (SourceKind::Empty, _) => {
@@ -493,7 +631,12 @@ fn make_base(l: &Loaded, raw: &Path, scratch: &Path, progress: &dyn Progress) ->
             }
             base::disk_to_raw(disk, base.format.as_deref(), raw)?;
         }
-        (_, None) => return Err(BuildError::Recipe { file: l.file.clone(), message: "[base] needs a path".into() }),
+        (_, None) => {
+            return Err(BuildError::Recipe {
+                file: l.file.clone(),
+                message: "[base] needs a path".into(),
+            })
+        }
     }
     // Kernel (and modules) from a host directory, or from the image's own /boot.
     let mut kernel = None;
@@ -505,14 +648,20 @@ fn make_base(l: &Loaded, raw: &Path, scratch: &Path, progress: &dyn Progress) ->
                 let (file, release) = find_vmlinuz(&kdir, &l.file)?;
                 if !k.modules.is_empty() {
                     let mstage = scratch.join("modules");
-                    fs::create_dir_all(&mstage).map_err(|e| BuildError::io("creating", &mstage, e))?;
+                    fs::create_dir_all(&mstage)
+                        .map_err(|e| BuildError::io("creating", &mstage, e))?;
                     stage_modules(&kdir, &release, &k.modules, &mstage, &l.file)?;
                     let fake = Loaded {
                         file: l.file.clone(),
                         dir: mstage.clone(),
                         text: String::new(),
                         recipe: recipe::Recipe {
-                            tree: vec![recipe::TreeOp { from: mstage.display().to_string(), to: "/".into(), uid: 0, gid: 0 }],
+                            tree: vec![recipe::TreeOp {
+                                from: mstage.display().to_string(),
+                                to: "/".into(),
+                                uid: 0,
+                                gid: 0,
+                            }],
                             ..empty_recipe()
                         },
                         kind: RecipeKind::Base,
@@ -523,7 +672,10 @@ fn make_base(l: &Loaded, raw: &Path, scratch: &Path, progress: &dyn Progress) ->
             }
             None => {
                 if !k.modules.is_empty() {
-                    return Err(BuildError::Recipe { file: l.file.clone(), message: "[kernel] modules need [kernel] dir".into() });
+                    return Err(BuildError::Recipe {
+                        file: l.file.clone(),
+                        message: "[kernel] modules need [kernel] dir".into(),
+                    });
                 }
             }
         }
@@ -533,7 +685,12 @@ fn make_base(l: &Loaded, raw: &Path, scratch: &Path, progress: &dyn Progress) ->
     vars.insert("image".into(), img.name.clone());
     let mut all = ops::resolve(l, &vars, scratch)?;
     all.extend(extra);
-    all.push(implicit_file("/etc/strata/image", &format!("{}\n", img.name), scratch, 0)?);
+    all.push(implicit_file(
+        "/etc/strata/image",
+        &format!("{}\n", img.name),
+        scratch,
+        0,
+    )?);
     ops::apply(raw, &all, epoch, scratch)?;
     if let (Some(k), None) = (&r.kernel, &kernel) {
         if k.dir.is_none() {
@@ -543,7 +700,11 @@ fn make_base(l: &Loaded, raw: &Path, scratch: &Path, progress: &dyn Progress) ->
     Ok(kernel)
 }
 
-fn kernel_from_image(raw: &Path, scratch: &Path, recipe_file: &Path) -> Result<(PathBuf, String), BuildError> {
+fn kernel_from_image(
+    raw: &Path,
+    scratch: &Path,
+    recipe_file: &Path,
+) -> Result<(PathBuf, String), BuildError> {
     let listing = ext4::list_dirs(raw, &["/boot".to_owned()], scratch)?;
     let mut found: Vec<String> = listing
         .into_iter()
@@ -554,7 +715,10 @@ fn kernel_from_image(raw: &Path, scratch: &Path, recipe_file: &Path) -> Result<(
         .collect();
     found.sort();
     let Some(name) = found.pop() else {
-        return Err(BuildError::Recipe { file: recipe_file.to_owned(), message: "[kernel]: the image has no /boot/vmlinuz-*".into() });
+        return Err(BuildError::Recipe {
+            file: recipe_file.to_owned(),
+            message: "[kernel]: the image has no /boot/vmlinuz-*".into(),
+        });
     };
     let dest = scratch.join(&name);
     ext4::dump(raw, &format!("/boot/{name}"), &dest, scratch)?;
@@ -589,7 +753,11 @@ fn make_readable(dir: &Path) -> Result<(), BuildError> {
             continue;
         }
         let want = if md.is_dir() { 0o755 } else { 0o644 };
-        fs::set_permissions(&p, fs::Permissions::from_mode(md.permissions().mode() | want)).map_err(|e| BuildError::io("chmod", &p, e))?;
+        fs::set_permissions(
+            &p,
+            fs::Permissions::from_mode(md.permissions().mode() | want),
+        )
+        .map_err(|e| BuildError::io("chmod", &p, e))?;
         if md.is_dir() {
             make_readable(&p)?;
         }
@@ -599,40 +767,84 @@ fn make_readable(dir: &Path) -> Result<(), BuildError> {
 
 pub(crate) fn copy_sparse(src: &Path, dst: &Path) -> Result<(), BuildError> {
     // `cp --sparse=always` keeps holes (fs::copy may fill them).
-    let o = Command::new("cp").arg("--sparse=always").arg(src).arg(dst).output().map_err(|e| BuildError::io("running cp on", src, e))?;
+    let o = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(src)
+        .arg(dst)
+        .output()
+        .map_err(|e| BuildError::io("running cp on", src, e))?;
     if !o.status.success() {
-        return Err(BuildError::io("copying", src, io::Error::other(String::from_utf8_lossy(&o.stderr).trim().to_owned())));
+        return Err(BuildError::io(
+            "copying",
+            src,
+            io::Error::other(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
+        ));
     }
     Ok(())
 }
 
 /// Builds (or finds) the image of a base or update recipe, with its roles.
-pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Result<Built, BuildError> {
+pub fn build(
+    store: &Store,
+    recipe_path: &Path,
+    opts: &BuildOptions<'_>,
+) -> Result<Built, BuildError> {
     let _lock = store.lock_shared()?;
     let l = recipe::load(recipe_path)?;
     let (name, prev) = match l.kind {
-        RecipeKind::Base => (l.recipe.image.as_ref().map(|i| i.name.clone()).unwrap_or_default(), None),
+        RecipeKind::Base => (
+            l.recipe
+                .image
+                .as_ref()
+                .map(|i| i.name.clone())
+                .unwrap_or_default(),
+            None,
+        ),
         RecipeKind::Update => {
-            let name = l.recipe.update.as_ref().map(|u| u.image.clone()).unwrap_or_default();
-            let latest = store.catalog().latest_version(&name)?.ok_or_else(|| BuildError::Recipe {
-                file: l.file.clone(),
-                message: format!("[update] image {name:?} has no version to update; build its base first"),
+            let name = l
+                .recipe
+                .update
+                .as_ref()
+                .map(|u| u.image.clone())
+                .unwrap_or_default();
+            let latest = store.catalog().latest_version(&name)?.ok_or_else(|| {
+                BuildError::Recipe {
+                    file: l.file.clone(),
+                    message: format!(
+                        "[update] image {name:?} has no version to update; build its base first"
+                    ),
+                }
             })?;
-            let info = store.catalog().version(&name, latest)?.ok_or_else(|| BuildError::NotFound { what: format!("{name} version {latest}") })?;
+            let info =
+                store
+                    .catalog()
+                    .version(&name, latest)?
+                    .ok_or_else(|| BuildError::NotFound {
+                        what: format!("{name} version {latest}"),
+                    })?;
             (name, Some(info))
         }
         RecipeKind::Role => {
             return Err(BuildError::Recipe {
                 file: l.file.clone(),
-                message: "a role is built with its image: build the image's base or update recipe".into(),
+                message: "a role is built with its image: build the image's base or update recipe"
+                    .into(),
             })
         }
     };
-    let roles_dir = opts.roles_dir.clone().unwrap_or_else(|| l.dir.join("..").join("roles"));
+    let roles_dir = opts
+        .roles_dir
+        .clone()
+        .unwrap_or_else(|| l.dir.join("..").join("roles"));
     let roles = discover_roles(&roles_dir, &name)?;
     let mut all: Vec<&Loaded> = vec![&l];
     all.extend(roles.iter());
-    let kernel_dir = l.recipe.kernel.as_ref().and_then(|k| k.dir.as_deref()).map(|d| host_path(&l.dir, d));
+    let kernel_dir = l
+        .recipe
+        .kernel
+        .as_ref()
+        .and_then(|k| k.dir.as_deref())
+        .map(|d| host_path(&l.dir, d));
     let kernel_file = match &kernel_dir {
         Some(d) => Some(find_vmlinuz(d, &l.file)?.0),
         None => None,
@@ -653,7 +865,12 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
     let kernel;
     match &prev {
         None => {
-            epoch = l.recipe.image.as_ref().and_then(|i| i.epoch).unwrap_or(DEFAULT_EPOCH);
+            epoch = l
+                .recipe
+                .image
+                .as_ref()
+                .and_then(|i| i.epoch)
+                .unwrap_or(DEFAULT_EPOCH);
             kernel = make_base(&l, &raw, sdir, opts.progress)?;
         }
         Some(p) => {
@@ -679,13 +896,23 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
     // role leaves the store as it was.
     let mut prepared = Vec::new();
     for rl in &roles {
-        let role = rl.recipe.role.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+        let role = rl
+            .recipe
+            .role
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
         let mut sites: Vec<String> = vec![String::new()];
         sites.extend(rl.recipe.sites.keys().cloned());
         for site in sites {
-            let label = if site.is_empty() { role.clone() } else { format!("{role}@{site}") };
+            let label = if site.is_empty() {
+                role.clone()
+            } else {
+                format!("{role}@{site}")
+            };
             opts.progress.stage(&format!("building role {label}"));
-            let (p, role_raw) = build_role(rl, &name, version, &site, &raw, &base_chain, epoch, sdir)?;
+            let (p, role_raw) =
+                build_role(rl, &name, version, &site, &raw, &base_chain, epoch, sdir)?;
             prepared.push((role.clone(), site, rl.text.clone(), p, role_raw));
         }
     }
@@ -698,7 +925,12 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
         (None, Some(p)) => p.kernel.clone(),
         (None, None) => None,
     };
-    let base_rec = store.publish_layer(&base_vhdx.path, LayerKind::Base, None, base_vhdx.virtual_size)?;
+    let base_rec = store.publish_layer(
+        &base_vhdx.path,
+        LayerKind::Base,
+        None,
+        base_vhdx.virtual_size,
+    )?;
     // The base raw becomes the cache of the base layer (update recipes start from it).
     if !store.cache_path(&base_rec.id).is_file() {
         store.publish_cache(&raw, &base_rec.id)?;
@@ -706,11 +938,17 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
     let mut role_infos = Vec::new();
     let mut role_recs = Vec::new();
     for (role, site, text, p, role_raw) in prepared {
-        let rec = store.publish_layer(&p.path, LayerKind::Role, Some(base_rec.id), p.virtual_size)?;
+        let rec =
+            store.publish_layer(&p.path, LayerKind::Role, Some(base_rec.id), p.virtual_size)?;
         if !store.cache_path(&rec.id).is_file() {
             store.publish_cache(&role_raw, &rec.id)?;
         }
-        role_infos.push(RoleInfo { role: role.clone(), site: site.clone(), layer: rec.id, recipe: text });
+        role_infos.push(RoleInfo {
+            role: role.clone(),
+            site: site.clone(),
+            layer: rec.id,
+            recipe: text,
+        });
         role_recs.push((role, site, rec));
     }
     opts.progress.stage("committing the version");
@@ -727,9 +965,18 @@ pub fn build(store: &Store, recipe_path: &Path, opts: &BuildOptions<'_>) -> Resu
         id,
         release,
         path: store.blob_path(&id),
-        size: fs::metadata(store.blob_path(&id)).map(|m| m.len()).unwrap_or(0),
+        size: fs::metadata(store.blob_path(&id))
+            .map(|m| m.len())
+            .unwrap_or(0),
     });
-    Ok(Built { image: name, version, reused: false, base: base_rec, roles: role_recs, kernel })
+    Ok(Built {
+        image: name,
+        version,
+        reused: false,
+        base: base_rec,
+        roles: role_recs,
+        kernel,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -743,7 +990,12 @@ fn build_role(
     epoch: u64,
     sdir: &Path,
 ) -> Result<(layer::Prepared, PathBuf), BuildError> {
-    let role = rl.recipe.role.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+    let role = rl
+        .recipe
+        .role
+        .as_ref()
+        .map(|r| r.name.clone())
+        .unwrap_or_default();
     let rdir = sdir.join(format!("role-{role}-{site}"));
     fs::create_dir_all(&rdir).map_err(|e| BuildError::io("creating", &rdir, e))?;
     let raw = rdir.join("role.raw");
@@ -759,15 +1011,39 @@ fn build_role(
     vars.insert("site".into(), site.to_owned());
     vars.insert("version".into(), version.to_string());
     let in_site = |e: BuildError| match (e, site.is_empty()) {
-        (BuildError::Recipe { file, message }, false) => BuildError::Recipe { file, message: format!("site {site}: {message}") },
-        (BuildError::Apply { path, message }, false) => BuildError::Apply { path, message: format!("{message} (role {role}, site {site})") },
-        (BuildError::Apply { path, message }, true) => BuildError::Apply { path, message: format!("{message} (role {role})") },
+        (BuildError::Recipe { file, message }, false) => BuildError::Recipe {
+            file,
+            message: format!("site {site}: {message}"),
+        },
+        (BuildError::Apply { path, message }, false) => BuildError::Apply {
+            path,
+            message: format!("{message} (role {role}, site {site})"),
+        },
+        (BuildError::Apply { path, message }, true) => BuildError::Apply {
+            path,
+            message: format!("{message} (role {role})"),
+        },
         (e, _) => e,
     };
     let mut all = ops::resolve(rl, &vars, &rdir).map_err(in_site)?;
-    all.push(implicit_file("/etc/strata/role", &format!("{role}\n"), &rdir, 1)?);
-    all.push(implicit_file("/etc/strata/version", &format!("{version}\n"), &rdir, 2)?);
-    all.push(implicit_file("/etc/strata/site", &format!("{site}\n"), &rdir, 3)?);
+    all.push(implicit_file(
+        "/etc/strata/role",
+        &format!("{role}\n"),
+        &rdir,
+        1,
+    )?);
+    all.push(implicit_file(
+        "/etc/strata/version",
+        &format!("{version}\n"),
+        &rdir,
+        2,
+    )?);
+    all.push(implicit_file(
+        "/etc/strata/site",
+        &format!("{site}\n"),
+        &rdir,
+        3,
+    )?);
     ops::apply(&raw, &all, epoch, &rdir).map_err(in_site)?;
     ext4::fsck(&raw)?;
     let p = layer::prepare(&raw, base_chain, &rdir.join("role.vhdx"), LayerKind::Role)?;
@@ -775,21 +1051,36 @@ fn build_role(
 }
 
 fn existing(store: &Store, image: &str, version: u64) -> Result<Option<Built>, BuildError> {
-    let Some(info) = store.catalog().version(image, version)? else { return Ok(None) };
-    let Some(base) = store.layer_info(&info.base)? else { return Ok(None) };
+    let Some(info) = store.catalog().version(image, version)? else {
+        return Ok(None);
+    };
+    let Some(base) = store.layer_info(&info.base)? else {
+        return Ok(None);
+    };
     if !store.layer_path(&base.id).is_file() {
         return Ok(None);
     }
     let mut roles = Vec::new();
     for r in &info.roles {
-        let Some(rec) = store.layer_info(&r.layer)? else { return Ok(None) };
+        let Some(rec) = store.layer_info(&r.layer)? else {
+            return Ok(None);
+        };
         if !store.layer_path(&rec.id).is_file() {
             return Ok(None);
         }
         roles.push((r.role.clone(), r.site.clone(), rec));
     }
-    let kernel = store.image_version(image, version, None, None)?.and_then(|v| v.kernel);
-    Ok(Some(Built { image: image.to_owned(), version, reused: true, base, roles, kernel }))
+    let kernel = store
+        .image_version(image, version, None, None)?
+        .and_then(|v| v.kernel);
+    Ok(Some(Built {
+        image: image.to_owned(),
+        version,
+        reused: true,
+        base,
+        roles,
+        kernel,
+    }))
 }
 
 /// Looks up a layer id given as a prefix of at least 8 hex digits.
@@ -797,10 +1088,20 @@ pub fn resolve_layer_prefix(store: &Store, prefix: &str) -> Result<LayerId, Buil
     if let Ok(d) = prefix.parse::<Digest>() {
         return Ok(d);
     }
-    let matches: Vec<LayerId> = store.catalog().layers()?.into_iter().map(|l| l.id).filter(|id| id.to_hex().starts_with(prefix)).collect();
+    let matches: Vec<LayerId> = store
+        .catalog()
+        .layers()?
+        .into_iter()
+        .map(|l| l.id)
+        .filter(|id| id.to_hex().starts_with(prefix))
+        .collect();
     match matches.as_slice() {
         [one] if prefix.len() >= 8 => Ok(*one),
-        [] => Err(BuildError::NotFound { what: format!("layer {prefix}") }),
-        _ => Err(BuildError::NotFound { what: format!("a unique layer for prefix {prefix}") }),
+        [] => Err(BuildError::NotFound {
+            what: format!("layer {prefix}"),
+        }),
+        _ => Err(BuildError::NotFound {
+            what: format!("a unique layer for prefix {prefix}"),
+        }),
     }
 }

@@ -106,27 +106,54 @@ fn parent(p: &str) -> &str {
 }
 
 fn recipe_err(l: &Loaded, message: String) -> BuildError {
-    BuildError::Recipe { file: l.file.clone(), message }
+    BuildError::Recipe {
+        file: l.file.clone(),
+        message,
+    }
 }
 
 /// Resolves a recipe's entries into ops, rendering templates with `vars` into `scratch`.
-pub fn resolve(l: &Loaded, vars: &BTreeMap<String, String>, scratch: &Path) -> Result<Vec<Op>, BuildError> {
+pub fn resolve(
+    l: &Loaded,
+    vars: &BTreeMap<String, String>,
+    scratch: &Path,
+) -> Result<Vec<Op>, BuildError> {
     let r = &l.recipe;
     let mut ops = Vec::new();
     for d in &r.delete {
         for p in &d.paths {
-            ops.push(Op::Delete { path: p.clone(), missing_ok: d.missing_ok });
+            ops.push(Op::Delete {
+                path: p.clone(),
+                missing_ok: d.missing_ok,
+            });
         }
     }
     for d in &r.dir {
-        ops.push(Op::Dir { path: d.path.clone(), keep_existing: false, mode: d.mode.map_or(0o755, |m| m.0), uid: d.uid, gid: d.gid });
+        ops.push(Op::Dir {
+            path: d.path.clone(),
+            keep_existing: false,
+            mode: d.mode.map_or(0o755, |m| m.0),
+            uid: d.uid,
+            gid: d.gid,
+        });
     }
     for (i, t) in r.tree.iter().enumerate() {
         let from = host_path(&l.dir, &t.from);
-        let md = fs::symlink_metadata(&from)
-            .map_err(|e| recipe_err(l, format!("[[tree]] #{} from {}: {e}", i + 1, from.display())))?;
+        let md = fs::symlink_metadata(&from).map_err(|e| {
+            recipe_err(
+                l,
+                format!("[[tree]] #{} from {}: {e}", i + 1, from.display()),
+            )
+        })?;
         if !md.is_dir() {
-            return Err(recipe_err(l, format!("[[tree]] #{} from {}: not a directory", i + 1, from.display())));
+            return Err(recipe_err(
+                l,
+                format!(
+                    "[[tree]] #{} from {}: not a directory",
+                    i + 1,
+                    from.display()
+                ),
+            ));
         }
         walk_tree(l, i, &from, &t.to, t.uid, t.gid, &mut ops)?;
     }
@@ -134,9 +161,13 @@ pub fn resolve(l: &Loaded, vars: &BTreeMap<String, String>, scratch: &Path) -> R
         let place = format!("[[file]] #{} ({})", i + 1, f.path);
         let (host, default_mode) = if let Some(src) = &f.source {
             let host = host_path(&l.dir, src);
-            let md = fs::metadata(&host).map_err(|e| recipe_err(l, format!("{place}: source {}: {e}", host.display())))?;
+            let md = fs::metadata(&host)
+                .map_err(|e| recipe_err(l, format!("{place}: source {}: {e}", host.display())))?;
             if !md.is_file() {
-                return Err(recipe_err(l, format!("{place}: source {} is not a regular file", host.display())));
+                return Err(recipe_err(
+                    l,
+                    format!("{place}: source {} is not a regular file", host.display()),
+                ));
             }
             (host, md.permissions().mode() & 0o7777)
         } else if let Some(content) = &f.content {
@@ -153,19 +184,38 @@ pub fn resolve(l: &Loaded, vars: &BTreeMap<String, String>, scratch: &Path) -> R
             fs::write(&host, out).map_err(|e| BuildError::io("writing", &host, e))?;
             (host, 0o644)
         } else {
-            return Err(recipe_err(l, format!("{place}: needs source, content or template")));
+            return Err(recipe_err(
+                l,
+                format!("{place}: needs source, content or template"),
+            ));
         };
         let mode = f.mode.map_or(default_mode, |Mode(m)| m);
-        ops.push(Op::File { path: f.path.clone(), host, mode, uid: f.uid, gid: f.gid });
+        ops.push(Op::File {
+            path: f.path.clone(),
+            host,
+            mode,
+            uid: f.uid,
+            gid: f.gid,
+        });
     }
     for s in &r.symlink {
         for p in &s.paths {
-            ops.push(Op::Symlink { path: p.clone(), target: s.target.clone(), uid: 0, gid: 0 });
+            ops.push(Op::Symlink {
+                path: p.clone(),
+                target: s.target.clone(),
+                uid: 0,
+                gid: 0,
+            });
         }
     }
     for a in &r.attr {
         for p in &a.paths {
-            ops.push(Op::Attr { path: p.clone(), mode: a.mode.map(|m| m.0), uid: a.uid, gid: a.gid });
+            ops.push(Op::Attr {
+                path: p.clone(),
+                mode: a.mode.map(|m| m.0),
+                uid: a.uid,
+                gid: a.gid,
+            });
         }
     }
     Ok(ops)
@@ -180,7 +230,8 @@ fn walk_tree(
     gid: u32,
     ops: &mut Vec<Op>,
 ) -> Result<(), BuildError> {
-    let place = |p: &Path, e: String| recipe_err(l, format!("[[tree]] #{} at {}: {e}", i + 1, p.display()));
+    let place =
+        |p: &Path, e: String| recipe_err(l, format!("[[tree]] #{} at {}: {e}", i + 1, p.display()));
     let mut names: Vec<_> = fs::read_dir(dir)
         .map_err(|e| place(dir, e.to_string()))?
         .map(|e| e.map(|e| e.file_name()))
@@ -189,23 +240,48 @@ fn walk_tree(
     names.sort();
     for name in names {
         let host = dir.join(&name);
-        let name = name.to_str().ok_or_else(|| place(&host, "file name is not UTF-8".into()))?;
+        let name = name
+            .to_str()
+            .ok_or_else(|| place(&host, "file name is not UTF-8".into()))?;
         let path = join(to, name);
         super::recipe::check_image_path(&path).map_err(|e| place(&host, e))?;
         let md = fs::symlink_metadata(&host).map_err(|e| place(&host, e.to_string()))?;
         let mode = tree_mode(md.mode());
         let ft = md.file_type();
         if ft.is_dir() {
-            ops.push(Op::Dir { path: path.clone(), keep_existing: true, mode, uid, gid });
+            ops.push(Op::Dir {
+                path: path.clone(),
+                keep_existing: true,
+                mode,
+                uid,
+                gid,
+            });
             walk_tree(l, i, &host, &path, uid, gid, ops)?;
         } else if ft.is_file() {
-            ops.push(Op::File { path, host, mode, uid, gid });
+            ops.push(Op::File {
+                path,
+                host,
+                mode,
+                uid,
+                gid,
+            });
         } else if ft.is_symlink() {
             let target = fs::read_link(&host).map_err(|e| place(&host, e.to_string()))?;
-            let target = target.to_str().ok_or_else(|| place(&host, "link target is not UTF-8".into()))?.to_owned();
-            ops.push(Op::Symlink { path, target, uid, gid });
+            let target = target
+                .to_str()
+                .ok_or_else(|| place(&host, "link target is not UTF-8".into()))?
+                .to_owned();
+            ops.push(Op::Symlink {
+                path,
+                target,
+                uid,
+                gid,
+            });
         } else {
-            return Err(place(&host, "only files, directories and symlinks can be copied from a tree".into()));
+            return Err(place(
+                &host,
+                "only files, directories and symlinks can be copied from a tree".into(),
+            ));
         }
     }
     Ok(())
@@ -272,9 +348,17 @@ pub fn apply(image: &Path, ops: &[Op], epoch: u64, scratch: &Path) -> Result<(),
             dirs.insert(path.clone());
         }
     }
-    let mut model = Model { known: BTreeMap::new() };
+    let mut model = Model {
+        known: BTreeMap::new(),
+    };
     let mut listed: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
-    list_into(image, dirs.into_iter().collect(), scratch, &mut model, &mut listed)?;
+    list_into(
+        image,
+        dirs.into_iter().collect(),
+        scratch,
+        &mut model,
+        &mut listed,
+    )?;
     // Subtrees of deleted directories, level by level.
     let mut pending: Vec<String> = ops
         .iter()
@@ -284,14 +368,22 @@ pub fn apply(image: &Path, ops: &[Op], epoch: u64, scratch: &Path) -> Result<(),
         })
         .collect();
     while !pending.is_empty() {
-        let todo: Vec<String> = pending.drain(..).filter(|d| !listed.contains_key(d)).collect();
+        let todo: Vec<String> = pending
+            .drain(..)
+            .filter(|d| !listed.contains_key(d))
+            .collect();
         if todo.is_empty() {
             break;
         }
         list_into(image, todo.clone(), scratch, &mut model, &mut listed)?;
         for d in todo {
             if let Some(entries) = listed.get(&d) {
-                pending.extend(entries.iter().filter(|e| e.is_dir()).map(|e| join(&d, &e.name)));
+                pending.extend(
+                    entries
+                        .iter()
+                        .filter(|e| e.is_dir())
+                        .map(|e| join(&d, &e.name)),
+                );
             }
         }
     }
@@ -303,7 +395,10 @@ pub fn apply(image: &Path, ops: &[Op], epoch: u64, scratch: &Path) -> Result<(),
             Op::Delete { path, missing_ok } => match model.exists(path) {
                 None if *missing_ok => {}
                 None => {
-                    return Err(BuildError::Apply { path: path.clone(), message: "cannot delete: no such file or directory".into() })
+                    return Err(BuildError::Apply {
+                        path: path.clone(),
+                        message: "cannot delete: no such file or directory".into(),
+                    })
                 }
                 Some(Kind::Other(_)) => {
                     script.rm(path)?;
@@ -314,7 +409,13 @@ pub fn apply(image: &Path, ops: &[Op], epoch: u64, scratch: &Path) -> Result<(),
                     model.remove_subtree(path);
                 }
             },
-            Op::Dir { path, keep_existing, mode, uid, gid } => {
+            Op::Dir {
+                path,
+                keep_existing,
+                mode,
+                uid,
+                gid,
+            } => {
                 ensure_parents(path, &mut model, &mut script, epoch)?;
                 match model.exists(path) {
                     Some(Kind::Dir) if *keep_existing => continue,
@@ -328,24 +429,43 @@ pub fn apply(image: &Path, ops: &[Op], epoch: u64, scratch: &Path) -> Result<(),
                 model.known.insert(path.clone(), Kind::Dir);
                 script.set_meta(path, 0o040000 | mode, *uid, *gid, epoch)?;
             }
-            Op::File { path, host, mode, uid, gid } => {
+            Op::File {
+                path,
+                host,
+                mode,
+                uid,
+                gid,
+            } => {
                 ensure_parents(path, &mut model, &mut script, epoch)?;
                 replace_target(path, &model, &mut script)?;
                 script.write(host, path)?;
                 model.known.insert(path.clone(), Kind::Other(0o100000));
                 script.set_meta(path, 0o100000 | mode, *uid, *gid, epoch)?;
             }
-            Op::Symlink { path, target, uid, gid } => {
+            Op::Symlink {
+                path,
+                target,
+                uid,
+                gid,
+            } => {
                 ensure_parents(path, &mut model, &mut script, epoch)?;
                 replace_target(path, &model, &mut script)?;
                 script.symlink(path, target)?;
                 model.known.insert(path.clone(), Kind::Other(0o120000));
                 script.set_meta(path, 0o120777, *uid, *gid, epoch)?;
             }
-            Op::Attr { path, mode, uid, gid } => {
+            Op::Attr {
+                path,
+                mode,
+                uid,
+                gid,
+            } => {
                 let ty = match model.exists(path) {
                     None => {
-                        return Err(BuildError::Apply { path: path.clone(), message: "cannot set attributes: no such file or directory".into() })
+                        return Err(BuildError::Apply {
+                            path: path.clone(),
+                            message: "cannot set attributes: no such file or directory".into(),
+                        })
                     }
                     Some(Kind::Dir) => 0o040000,
                     Some(Kind::Other(t)) => t,
@@ -380,7 +500,14 @@ fn list_into(
     for (d, entries) in dirs.into_iter().zip(res) {
         if let Some(entries) = entries {
             for e in &entries {
-                model.known.insert(join(&d, &e.name), if e.is_dir() { Kind::Dir } else { Kind::Other(e.mode & 0o170000) });
+                model.known.insert(
+                    join(&d, &e.name),
+                    if e.is_dir() {
+                        Kind::Dir
+                    } else {
+                        Kind::Other(e.mode & 0o170000)
+                    },
+                );
             }
             listed.insert(d, entries);
         }
@@ -388,7 +515,12 @@ fn list_into(
     Ok(())
 }
 
-fn ensure_parents(path: &str, model: &mut Model, script: &mut Script, epoch: u64) -> Result<(), BuildError> {
+fn ensure_parents(
+    path: &str,
+    model: &mut Model,
+    script: &mut Script,
+    epoch: u64,
+) -> Result<(), BuildError> {
     let par = parent(path);
     if par == "/" {
         return Ok(());
@@ -443,7 +575,12 @@ fn delete_tree(
 
 /// Resets atime/mtime/ctime/crtime of every path under `root` (a host tree just copied in by
 /// `mke2fs -d`) plus `/` and `/lost+found` to `epoch`.
-pub fn normalize_times(image: &Path, root: Option<&Path>, epoch: u64, scratch: &Path) -> Result<(), BuildError> {
+pub fn normalize_times(
+    image: &Path,
+    root: Option<&Path>,
+    epoch: u64,
+    scratch: &Path,
+) -> Result<(), BuildError> {
     let mut script = Script::new(epoch);
     script.set_times("/", epoch)?;
     script.set_times("/lost+found", epoch)?;
@@ -467,12 +604,16 @@ fn collect_paths(dir: &Path, at: &str, out: &mut Vec<String>) -> Result<(), Buil
     names.sort();
     for name in names {
         let host = dir.join(&name);
-        let name = name
-            .to_str()
-            .ok_or_else(|| BuildError::Apply { path: host.display().to_string(), message: "file name is not UTF-8".into() })?;
+        let name = name.to_str().ok_or_else(|| BuildError::Apply {
+            path: host.display().to_string(),
+            message: "file name is not UTF-8".into(),
+        })?;
         let p = join(at, name);
         out.push(p.clone());
-        if fs::symlink_metadata(&host).map_err(|e| BuildError::io("reading", &host, e))?.is_dir() {
+        if fs::symlink_metadata(&host)
+            .map_err(|e| BuildError::io("reading", &host, e))?
+            .is_dir()
+        {
             collect_paths(&host, &p, out)?;
         }
     }

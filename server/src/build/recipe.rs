@@ -159,7 +159,9 @@ impl<'de> Deserialize<'de> for Mode {
                 .map_err(|_| serde::de::Error::custom(format!("mode {s:?} is not octal")))?,
         };
         if v > 0o7777 {
-            return Err(serde::de::Error::custom(format!("mode {v:o} has bits beyond 07777")));
+            return Err(serde::de::Error::custom(format!(
+                "mode {v:o} has bits beyond 07777"
+            )));
         }
         Ok(Mode(v))
     }
@@ -306,8 +308,10 @@ pub fn valid_name(n: &str) -> bool {
     let b = n.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.first().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.first()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 /// Checks a path inside the image: absolute, no `.`/`..`/empty components, no trailing `/`.
@@ -320,7 +324,9 @@ pub fn check_image_path(p: &str) -> Result<(), String> {
     }
     for c in p[1..].split('/') {
         if c.is_empty() || c == "." || c == ".." {
-            return Err(format!("path {p:?} must be normalised (no empty, . or .. components)"));
+            return Err(format!(
+                "path {p:?} must be normalised (no empty, . or .. components)"
+            ));
         }
         if c.len() > 255 {
             return Err(format!("path {p:?} has a component longer than 255 bytes"));
@@ -350,25 +356,49 @@ pub fn host_path(dir: &Path, p: &str) -> PathBuf {
 
 /// Loads `path` (a recipe file, or a directory holding `recipe.toml`).
 pub fn load(path: &Path) -> Result<Loaded, RecipeError> {
-    let file = if path.is_dir() { path.join(RECIPE_FILE) } else { path.to_owned() };
-    let err = |message: String| RecipeError { file: file.clone(), message };
+    let file = if path.is_dir() {
+        path.join(RECIPE_FILE)
+    } else {
+        path.to_owned()
+    };
+    let err = |message: String| RecipeError {
+        file: file.clone(),
+        message,
+    };
     let text = std::fs::read_to_string(&file).map_err(|e| err(format!("cannot read: {e}")))?;
     let (recipe, kind) = parse(&file, &text)?;
-    let dir = file.parent().map(Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
-    Ok(Loaded { file, dir, text, recipe, kind })
+    let dir = file
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(Loaded {
+        file,
+        dir,
+        text,
+        recipe,
+        kind,
+    })
 }
 
 /// Parses and validates the text of a recipe (`file` names it in errors). Validation covers
 /// what the text alone decides: kind, names, sizes, image paths, entry shapes; host files are
 /// checked when the recipe is built.
 pub fn parse(file: &Path, text: &str) -> Result<(Recipe, RecipeKind), RecipeError> {
-    let err = |message: String| RecipeError { file: file.to_owned(), message };
-    let recipe: Recipe = toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
+    let err = |message: String| RecipeError {
+        file: file.to_owned(),
+        message,
+    };
+    let recipe: Recipe =
+        toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_owned()))?;
     let kind = match (&recipe.image, &recipe.update, &recipe.role) {
         (Some(_), None, None) => RecipeKind::Base,
         (None, Some(_), None) => RecipeKind::Update,
         (None, None, Some(_)) => RecipeKind::Role,
-        _ => return Err(err("needs exactly one of [image], [update] or [role]".into())),
+        _ => {
+            return Err(err(
+                "needs exactly one of [image], [update] or [role]".into()
+            ))
+        }
     };
     validate(&recipe, kind).map_err(err)?;
     Ok((recipe, kind))
@@ -381,7 +411,10 @@ fn validate(r: &Recipe, kind: RecipeKind) -> Result<(), String> {
             if !valid_name(&img.name) {
                 return Err(format!("[image] name {:?}: use a-z, 0-9 and -", img.name));
             }
-            let base = r.base.as_ref().ok_or("a base recipe needs a [base] section")?;
+            let base = r
+                .base
+                .as_ref()
+                .ok_or("a base recipe needs a [base] section")?;
             match (img.size_mib, base.source) {
                 (Some(_), SourceKind::Disk) => return Err("[image] size_mib does not apply to source = \"disk\" (the disk keeps its size)".into()),
                 (None, SourceKind::Disk) => {}
@@ -390,7 +423,9 @@ fn validate(r: &Recipe, kind: RecipeKind) -> Result<(), String> {
                 (Some(_), _) => {}
             }
             match (base.source, &base.path) {
-                (SourceKind::Empty, Some(_)) => return Err("[base] source = \"empty\" takes no path".into()),
+                (SourceKind::Empty, Some(_)) => {
+                    return Err("[base] source = \"empty\" takes no path".into())
+                }
                 (SourceKind::Empty, None) => {}
                 (_, None) => return Err("[base] needs a path".into()),
                 _ => {}
@@ -441,13 +476,22 @@ fn validate(r: &Recipe, kind: RecipeKind) -> Result<(), String> {
     }
     for (i, f) in r.file.iter().enumerate() {
         check_image_path(&f.path).map_err(|e| format!("[[file]] #{}: {e}", i + 1))?;
-        let n = usize::from(f.source.is_some()) + usize::from(f.content.is_some()) + usize::from(f.template.is_some());
+        let n = usize::from(f.source.is_some())
+            + usize::from(f.content.is_some())
+            + usize::from(f.template.is_some());
         if n != 1 {
-            return Err(format!("[[file]] #{} ({}): needs exactly one of source, content, template", i + 1, f.path));
+            return Err(format!(
+                "[[file]] #{} ({}): needs exactly one of source, content, template",
+                i + 1,
+                f.path
+            ));
         }
     }
     for (i, s) in r.symlink.iter().enumerate() {
-        if s.target.is_empty() || s.target.len() > 4095 || s.target.chars().any(|c| c == '"' || c.is_control()) {
+        if s.target.is_empty()
+            || s.target.len() > 4095
+            || s.target.chars().any(|c| c == '"' || c.is_control())
+        {
             return Err(format!("[[symlink]] #{}: bad target {:?}", i + 1, s.target));
         }
         for p in &s.paths {
@@ -456,7 +500,10 @@ fn validate(r: &Recipe, kind: RecipeKind) -> Result<(), String> {
     }
     for (i, a) in r.attr.iter().enumerate() {
         if a.mode.is_none() && a.uid.is_none() && a.gid.is_none() {
-            return Err(format!("[[attr]] #{}: set at least one of mode, uid, gid", i + 1));
+            return Err(format!(
+                "[[attr]] #{}: set at least one of mode, uid, gid",
+                i + 1
+            ));
         }
         for p in &a.paths {
             check_image_path(p).map_err(|e| format!("[[attr]] #{}: {e}", i + 1))?;

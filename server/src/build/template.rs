@@ -25,7 +25,9 @@ pub enum TemplateError {
 }
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    !n.is_empty()
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
 /// Renders `text` with `vars`.
@@ -43,15 +45,26 @@ pub fn render(text: &str, vars: &BTreeMap<String, String>) -> Result<String, Tem
         out.push_str(&rest[..pos]);
         let after = &rest[pos + 2..];
         let Some(end) = after.find("}}") else {
-            return Err(TemplateError::Malformed { line: line_of(&rest[pos..]), text: after.chars().take(40).collect() });
+            return Err(TemplateError::Malformed {
+                line: line_of(&rest[pos..]),
+                text: after.chars().take(40).collect(),
+            });
         };
         let name = after[..end].trim();
         if !valid_name(name) {
-            return Err(TemplateError::Malformed { line: line_of(&rest[pos..]), text: name.chars().take(40).collect() });
+            return Err(TemplateError::Malformed {
+                line: line_of(&rest[pos..]),
+                text: name.chars().take(40).collect(),
+            });
         }
         match vars.get(name) {
             Some(v) => out.push_str(v),
-            None => return Err(TemplateError::Missing { name: name.to_owned(), line: line_of(&rest[pos..]) }),
+            None => {
+                return Err(TemplateError::Missing {
+                    name: name.to_owned(),
+                    line: line_of(&rest[pos..]),
+                })
+            }
         }
         rest = &after[end + 2..];
     }
@@ -65,22 +78,42 @@ mod tests {
     use proptest::prelude::*;
 
     fn vars(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        kv.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]
     fn renders_and_escapes() {
         let v = vars(&[("role", "web"), ("port", "80")]);
-        assert_eq!(render("role={{role}} port={{ port }}\n", &v).unwrap(), "role=web port=80\n");
-        assert_eq!(render("literal \\{{role}}", &v).unwrap(), "literal {{role}}");
+        assert_eq!(
+            render("role={{role}} port={{ port }}\n", &v).unwrap(),
+            "role=web port=80\n"
+        );
+        assert_eq!(
+            render("literal \\{{role}}", &v).unwrap(),
+            "literal {{role}}"
+        );
     }
 
     #[test]
     fn missing_variable_is_named() {
         let err = render("a\nb {{ nope }}", &vars(&[])).unwrap_err();
-        assert_eq!(err, TemplateError::Missing { name: "nope".into(), line: 2 });
-        assert!(matches!(render("x {{ open", &vars(&[])), Err(TemplateError::Malformed { .. })));
-        assert!(matches!(render("{{ a b }}", &vars(&[])), Err(TemplateError::Malformed { .. })));
+        assert_eq!(
+            err,
+            TemplateError::Missing {
+                name: "nope".into(),
+                line: 2
+            }
+        );
+        assert!(matches!(
+            render("x {{ open", &vars(&[])),
+            Err(TemplateError::Malformed { .. })
+        ));
+        assert!(matches!(
+            render("{{ a b }}", &vars(&[])),
+            Err(TemplateError::Malformed { .. })
+        ));
     }
 
     proptest! {

@@ -11,7 +11,12 @@ use serde_json::Value;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
     /// Server URL.
-    #[arg(long, env = "STRATA_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "STRATA_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// Bearer token (default: ./strata-data/admin.token).
     #[arg(long, env = "STRATA_TOKEN", hide_env_values = true, global = true)]
@@ -36,11 +41,25 @@ impl Client {
     pub fn new(args: &ClientArgs) -> Result<Client> {
         let token = match &args.token {
             Some(t) => Some(t.trim().to_owned()),
-            None => std::fs::read_to_string("strata-data/admin.token").ok().map(|t| t.trim().to_owned()),
+            None => std::fs::read_to_string("strata-data/admin.token")
+                .ok()
+                .map(|t| t.trim().to_owned()),
         };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting a runtime")?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().context("HTTP client")?;
-        Ok(Client { url: args.url.trim_end_matches('/').to_owned(), token, http, rt, json: args.json })
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime")?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("HTTP client")?;
+        Ok(Client {
+            url: args.url.trim_end_matches('/').to_owned(),
+            token,
+            http,
+            rt,
+            json: args.json,
+        })
     }
 
     /// Calls the API; a non-2xx answer becomes an error carrying the server's message.
@@ -55,10 +74,20 @@ impl Client {
         }
         let url = format!("{} {}{path}", method, self.url);
         self.rt.block_on(async move {
-            let resp = req.send().await.with_context(|| format!("{url}: cannot reach the server"))?;
+            let resp = req
+                .send()
+                .await
+                .with_context(|| format!("{url}: cannot reach the server"))?;
             let status = resp.status();
-            let bytes = resp.bytes().await.with_context(|| format!("{url}: reading the answer"))?;
-            let v: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+            let bytes = resp
+                .bytes()
+                .await
+                .with_context(|| format!("{url}: reading the answer"))?;
+            let v: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+            };
             if !status.is_success() {
                 let msg = v["error"]["message"].as_str().unwrap_or("no message");
                 let code = v["error"]["code"].as_str().unwrap_or("error");
@@ -117,8 +146,12 @@ pub fn version(v: &Value) -> String {
 
 /// Parses `image@version`.
 pub fn parse_version(text: &str) -> Result<Value> {
-    let (image, v) = text.split_once('@').with_context(|| format!("{text:?}: expected IMAGE@VERSION"))?;
-    let v: u64 = v.parse().with_context(|| format!("{text:?}: version is not a number"))?;
+    let (image, v) = text
+        .split_once('@')
+        .with_context(|| format!("{text:?}: expected IMAGE@VERSION"))?;
+    let v: u64 = v
+        .parse()
+        .with_context(|| format!("{text:?}: version is not a number"))?;
     Ok(serde_json::json!({ "image": image, "version": v }))
 }
 
@@ -133,7 +166,9 @@ pub fn s(v: &Value) -> String {
 
 /// Milliseconds since the epoch as an age ("12s ago").
 pub fn age(ms: &Value) -> String {
-    let Some(ms) = ms.as_u64().filter(|&m| m > 0) else { return "never".into() };
+    let Some(ms) = ms.as_u64().filter(|&m| m > 0) else {
+        return "never".into();
+    };
     let now = crate::db::now_ms();
     let secs = now.saturating_sub(ms) / 1000;
     match secs {

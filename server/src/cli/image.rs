@@ -128,9 +128,16 @@ fn open(c: &Common) -> anyhow::Result<Store> {
 
 fn parse_ref(store: &Store, s: &str) -> anyhow::Result<(String, u64)> {
     match s.split_once(':') {
-        Some((i, v)) => Ok((i.to_owned(), v.parse().with_context(|| format!("version {v:?} is not a number"))?)),
+        Some((i, v)) => Ok((
+            i.to_owned(),
+            v.parse()
+                .with_context(|| format!("version {v:?} is not a number"))?,
+        )),
         None => {
-            let v = store.catalog().latest_version(s)?.with_context(|| format!("image {s:?} has no versions"))?;
+            let v = store
+                .catalog()
+                .latest_version(s)?
+                .with_context(|| format!("image {s:?} has no versions"))?;
             Ok((s.to_owned(), v))
         }
     }
@@ -159,7 +166,11 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 /// Runs a `strata image` subcommand.
 pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        ImageCmd::Build { recipe, roles, common } => {
+        ImageCmd::Build {
+            recipe,
+            roles,
+            common,
+        } => {
             let store = open(&common)?;
             let bar = indicatif::ProgressBar::new_spinner();
             if common.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -168,7 +179,14 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             bar.enable_steady_tick(std::time::Duration::from_millis(120));
             let progress = Bar(bar.clone());
             let t = std::time::Instant::now();
-            let built = build::build(&store, &recipe, &BuildOptions { roles_dir: roles, progress: &progress });
+            let built = build::build(
+                &store,
+                &recipe,
+                &BuildOptions {
+                    roles_dir: roles,
+                    progress: &progress,
+                },
+            );
             bar.finish_and_clear();
             let built = built?;
             if common.json {
@@ -178,12 +196,20 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                     "{} version {} {} in {:.2}s",
                     built.image,
                     built.version,
-                    if built.reused { "already built" } else { "built" },
+                    if built.reused {
+                        "already built"
+                    } else {
+                        "built"
+                    },
                     t.elapsed().as_secs_f64()
                 );
                 println!("  base   {}  {:>10}", built.base.id, human(built.base.size));
                 for (role, site, l) in &built.roles {
-                    let name = if site.is_empty() { role.clone() } else { format!("{role}@{site}") };
+                    let name = if site.is_empty() {
+                        role.clone()
+                    } else {
+                        format!("{role}@{site}")
+                    };
                     println!("  {name:<6} {}  {:>10}", l.id, human(l.size));
                 }
                 if let Some(k) = &built.kernel {
@@ -197,24 +223,56 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             if common.json {
                 print_json(&versions)?;
             } else {
-                println!("{:<16} {:>7}  {:<16} {:<20} created", "IMAGE", "VERSION", "BASE", "ROLES");
+                println!(
+                    "{:<16} {:>7}  {:<16} {:<20} created",
+                    "IMAGE", "VERSION", "BASE", "ROLES"
+                );
                 for v in versions {
                     let roles: Vec<String> = v
                         .roles
                         .iter()
-                        .map(|r| if r.site.is_empty() { r.role.clone() } else { format!("{}@{}", r.role, r.site) })
+                        .map(|r| {
+                            if r.site.is_empty() {
+                                r.role.clone()
+                            } else {
+                                format!("{}@{}", r.role, r.site)
+                            }
+                        })
                         .collect();
-                    println!("{:<16} {:>7}  {:<16} {:<20} {}", v.image, v.version, &v.base.to_hex()[..16], roles.join(","), v.created);
+                    println!(
+                        "{:<16} {:>7}  {:<16} {:<20} {}",
+                        v.image,
+                        v.version,
+                        &v.base.to_hex()[..16],
+                        roles.join(","),
+                        v.created
+                    );
                 }
             }
         }
-        ImageCmd::Inspect { image, role, site, recipe, common } => {
+        ImageCmd::Inspect {
+            image,
+            role,
+            site,
+            recipe,
+            common,
+        } => {
             let store = open(&common)?;
             let (name, version) = parse_ref(&store, &image)?;
             let iv = store
                 .image_version(&name, version, role.as_deref(), site.as_deref())?
-                .with_context(|| format!("{name}:{version}{} not found", role.as_deref().map(|r| format!(" role {r}")).unwrap_or_default()))?;
-            let info = store.catalog().version(&name, version)?.context("version vanished")?;
+                .with_context(|| {
+                    format!(
+                        "{name}:{version}{} not found",
+                        role.as_deref()
+                            .map(|r| format!(" role {r}"))
+                            .unwrap_or_default()
+                    )
+                })?;
+            let info = store
+                .catalog()
+                .version(&name, version)?
+                .context("version vanished")?;
             if common.json {
                 #[derive(serde::Serialize)]
                 struct Out<'a> {
@@ -224,9 +282,22 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                     inputs: &'a str,
                     recipe: &'a str,
                 }
-                print_json(&Out { iv: &iv, roles: &info.roles, inputs: &info.inputs, recipe: &info.recipe })?;
+                print_json(&Out {
+                    iv: &iv,
+                    roles: &info.roles,
+                    inputs: &info.inputs,
+                    recipe: &info.recipe,
+                })?;
             } else {
-                println!("{}:{} {}", iv.image, iv.version, iv.role.as_deref().map(|r| format!("role {r}")).unwrap_or_else(|| "base".into()));
+                println!(
+                    "{}:{} {}",
+                    iv.image,
+                    iv.version,
+                    iv.role
+                        .as_deref()
+                        .map(|r| format!("role {r}"))
+                        .unwrap_or_else(|| "base".into())
+                );
                 println!("chain (base first):");
                 for l in &iv.layers {
                     println!(
@@ -239,11 +310,22 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                     );
                 }
                 if let Some(k) = &iv.kernel {
-                    println!("kernel: {} {} ({}) at {}", k.release, k.id, human(k.size), k.path.display());
+                    println!(
+                        "kernel: {} {} ({}) at {}",
+                        k.release,
+                        k.id,
+                        human(k.size),
+                        k.path.display()
+                    );
                 }
                 println!("roles of this version:");
                 for r in &info.roles {
-                    println!("  {:<12} {:<8} {}", r.role, if r.site.is_empty() { "-" } else { &r.site }, r.layer);
+                    println!(
+                        "  {:<12} {:<8} {}",
+                        r.role,
+                        if r.site.is_empty() { "-" } else { &r.site },
+                        r.layer
+                    );
                 }
                 println!("inputs: {}", info.inputs);
                 if recipe {
@@ -256,12 +338,21 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        ImageCmd::Diff { old, new, role, common } => {
+        ImageCmd::Diff {
+            old,
+            new,
+            role,
+            common,
+        } => {
             let store = open(&common)?;
             let (a_name, a_v) = parse_ref(&store, &old)?;
             let (b_name, b_v) = parse_ref(&store, &new)?;
-            let a = store.image_version(&a_name, a_v, role.as_deref(), None)?.with_context(|| format!("{old} not found"))?;
-            let b = store.image_version(&b_name, b_v, role.as_deref(), None)?.with_context(|| format!("{new} not found"))?;
+            let a = store
+                .image_version(&a_name, a_v, role.as_deref(), None)?
+                .with_context(|| format!("{old} not found"))?;
+            let b = store
+                .image_version(&b_name, b_v, role.as_deref(), None)?
+                .with_context(|| format!("{new} not found"))?;
             let changes = diff(&store, &a, &b)?;
             if common.json {
                 print_json(&changes)?;
@@ -274,7 +365,9 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
         }
         ImageCmd::Rm { image, common } => {
             let store = open(&common)?;
-            let Some((name, v)) = image.split_once(':') else { bail!("give image:version") };
+            let Some((name, v)) = image.split_once(':') else {
+                bail!("give image:version")
+            };
             let v: u64 = v.parse().context("version")?;
             if !store.catalog().remove_version(name, v)? {
                 bail!("{image} not found");
@@ -298,19 +391,49 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 for b in &r.blobs {
                     println!("{verb} blob {b}");
                 }
-                println!("{verb} {} layers, {} blobs, {} cache files: {}", r.layers.len(), r.blobs.len(), r.cache_files, human(r.bytes));
+                println!(
+                    "{verb} {} layers, {} blobs, {} cache files: {}",
+                    r.layers.len(),
+                    r.blobs.len(),
+                    r.cache_files,
+                    human(r.bytes)
+                );
             }
         }
-        ImageCmd::Node { image, role, hostname, mac, ip, gateway, node_id, token, common } => {
+        ImageCmd::Node {
+            image,
+            role,
+            hostname,
+            mac,
+            ip,
+            gateway,
+            node_id,
+            token,
+            common,
+        } => {
             let store = open(&common)?;
             let (name, v) = parse_ref(&store, &image)?;
-            let iv = store.image_version(&name, v, Some(&role), None)?.with_context(|| format!("{name}:{v} has no role {role}"))?;
-            let facts = NodeFacts { hostname, node_id: node_id.unwrap_or_else(|| mac.clone()), mac, ip, gateway, token };
+            let iv = store
+                .image_version(&name, v, Some(&role), None)?
+                .with_context(|| format!("{name}:{v} has no role {role}"))?;
+            let facts = NodeFacts {
+                hostname,
+                node_id: node_id.unwrap_or_else(|| mac.clone()),
+                mac,
+                ip,
+                gateway,
+                token,
+            };
             let rec = build::node_layer(&store, &iv, &facts)?;
             if common.json {
                 print_json(&rec)?;
             } else {
-                println!("node layer {} ({}) on {}", rec.id, human(rec.size), rec.parent.map(|p| p.to_hex()).unwrap_or_default());
+                println!(
+                    "node layer {} ({}) on {}",
+                    rec.id,
+                    human(rec.size),
+                    rec.parent.map(|p| p.to_hex()).unwrap_or_default()
+                );
             }
         }
     }
@@ -322,7 +445,11 @@ type FileState = (u32, u32, u32, String);
 
 /// Paths that differ between two versions: `A` added, `D` deleted, `M` content changed,
 /// `m` mode or owner changed.
-pub fn diff(store: &Store, a: &ImageVersion, b: &ImageVersion) -> anyhow::Result<BTreeMap<String, char>> {
+pub fn diff(
+    store: &Store,
+    a: &ImageVersion,
+    b: &ImageVersion,
+) -> anyhow::Result<BTreeMap<String, char>> {
     let scratch = store.scratch("diff")?;
     let ta = tree_state(store, a, &scratch.path().join("a"))?;
     let tb = tree_state(store, b, &scratch.path().join("b"))?;
@@ -349,7 +476,11 @@ pub fn diff(store: &Store, a: &ImageVersion, b: &ImageVersion) -> anyhow::Result
     Ok(out)
 }
 
-fn tree_state(store: &Store, v: &ImageVersion, dir: &Path) -> anyhow::Result<BTreeMap<String, FileState>> {
+fn tree_state(
+    store: &Store,
+    v: &ImageVersion,
+    dir: &Path,
+) -> anyhow::Result<BTreeMap<String, FileState>> {
     std::fs::create_dir_all(dir)?;
     let raw = build::layer::cached_raw(store, &v.layers, dir)?;
     let mut out = BTreeMap::new();
@@ -377,7 +508,11 @@ fn tree_state(store: &Store, v: &ImageVersion, dir: &Path) -> anyhow::Result<BTr
         let mut dumped = Vec::new();
         for (i, p) in files.iter().enumerate() {
             let host = dir.join(format!("f{i}"));
-            script.line(format!("dump {} {}", ext4::quote(p)?, ext4::quote(&host.display().to_string())?));
+            script.line(format!(
+                "dump {} {}",
+                ext4::quote(p)?,
+                ext4::quote(&host.display().to_string())?
+            ));
             dumped.push((p.clone(), host));
         }
         if !dumped.is_empty() {

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use tokio_util::sync::CancellationToken;
 
-use crate::iscsi::{Backing, ChapCredentials, IscsiTarget, RawLun, StaticLuns, TargetAccess, TargetOptions, VhdxLun};
+use crate::iscsi::{
+    Backing, ChapCredentials, IscsiTarget, RawLun, StaticLuns, TargetAccess, TargetOptions, VhdxLun,
+};
 
 /// `strata iscsi` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -48,7 +50,10 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let mac: wire::dhcp::MacAddr = args.mac.parse()?;
     let keys = config.data_dir.join("keys");
     if !keys.join("server.key").is_file() {
-        bail!("no server key in {}: run `strata serve` with this data directory first", keys.display());
+        bail!(
+            "no server key in {}: run `strata serve` with this data directory first",
+            keys.display()
+        );
     }
     let key = crate::keys::load_or_create(&keys)?;
     let c = crate::iscsi::node_credentials(&config.iscsi, &key, &mac);
@@ -98,11 +103,16 @@ pub struct ServeArgs {
 }
 
 fn creds(s: &str) -> anyhow::Result<ChapCredentials> {
-    let Some((user, secret)) = s.split_once(':') else { bail!("CHAP credentials must be USER:SECRET") };
+    let Some((user, secret)) = s.split_once(':') else {
+        bail!("CHAP credentials must be USER:SECRET")
+    };
     if user.is_empty() || secret.is_empty() {
         bail!("CHAP user and secret must not be empty");
     }
-    Ok(ChapCredentials { user: user.to_owned(), secret: secret.as_bytes().to_vec() })
+    Ok(ChapCredentials {
+        user: user.to_owned(),
+        secret: secret.as_bytes().to_vec(),
+    })
 }
 
 /// Builds the targets named on the command line.
@@ -114,31 +124,48 @@ pub fn build_luns(args: &ServeArgs) -> anyhow::Result<StaticLuns> {
     };
     let mut luns = StaticLuns::new();
     for spec in &args.luns {
-        let Some((iqn, what)) = spec.split_once('=') else { bail!("--lun {spec}: expected IQN=SPEC") };
+        let Some((iqn, what)) = spec.split_once('=') else {
+            bail!("--lun {spec}: expected IQN=SPEC")
+        };
         if !iqn.starts_with("iqn.") && !iqn.starts_with("eui.") && !iqn.starts_with("naa.") {
             bail!("--lun {spec}: {iqn} is not an iSCSI name (iqn., eui. or naa.)");
         }
         let backing = if let Some(raw) = what.strip_prefix("raw:") {
-            let lun = RawLun::open(raw.as_ref(), !args.read_only).with_context(|| format!("opening {raw}"))?;
+            let lun = RawLun::open(raw.as_ref(), !args.read_only)
+                .with_context(|| format!("opening {raw}"))?;
             Backing::Shared(Arc::new(lun))
         } else {
             let paths: Vec<PathBuf> = what.split(',').map(PathBuf::from).collect();
             if args.stateless {
                 let paths = if paths.len() == 1 {
-                    let chain = vhdx::Chain::open(&paths[0]).with_context(|| format!("opening {what}"))?;
-                    chain.layers().iter().map(|l| l.path().to_path_buf()).collect()
+                    let chain =
+                        vhdx::Chain::open(&paths[0]).with_context(|| format!("opening {what}"))?;
+                    chain
+                        .layers()
+                        .iter()
+                        .map(|l| l.path().to_path_buf())
+                        .collect()
                 } else {
                     paths
                 };
                 // Fail now, not at the first login.
-                VhdxLun::open_stateless(&paths, &args.scratch_dir).with_context(|| format!("opening {what}"))?;
-                Backing::Stateless { paths, scratch_dir: args.scratch_dir.clone() }
+                VhdxLun::open_stateless(&paths, &args.scratch_dir)
+                    .with_context(|| format!("opening {what}"))?;
+                Backing::Stateless {
+                    paths,
+                    scratch_dir: args.scratch_dir.clone(),
+                }
             } else {
                 let lun = match (paths.as_slice(), args.read_only) {
                     ([top], false) => VhdxLun::open_top(top),
-                    ([top], true) => vhdx::Chain::open(top)
-                        .map_err(Into::into)
-                        .and_then(|c| VhdxLun::open_read_only(&c.layers().iter().map(|l| l.path().to_path_buf()).collect::<Vec<_>>())),
+                    ([top], true) => vhdx::Chain::open(top).map_err(Into::into).and_then(|c| {
+                        VhdxLun::open_read_only(
+                            &c.layers()
+                                .iter()
+                                .map(|l| l.path().to_path_buf())
+                                .collect::<Vec<_>>(),
+                        )
+                    }),
                     (all, false) => VhdxLun::open_node(all),
                     (all, true) => VhdxLun::open_read_only(all),
                 }
@@ -158,27 +185,39 @@ pub fn run(cmd: IscsiCmd) -> anyhow::Result<ExitCode> {
         IscsiCmd::Node(args) => return node(args),
     };
     let luns = build_luns(&args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         // Tests and scripts read this line to learn the port when listening on port 0.
         println!("listening on {addr}");
         let cancel = CancellationToken::new();
         let stop = cancel.clone();
         tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return,
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return,
+                };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
             stop.cancel();
         });
-        let opts = TargetOptions { max_connections: args.max_connections, ..TargetOptions::default() };
-        IscsiTarget::new(listener, Arc::new(luns), opts).run(cancel).await.context("iSCSI target")?;
+        let opts = TargetOptions {
+            max_connections: args.max_connections,
+            ..TargetOptions::default()
+        };
+        IscsiTarget::new(listener, Arc::new(luns), opts)
+            .run(cancel)
+            .await
+            .context("iSCSI target")?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -142,7 +142,11 @@ pub fn run(cmd: McastCmd) -> anyhow::Result<ExitCode> {
         }
         McastCmd::Start { layer, client } => {
             let c = Client::new(&client)?;
-            let v = c.call("POST", &format!("/api/v1/multicast/sessions/{layer}/start"), None)?;
+            let v = c.call(
+                "POST",
+                &format!("/api/v1/multicast/sessions/{layer}/start"),
+                None,
+            )?;
             c.print(&v, session_rows);
             Ok(ExitCode::SUCCESS)
         }
@@ -155,7 +159,10 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         rate_bps: a.rate,
         min_receivers: a.min_receivers,
         max_wait: a.max_wait.map(|s| seconds(s, "--max-wait")).transpose()?,
-        slow_bound: a.slow_bound.map(|s| seconds(s, "--slow-bound")).transpose()?,
+        slow_bound: a
+            .slow_bound
+            .map(|s| seconds(s, "--slow-bound"))
+            .transpose()?,
         symbol_size: a.symbol_size,
         ..SenderConfig::default()
     };
@@ -228,8 +235,7 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = a.timeout {
         cfg.deadline = Some(Instant::now() + seconds(t, "--timeout")?);
     }
-    let r = receive_file(&cfg, &a.out)
-        .with_context(|| format!("receiving {}", a.out.display()))?;
+    let r = receive_file(&cfg, &a.out).with_context(|| format!("receiving {}", a.out.display()))?;
     let s = &r.stats;
     println!(
         "{}",
@@ -302,12 +308,19 @@ fn session_rows(v: &serde_json::Value) -> String {
                         offered.to_string(),
                         s(&c["receivers_done"]),
                         s(&c["repair_packets"]),
-                        c["wire_ratio"].as_f64().map_or_else(|| "-".into(), |w| format!("{w:.3}")),
+                        c["wire_ratio"]
+                            .as_f64()
+                            .map_or_else(|| "-".into(), |w| format!("{w:.3}")),
                         s(&r["error"]),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    table(&["ID", "STATE", "LAYER", "GROUP", "BYTES", "OFFERED", "DONE", "REPAIRS", "WIRE", "ERROR"], &rows)
+    table(
+        &[
+            "ID", "STATE", "LAYER", "GROUP", "BYTES", "OFFERED", "DONE", "REPAIRS", "WIRE", "ERROR",
+        ],
+        &rows,
+    )
 }

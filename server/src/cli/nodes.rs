@@ -85,15 +85,30 @@ fn rows(nodes: &Value) -> String {
                         s(&n["role"]),
                         s(&n["site"]),
                         version(&n["effective"]),
-                        n["status"]["version"].as_u64().map_or("-".into(), |v| v.to_string()),
-                        format!("{}{}", s(&n["state"]), if n["drifted"] == true { " (drifted)" } else { "" }),
+                        n["status"]["version"]
+                            .as_u64()
+                            .map_or("-".into(), |v| v.to_string()),
+                        format!(
+                            "{}{}",
+                            s(&n["state"]),
+                            if n["drifted"] == true {
+                                " (drifted)"
+                            } else {
+                                ""
+                            }
+                        ),
                         age(&n["last_seen_ms"]),
                     ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    table(&["MAC", "NAME", "ROLE", "SITE", "ASSIGNED", "RUNNING", "STATE", "SEEN"], &rows)
+    table(
+        &[
+            "MAC", "NAME", "ROLE", "SITE", "ASSIGNED", "RUNNING", "STATE", "SEEN",
+        ],
+        &rows,
+    )
 }
 
 /// Runs `strata nodes`.
@@ -120,7 +135,16 @@ pub fn run(args: NodesArgs) -> Result<ExitCode> {
                 out
             });
         }
-        NodesCmd::Set { mac, name, role, site, no_site, pin, unpin, reboot } => {
+        NodesCmd::Set {
+            mac,
+            name,
+            role,
+            site,
+            no_site,
+            pin,
+            unpin,
+            reboot,
+        } => {
             let mut body = serde_json::Map::new();
             if let Some(n) = name {
                 body.insert("name".into(), json!(n));
@@ -141,16 +165,31 @@ pub fn run(args: NodesArgs) -> Result<ExitCode> {
             if reboot {
                 body.insert("reboot".into(), json!(true));
             }
-            let v = c.call("PATCH", &format!("/api/v1/nodes/{mac}"), Some(&Value::Object(body)))?;
+            let v = c.call(
+                "PATCH",
+                &format!("/api/v1/nodes/{mac}"),
+                Some(&Value::Object(body)),
+            )?;
             c.print(&v, |n| rows(&json!([n])));
         }
         NodesCmd::Token { mac } => {
-            let v = c.call("POST", &format!("/api/v1/nodes/{mac}/tokens"), Some(&json!({})))?;
+            let v = c.call(
+                "POST",
+                &format!("/api/v1/nodes/{mac}/tokens"),
+                Some(&json!({})),
+            )?;
             c.print(&v, |t| format!("{}\n", s(&t["token"])));
         }
         NodesCmd::RotateToken { mac } => {
             let v = c.call("POST", &format!("/api/v1/nodes/{mac}/tokens/rotate"), None)?;
-            c.print(&v, |t| format!("token {} is generation {} of {}'s layer token\n", t["id"], t["layer_gen"], s(&t["node"])));
+            c.print(&v, |t| {
+                format!(
+                    "token {} is generation {} of {}'s layer token\n",
+                    t["id"],
+                    t["layer_gen"],
+                    s(&t["node"])
+                )
+            });
         }
         NodesCmd::Delete { mac } => {
             c.call("DELETE", &format!("/api/v1/nodes/{mac}"), None)?;

@@ -41,7 +41,11 @@ enum RolesCmd {
 fn rows(roles: &Value) -> String {
     let rows: Vec<Vec<String>> = roles
         .as_array()
-        .map(|a| a.iter().map(|r| vec![s(&r["name"]), version(&r["version"]), s(&r["order"])]).collect())
+        .map(|a| {
+            a.iter()
+                .map(|r| vec![s(&r["name"]), version(&r["version"]), s(&r["order"])])
+                .collect()
+        })
         .unwrap_or_default();
     table(&["ROLE", "VERSION", "ORDER"], &rows)
 }
@@ -54,9 +58,17 @@ pub fn run(args: RolesArgs) -> Result<ExitCode> {
             let v = c.call("GET", "/api/v1/roles", None)?;
             c.print(&v, rows);
         }
-        RolesCmd::Set { name, version, order } => {
+        RolesCmd::Set {
+            name,
+            version,
+            order,
+        } => {
             let v = version.as_deref().map(parse_version).transpose()?;
-            let r = c.call("PUT", &format!("/api/v1/roles/{name}"), Some(&json!({ "version": v, "order": order })))?;
+            let r = c.call(
+                "PUT",
+                &format!("/api/v1/roles/{name}"),
+                Some(&json!({ "version": v, "order": order })),
+            )?;
             c.print(&r, |r| rows(&json!([r])));
         }
         RolesCmd::Delete { name } => {

@@ -96,11 +96,18 @@ fn summary(r: &Value) -> String {
         r["progress"]["wave"],
         r["plan"]["waves"].as_array().map_or(0, Vec::len),
         s(&r["progress"]["phase"]),
-        r["reason"].as_str().map(|x| format!("  ({x})")).unwrap_or_default(),
+        r["reason"]
+            .as_str()
+            .map(|x| format!("  ({x})"))
+            .unwrap_or_default(),
         s(&r["digest"]),
     );
     if let Some(l) = r["lease"].as_object() {
-        out.push_str(&format!("lease {} token {}\n", s(&l["holder"].clone()), l["token"].clone()));
+        out.push_str(&format!(
+            "lease {} token {}\n",
+            s(&l["holder"].clone()),
+            l["token"].clone()
+        ));
     }
     let rows: Vec<Vec<String>> = r["plan"]["waves"]
         .as_array()
@@ -109,15 +116,32 @@ fn summary(r: &Value) -> String {
                 .map(|w| {
                     let nodes = w["nodes"].as_array().map_or(0, Vec::len);
                     let groups = w["groups"].as_array().map_or(0, Vec::len);
-                    let to = r["plan"]["roles"].as_array().and_then(|rs| rs.iter().find(|x| x["role"] == w["role"])).map(|x| version(&x["to"])).unwrap_or_default();
-                    vec![s(&w["index"]), s(&w["role"]), s(&w["kind"]), nodes.to_string(), groups.to_string(), to]
+                    let to = r["plan"]["roles"]
+                        .as_array()
+                        .and_then(|rs| rs.iter().find(|x| x["role"] == w["role"]))
+                        .map(|x| version(&x["to"]))
+                        .unwrap_or_default();
+                    vec![
+                        s(&w["index"]),
+                        s(&w["role"]),
+                        s(&w["kind"]),
+                        nodes.to_string(),
+                        groups.to_string(),
+                        to,
+                    ]
                 })
                 .collect()
         })
         .unwrap_or_default();
-    out.push_str(&table(&["WAVE", "ROLE", "KIND", "NODES", "GROUPS", "TO"], &rows));
+    out.push_str(&table(
+        &["WAVE", "ROLE", "KIND", "NODES", "GROUPS", "TO"],
+        &rows,
+    ));
     if let Some(sk) = r["plan"]["skipped"].as_array().filter(|a| !a.is_empty()) {
-        out.push_str(&format!("{} node(s) skipped (already on the target)\n", sk.len()));
+        out.push_str(&format!(
+            "{} node(s) skipped (already on the target)\n",
+            sk.len()
+        ));
     }
     out
 }
@@ -126,15 +150,28 @@ fn summary(r: &Value) -> String {
 pub fn run(args: RolloutArgs) -> Result<ExitCode> {
     let c = Client::new(&args.client)?;
     let act = |id: u64, what: &str, body: Value| -> Result<()> {
-        let r = c.call("POST", &format!("/api/v1/rollouts/{id}/{what}"), Some(&body))?;
+        let r = c.call(
+            "POST",
+            &format!("/api/v1/rollouts/{id}/{what}"),
+            Some(&body),
+        )?;
         c.print(&r, summary);
         Ok(())
     };
     match args.cmd {
-        RolloutCmd::Plan { roles, canary, batch, max_unavailable, health_timeout, stage_timeout } => {
+        RolloutCmd::Plan {
+            roles,
+            canary,
+            batch,
+            max_unavailable,
+            health_timeout,
+            stage_timeout,
+        } => {
             let mut targets = Vec::new();
             for r in &roles {
-                let (role, v) = r.split_once('=').with_context(|| format!("--role {r:?}: expected ROLE=IMAGE@VERSION"))?;
+                let (role, v) = r
+                    .split_once('=')
+                    .with_context(|| format!("--role {r:?}: expected ROLE=IMAGE@VERSION"))?;
                 targets.push(json!({ "role": role, "to": parse_version(v)? }));
             }
             let spec = json!({
@@ -143,7 +180,12 @@ pub fn run(args: RolloutArgs) -> Result<ExitCode> {
             });
             let r = c.call("POST", "/api/v1/rollouts", Some(&spec))?;
             c.print(&r, |r| {
-                format!("{}approve with: strata rollout approve {} --digest {}\n", summary(r), r["id"], s(&r["digest"]))
+                format!(
+                    "{}approve with: strata rollout approve {} --digest {}\n",
+                    summary(r),
+                    r["id"],
+                    s(&r["digest"])
+                )
             });
         }
         RolloutCmd::Approve { id, digest } => act(id, "approve", json!({ "digest": digest }))?,
@@ -159,8 +201,27 @@ pub fn run(args: RolloutArgs) -> Result<ExitCode> {
                     .map(|a| {
                         a.iter()
                             .map(|r| {
-                                let roles: Vec<String> = r["plan"]["roles"].as_array().map(|rs| rs.iter().map(|x| format!("{}→{}", s(&x["role"]), version(&x["to"]))).collect()).unwrap_or_default();
-                                vec![s(&r["id"]), s(&r["state"]), format!("{}/{}", r["progress"]["wave"], r["plan"]["waves"].as_array().map_or(0, Vec::len)), roles.join(" "), s(&r["reason"])]
+                                let roles: Vec<String> = r["plan"]["roles"]
+                                    .as_array()
+                                    .map(|rs| {
+                                        rs.iter()
+                                            .map(|x| {
+                                                format!("{}→{}", s(&x["role"]), version(&x["to"]))
+                                            })
+                                            .collect()
+                                    })
+                                    .unwrap_or_default();
+                                vec![
+                                    s(&r["id"]),
+                                    s(&r["state"]),
+                                    format!(
+                                        "{}/{}",
+                                        r["progress"]["wave"],
+                                        r["plan"]["waves"].as_array().map_or(0, Vec::len)
+                                    ),
+                                    roles.join(" "),
+                                    s(&r["reason"]),
+                                ]
                             })
                             .collect()
                     })
@@ -172,7 +233,11 @@ pub fn run(args: RolloutArgs) -> Result<ExitCode> {
             let r = c.call("GET", &format!("/api/v1/rollouts/{id}"), None)?;
             c.print(&r, summary);
         }
-        RolloutCmd::Events { after, kind, subject } => {
+        RolloutCmd::Events {
+            after,
+            kind,
+            subject,
+        } => {
             let mut q = format!("?after={after}");
             if let Some(k) = kind {
                 q.push_str(&format!("&kind={k}"));
@@ -184,7 +249,19 @@ pub fn run(args: RolloutArgs) -> Result<ExitCode> {
             c.print(&v, |v| {
                 let rows: Vec<Vec<String>> = v
                     .as_array()
-                    .map(|a| a.iter().map(|e| vec![s(&e["id"]), s(&e["kind"]), s(&e["subject"]), s(&e["actor"]), e["detail"].to_string()]).collect())
+                    .map(|a| {
+                        a.iter()
+                            .map(|e| {
+                                vec![
+                                    s(&e["id"]),
+                                    s(&e["kind"]),
+                                    s(&e["subject"]),
+                                    s(&e["actor"]),
+                                    e["detail"].to_string(),
+                                ]
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
                 table(&["ID", "KIND", "SUBJECT", "ACTOR", "DETAIL"], &rows)
             });

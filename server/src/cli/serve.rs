@@ -49,7 +49,11 @@ fn default_kernel() -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
         .collect();
     found.sort();
     found.pop()
@@ -92,7 +96,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("no kernel: set boot.kernel or run scripts/setup.sh; nodes cannot boot");
     }
     let initramfs = match config.boot.initramfs.clone().or_else(default_initramfs) {
-        Some(base) => Some(initramfs::with_public_key(&base, &public_hex, &config.data_dir.join("boot"))?),
+        Some(base) => Some(initramfs::with_public_key(
+            &base,
+            &public_hex,
+            &config.data_dir.join("boot"),
+        )?),
         None => {
             tracing::warn!("no initramfs: set boot.initramfs or run scripts/build-initramfs.sh");
             None
@@ -150,13 +158,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let app = crate::http::router(state).merge(orchestrator.router());
     orchestrator.spawn(&mut services);
     services.spawn("http", move |token| async move {
-        axum::serve(http, app).with_graceful_shutdown(token.cancelled_owned()).await
+        axum::serve(http, app)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
     });
     if config.tftp.enabled {
         let listen = config.tftp.listen;
-        let socket = tokio::net::UdpSocket::bind(listen)
-            .await
-            .with_context(|| format!("binding TFTP {listen} (port 69 needs root or CAP_NET_BIND_SERVICE)"))?;
+        let socket = tokio::net::UdpSocket::bind(listen).await.with_context(|| {
+            format!("binding TFTP {listen} (port 69 needs root or CAP_NET_BIND_SERVICE)")
+        })?;
         let tftp_addr = socket.local_addr()?;
         let server = tftp::TftpServer::new(socket, &config.tftp.root, tftp::TftpOptions::default())
             .with_context(|| format!("TFTP root {}", config.tftp.root.display()))?;
@@ -168,12 +178,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if let Some((listener, luns)) = iscsi {
         let iscsi_addr = listener.local_addr()?;
-        let target = crate::iscsi::IscsiTarget::new(listener, luns, crate::iscsi::TargetOptions::default());
+        let target =
+            crate::iscsi::IscsiTarget::new(listener, luns, crate::iscsi::TargetOptions::default());
         services.spawn("iscsi", move |token| target.run(token));
         tracing::info!(iscsi = %iscsi_addr, chap = config.iscsi.chap, stateless = config.iscsi.stateless, "iSCSI on");
     }
     if config.multicast.enabled {
-        let sched = crate::multicast::Scheduler::new(config.multicast.clone(), tokio::runtime::Handle::current());
+        let sched = crate::multicast::Scheduler::new(
+            config.multicast.clone(),
+            tokio::runtime::Handle::current(),
+        );
         fleet.set_multicast(Arc::clone(&sched));
         services.spawn("multicast", move |token| sched.run(token));
         tracing::info!(group = %config.multicast.group, port = config.multicast.port, "multicast sessions offered in manifests");
@@ -188,13 +202,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     let signal_token = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -214,7 +229,9 @@ fn dhcp_socket(iface: &str, port: u16) -> anyhow::Result<tokio::net::UdpSocket> 
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).with_context(what)?;
     socket.set_reuse_address(true).with_context(what)?;
     socket.set_broadcast(true).with_context(what)?;
-    socket.bind_device(Some(iface.as_bytes())).with_context(what)?;
+    socket
+        .bind_device(Some(iface.as_bytes()))
+        .with_context(what)?;
     socket.set_nonblocking(true).with_context(what)?;
     socket
         .bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
@@ -234,7 +251,10 @@ async fn start_dhcp(
     let (Some(iface), Some(server_ip)) = (d.interface.as_deref(), d.server_ip) else {
         anyhow::bail!("dhcp.interface and dhcp.server_ip are required");
     };
-    let mut boot = dhcp::BootConfig::new(server_ip, format!("{public_url}/boot/node.ipxe?mac={{mac}}"));
+    let mut boot = dhcp::BootConfig::new(
+        server_ip,
+        format!("{public_url}/boot/node.ipxe?mac={{mac}}"),
+    );
     boot.http_boot = dhcp::HttpBootUrls {
         x64: Some(format!("{public_url}/boot/file/ipxe.efi")),
         arm64: None,
@@ -270,8 +290,15 @@ async fn start_dhcp(
             pool.dns = d.dns.clone();
             pool.lease_time = std::time::Duration::from_secs(u64::from(d.lease_secs));
             for r in &d.reservations {
-                let mac = r.mac.parse().map_err(|_| anyhow::anyhow!("dhcp.reservations: bad MAC {:?}", r.mac))?;
-                pool.reservations.push(dhcp::Reservation { mac, ip: r.ip, hostname: r.hostname.clone() });
+                let mac = r
+                    .mac
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("dhcp.reservations: bad MAC {:?}", r.mac))?;
+                pool.reservations.push(dhcp::Reservation {
+                    mac,
+                    ip: r.ip,
+                    hostname: r.hostname.clone(),
+                });
             }
             let leases = dhcp::LeaseStore::open(&config.data_dir.join("leases.db")).await?;
             let socket = dhcp_socket(iface, 67)?;

@@ -113,7 +113,11 @@ pub fn run(cmd: VhdxCmd) -> anyhow::Result<ExitCode> {
             let parent = parent.map(Chain::open).transpose()?;
             let mut opts = CreateOptions {
                 block_size: u32::try_from(block_size).context("block size too large")?,
-                disk_type: if fixed { DiskType::Fixed } else { DiskType::Dynamic },
+                disk_type: if fixed {
+                    DiskType::Fixed
+                } else {
+                    DiskType::Dynamic
+                },
                 logical_sector_size,
                 record_absolute_parent_path: absolute_parent_path,
                 ..CreateOptions::default()
@@ -143,7 +147,8 @@ pub fn run(cmd: VhdxCmd) -> anyhow::Result<ExitCode> {
         VhdxCmd::Check { file, repair } => Ok(check(&file, repair)),
         VhdxCmd::Hash { file } => {
             let mut h = blake3::Hasher::new();
-            h.update_mmap_rayon(&file).with_context(|| format!("{}: hashing", file.display()))?;
+            h.update_mmap_rayon(&file)
+                .with_context(|| format!("{}: hashing", file.display()))?;
             println!("{}  {}", h.finalize().to_hex(), file.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -154,7 +159,10 @@ pub fn run(cmd: VhdxCmd) -> anyhow::Result<ExitCode> {
                 .map()?
                 .into_iter()
                 .map(|e| match e.source {
-                    vhdx::Source::File { layer_index, file_offset } => json!({
+                    vhdx::Source::File {
+                        layer_index,
+                        file_offset,
+                    } => json!({
                         "virtual_offset": e.virtual_offset, "length": e.length,
                         "layer": layer_index, "file_offset": file_offset,
                     }),
@@ -163,17 +171,25 @@ pub fn run(cmd: VhdxCmd) -> anyhow::Result<ExitCode> {
                     }),
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&json!({ "layers": layers, "extents": extents }))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({ "layers": layers, "extents": extents }))?
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 fn file_json(f: &Vhdx) -> anyhow::Result<Value> {
-    let size = std::fs::metadata(f.path()).with_context(|| f.path().display().to_string())?.len();
+    let size = std::fs::metadata(f.path())
+        .with_context(|| f.path().display().to_string())?
+        .len();
     let parent = f.parent_locator().map(|loc| {
-        let entries: serde_json::Map<String, Value> =
-            loc.entries.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let entries: serde_json::Map<String, Value> = loc
+            .entries
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
         json!({ "linkage": loc.parent_linkage.to_string(), "locator": entries })
     });
     Ok(json!({
@@ -205,7 +221,10 @@ fn info(path: &Path) -> anyhow::Result<Value> {
                 .skip(1)
                 .map(file_json)
                 .collect::<anyhow::Result<_>>()?;
-            if let (Some(p), Some(first)) = (v.get_mut("parent").and_then(Value::as_object_mut), below.first()) {
+            if let (Some(p), Some(first)) = (
+                v.get_mut("parent").and_then(Value::as_object_mut),
+                below.first(),
+            ) {
                 p.insert("path".into(), first["path"].clone());
             }
             json!(below)
@@ -220,7 +239,11 @@ fn info(path: &Path) -> anyhow::Result<Value> {
 
 fn check(path: &Path, repair: bool) -> ExitCode {
     let result = (|| -> Result<(), vhdx::VhdxError> {
-        let file = if repair { Vhdx::open_writable(path)? } else { Vhdx::open(path)? };
+        let file = if repair {
+            Vhdx::open_writable(path)?
+        } else {
+            Vhdx::open(path)?
+        };
         file.check()?;
         drop(file);
         let chain = Chain::open(path)?;

@@ -39,15 +39,34 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// An event now.
-    pub fn now(actor: impl Into<String>, kind: &'static str, subject: impl Into<String>, detail: serde_json::Value) -> Self {
-        NewEvent { at_ms: super::now_ms(), actor: actor.into(), kind, subject: subject.into(), detail }
+    pub fn now(
+        actor: impl Into<String>,
+        kind: &'static str,
+        subject: impl Into<String>,
+        detail: serde_json::Value,
+    ) -> Self {
+        NewEvent {
+            at_ms: super::now_ms(),
+            actor: actor.into(),
+            kind,
+            subject: subject.into(),
+            detail,
+        }
     }
 }
 
 /// Writes one event.
 pub fn record(conn: &Connection, e: &NewEvent) -> Result<(), DbError> {
-    conn.prepare_cached("INSERT INTO events (at_ms, actor, kind, subject, detail) VALUES (?1, ?2, ?3, ?4, ?5)")?
-        .execute(params![i64_of(e.at_ms), e.actor, e.kind, e.subject, e.detail.to_string()])?;
+    conn.prepare_cached(
+        "INSERT INTO events (at_ms, actor, kind, subject, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        i64_of(e.at_ms),
+        e.actor,
+        e.kind,
+        e.subject,
+        e.detail.to_string()
+    ])?;
     Ok(())
 }
 
@@ -65,7 +84,14 @@ pub fn list(
          ORDER BY id LIMIT ?4",
     )?;
     let rows = stmt.query_map(params![i64_of(after), subject, kind, limit], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get::<_, String>(5)?))
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get::<_, String>(5)?,
+        ))
     })?;
     let mut out = Vec::new();
     for row in rows {

@@ -79,7 +79,10 @@ pub struct Db {
 
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub(crate) fn i64_of(v: u64) -> i64 {
@@ -93,8 +96,10 @@ pub(crate) fn u64_of(v: i64) -> u64 {
 impl Db {
     /// Opens (creating and migrating) the database at `path` and starts its thread.
     pub fn open(path: &Path) -> Result<Db, DbError> {
-        let mut conn =
-            Connection::open(path).map_err(|source| DbError::Open { path: path.to_owned(), source })?;
+        let mut conn = Connection::open(path).map_err(|source| DbError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -109,7 +114,10 @@ impl Db {
                 }
             })
             .map_err(|e| DbError::Corrupt(format!("cannot start the database thread: {e}")))?;
-        Ok(Db { tx, path: path.to_owned() })
+        Ok(Db {
+            tx,
+            path: path.to_owned(),
+        })
     }
 
     /// The database file.
@@ -156,13 +164,21 @@ mod tests {
     async fn calls_run_on_the_owner_thread() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("o.db")).unwrap();
-        let name = db.call(|_| Ok(std::thread::current().name().map(str::to_owned))).await.unwrap();
+        let name = db
+            .call(|_| Ok(std::thread::current().name().map(str::to_owned)))
+            .await
+            .unwrap();
         assert_eq!(name.as_deref(), Some("strata-db"));
         // Reopening migrates nothing and keeps the data.
-        db.call(|c| Ok(c.execute("INSERT INTO sites (name, description) VALUES ('x', '')", [])?)).await.unwrap();
+        db.call(|c| Ok(c.execute("INSERT INTO sites (name, description) VALUES ('x', '')", [])?))
+            .await
+            .unwrap();
         drop(db);
         let db = Db::open(&dir.path().join("o.db")).unwrap();
-        let n: i64 = db.call(|c| Ok(c.query_row("SELECT COUNT(*) FROM sites", [], |r| r.get(0))?)).await.unwrap();
+        let n: i64 = db
+            .call(|c| Ok(c.query_row("SELECT COUNT(*) FROM sites", [], |r| r.get(0))?))
+            .await
+            .unwrap();
         assert_eq!(n, 1);
     }
 }

@@ -78,13 +78,19 @@ pub(crate) const SELECT_ASSIGNMENT: &str = "SELECT n.mac, n.role, n.pin_image, n
 
 pub(crate) fn vref(image: Option<String>, version: Option<i64>) -> Option<VersionRef> {
     match (image, version) {
-        (Some(image), Some(v)) => Some(VersionRef { image, version: u64_of(v) }),
+        (Some(image), Some(v)) => Some(VersionRef {
+            image,
+            version: u64_of(v),
+        }),
         _ => None,
     }
 }
 
 pub(crate) fn state_name(s: NodeState) -> String {
-    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 pub(crate) fn parse_state(s: &str) -> NodeState {
@@ -108,7 +114,9 @@ pub(crate) fn row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
         status: serde_json::from_str(&status).unwrap_or_default(),
         cursor: Cursor {
             applied_seq: u64_of(r.get(15)?),
-            digest: digest.and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok()).unwrap_or([0; 32]),
+            digest: digest
+                .and_then(|d| <[u8; 32]>::try_from(d.as_slice()).ok())
+                .unwrap_or([0; 32]),
         },
         session_ms: u64_of(r.get(17)?),
         report_ms: u64_of(r.get(18)?),
@@ -122,38 +130,53 @@ pub(crate) fn row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
 
 /// One node.
 pub fn get(conn: &Connection, mac: &str) -> Result<Option<NodeRow>, DbError> {
-    Ok(conn.prepare_cached(&format!("{SELECT} WHERE n.mac = ?1"))?.query_row([mac], row).optional()?)
+    Ok(conn
+        .prepare_cached(&format!("{SELECT} WHERE n.mac = ?1"))?
+        .query_row([mac], row)
+        .optional()?)
 }
 
 /// Nodes, by MAC, optionally of one role.
 pub fn list(conn: &Connection, role: Option<&str>) -> Result<Vec<NodeRow>, DbError> {
-    let mut stmt = conn.prepare_cached(&format!("{SELECT} WHERE ?1 IS NULL OR n.role = ?1 ORDER BY n.mac"))?;
-    let rows = stmt.query_map([role], row)?.collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "{SELECT} WHERE ?1 IS NULL OR n.role = ?1 ORDER BY n.mac"
+    ))?;
+    let rows = stmt
+        .query_map([role], row)?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
 /// Nodes whose desired state changed after revision `rev`.
 pub fn changed_since(conn: &Connection, rev: u64) -> Result<Vec<NodeRow>, DbError> {
     let mut stmt = conn.prepare_cached(&format!("{SELECT} WHERE n.rev > ?1"))?;
-    let rows = stmt.query_map([i64_of(rev)], row)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = stmt
+        .query_map([i64_of(rev)], row)?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
 fn next_rev(conn: &Connection) -> Result<i64, DbError> {
-    Ok(conn.prepare_cached("SELECT COALESCE(MAX(rev), 0) + 1 FROM nodes")?.query_row([], |r| r.get(0))?)
+    Ok(conn
+        .prepare_cached("SELECT COALESCE(MAX(rev), 0) + 1 FROM nodes")?
+        .query_row([], |r| r.get(0))?)
 }
 
 /// Marks every node of a role changed (its role definition changed).
 pub fn bump_role(conn: &Connection, role: &str) -> Result<(), DbError> {
     let rev = next_rev(conn)?;
-    conn.execute("UPDATE nodes SET rev = ?1 WHERE role = ?2", params![rev, role])?;
+    conn.execute(
+        "UPDATE nodes SET rev = ?1 WHERE role = ?2",
+        params![rev, role],
+    )?;
     Ok(())
 }
 
 /// Marks one node changed.
 pub fn bump(conn: &Connection, mac: &str) -> Result<(), DbError> {
     let rev = next_rev(conn)?;
-    conn.prepare_cached("UPDATE nodes SET rev = ?1 WHERE mac = ?2")?.execute(params![rev, mac])?;
+    conn.prepare_cached("UPDATE nodes SET rev = ?1 WHERE mac = ?2")?
+        .execute(params![rev, mac])?;
     Ok(())
 }
 
@@ -167,10 +190,18 @@ pub fn discover(conn: &Connection, mac: &str, role: &str, now_ms: u64) -> Result
     if inserted > 0 {
         super::events::record(
             conn,
-            &NewEvent::now(format!("node:{mac}"), "node.discovered", format!("node/{mac}"), serde_json::json!({ "role": role })),
+            &NewEvent::now(
+                format!("node:{mac}"),
+                "node.discovered",
+                format!("node/{mac}"),
+                serde_json::json!({ "role": role }),
+            ),
         )?;
     }
-    get(conn, mac)?.ok_or_else(|| DbError::NotFound { kind: "node", id: mac.to_owned() })
+    get(conn, mac)?.ok_or_else(|| DbError::NotFound {
+        kind: "node",
+        id: mac.to_owned(),
+    })
 }
 
 /// An operator's change to a node; `None` leaves a field alone.
@@ -190,44 +221,83 @@ pub struct NodeChange {
 
 /// Applies an operator's change (refused for nodes in an active rollout's plan, except a
 /// reboot request).
-pub fn change(conn: &mut Connection, mac: &str, c: &NodeChange, actor: &str) -> Result<NodeRow, DbError> {
+pub fn change(
+    conn: &mut Connection,
+    mac: &str,
+    c: &NodeChange,
+    actor: &str,
+) -> Result<NodeRow, DbError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let before = get(&tx, mac)?.ok_or_else(|| DbError::NotFound { kind: "node", id: mac.to_owned() })?;
+    let before = get(&tx, mac)?.ok_or_else(|| DbError::NotFound {
+        kind: "node",
+        id: mac.to_owned(),
+    })?;
     let placement = c.role.is_some() || c.site.is_some() || c.pin.is_some();
     if placement && super::rollouts::node_busy(&tx, mac, &before.role)? {
-        return Err(DbError::Conflict(format!("node {mac} is part of an active rollout")));
+        return Err(DbError::Conflict(format!(
+            "node {mac} is part of an active rollout"
+        )));
     }
     if let Some(site) = c.site.as_ref().and_then(|s| s.as_ref()) {
-        let exists: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM sites WHERE name = ?1)", [site], |r| r.get(0))?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sites WHERE name = ?1)",
+            [site],
+            |r| r.get(0),
+        )?;
         if !exists {
-            return Err(DbError::NotFound { kind: "site", id: site.clone() });
+            return Err(DbError::NotFound {
+                kind: "site",
+                id: site.clone(),
+            });
         }
     }
     if let Some(name) = &c.name {
-        let taken: bool =
-            tx.query_row("SELECT EXISTS (SELECT 1 FROM nodes WHERE name = ?1 AND mac != ?2)", [name, mac], |r| r.get(0))?;
+        let taken: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM nodes WHERE name = ?1 AND mac != ?2)",
+            [name, mac],
+            |r| r.get(0),
+        )?;
         if taken {
             return Err(DbError::Conflict(format!("name {name:?} is taken")));
         }
-        tx.execute("UPDATE nodes SET name = ?1 WHERE mac = ?2", params![name, mac])?;
+        tx.execute(
+            "UPDATE nodes SET name = ?1 WHERE mac = ?2",
+            params![name, mac],
+        )?;
     }
     if let Some(role) = &c.role {
-        tx.execute("UPDATE nodes SET role = ?1, stage_image = NULL, stage_version = NULL WHERE mac = ?2", params![role, mac])?;
+        tx.execute(
+            "UPDATE nodes SET role = ?1, stage_image = NULL, stage_version = NULL WHERE mac = ?2",
+            params![role, mac],
+        )?;
     }
     if let Some(site) = &c.site {
-        tx.execute("UPDATE nodes SET site = ?1 WHERE mac = ?2", params![site, mac])?;
+        tx.execute(
+            "UPDATE nodes SET site = ?1 WHERE mac = ?2",
+            params![site, mac],
+        )?;
     }
     if let Some(pin) = &c.pin {
         tx.execute(
             "UPDATE nodes SET pin_image = ?1, pin_version = ?2 WHERE mac = ?3",
-            params![pin.as_ref().map(|p| &p.image), pin.as_ref().map(|p| i64_of(p.version)), mac],
+            params![
+                pin.as_ref().map(|p| &p.image),
+                pin.as_ref().map(|p| i64_of(p.version)),
+                mac
+            ],
         )?;
     }
     if c.reboot {
-        tx.execute("UPDATE nodes SET reboot_ms = ?1 WHERE mac = ?2", params![i64_of(super::now_ms()), mac])?;
+        tx.execute(
+            "UPDATE nodes SET reboot_ms = ?1 WHERE mac = ?2",
+            params![i64_of(super::now_ms()), mac],
+        )?;
     }
     bump(&tx, mac)?;
-    let after = get(&tx, mac)?.ok_or_else(|| DbError::NotFound { kind: "node", id: mac.to_owned() })?;
+    let after = get(&tx, mac)?.ok_or_else(|| DbError::NotFound {
+        kind: "node",
+        id: mac.to_owned(),
+    })?;
     super::events::record(
         &tx,
         &NewEvent::now(
@@ -246,13 +316,28 @@ pub fn change(conn: &mut Connection, mac: &str, c: &NodeChange, actor: &str) -> 
 
 /// Deletes a node (refused while it is in an active rollout).
 pub fn delete(conn: &Connection, mac: &str, actor: &str) -> Result<(), DbError> {
-    let Some(n) = get(conn, mac)? else { return Err(DbError::NotFound { kind: "node", id: mac.to_owned() }) };
+    let Some(n) = get(conn, mac)? else {
+        return Err(DbError::NotFound {
+            kind: "node",
+            id: mac.to_owned(),
+        });
+    };
     if super::rollouts::node_busy(conn, mac, &n.role)? {
-        return Err(DbError::Conflict(format!("node {mac} is part of an active rollout")));
+        return Err(DbError::Conflict(format!(
+            "node {mac} is part of an active rollout"
+        )));
     }
     conn.execute("DELETE FROM nodes WHERE mac = ?1", [mac])?;
     conn.execute("UPDATE tokens SET revoked = 1 WHERE node = ?1", [mac])?;
-    super::events::record(conn, &NewEvent::now(actor, "node.deleted", format!("node/{mac}"), serde_json::json!({})))?;
+    super::events::record(
+        conn,
+        &NewEvent::now(
+            actor,
+            "node.deleted",
+            format!("node/{mac}"),
+            serde_json::json!({}),
+        ),
+    )?;
     Ok(())
 }
 
@@ -282,9 +367,15 @@ pub fn flush(conn: &mut Connection, facts: &[Facts], events: &[NewEvent]) -> Res
             "UPDATE nodes SET state = ?1, status = ?2, applied_seq = ?3, digest = ?4, session_ms = ?5, report_ms = ?6,
              drifted = ?7 WHERE mac = ?8",
         )?;
-        let mut staged = tx.prepare_cached("UPDATE nodes SET staged_image = ?1, staged_version = ?2 WHERE mac = ?3")?;
+        let mut staged = tx.prepare_cached(
+            "UPDATE nodes SET staged_image = ?1, staged_version = ?2 WHERE mac = ?3",
+        )?;
         for f in facts {
-            seen.execute(params![i64_of(f.last_seen_ms), i64_of(f.layer_bytes), f.mac])?;
+            seen.execute(params![
+                i64_of(f.last_seen_ms),
+                i64_of(f.layer_bytes),
+                f.mac
+            ])?;
             if let Some((status, cursor, session_ms, report_ms)) = &f.report {
                 rep.execute(params![
                     state_name(status.state),
@@ -298,7 +389,11 @@ pub fn flush(conn: &mut Connection, facts: &[Facts], events: &[NewEvent]) -> Res
                 ])?;
             }
             if let Some(s) = &f.staged {
-                staged.execute(params![s.as_ref().map(|v| &v.image), s.as_ref().map(|v| i64_of(v.version)), f.mac])?;
+                staged.execute(params![
+                    s.as_ref().map(|v| &v.image),
+                    s.as_ref().map(|v| i64_of(v.version)),
+                    f.mac
+                ])?;
             }
         }
     }

@@ -24,7 +24,10 @@ pub struct Role {
 
 fn version_of(image: Option<String>, version: Option<i64>) -> Option<VersionRef> {
     match (image, version) {
-        (Some(image), Some(v)) => Some(VersionRef { image, version: u64_of(v) }),
+        (Some(image), Some(v)) => Some(VersionRef {
+            image,
+            version: u64_of(v),
+        }),
         _ => None,
     }
 }
@@ -44,7 +47,9 @@ pub fn list(conn: &Connection) -> Result<Vec<Role>, DbError> {
     let mut stmt = conn.prepare_cached(
         "SELECT name, image, version, rollout_order, created_ms, updated_ms FROM roles ORDER BY rollout_order, name",
     )?;
-    let rows = stmt.query_map([], role_row)?.collect::<Result<Vec<_>, _>>()?;
+    let rows = stmt
+        .query_map([], role_row)?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
@@ -57,9 +62,16 @@ pub fn get(conn: &Connection, name: &str) -> Result<Option<Role>, DbError> {
 }
 
 /// Creates or replaces a role's definition. Refused while a rollout of the role is active.
-pub fn put(conn: &Connection, name: &str, version: Option<&VersionRef>, order: i64) -> Result<Role, DbError> {
+pub fn put(
+    conn: &Connection,
+    name: &str,
+    version: Option<&VersionRef>,
+    order: i64,
+) -> Result<Role, DbError> {
     if super::rollouts::role_busy(conn, name)? {
-        return Err(DbError::Conflict(format!("role {name:?} is being rolled out; pause or abort the rollout first")));
+        return Err(DbError::Conflict(format!(
+            "role {name:?} is being rolled out; pause or abort the rollout first"
+        )));
     }
     let now = i64_of(super::now_ms());
     conn.execute(
@@ -68,17 +80,27 @@ pub fn put(conn: &Connection, name: &str, version: Option<&VersionRef>, order: i
         params![name, version.map(|v| &v.image), version.map(|v| i64_of(v.version)), order, now],
     )?;
     super::nodes::bump_role(conn, name)?;
-    get(conn, name)?.ok_or_else(|| DbError::NotFound { kind: "role", id: name.to_owned() })
+    get(conn, name)?.ok_or_else(|| DbError::NotFound {
+        kind: "role",
+        id: name.to_owned(),
+    })
 }
 
 /// Deletes a role no node uses.
 pub fn delete(conn: &Connection, name: &str) -> Result<(), DbError> {
-    let used: i64 = conn.query_row("SELECT COUNT(*) FROM nodes WHERE role = ?1", [name], |r| r.get(0))?;
+    let used: i64 = conn.query_row("SELECT COUNT(*) FROM nodes WHERE role = ?1", [name], |r| {
+        r.get(0)
+    })?;
     if used > 0 {
-        return Err(DbError::Conflict(format!("role {name:?} has {used} node(s)")));
+        return Err(DbError::Conflict(format!(
+            "role {name:?} has {used} node(s)"
+        )));
     }
     if conn.execute("DELETE FROM roles WHERE name = ?1", [name])? == 0 {
-        return Err(DbError::NotFound { kind: "role", id: name.to_owned() });
+        return Err(DbError::NotFound {
+            kind: "role",
+            id: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -110,14 +132,31 @@ pub fn sites(conn: &Connection) -> Result<Vec<Site>, DbError> {
         .prepare("SELECT name, description FROM sites ORDER BY name")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    names.into_iter().map(|(name, description)| Ok(Site { overrides: overrides(conn, &name)?, name, description })).collect()
+    names
+        .into_iter()
+        .map(|(name, description)| {
+            Ok(Site {
+                overrides: overrides(conn, &name)?,
+                name,
+                description,
+            })
+        })
+        .collect()
 }
 
 fn overrides(conn: &Connection, site: &str) -> Result<Vec<Override>, DbError> {
     let rows = conn
-        .prepare_cached("SELECT role, image, version FROM site_overrides WHERE site = ?1 ORDER BY role")?
+        .prepare_cached(
+            "SELECT role, image, version FROM site_overrides WHERE site = ?1 ORDER BY role",
+        )?
         .query_map([site], |r| {
-            Ok(Override { role: r.get(0)?, version: VersionRef { image: r.get(1)?, version: u64_of(r.get(2)?) } })
+            Ok(Override {
+                role: r.get(0)?,
+                version: VersionRef {
+                    image: r.get(1)?,
+                    version: u64_of(r.get(2)?),
+                },
+            })
         })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
@@ -125,17 +164,37 @@ fn overrides(conn: &Connection, site: &str) -> Result<Vec<Override>, DbError> {
 
 /// One site.
 pub fn site(conn: &Connection, name: &str) -> Result<Option<Site>, DbError> {
-    let desc: Option<String> =
-        conn.query_row("SELECT description FROM sites WHERE name = ?1", [name], |r| r.get(0)).optional()?;
-    desc.map(|description| Ok(Site { name: name.to_owned(), description, overrides: overrides(conn, name)? })).transpose()
+    let desc: Option<String> = conn
+        .query_row(
+            "SELECT description FROM sites WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    desc.map(|description| {
+        Ok(Site {
+            name: name.to_owned(),
+            description,
+            overrides: overrides(conn, name)?,
+        })
+    })
+    .transpose()
 }
 
 /// Creates or replaces a site and its overrides (one transaction).
-pub fn put_site(conn: &mut Connection, name: &str, description: &str, ovr: &[Override]) -> Result<Site, DbError> {
+pub fn put_site(
+    conn: &mut Connection,
+    name: &str,
+    description: &str,
+    ovr: &[Override],
+) -> Result<Site, DbError> {
     let tx = conn.transaction()?;
     for o in ovr {
         if super::rollouts::role_busy(&tx, &o.role)? {
-            return Err(DbError::Conflict(format!("role {:?} is being rolled out", o.role)));
+            return Err(DbError::Conflict(format!(
+                "role {:?} is being rolled out",
+                o.role
+            )));
         }
     }
     tx.execute(
@@ -149,19 +208,32 @@ pub fn put_site(conn: &mut Connection, name: &str, description: &str, ovr: &[Ove
             params![name, o.role, o.version.image, i64_of(o.version.version)],
         )?;
     }
-    tx.execute("UPDATE nodes SET rev = (SELECT COALESCE(MAX(rev), 0) + 1 FROM nodes) WHERE site = ?1", [name])?;
+    tx.execute(
+        "UPDATE nodes SET rev = (SELECT COALESCE(MAX(rev), 0) + 1 FROM nodes) WHERE site = ?1",
+        [name],
+    )?;
     tx.commit()?;
-    site(conn, name)?.ok_or_else(|| DbError::NotFound { kind: "site", id: name.to_owned() })
+    site(conn, name)?.ok_or_else(|| DbError::NotFound {
+        kind: "site",
+        id: name.to_owned(),
+    })
 }
 
 /// Deletes a site no node is in.
 pub fn delete_site(conn: &Connection, name: &str) -> Result<(), DbError> {
-    let used: i64 = conn.query_row("SELECT COUNT(*) FROM nodes WHERE site = ?1", [name], |r| r.get(0))?;
+    let used: i64 = conn.query_row("SELECT COUNT(*) FROM nodes WHERE site = ?1", [name], |r| {
+        r.get(0)
+    })?;
     if used > 0 {
-        return Err(DbError::Conflict(format!("site {name:?} has {used} node(s)")));
+        return Err(DbError::Conflict(format!(
+            "site {name:?} has {used} node(s)"
+        )));
     }
     if conn.execute("DELETE FROM sites WHERE name = ?1", [name])? == 0 {
-        return Err(DbError::NotFound { kind: "site", id: name.to_owned() });
+        return Err(DbError::NotFound {
+            kind: "site",
+            id: name.to_owned(),
+        });
     }
     Ok(())
 }

@@ -47,7 +47,8 @@ pub struct Rollout {
     pub lease: Option<Lease>,
 }
 
-const SELECT: &str = "SELECT r.id, r.state, r.spec, r.plan, r.digest, r.progress, r.abort, r.reason, r.created_by,
+const SELECT: &str =
+    "SELECT r.id, r.state, r.spec, r.plan, r.digest, r.progress, r.abort, r.reason, r.created_by,
     r.approved_by, r.created_ms, r.updated_ms, l.holder, l.token, l.expires_ms
     FROM rollouts r LEFT JOIN leases l ON l.rollout = r.id";
 
@@ -55,20 +56,66 @@ fn corrupt(what: &str) -> impl Fn(serde_json::Error) -> DbError + '_ {
     move |e| DbError::Corrupt(format!("rollout {what}: {e}"))
 }
 
-type Raw = (i64, String, String, String, String, String, i64, Option<String>, String, Option<String>, i64, i64, Option<String>, Option<i64>, Option<i64>);
+type Raw = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    Option<String>,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
 
 fn raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
     Ok((
-        r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?,
-        r.get(10)?, r.get(11)?, r.get(12)?, r.get(13)?, r.get(14)?,
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+        r.get(11)?,
+        r.get(12)?,
+        r.get(13)?,
+        r.get(14)?,
     ))
 }
 
 fn decode(x: Raw) -> Result<Rollout, DbError> {
-    let (id, state, spec, plan, digest, progress, abort, reason, created_by, approved_by, created, updated, holder, token, exp) = x;
+    let (
+        id,
+        state,
+        spec,
+        plan,
+        digest,
+        progress,
+        abort,
+        reason,
+        created_by,
+        approved_by,
+        created,
+        updated,
+        holder,
+        token,
+        exp,
+    ) = x;
     Ok(Rollout {
         id: u64_of(id),
-        state: RolloutState::parse(&state).ok_or_else(|| DbError::Corrupt(format!("rollout state {state:?}")))?,
+        state: RolloutState::parse(&state)
+            .ok_or_else(|| DbError::Corrupt(format!("rollout state {state:?}")))?,
         spec: serde_json::from_str(&spec).map_err(corrupt("spec"))?,
         plan: serde_json::from_str(&plan).map_err(corrupt("plan"))?,
         digest,
@@ -80,7 +127,11 @@ fn decode(x: Raw) -> Result<Rollout, DbError> {
         created_ms: u64_of(created),
         updated_ms: u64_of(updated),
         lease: match (holder, token, exp) {
-            (Some(holder), Some(t), Some(e)) => Some(Lease { holder, token: u64_of(t), expires_ms: u64_of(e) }),
+            (Some(holder), Some(t), Some(e)) => Some(Lease {
+                holder,
+                token: u64_of(t),
+                expires_ms: u64_of(e),
+            }),
             _ => None,
         },
     })
@@ -92,13 +143,20 @@ pub fn get(conn: &Connection, id: u64) -> Result<Rollout, DbError> {
         .prepare_cached(&format!("{SELECT} WHERE r.id = ?1"))?
         .query_row([i64_of(id)], raw)
         .optional()?
-        .ok_or_else(|| DbError::NotFound { kind: "rollout", id: id.to_string() })?;
+        .ok_or_else(|| DbError::NotFound {
+            kind: "rollout",
+            id: id.to_string(),
+        })?;
     decode(x)
 }
 
 /// Rollouts, newest first; `active` keeps running and paused ones.
 pub fn list(conn: &Connection, active: bool) -> Result<Vec<Rollout>, DbError> {
-    let filter = if active { "WHERE r.state IN ('running', 'paused')" } else { "" };
+    let filter = if active {
+        "WHERE r.state IN ('running', 'paused')"
+    } else {
+        ""
+    };
     let mut stmt = conn.prepare_cached(&format!("{SELECT} {filter} ORDER BY r.id DESC"))?;
     let rows = stmt.query_map([], raw)?.collect::<Result<Vec<_>, _>>()?;
     rows.into_iter().map(decode).collect()
@@ -110,7 +168,8 @@ pub fn list(conn: &Connection, active: bool) -> Result<Vec<Rollout>, DbError> {
 pub fn create(conn: &Connection, plan: &Plan, actor: &str) -> Result<Rollout, DbError> {
     let now = super::now_ms();
     let enc = |v: &dyn erased::Ser| v.json();
-    let plan_json = serde_json::to_string(plan).map_err(|e| DbError::Corrupt(format!("plan to JSON: {e}")))?;
+    let plan_json =
+        serde_json::to_string(plan).map_err(|e| DbError::Corrupt(format!("plan to JSON: {e}")))?;
     let digest = Plan::digest_of_json(plan_json.as_bytes());
     let progress = Progress::default();
     conn.execute(
@@ -121,7 +180,12 @@ pub fn create(conn: &Connection, plan: &Plan, actor: &str) -> Result<Rollout, Db
     let id = u64_of(conn.last_insert_rowid());
     super::events::record(
         conn,
-        &NewEvent::now(actor, "rollout.planned", format!("rollout/{id}"), serde_json::json!({ "digest": digest, "waves": plan.waves.len(), "nodes": plan.node_count() })),
+        &NewEvent::now(
+            actor,
+            "rollout.planned",
+            format!("rollout/{id}"),
+            serde_json::json!({ "digest": digest, "waves": plan.waves.len(), "nodes": plan.node_count() }),
+        ),
     )?;
     Ok(Rollout {
         id,
@@ -167,7 +231,12 @@ pub enum Action {
 }
 
 /// Performs an operator's action, checking the rollout's state allows it.
-pub fn act(conn: &mut Connection, id: u64, action: &Action, actor: &str) -> Result<Rollout, DbError> {
+pub fn act(
+    conn: &mut Connection,
+    id: u64,
+    action: &Action,
+    actor: &str,
+) -> Result<Rollout, DbError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let r = get(&tx, id)?;
     let now = i64_of(super::now_ms());
@@ -200,28 +269,40 @@ pub fn act(conn: &mut Connection, id: u64, action: &Action, actor: &str) -> Resu
         (a, s) => return Err(DbError::Conflict(format!("cannot {a:?} a rollout that is {}", s.as_str()).to_lowercase())),
     };
     tx.execute(sql, params![i64_of(id), actor, now])?;
-    super::events::record(&tx, &NewEvent::now(actor, kind, format!("rollout/{id}"), serde_json::json!({})))?;
+    super::events::record(
+        &tx,
+        &NewEvent::now(actor, kind, format!("rollout/{id}"), serde_json::json!({})),
+    )?;
     tx.commit()?;
     get(conn, id)
 }
 
 /// Whether a running or paused rollout covers `role`.
 pub fn role_busy(conn: &Connection, role: &str) -> Result<bool, DbError> {
-    Ok(list(conn, true)?.iter().any(|r| r.plan.roles.iter().any(|p| p.role == role)))
+    Ok(list(conn, true)?
+        .iter()
+        .any(|r| r.plan.roles.iter().any(|p| p.role == role)))
 }
 
 /// Whether a running or paused rollout covers the node or its role.
 pub fn node_busy(conn: &Connection, mac: &str, role: &str) -> Result<bool, DbError> {
-    Ok(list(conn, true)?
-        .iter()
-        .any(|r| r.plan.roles.iter().any(|p| p.role == role || p.members.iter().any(|m| m == mac))))
+    Ok(list(conn, true)?.iter().any(|r| {
+        r.plan
+            .roles
+            .iter()
+            .any(|p| p.role == role || p.members.iter().any(|m| m == mac))
+    }))
 }
 
 fn read_lease(conn: &Connection, id: u64) -> Result<Option<Lease>, DbError> {
     Ok(conn
         .prepare_cached("SELECT holder, token, expires_ms FROM leases WHERE rollout = ?1")?
         .query_row([i64_of(id)], |r| {
-            Ok(Lease { holder: r.get(0)?, token: u64_of(r.get(1)?), expires_ms: u64_of(r.get(2)?) })
+            Ok(Lease {
+                holder: r.get(0)?,
+                token: u64_of(r.get(1)?),
+                expires_ms: u64_of(r.get(2)?),
+            })
         })
         .optional()?)
 }
@@ -231,12 +312,23 @@ fn write_lease(conn: &Connection, id: u64, l: &Lease) -> Result<(), DbError> {
         "INSERT INTO leases (rollout, holder, token, expires_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (rollout) DO UPDATE SET holder = ?2, token = ?3, expires_ms = ?4",
     )?
-    .execute(params![i64_of(id), l.holder, i64_of(l.token), i64_of(l.expires_ms)])?;
+    .execute(params![
+        i64_of(id),
+        l.holder,
+        i64_of(l.token),
+        i64_of(l.expires_ms)
+    ])?;
     Ok(())
 }
 
 /// Takes (or renews) a rollout's lease for `me`.
-pub fn acquire(conn: &mut Connection, id: u64, me: &str, now_ms: u64, ttl_ms: u64) -> Result<Lease, DbError> {
+pub fn acquire(
+    conn: &mut Connection,
+    id: u64,
+    me: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<Lease, DbError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let cur = read_lease(&tx, id)?;
     let l = lease::acquire(cur.as_ref(), me, now_ms, ttl_ms)?;
@@ -244,7 +336,12 @@ pub fn acquire(conn: &mut Connection, id: u64, me: &str, now_ms: u64, ttl_ms: u6
     if cur.as_ref().map(|c| c.token) != Some(l.token) {
         super::events::record(
             &tx,
-            &NewEvent::now(format!("worker:{me}#{}", l.token), "rollout.lease_taken", format!("rollout/{id}"), serde_json::json!({ "token": l.token, "previous": cur })),
+            &NewEvent::now(
+                format!("worker:{me}#{}", l.token),
+                "rollout.lease_taken",
+                format!("rollout/{id}"),
+                serde_json::json!({ "token": l.token, "previous": cur }),
+            ),
         )?;
     }
     tx.commit()?;
@@ -252,7 +349,14 @@ pub fn acquire(conn: &mut Connection, id: u64, me: &str, now_ms: u64, ttl_ms: u6
 }
 
 /// Renews `me`'s lease.
-pub fn heartbeat(conn: &mut Connection, id: u64, me: &str, token: u64, now_ms: u64, ttl_ms: u64) -> Result<Lease, DbError> {
+pub fn heartbeat(
+    conn: &mut Connection,
+    id: u64,
+    me: &str,
+    token: u64,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<Lease, DbError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let l = lease::heartbeat(read_lease(&tx, id)?.as_ref(), me, token, now_ms, ttl_ms)?;
     write_lease(&tx, id, &l)?;
@@ -261,7 +365,13 @@ pub fn heartbeat(conn: &mut Connection, id: u64, me: &str, token: u64, now_ms: u
 }
 
 /// Gives a lease up.
-pub fn release(conn: &mut Connection, id: u64, me: &str, token: u64, now_ms: u64) -> Result<(), DbError> {
+pub fn release(
+    conn: &mut Connection,
+    id: u64,
+    me: &str,
+    token: u64,
+    now_ms: u64,
+) -> Result<(), DbError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if let Some(l) = lease::release(read_lease(&tx, id)?.as_ref(), me, token, now_ms) {
         write_lease(&tx, id, &l)?;
@@ -276,12 +386,16 @@ pub fn world(conn: &Connection, plan: &Plan, wave: usize) -> Result<World, DbErr
     let mut want: Vec<&str> = plan.roles.iter().map(|r| r.role.as_str()).collect();
     want.sort_unstable();
     want.dedup();
-    let mut stmt = conn.prepare_cached(&format!("{} WHERE n.role = ?1", nodes::SELECT_ASSIGNMENT))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("{} WHERE n.role = ?1", nodes::SELECT_ASSIGNMENT))?;
     for role in &want {
         w.members.entry((*role).to_owned()).or_default();
         for n in stmt.query_map([role], obs_row)? {
             let (mac, o) = n?;
-            w.members.entry(o.role.clone()).or_default().insert(mac.clone());
+            w.members
+                .entry(o.role.clone())
+                .or_default()
+                .insert(mac.clone());
             w.nodes.insert(mac, o);
         }
         let cur = super::roles::get(conn, role)?.and_then(|r| r.version);
@@ -348,18 +462,29 @@ pub fn apply_step(
     lease::check(read_lease(&tx, id)?.as_ref(), me, token, now_ms)?;
     let r = get(&tx, id)?;
     if r.state != RolloutState::Running {
-        return Err(DbError::Conflict(format!("rollout {id} is {}", r.state.as_str())));
+        return Err(DbError::Conflict(format!(
+            "rollout {id} is {}",
+            r.state.as_str()
+        )));
     }
     let actor = format!("worker:{me}#{token}");
     for op in ops {
         if !r.plan.permits(wave, op) {
             // Never reached with a correct executor: halting is the safe answer.
-            return Err(DbError::Conflict(format!("operation {op:?} is not in wave {wave} of the plan")));
+            return Err(DbError::Conflict(format!(
+                "operation {op:?} is not in wave {wave} of the plan"
+            )));
         }
         perform(&tx, op, now_ms)?;
         super::events::record(
             &tx,
-            &NewEvent { at_ms: now_ms, actor: actor.clone(), kind: "rollout.op", subject: format!("rollout/{id}"), detail: serde_json::json!({ "wave": wave, "op": op }) },
+            &NewEvent {
+                at_ms: now_ms,
+                actor: actor.clone(),
+                kind: "rollout.op",
+                subject: format!("rollout/{id}"),
+                detail: serde_json::json!({ "wave": wave, "op": op }),
+            },
         )?;
     }
     let (state, reason) = match &finish {
@@ -373,7 +498,13 @@ pub fn apply_step(
     if progress.wave != wave || finish.is_some() {
         super::events::record(
             &tx,
-            &NewEvent { at_ms: now_ms, actor: actor.clone(), kind: "rollout.progress", subject: format!("rollout/{id}"), detail: serde_json::json!({ "progress": progress, "state": state, "reason": reason }) },
+            &NewEvent {
+                at_ms: now_ms,
+                actor: actor.clone(),
+                kind: "rollout.progress",
+                subject: format!("rollout/{id}"),
+                detail: serde_json::json!({ "progress": progress, "state": state, "reason": reason }),
+            },
         )?;
     }
     if finish.is_some() {
@@ -383,7 +514,12 @@ pub fn apply_step(
     Ok(())
 }
 
-fn set_pin(conn: &Connection, mac: &str, to: Option<&VersionRef>, reboot_ms: Option<u64>) -> Result<(), DbError> {
+fn set_pin(
+    conn: &Connection,
+    mac: &str,
+    to: Option<&VersionRef>,
+    reboot_ms: Option<u64>,
+) -> Result<(), DbError> {
     conn.prepare_cached(
         "UPDATE nodes SET pin_image = ?1, pin_version = ?2, stage_image = NULL, stage_version = NULL,
          reboot_ms = COALESCE(?3, reboot_ms) WHERE mac = ?4",
@@ -395,8 +531,10 @@ fn set_pin(conn: &Connection, mac: &str, to: Option<&VersionRef>, reboot_ms: Opt
 fn perform(conn: &Connection, op: &Op, now_ms: u64) -> Result<(), DbError> {
     match op {
         Op::Stage { node, to } => {
-            conn.prepare_cached("UPDATE nodes SET stage_image = ?1, stage_version = ?2 WHERE mac = ?3")?
-                .execute(params![to.image, i64_of(to.version), node])?;
+            conn.prepare_cached(
+                "UPDATE nodes SET stage_image = ?1, stage_version = ?2 WHERE mac = ?3",
+            )?
+            .execute(params![to.image, i64_of(to.version), node])?;
             nodes::bump(conn, node)
         }
         Op::Activate { node, to } => set_pin(conn, node, Some(to), Some(now_ms)),
@@ -405,7 +543,10 @@ fn perform(conn: &Connection, op: &Op, now_ms: u64) -> Result<(), DbError> {
             // Reboot only a node not already running what it goes back to.
             if let Some(n) = nodes::get(conn, node)? {
                 if n.effective.as_ref().map(|e| e.version) != n.status.version {
-                    conn.execute("UPDATE nodes SET reboot_ms = ?1 WHERE mac = ?2", params![i64_of(now_ms), node])?;
+                    conn.execute(
+                        "UPDATE nodes SET reboot_ms = ?1 WHERE mac = ?2",
+                        params![i64_of(now_ms), node],
+                    )?;
                 }
             }
             Ok(())
@@ -427,14 +568,22 @@ fn perform(conn: &Connection, op: &Op, now_ms: u64) -> Result<(), DbError> {
 }
 
 /// Plans `spec` against the database's current fleet.
-pub fn plan(conn: &Connection, spec: &RolloutSpec) -> Result<Result<Plan, crate::orchestrator::plan::PlanError>, DbError> {
+pub fn plan(
+    conn: &Connection,
+    spec: &RolloutSpec,
+) -> Result<Result<Plan, crate::orchestrator::plan::PlanError>, DbError> {
     use crate::orchestrator::plan::{NodeFact, RoleFact};
     let roles: Vec<RoleFact> = super::roles::list(conn)?
         .into_iter()
-        .map(|r| RoleFact { name: r.name, order: r.order, current: r.version })
+        .map(|r| RoleFact {
+            name: r.name,
+            order: r.order,
+            current: r.version,
+        })
         .collect();
     let mut facts = Vec::new();
-    let mut stmt = conn.prepare_cached(&format!("{} WHERE n.role = ?1", nodes::SELECT_ASSIGNMENT))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("{} WHERE n.role = ?1", nodes::SELECT_ASSIGNMENT))?;
     let mut seen = HashMap::new();
     for t in &spec.roles {
         if seen.insert(t.role.clone(), ()).is_some() {
@@ -442,7 +591,12 @@ pub fn plan(conn: &Connection, spec: &RolloutSpec) -> Result<Result<Plan, crate:
         }
         for n in stmt.query_map([&t.role], obs_row)? {
             let (mac, o) = n?;
-            facts.push(NodeFact { mac, role: o.role, pinned: o.pinned, effective: o.effective });
+            facts.push(NodeFact {
+                mac,
+                role: o.role,
+                pinned: o.pinned,
+                effective: o.effective,
+            });
         }
     }
     Ok(crate::orchestrator::plan::plan(spec, &roles, &facts))

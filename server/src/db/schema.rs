@@ -4,7 +4,8 @@ use rusqlite::Connection;
 
 use super::DbError;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE nodes (
     mac TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -89,14 +90,16 @@ CREATE TABLE events (
     detail TEXT NOT NULL
 );
 CREATE INDEX events_subject ON events(subject);
-"#, r#"
+"#,
+    r#"
 -- Node layer tokens (db::tokens::layer_token) and first use (anonymous node calls stop).
 ALTER TABLE tokens ADD COLUMN layer_gen INTEGER;
 ALTER TABLE tokens ADD COLUMN used_ms INTEGER;
 CREATE UNIQUE INDEX tokens_layer_gen ON tokens(node, layer_gen) WHERE layer_gen IS NOT NULL;
 -- Node tokens issued before: they locked anonymous calls out at once, as they still do.
 UPDATE tokens SET used_ms = created_ms WHERE scope = 'node';
-"#];
+"#,
+];
 
 /// Brings the schema up to date.
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), DbError> {
@@ -105,7 +108,11 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     if found > known {
         return Err(DbError::SchemaTooNew { found, known });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // Another process may have migrated meanwhile.
         let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;

@@ -86,35 +86,81 @@ pub fn generate() -> String {
 }
 
 /// Creates a token; returns its record and the secret (shown once).
-pub fn create(conn: &Connection, scope: Scope, node: Option<&str>, name: &str) -> Result<(TokenInfo, String), DbError> {
+pub fn create(
+    conn: &Connection,
+    scope: Scope,
+    node: Option<&str>,
+    name: &str,
+) -> Result<(TokenInfo, String), DbError> {
     let secret = generate();
     let now = super::now_ms();
     conn.execute(
         "INSERT INTO tokens (hash, scope, node, name, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![hash(&secret).to_vec(), scope.as_str(), node, name, i64_of(now)],
+        params![
+            hash(&secret).to_vec(),
+            scope.as_str(),
+            node,
+            name,
+            i64_of(now)
+        ],
     )?;
     let id = u64_of(conn.last_insert_rowid());
-    let info = TokenInfo { id, scope, node: node.map(str::to_owned), name: name.to_owned(), created_ms: now, layer_gen: None, used_ms: None };
+    let info = TokenInfo {
+        id,
+        scope,
+        node: node.map(str::to_owned),
+        name: name.to_owned(),
+        created_ms: now,
+        layer_gen: None,
+        used_ms: None,
+    };
     Ok((info, secret))
 }
 
 const COLUMNS: &str = "id, scope, node, name, created_ms, layer_gen, used_ms";
 
-type Raw = (i64, String, Option<String>, String, i64, Option<i64>, Option<i64>);
+type Raw = (
+    i64,
+    String,
+    Option<String>,
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Raw> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
 }
 
 fn info((id, scope, node, name, created, gen, used): Raw) -> Result<TokenInfo, DbError> {
-    let scope = Scope::parse(&scope).ok_or_else(|| DbError::Corrupt(format!("token scope {scope:?}")))?;
-    Ok(TokenInfo { id: u64_of(id), scope, node, name, created_ms: u64_of(created), layer_gen: gen.map(u64_of), used_ms: used.map(u64_of) })
+    let scope =
+        Scope::parse(&scope).ok_or_else(|| DbError::Corrupt(format!("token scope {scope:?}")))?;
+    Ok(TokenInfo {
+        id: u64_of(id),
+        scope,
+        node,
+        name,
+        created_ms: u64_of(created),
+        layer_gen: gen.map(u64_of),
+        used_ms: used.map(u64_of),
+    })
 }
 
 /// The live token with this secret.
 pub fn lookup(conn: &Connection, secret: &str) -> Result<Option<TokenInfo>, DbError> {
     let found = conn
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM tokens WHERE hash = ?1 AND revoked = 0"))?
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM tokens WHERE hash = ?1 AND revoked = 0"
+        ))?
         .query_row([hash(secret).to_vec()], row)
         .optional()?;
     found.map(info).transpose()
@@ -122,7 +168,9 @@ pub fn lookup(conn: &Connection, secret: &str) -> Result<Option<TokenInfo>, DbEr
 
 /// Live tokens.
 pub fn list(conn: &Connection) -> Result<Vec<TokenInfo>, DbError> {
-    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM tokens WHERE revoked = 0 ORDER BY id"))?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {COLUMNS} FROM tokens WHERE revoked = 0 ORDER BY id"
+    ))?;
     let rows = stmt.query_map([], row)?.collect::<Result<Vec<_>, _>>()?;
     rows.into_iter().map(info).collect()
 }
@@ -130,9 +178,16 @@ pub fn list(conn: &Connection) -> Result<Vec<TokenInfo>, DbError> {
 /// Revokes a token. Returns its record.
 pub fn revoke(conn: &Connection, id: u64) -> Result<TokenInfo, DbError> {
     let found = conn
-        .query_row(&format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1 AND revoked = 0"), [i64_of(id)], row)
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM tokens WHERE id = ?1 AND revoked = 0"),
+            [i64_of(id)],
+            row,
+        )
         .optional()?
-        .ok_or_else(|| DbError::NotFound { kind: "token", id: id.to_string() })?;
+        .ok_or_else(|| DbError::NotFound {
+            kind: "token",
+            id: id.to_string(),
+        })?;
     conn.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [i64_of(id)])?;
     info(found)
 }
@@ -150,8 +205,17 @@ fn newest_layer_token(conn: &Connection, mac: &str) -> Result<Option<TokenInfo>,
 }
 
 /// Inserts the next layer-token generation of `mac` (its secret is `derive(generation)`).
-fn next_layer_token(conn: &Connection, mac: &str, derive: &dyn Fn(u64) -> String, actor: &str) -> Result<(TokenInfo, String), DbError> {
-    let last: i64 = conn.query_row("SELECT COALESCE(MAX(layer_gen), 0) FROM tokens WHERE node = ?1", [mac], |r| r.get(0))?;
+fn next_layer_token(
+    conn: &Connection,
+    mac: &str,
+    derive: &dyn Fn(u64) -> String,
+    actor: &str,
+) -> Result<(TokenInfo, String), DbError> {
+    let last: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(layer_gen), 0) FROM tokens WHERE node = ?1",
+        [mac],
+        |r| r.get(0),
+    )?;
     let gen = u64_of(last) + 1;
     let secret = derive(gen);
     let now = super::now_ms();
@@ -161,8 +225,24 @@ fn next_layer_token(conn: &Connection, mac: &str, derive: &dyn Fn(u64) -> String
         params![hash(&secret).to_vec(), mac, name, i64_of(now), i64_of(gen)],
     )?;
     let id = u64_of(conn.last_insert_rowid());
-    super::events::record(conn, &NewEvent::now(actor, "token.created", format!("node/{mac}"), serde_json::json!({ "id": id, "layer_gen": gen })))?;
-    let info = TokenInfo { id, scope: Scope::Node, node: Some(mac.to_owned()), name, created_ms: now, layer_gen: Some(gen), used_ms: None };
+    super::events::record(
+        conn,
+        &NewEvent::now(
+            actor,
+            "token.created",
+            format!("node/{mac}"),
+            serde_json::json!({ "id": id, "layer_gen": gen }),
+        ),
+    )?;
+    let info = TokenInfo {
+        id,
+        scope: Scope::Node,
+        node: Some(mac.to_owned()),
+        name,
+        created_ms: now,
+        layer_gen: Some(gen),
+        used_ms: None,
+    };
     Ok((info, secret))
 }
 
@@ -170,7 +250,11 @@ fn next_layer_token(conn: &Connection, mac: &str, derive: &dyn Fn(u64) -> String
 /// has none (first build, or its token was revoked). `derive` gives a generation's secret
 /// (`keys::node_token` under the server key). A stored generation whose hash no longer matches
 /// (the server key was replaced) is revoked and replaced.
-pub fn layer_token(conn: &mut Connection, mac: &str, derive: &dyn Fn(u64) -> String) -> Result<(TokenInfo, String), DbError> {
+pub fn layer_token(
+    conn: &mut Connection,
+    mac: &str,
+    derive: &dyn Fn(u64) -> String,
+) -> Result<(TokenInfo, String), DbError> {
     if let Some(t) = newest_layer_token(conn, mac)? {
         let secret = derive(t.layer_gen.unwrap_or(0));
         if lookup(conn, &secret)?.is_some_and(|found| found.id == t.id) {
@@ -185,7 +269,10 @@ pub fn layer_token(conn: &mut Connection, mac: &str, derive: &dyn Fn(u64) -> Str
             return Ok((t, secret));
         }
         tracing::warn!(%mac, id = t.id, "node layer token does not match the server key: replacing it");
-        tx.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [i64_of(t.id)])?;
+        tx.execute(
+            "UPDATE tokens SET revoked = 1 WHERE id = ?1",
+            [i64_of(t.id)],
+        )?;
     }
     let out = next_layer_token(&tx, mac, derive, "server")?;
     tx.commit()?;
@@ -194,7 +281,12 @@ pub fn layer_token(conn: &mut Connection, mac: &str, derive: &dyn Fn(u64) -> Str
 
 /// Adds the next layer-token generation of `mac` (a deliberate rotation). The older
 /// generations keep working until the new one is first used.
-pub fn rotate(conn: &mut Connection, mac: &str, derive: &dyn Fn(u64) -> String, actor: &str) -> Result<TokenInfo, DbError> {
+pub fn rotate(
+    conn: &mut Connection,
+    mac: &str,
+    derive: &dyn Fn(u64) -> String,
+    actor: &str,
+) -> Result<TokenInfo, DbError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let (info, _) = next_layer_token(&tx, mac, derive, actor)?;
     super::nodes::bump(&tx, mac)?;
@@ -213,26 +305,53 @@ pub struct FirstUse {
 
 /// Records that node token `id` of `mac` authenticated a request (idempotent). Using a layer
 /// token revokes the node's older layer-token generations.
-pub fn first_use(conn: &mut Connection, id: u64, mac: &str, now_ms: u64) -> Result<FirstUse, DbError> {
+pub fn first_use(
+    conn: &mut Connection,
+    id: u64,
+    mac: &str,
+    now_ms: u64,
+) -> Result<FirstUse, DbError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let marked = tx.execute(
         "UPDATE tokens SET used_ms = ?2 WHERE id = ?1 AND node = ?3 AND scope = 'node' AND revoked = 0 AND used_ms IS NULL",
         params![i64_of(id), i64_of(now_ms), mac],
     )? == 1;
-    let mut out = FirstUse { marked, superseded: Vec::new() };
+    let mut out = FirstUse {
+        marked,
+        superseded: Vec::new(),
+    };
     if !marked {
         return Ok(out);
     }
-    let gen: Option<i64> = tx.query_row("SELECT layer_gen FROM tokens WHERE id = ?1", [i64_of(id)], |r| r.get(0))?;
+    let gen: Option<i64> = tx.query_row(
+        "SELECT layer_gen FROM tokens WHERE id = ?1",
+        [i64_of(id)],
+        |r| r.get(0),
+    )?;
     if let Some(gen) = gen {
-        let mut stmt = tx.prepare("SELECT id FROM tokens WHERE node = ?1 AND layer_gen < ?2 AND revoked = 0")?;
-        out.superseded = stmt.query_map(params![mac, gen], |r| r.get::<_, i64>(0))?.map(|r| r.map(u64_of)).collect::<Result<_, _>>()?;
+        let mut stmt =
+            tx.prepare("SELECT id FROM tokens WHERE node = ?1 AND layer_gen < ?2 AND revoked = 0")?;
+        out.superseded = stmt
+            .query_map(params![mac, gen], |r| r.get::<_, i64>(0))?
+            .map(|r| r.map(u64_of))
+            .collect::<Result<_, _>>()?;
         drop(stmt);
-        tx.execute("UPDATE tokens SET revoked = 1 WHERE node = ?1 AND layer_gen < ?2 AND revoked = 0", params![mac, gen])?;
+        tx.execute(
+            "UPDATE tokens SET revoked = 1 WHERE node = ?1 AND layer_gen < ?2 AND revoked = 0",
+            params![mac, gen],
+        )?;
     }
     super::nodes::bump(&tx, mac)?;
     let actor = format!("node:{mac}");
-    super::events::record(&tx, &NewEvent::now(&actor, "token.first_use", format!("token/{id}"), serde_json::json!({ "superseded": out.superseded })))?;
+    super::events::record(
+        &tx,
+        &NewEvent::now(
+            &actor,
+            "token.first_use",
+            format!("token/{id}"),
+            serde_json::json!({ "superseded": out.superseded }),
+        ),
+    )?;
     tx.commit()?;
     Ok(out)
 }
@@ -242,13 +361,19 @@ pub fn first_use(conn: &mut Connection, id: u64, mac: &str, now_ms: u64) -> Resu
 pub fn enrolled_nodes(conn: &Connection) -> Result<Vec<String>, DbError> {
     let mut stmt =
         conn.prepare("SELECT DISTINCT node FROM tokens WHERE scope = 'node' AND node IS NOT NULL AND used_ms IS NOT NULL")?;
-    let rows = stmt.query_map([], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+    let rows = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
     Ok(rows)
 }
 
 /// Whether any admin token exists.
 pub fn has_admin(conn: &Connection) -> Result<bool, DbError> {
-    Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM tokens WHERE scope = 'admin' AND revoked = 0)", [], |r| r.get(0))?)
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM tokens WHERE scope = 'admin' AND revoked = 0)",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 #[cfg(test)]
@@ -262,19 +387,34 @@ mod tests {
         db.call_blocking(|c| {
             let (t, secret) = create(c, Scope::Node, Some("52:54:00:00:00:01"), "n1")?;
             assert!(secret.starts_with("stk_") && secret.len() == 68);
-            let stored: Vec<u8> = c.query_row("SELECT hash FROM tokens WHERE id = ?1", [t.id as i64], |r| r.get(0))?;
+            let stored: Vec<u8> = c.query_row(
+                "SELECT hash FROM tokens WHERE id = ?1",
+                [t.id as i64],
+                |r| r.get(0),
+            )?;
             assert_eq!(stored, hash(&secret).to_vec());
-            let all: String = c.query_row("SELECT group_concat(quote(hash) || name) FROM tokens", [], |r| r.get(0))?;
+            let all: String = c.query_row(
+                "SELECT group_concat(quote(hash) || name) FROM tokens",
+                [],
+                |r| r.get(0),
+            )?;
             assert!(!all.contains(&secret[4..]), "the secret is not stored");
             assert_eq!(lookup(c, &secret)?.map(|i| i.id), Some(t.id));
             assert_eq!(lookup(c, "stk_00")?, None);
             assert!(enrolled_nodes(c)?.is_empty(), "not before its first use");
             assert!(first_use(c, t.id, "52:54:00:00:00:01", 5)?.marked);
-            assert!(!first_use(c, t.id, "52:54:00:00:00:01", 6)?.marked, "idempotent");
+            assert!(
+                !first_use(c, t.id, "52:54:00:00:00:01", 6)?.marked,
+                "idempotent"
+            );
             assert_eq!(lookup(c, &secret)?.and_then(|i| i.used_ms), Some(5));
             assert_eq!(enrolled_nodes(c)?, vec!["52:54:00:00:00:01".to_owned()]);
             revoke(c, t.id)?;
-            assert_eq!(enrolled_nodes(c)?, vec!["52:54:00:00:00:01".to_owned()], "revocation does not reopen anonymous calls");
+            assert_eq!(
+                enrolled_nodes(c)?,
+                vec!["52:54:00:00:00:01".to_owned()],
+                "revocation does not reopen anonymous calls"
+            );
             assert_eq!(lookup(c, &secret)?, None);
             assert!(matches!(revoke(c, t.id), Err(DbError::NotFound { .. })));
             Ok(())
@@ -292,9 +432,17 @@ mod tests {
             let derive = |gen: u64| format!("stk_{:064x}", gen + 1000);
             let (t1, s1) = layer_token(c, mac, &derive)?;
             assert_eq!((t1.layer_gen, s1.clone()), (Some(1), derive(1)));
-            let stored: Vec<u8> = c.query_row("SELECT hash FROM tokens WHERE id = ?1", [t1.id as i64], |r| r.get(0))?;
+            let stored: Vec<u8> = c.query_row(
+                "SELECT hash FROM tokens WHERE id = ?1",
+                [t1.id as i64],
+                |r| r.get(0),
+            )?;
             assert_eq!(stored, hash(&s1).to_vec(), "stored hashed");
-            assert_eq!(layer_token(c, mac, &derive)?, (t1.clone(), s1.clone()), "stable: the same token for every rebuild");
+            assert_eq!(
+                layer_token(c, mac, &derive)?,
+                (t1.clone(), s1.clone()),
+                "stable: the same token for every rebuild"
+            );
 
             // Rotation: the next generation goes into the layer; the old one works until the
             // new one is used, then it is revoked.
@@ -303,7 +451,13 @@ mod tests {
             assert_eq!(layer_token(c, mac, &derive)?.1, derive(2));
             assert!(lookup(c, &s1)?.is_some());
             let used = first_use(c, t2.id, mac, 9)?;
-            assert_eq!(used, FirstUse { marked: true, superseded: vec![t1.id] });
+            assert_eq!(
+                used,
+                FirstUse {
+                    marked: true,
+                    superseded: vec![t1.id]
+                }
+            );
             assert!(lookup(c, &s1)?.is_none());
             assert_eq!(enrolled_nodes(c)?, vec![mac.to_owned()]);
 
@@ -339,7 +493,13 @@ mod tests {
 
     fn any_step() -> impl proptest::strategy::Strategy<Value = Step> {
         use proptest::prelude::*;
-        prop_oneof![Just(Step::Build), Just(Step::Rotate), Just(Step::UseNewest), Just(Step::UseOldest), (0usize..4).prop_map(Step::Revoke)]
+        prop_oneof![
+            Just(Step::Build),
+            Just(Step::Rotate),
+            Just(Step::UseNewest),
+            Just(Step::UseOldest),
+            (0usize..4).prop_map(Step::Revoke)
+        ]
     }
 
     proptest::proptest! {

@@ -58,7 +58,9 @@ impl FileBody {
         let offset = self.next;
         self.next += len as u64;
         let file = Arc::clone(&self.file);
-        self.pending = Some(tokio::task::spawn_blocking(move || read_exact_at(&file, offset, len)));
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            read_exact_at(&file, offset, len)
+        }));
     }
 }
 
@@ -100,7 +102,9 @@ impl HttpBody for FileBody {
         let bytes = match done {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(e)) => return Poll::Ready(Some(Err(e))),
-            Err(e) => return Poll::Ready(Some(Err(io::Error::other(format!("file read task: {e}"))))),
+            Err(e) => {
+                return Poll::Ready(Some(Err(io::Error::other(format!("file read task: {e}")))))
+            }
         };
         this.remaining = this.remaining.saturating_sub(bytes.len() as u64);
         // The next read runs while the connection writes this chunk.
@@ -123,7 +127,8 @@ pub(super) fn parse_content_range(value: &str) -> Option<(Range<u64>, u64)> {
     let rest = value.strip_prefix("bytes ")?;
     let (span, size) = rest.split_once('/')?;
     let (first, last) = span.split_once('-')?;
-    let (first, last, size): (u64, u64, u64) = (first.parse().ok()?, last.parse().ok()?, size.parse().ok()?);
+    let (first, last, size): (u64, u64, u64) =
+        (first.parse().ok()?, last.parse().ok()?, size.parse().ok()?);
     (first <= last && last < size).then(|| (first..last + 1, size))
 }
 
@@ -135,7 +140,10 @@ mod tests {
     #[test]
     fn content_range_parses_what_serve_file_writes() {
         assert_eq!(parse_content_range("bytes 0-0/1"), Some((0..1, 1)));
-        assert_eq!(parse_content_range("bytes 5-1048580/2097152"), Some((5..1048581, 2097152)));
+        assert_eq!(
+            parse_content_range("bytes 5-1048580/2097152"),
+            Some((5..1048581, 2097152))
+        );
         assert_eq!(parse_content_range("bytes */10"), None);
         assert_eq!(parse_content_range("bytes 4-3/10"), None);
         assert_eq!(parse_content_range("bytes 0-10/10"), None);
@@ -145,8 +153,11 @@ mod tests {
     async fn collect(mut body: FileBody) -> io::Result<(Vec<u8>, Vec<usize>)> {
         let mut out = Vec::new();
         let mut frames = Vec::new();
-        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-            let data = frame?.into_data().map_err(|_| io::Error::other("not a data frame"))?;
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let data = frame?
+                .into_data()
+                .map_err(|_| io::Error::other("not a data frame"))?;
             frames.push(data.len());
             out.extend_from_slice(&data);
         }
@@ -156,17 +167,33 @@ mod tests {
 
     #[tokio::test]
     async fn streams_ranges_across_chunk_boundaries() -> anyhow::Result<()> {
-        let data: Vec<u8> = (0..(2 * CHUNK + 777)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(2 * CHUNK + 777))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         let mut tmp = tempfile::NamedTempFile::new()?;
         tmp.write_all(&data)?;
         let len = data.len() as u64;
         let c = CHUNK as u64;
-        for range in [0..len, 0..0, c - 1..c + 1, c..2 * c, 3..2 * c + 5, len - 1..len] {
+        for range in [
+            0..len,
+            0..0,
+            c - 1..c + 1,
+            c..2 * c,
+            3..2 * c + 5,
+            len - 1..len,
+        ] {
             let body = FileBody::new(File::open(tmp.path())?, range.clone());
             assert_eq!(body.size_hint().exact(), Some(range.end - range.start));
             let (got, frames) = collect(body).await?;
-            assert_eq!(got, data[range.start as usize..range.end as usize], "range {range:?}");
-            assert!(frames.iter().all(|&n| n > 0 && n <= CHUNK), "frames {frames:?}");
+            assert_eq!(
+                got,
+                data[range.start as usize..range.end as usize],
+                "range {range:?}"
+            );
+            assert!(
+                frames.iter().all(|&n| n > 0 && n <= CHUNK),
+                "frames {frames:?}"
+            );
         }
         Ok(())
     }
@@ -175,7 +202,9 @@ mod tests {
     async fn a_file_that_shrank_is_an_error_not_short_data() -> anyhow::Result<()> {
         let mut tmp = tempfile::NamedTempFile::new()?;
         tmp.write_all(&[1; 100])?;
-        let err = collect(FileBody::new(File::open(tmp.path())?, 0..200)).await.err();
+        let err = collect(FileBody::new(File::open(tmp.path())?, 0..200))
+            .await
+            .err();
         assert_eq!(err.map(|e| e.kind()), Some(io::ErrorKind::UnexpectedEof));
         Ok(())
     }

@@ -156,7 +156,10 @@ pub struct Login {
 
 impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Login").field("initiator", &self.initiator).field("target", &self.target).finish()
+        f.debug_struct("Login")
+            .field("initiator", &self.initiator)
+            .field("target", &self.target)
+            .finish()
     }
 }
 
@@ -198,7 +201,14 @@ impl Login {
         }
     }
 
-    fn respond(&mut self, req: &LoginRequest, transit: bool, nsg: Stage, status: Status, keys: TextPairs) -> Pdu {
+    fn respond(
+        &mut self,
+        req: &LoginRequest,
+        transit: bool,
+        nsg: Stage,
+        status: Status,
+        keys: TextPairs,
+    ) -> Pdu {
         let ok = status == Status::OK;
         let resp = LoginResponse {
             transit: ok && transit,
@@ -208,7 +218,11 @@ impl Login {
             version_max: 0,
             version_active: 0,
             isid: req.isid,
-            tsih: if ok && transit && nsg == Stage::FullFeature { self.next_tsih } else { 0 },
+            tsih: if ok && transit && nsg == Stage::FullFeature {
+                self.next_tsih
+            } else {
+                0
+            },
             itt: req.itt,
             stat_sn: self.stat_sn,
             exp_cmd_sn: self.exp_cmd_sn,
@@ -217,7 +231,10 @@ impl Login {
             status_detail: status.1,
         };
         self.stat_sn = self.stat_sn.wrapping_add(1);
-        Pdu::new(Bhs::LoginResponse(resp), if ok { keys.to_bytes() } else { Vec::new() })
+        Pdu::new(
+            Bhs::LoginResponse(resp),
+            if ok { keys.to_bytes() } else { Vec::new() },
+        )
     }
 
     fn fail(&mut self, req: &LoginRequest, status: Status, why: &str) -> Step {
@@ -232,13 +249,21 @@ impl Login {
                 return self.fail(req, Status::BAD_VERSION, "version");
             }
             if req.tsih != 0 {
-                return self.fail(req, Status::NO_SESSION, "adding a connection to a session is not supported");
+                return self.fail(
+                    req,
+                    Status::NO_SESSION,
+                    "adding a connection to a session is not supported",
+                );
             }
             self.exp_cmd_sn = req.cmd_sn;
             self.first = Some(req.clone());
         } else if let Some(first) = &self.first {
             if first.isid != req.isid || first.itt != req.itt {
-                return self.fail(req, Status::INVALID_DURING_LOGIN, "ISID or ITT changed during login");
+                return self.fail(
+                    req,
+                    Status::INVALID_DURING_LOGIN,
+                    "ISID or ITT changed during login",
+                );
             }
         }
         // A text split over several PDUs (C bit): gather, answer with an empty response.
@@ -275,7 +300,11 @@ impl Login {
             }
         } else if self.auth != Auth::Done {
             if needs_chap {
-                return self.fail(req, Status::AUTH_FAILED, "operational stage before authentication");
+                return self.fail(
+                    req,
+                    Status::AUTH_FAILED,
+                    "operational stage before authentication",
+                );
             }
             self.auth = Auth::Done;
         }
@@ -286,7 +315,9 @@ impl Login {
         }
         if req.csg == Stage::Operational || (req.transit && req.nsg == Stage::FullFeature) {
             // Declarative: tell the initiator how much we take, once, when it matters.
-            if !out.0.iter().any(|(k, _)| k == "MaxRecvDataSegmentLength") && keys.get("MaxRecvDataSegmentLength").is_some() {
+            if !out.0.iter().any(|(k, _)| k == "MaxRecvDataSegmentLength")
+                && keys.get("MaxRecvDataSegmentLength").is_some()
+            {
                 out.push("MaxRecvDataSegmentLength", TARGET_MAX_RECV.to_string());
             }
         }
@@ -329,14 +360,24 @@ impl Login {
                 return Err(self.fail(req, Status::NOT_FOUND, "no such target"));
             };
             if !access.allows(initiator) {
-                return Err(self.fail(req, Status::FORBIDDEN, "initiator not allowed on this target"));
+                return Err(self.fail(
+                    req,
+                    Status::FORBIDDEN,
+                    "initiator not allowed on this target",
+                ));
             }
             self.access = access;
         }
         Ok(())
     }
 
-    fn security(&mut self, req: &LoginRequest, keys: &TextPairs, needs_chap: bool, out: &mut TextPairs) -> Result<(), Step> {
+    fn security(
+        &mut self,
+        req: &LoginRequest,
+        keys: &TextPairs,
+        needs_chap: bool,
+        out: &mut TextPairs,
+    ) -> Result<(), Step> {
         if let Some(methods) = keys.get("AuthMethod") {
             let offered: Vec<&str> = methods.split(',').collect();
             let choice = if needs_chap {
@@ -355,12 +396,20 @@ impl Login {
                     self.auth = Auth::Done;
                     out.push("AuthMethod", "None");
                 }
-                None if needs_chap => return Err(self.fail(req, Status::AUTH_FAILED, "CHAP required, not offered")),
-                None => return Err(self.fail(req, Status::AUTH_FAILED, "no acceptable AuthMethod")),
+                None if needs_chap => {
+                    return Err(self.fail(req, Status::AUTH_FAILED, "CHAP required, not offered"))
+                }
+                None => {
+                    return Err(self.fail(req, Status::AUTH_FAILED, "no acceptable AuthMethod"))
+                }
             }
         } else if self.auth == Auth::Start {
             if needs_chap {
-                return Err(self.fail(req, Status::AUTH_FAILED, "CHAP required, no AuthMethod offered"));
+                return Err(self.fail(
+                    req,
+                    Status::AUTH_FAILED,
+                    "CHAP required, no AuthMethod offered",
+                ));
             }
             self.auth = Auth::Done;
         }
@@ -392,13 +441,24 @@ impl Login {
             // Mutual CHAP: the initiator challenges us back (RFC 7143 §12.1.3).
             if let (Some(iid), Some(ic)) = (keys.get("CHAP_I"), keys.get("CHAP_C")) {
                 let Some(ours) = self.access.target_chap.clone() else {
-                    return Err(self.fail(req, Status::AUTH_FAILED, "mutual CHAP asked, no target secret"));
+                    return Err(self.fail(
+                        req,
+                        Status::AUTH_FAILED,
+                        "mutual CHAP asked, no target secret",
+                    ));
                 };
-                let (Some(iid), Some(ic)) = (parse_number(iid).and_then(|n| u8::try_from(n).ok()), parse_binary(ic)) else {
+                let (Some(iid), Some(ic)) = (
+                    parse_number(iid).and_then(|n| u8::try_from(n).ok()),
+                    parse_binary(ic),
+                ) else {
                     return Err(self.fail(req, Status::AUTH_FAILED, "bad CHAP_I or CHAP_C"));
                 };
                 if ic == challenge || ic.is_empty() || ic.len() > 1024 {
-                    return Err(self.fail(req, Status::AUTH_FAILED, "reflected or bad CHAP challenge"));
+                    return Err(self.fail(
+                        req,
+                        Status::AUTH_FAILED,
+                        "reflected or bad CHAP challenge",
+                    ));
                 }
                 let r = chap_response(iid, &ours.secret, &ic);
                 out.push("CHAP_N", ours.user);
@@ -422,8 +482,8 @@ impl Login {
         let p = &mut self.params;
         let reply = match key {
             // Declarative or handled elsewhere.
-            "InitiatorName" | "InitiatorAlias" | "SessionType" | "TargetName" | "AuthMethod" | "CHAP_A" | "CHAP_N"
-            | "CHAP_R" | "CHAP_I" | "CHAP_C" => return None,
+            "InitiatorName" | "InitiatorAlias" | "SessionType" | "TargetName" | "AuthMethod"
+            | "CHAP_A" | "CHAP_N" | "CHAP_R" | "CHAP_I" | "CHAP_C" => return None,
             "HeaderDigest" | "DataDigest" => {
                 let pick = value.split(',').find(|v| *v == "None" || *v == "CRC32C");
                 let on = pick == Some("CRC32C");
@@ -506,7 +566,17 @@ impl Login {
             _ => "NotUnderstood".into(),
         };
         if self.session_type == SessionType::Discovery
-            && matches!(key, "MaxBurstLength" | "FirstBurstLength" | "InitialR2T" | "ImmediateData" | "MaxOutstandingR2T" | "DataPDUInOrder" | "DataSequenceInOrder" | "MaxConnections")
+            && matches!(
+                key,
+                "MaxBurstLength"
+                    | "FirstBurstLength"
+                    | "InitialR2T"
+                    | "ImmediateData"
+                    | "MaxOutstandingR2T"
+                    | "DataPDUInOrder"
+                    | "DataSequenceInOrder"
+                    | "MaxConnections"
+            )
         {
             // Irrelevant in a discovery session (RFC 7143 §13).
             return Some("Irrelevant".into());
@@ -528,16 +598,39 @@ mod tests {
     fn provider(chap: bool) -> Arc<dyn LunProvider> {
         let mut p = StaticLuns::new();
         let access = TargetAccess {
-            chap: chap.then(|| ChapCredentials { user: "node1".into(), secret: b"secret-node-1".to_vec() }),
-            target_chap: chap.then(|| ChapCredentials { user: "tgt".into(), secret: b"target-secret".to_vec() }),
+            chap: chap.then(|| ChapCredentials {
+                user: "node1".into(),
+                secret: b"secret-node-1".to_vec(),
+            }),
+            target_chap: chap.then(|| ChapCredentials {
+                user: "tgt".into(),
+                secret: b"target-secret".to_vec(),
+            }),
             initiators: vec![],
         };
-        p.insert("iqn.t:one", access, Backing::Shared(Arc::new(MemDevice::new(8, 512, false))));
+        p.insert(
+            "iqn.t:one",
+            access,
+            Backing::Shared(Arc::new(MemDevice::new(8, 512, false))),
+        );
         Arc::new(p)
     }
 
     fn req(csg: Stage, nsg: Stage, transit: bool) -> LoginRequest {
-        LoginRequest { transit, continue_: false, csg, nsg, version_max: 0, version_min: 0, isid: [1; 6], tsih: 0, itt: 7, cid: 0, cmd_sn: 5, exp_stat_sn: 0 }
+        LoginRequest {
+            transit,
+            continue_: false,
+            csg,
+            nsg,
+            version_max: 0,
+            version_min: 0,
+            isid: [1; 6],
+            tsih: 0,
+            itt: 7,
+            cid: 0,
+            cmd_sn: 5,
+            exp_stat_sn: 0,
+        }
     }
 
     fn text(p: &Pdu) -> TextPairs {
@@ -555,7 +648,9 @@ mod tests {
     fn login_without_auth_straight_to_full_feature() {
         let mut l = Login::new(provider(false), 3);
         let step = l.on_request(&req(Stage::Security, Stage::FullFeature, true), b"InitiatorName=iqn.i\0TargetName=iqn.t:one\0AuthMethod=None\0HeaderDigest=CRC32C,None\0MaxRecvDataSegmentLength=65536\0X-foo=1\0");
-        let Step::Done(p, est) = step else { panic!("{step:?}") };
+        let Step::Done(p, est) = step else {
+            panic!("{step:?}")
+        };
         let t = text(&p);
         assert_eq!(t.get("AuthMethod"), Some("None"));
         assert_eq!(t.get("HeaderDigest"), Some("CRC32C"));
@@ -564,25 +659,47 @@ mod tests {
         assert!(est.params.header_digest);
         assert_eq!(est.params.initiator_max_recv, 65536);
         assert_eq!(est.exp_cmd_sn, 5);
-        let Bhs::LoginResponse(r) = &p.bhs else { panic!() };
+        let Bhs::LoginResponse(r) = &p.bhs else {
+            panic!()
+        };
         assert_eq!((r.transit, r.nsg, r.tsih), (true, Stage::FullFeature, 3));
     }
 
     #[test]
     fn unknown_target_and_missing_names() {
         let mut l = Login::new(provider(false), 1);
-        let Step::Fail(p) = l.on_request(&req(Stage::Security, Stage::Operational, true), b"InitiatorName=i\0TargetName=iqn.nope\0") else { panic!() };
+        let Step::Fail(p) = l.on_request(
+            &req(Stage::Security, Stage::Operational, true),
+            b"InitiatorName=i\0TargetName=iqn.nope\0",
+        ) else {
+            panic!()
+        };
         assert_eq!(status(&p), (2, 3));
         let mut l = Login::new(provider(false), 1);
-        let Step::Fail(p) = l.on_request(&req(Stage::Security, Stage::Operational, true), b"TargetName=iqn.t:one\0") else { panic!() };
+        let Step::Fail(p) = l.on_request(
+            &req(Stage::Security, Stage::Operational, true),
+            b"TargetName=iqn.t:one\0",
+        ) else {
+            panic!()
+        };
         assert_eq!(status(&p), (2, 7));
     }
 
     fn chap_login(secret: &[u8], mutual: bool) -> (Login, Step) {
         let mut l = Login::new(provider(true), 1);
-        let Step::Continue(p) = l.on_request(&req(Stage::Security, Stage::Operational, false), b"InitiatorName=i\0TargetName=iqn.t:one\0AuthMethod=CHAP,None\0") else { panic!() };
+        let Step::Continue(p) = l.on_request(
+            &req(Stage::Security, Stage::Operational, false),
+            b"InitiatorName=i\0TargetName=iqn.t:one\0AuthMethod=CHAP,None\0",
+        ) else {
+            panic!()
+        };
         assert_eq!(text(&p).get("AuthMethod"), Some("CHAP"));
-        let Step::Continue(p) = l.on_request(&req(Stage::Security, Stage::Operational, false), b"CHAP_A=5\0") else { panic!() };
+        let Step::Continue(p) = l.on_request(
+            &req(Stage::Security, Stage::Operational, false),
+            b"CHAP_A=5\0",
+        ) else {
+            panic!()
+        };
         let t = text(&p);
         let id = parse_number(t.get("CHAP_I").unwrap()).unwrap() as u8;
         let c = parse_binary(t.get("CHAP_C").unwrap()).unwrap();
@@ -591,36 +708,59 @@ mod tests {
         if mutual {
             body.push_str("CHAP_I=9\0CHAP_C=0x00112233445566778899aabbccddeeff\0");
         }
-        let step = l.on_request(&req(Stage::Security, Stage::Operational, true), body.as_bytes());
+        let step = l.on_request(
+            &req(Stage::Security, Stage::Operational, true),
+            body.as_bytes(),
+        );
         (l, step)
     }
 
     #[test]
     fn chap_accepts_the_right_secret_and_proves_ours() {
         let (_, step) = chap_login(b"secret-node-1", true);
-        let Step::Continue(p) = step else { panic!("{step:?}") };
+        let Step::Continue(p) = step else {
+            panic!("{step:?}")
+        };
         let t = text(&p);
         assert_eq!(t.get("CHAP_N"), Some("tgt"));
-        let want = chap_response(9, b"target-secret", &hex::decode("00112233445566778899aabbccddeeff").unwrap());
+        let want = chap_response(
+            9,
+            b"target-secret",
+            &hex::decode("00112233445566778899aabbccddeeff").unwrap(),
+        );
         assert_eq!(parse_binary(t.get("CHAP_R").unwrap()).unwrap(), want);
-        let Bhs::LoginResponse(r) = &p.bhs else { panic!() };
+        let Bhs::LoginResponse(r) = &p.bhs else {
+            panic!()
+        };
         assert!(r.transit);
     }
 
     #[test]
     fn chap_refuses_a_wrong_secret() {
         let (_, step) = chap_login(b"wrong", false);
-        let Step::Fail(p) = step else { panic!("{step:?}") };
+        let Step::Fail(p) = step else {
+            panic!("{step:?}")
+        };
         assert_eq!(status(&p), (2, 1));
     }
 
     #[test]
     fn chap_cannot_be_skipped() {
         let mut l = Login::new(provider(true), 1);
-        let Step::Fail(p) = l.on_request(&req(Stage::Operational, Stage::FullFeature, true), b"InitiatorName=i\0TargetName=iqn.t:one\0") else { panic!() };
+        let Step::Fail(p) = l.on_request(
+            &req(Stage::Operational, Stage::FullFeature, true),
+            b"InitiatorName=i\0TargetName=iqn.t:one\0",
+        ) else {
+            panic!()
+        };
         assert_eq!(status(&p), (2, 1));
         let mut l = Login::new(provider(true), 1);
-        let Step::Fail(p) = l.on_request(&req(Stage::Security, Stage::FullFeature, true), b"InitiatorName=i\0TargetName=iqn.t:one\0AuthMethod=None\0") else { panic!() };
+        let Step::Fail(p) = l.on_request(
+            &req(Stage::Security, Stage::FullFeature, true),
+            b"InitiatorName=i\0TargetName=iqn.t:one\0AuthMethod=None\0",
+        ) else {
+            panic!()
+        };
         assert_eq!(status(&p), (2, 1));
     }
 }

@@ -99,24 +99,39 @@ pub struct VhdxLun {
 
 impl std::fmt::Debug for VhdxLun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VhdxLun").field("blocks", &self.blocks).field("writable", &self.writable).finish()
+        f.debug_struct("VhdxLun")
+            .field("blocks", &self.blocks)
+            .field("writable", &self.writable)
+            .finish()
     }
 }
 
 impl VhdxLun {
     /// Opens the chain under `top` (parents by their locators), the top writable.
     pub fn open_top(top: &Path) -> Result<VhdxLun, LunError> {
-        Ok(Self::from_chain(vhdx::Chain::open_writable(top)?, true, None))
+        Ok(Self::from_chain(
+            vhdx::Chain::open_writable(top)?,
+            true,
+            None,
+        ))
     }
 
     /// Opens `paths` (base first) read-only: every layer stays untouched.
     pub fn open_read_only(paths: &[PathBuf]) -> Result<VhdxLun, LunError> {
-        Ok(Self::from_chain(vhdx::Chain::from_paths(paths)?, false, None))
+        Ok(Self::from_chain(
+            vhdx::Chain::from_paths(paths)?,
+            false,
+            None,
+        ))
     }
 
     /// Opens `paths` (base first) with the last one writable: a node's persistent LUN.
     pub fn open_node(paths: &[PathBuf]) -> Result<VhdxLun, LunError> {
-        Ok(Self::from_chain(vhdx::Chain::from_paths_writable(paths)?, true, None))
+        Ok(Self::from_chain(
+            vhdx::Chain::from_paths_writable(paths)?,
+            true,
+            None,
+        ))
     }
 
     /// A stateless LUN: `paths` (base first) read-only under a new scratch differencing
@@ -127,9 +142,15 @@ impl VhdxLun {
         let dir = tempfile::Builder::new()
             .prefix("strata-iscsi-")
             .tempdir_in(scratch_dir)
-            .map_err(|source| LunError::Scratch { dir: scratch_dir.to_path_buf(), source })?;
+            .map_err(|source| LunError::Scratch {
+                dir: scratch_dir.to_path_buf(),
+                source,
+            })?;
         let overlay = dir.path().join("scratch.vhdx");
-        let opts = vhdx::CreateOptions { record_absolute_parent_path: true, ..Default::default() };
+        let opts = vhdx::CreateOptions {
+            record_absolute_parent_path: true,
+            ..Default::default()
+        };
         vhdx::create_differencing(&overlay, &below, &opts)?;
         let mut all = paths.to_vec();
         all.push(overlay);
@@ -141,7 +162,11 @@ impl VhdxLun {
         Ok(lun)
     }
 
-    fn from_chain(chain: vhdx::Chain, writable: bool, scratch: Option<tempfile::TempDir>) -> VhdxLun {
+    fn from_chain(
+        chain: vhdx::Chain,
+        writable: bool,
+        scratch: Option<tempfile::TempDir>,
+    ) -> VhdxLun {
         let block_size = chain.logical_sector_size();
         let phys = chain.top().physical_sector_size();
         let phys_exp = (phys / block_size.max(1)).max(1).trailing_zeros() as u8;
@@ -206,13 +231,28 @@ pub struct RawLun {
 impl RawLun {
     /// Opens `path` (512-byte blocks; a trailing partial block is not exposed).
     pub fn open(path: &Path, writable: bool) -> Result<RawLun, LunError> {
-        let io = |source| LunError::Io { op: "open", path: path.to_path_buf(), offset: 0, source };
-        let file = std::fs::OpenOptions::new().read(true).write(writable).open(path).map_err(io)?;
+        let io = |source| LunError::Io {
+            op: "open",
+            path: path.to_path_buf(),
+            offset: 0,
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let h = blake3::hash(path.to_string_lossy().as_bytes());
         let mut id = [0u8; 16];
         id.copy_from_slice(h.as_bytes().get(..16).unwrap_or(&[0; 16]));
-        Ok(RawLun { file, path: path.to_path_buf(), blocks: len / 512, writable, id })
+        Ok(RawLun {
+            file,
+            path: path.to_path_buf(),
+            blocks: len / 512,
+            writable,
+            id,
+        })
     }
 }
 
@@ -229,7 +269,12 @@ impl BlockDevice for RawLun {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), LunError> {
         self.file
             .read_exact_at(buf, offset)
-            .map_err(|source| LunError::Io { op: "read", path: self.path.clone(), offset, source })
+            .map_err(|source| LunError::Io {
+                op: "read",
+                path: self.path.clone(),
+                offset,
+                source,
+            })
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), LunError> {
         if !self.writable {
@@ -237,12 +282,20 @@ impl BlockDevice for RawLun {
         }
         self.file
             .write_all_at(buf, offset)
-            .map_err(|source| LunError::Io { op: "write", path: self.path.clone(), offset, source })
+            .map_err(|source| LunError::Io {
+                op: "write",
+                path: self.path.clone(),
+                offset,
+                source,
+            })
     }
     fn flush(&self) -> Result<(), LunError> {
-        self.file
-            .sync_data()
-            .map_err(|source| LunError::Io { op: "flush", path: self.path.clone(), offset: 0, source })
+        self.file.sync_data().map_err(|source| LunError::Io {
+            op: "flush",
+            path: self.path.clone(),
+            offset: 0,
+            source,
+        })
     }
     fn id(&self) -> [u8; 16] {
         self.id
@@ -260,7 +313,9 @@ pub struct ChapCredentials {
 
 impl std::fmt::Debug for ChapCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChapCredentials").field("user", &self.user).finish_non_exhaustive()
+        f.debug_struct("ChapCredentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
     }
 }
 
@@ -278,7 +333,11 @@ pub struct TargetAccess {
 impl TargetAccess {
     /// Whether `initiator` may use this target (before authentication).
     pub fn allows(&self, initiator: &str) -> bool {
-        self.initiators.is_empty() || self.initiators.iter().any(|i| i.eq_ignore_ascii_case(initiator))
+        self.initiators.is_empty()
+            || self
+                .initiators
+                .iter()
+                .any(|i| i.eq_ignore_ascii_case(initiator))
     }
 }
 
@@ -311,7 +370,13 @@ pub const IQN_PREFIX: &str = "iqn.2026-11.io.strata";
 fn iqn_part(s: &str) -> String {
     s.chars()
         .map(|c| c.to_ascii_lowercase())
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect()
 }
 
@@ -348,7 +413,11 @@ impl StaticLuns {
 
 impl LunProvider for StaticLuns {
     fn targets_for(&self, initiator: &str) -> Vec<String> {
-        self.targets.iter().filter(|(_, (a, _))| a.allows(initiator)).map(|(n, _)| n.clone()).collect()
+        self.targets
+            .iter()
+            .filter(|(_, (a, _))| a.allows(initiator))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
     fn access(&self, target: &str) -> Option<TargetAccess> {
         self.targets.get(target).map(|(a, _)| a.clone())
@@ -375,7 +444,11 @@ pub struct MemDevice {
 impl MemDevice {
     /// `blocks` zeroed blocks of `block_size` bytes.
     pub fn new(blocks: u64, block_size: u32, read_only: bool) -> MemDevice {
-        MemDevice { data: RwLock::new(vec![0; (blocks * u64::from(block_size)) as usize]), block_size, read_only }
+        MemDevice {
+            data: RwLock::new(vec![0; (blocks * u64::from(block_size)) as usize]),
+            block_size,
+            read_only,
+        }
     }
 }
 
@@ -391,12 +464,14 @@ impl BlockDevice for MemDevice {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), LunError> {
         let d = self.data.read().unwrap_or_else(|p| p.into_inner());
-        let src = d.get(offset as usize..offset as usize + buf.len()).ok_or_else(|| LunError::Io {
-            op: "read",
-            path: PathBuf::from("memory"),
-            offset,
-            source: std::io::ErrorKind::UnexpectedEof.into(),
-        })?;
+        let src = d
+            .get(offset as usize..offset as usize + buf.len())
+            .ok_or_else(|| LunError::Io {
+                op: "read",
+                path: PathBuf::from("memory"),
+                offset,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            })?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -405,12 +480,14 @@ impl BlockDevice for MemDevice {
             return Err(LunError::ReadOnly);
         }
         let mut d = self.data.write().unwrap_or_else(|p| p.into_inner());
-        let dst = d.get_mut(offset as usize..offset as usize + buf.len()).ok_or_else(|| LunError::Io {
-            op: "write",
-            path: PathBuf::from("memory"),
-            offset,
-            source: std::io::ErrorKind::UnexpectedEof.into(),
-        })?;
+        let dst = d
+            .get_mut(offset as usize..offset as usize + buf.len())
+            .ok_or_else(|| LunError::Io {
+                op: "write",
+                path: PathBuf::from("memory"),
+                offset,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            })?;
         dst.copy_from_slice(buf);
         Ok(())
     }
@@ -428,13 +505,19 @@ mod tests {
 
     #[test]
     fn iqns_from_node_ids() {
-        assert_eq!(node_target_iqn("Rack1_Node 07"), "iqn.2026-11.io.strata:node.rack1-node-07");
+        assert_eq!(
+            node_target_iqn("Rack1_Node 07"),
+            "iqn.2026-11.io.strata:node.rack1-node-07"
+        );
         assert_eq!(node_initiator_iqn("n1"), "iqn.2026-11.io.strata:init.n1");
     }
 
     #[test]
     fn access_by_initiator() {
-        let a = TargetAccess { initiators: vec!["iqn.a".into()], ..Default::default() };
+        let a = TargetAccess {
+            initiators: vec!["iqn.a".into()],
+            ..Default::default()
+        };
         assert!(a.allows("IQN.A"));
         assert!(!a.allows("iqn.b"));
         assert!(TargetAccess::default().allows("anyone"));

@@ -13,7 +13,12 @@
 //! docs/iscsi.md describes the design, the peers it is tested against and its limits.
 #![cfg_attr(
     not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
 )]
 
 pub mod login;
@@ -26,8 +31,8 @@ pub mod target;
 pub mod text;
 
 pub use lun::{
-    node_initiator_iqn, node_target_iqn, Backing, BlockDevice, ChapCredentials, LunError, LunProvider, RawLun,
-    StaticLuns, TargetAccess, VhdxLun,
+    node_initiator_iqn, node_target_iqn, Backing, BlockDevice, ChapCredentials, LunError,
+    LunProvider, RawLun, StaticLuns, TargetAccess, VhdxLun,
 };
 pub use nodes::{node_credentials, FleetLuns, NodeCredentials};
 pub use target::{IscsiTarget, TargetOptions};

@@ -25,8 +25,8 @@ use wire::dhcp::MacAddr;
 use wire::LayerId;
 
 use super::lun::{
-    node_initiator_iqn, node_target_iqn, BlockDevice, ChapCredentials, LunError, LunProvider, TargetAccess, VhdxLun,
-    IQN_PREFIX,
+    node_initiator_iqn, node_target_iqn, BlockDevice, ChapCredentials, LunError, LunProvider,
+    TargetAccess, VhdxLun, IQN_PREFIX,
 };
 use crate::config::{Config, ConfigError, IscsiConfig};
 use crate::fleet::Fleet;
@@ -104,15 +104,26 @@ pub fn portal(config: &Config, bound: SocketAddr) -> Result<SocketAddrV4, Config
         _ => {}
     }
     let url = config.public_url();
-    let host = url.trim_start_matches("http://").split(['/', ':']).next().unwrap_or_default();
+    let host = url
+        .trim_start_matches("http://")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or_default();
     host.parse()
         .map(|ip| SocketAddrV4::new(ip, bound.port()))
-        .map_err(|_| ConfigError::Invalid(format!("iscsi.portal is needed: the public URL {url} names no IPv4 address")))
+        .map_err(|_| {
+            ConfigError::Invalid(format!(
+                "iscsi.portal is needed: the public URL {url} names no IPv4 address"
+            ))
+        })
 }
 
 /// The names and credentials of `mac` under `config` and the server `key`.
 pub fn node_credentials(config: &IscsiConfig, key: &SigningKey, mac: &MacAddr) -> NodeCredentials {
-    let own = config.nodes.iter().find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == *mac));
+    let own = config
+        .nodes
+        .iter()
+        .find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == *mac));
     let initiator = node_initiator_iqn(&mac_hex(mac));
     let chap = config.chap.then(|| ChapCredentials {
         user: initiator.clone(),
@@ -148,7 +159,9 @@ pub struct FleetLuns {
 
 impl std::fmt::Debug for FleetLuns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FleetLuns").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("FleetLuns")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -164,7 +177,15 @@ impl FleetLuns {
         runtime: tokio::runtime::Handle,
         portal: SocketAddrV4,
     ) -> FleetLuns {
-        FleetLuns { fleet, config, key, dir, runtime, portal, open: Mutex::new(HashMap::new()) }
+        FleetLuns {
+            fleet,
+            config,
+            key,
+            dir,
+            runtime,
+            portal,
+            open: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The iPXE script that `sanboot`s `mac`'s LUN, for a node configured `sanboot` (an image
@@ -172,16 +193,32 @@ impl FleetLuns {
     /// `iscsi:<server>:<protocol>:<port>:<lun>:<target>`.
     pub fn sanboot_script(&self, mac: &str) -> Option<String> {
         let mac: MacAddr = mac.parse().ok()?;
-        let own = self.config.nodes.iter().find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == mac))?;
+        let own = self
+            .config
+            .nodes
+            .iter()
+            .find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == mac))?;
         if !own.sanboot {
             return None;
         }
         let c = self.credentials(&mac);
-        let mut s = format!("#!ipxe\necho Strata: node {mac} sanboot {}\nset initiator-iqn {}\n", c.target, c.initiator);
+        let mut s = format!(
+            "#!ipxe\necho Strata: node {mac} sanboot {}\nset initiator-iqn {}\n",
+            c.target, c.initiator
+        );
         if let Some(chap) = &c.chap {
-            s.push_str(&format!("set username {}\nset password {}\n", chap.user, String::from_utf8_lossy(&chap.secret)));
+            s.push_str(&format!(
+                "set username {}\nset password {}\n",
+                chap.user,
+                String::from_utf8_lossy(&chap.secret)
+            ));
         }
-        s.push_str(&format!("sanboot iscsi:{}::{}::{}\n", self.portal.ip(), self.portal.port(), c.target));
+        s.push_str(&format!(
+            "sanboot iscsi:{}::{}::{}\n",
+            self.portal.ip(),
+            self.portal.port(),
+            c.target
+        ));
         Some(s)
     }
 
@@ -190,13 +227,20 @@ impl FleetLuns {
     /// diskless (`iscsi.diskless`, or its `[[iscsi.nodes]]` entry); `None` for the others.
     pub fn boot_args(&self, mac: &str) -> Option<String> {
         let mac: MacAddr = mac.parse().ok()?;
-        let own = self.config.nodes.iter().find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == mac));
+        let own = self
+            .config
+            .nodes
+            .iter()
+            .find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == mac));
         if !own.and_then(|n| n.diskless).unwrap_or(self.config.diskless) {
             return None;
         }
         let mut args = format!("strata.disk=ram strata.iscsi={}", self.portal);
         if let Some(chap) = self.credentials(&mac).chap {
-            args.push_str(&format!(" strata.iscsi_secret={}", String::from_utf8_lossy(&chap.secret)));
+            args.push_str(&format!(
+                " strata.iscsi_secret={}",
+                String::from_utf8_lossy(&chap.secret)
+            ));
         }
         Some(args)
     }
@@ -211,7 +255,10 @@ impl FleetLuns {
     }
 
     fn node_error(mac: &MacAddr, reason: impl Into<String>) -> LunError {
-        LunError::Node { node: mac.to_string(), reason: reason.into() }
+        LunError::Node {
+            node: mac.to_string(),
+            reason: reason.into(),
+        }
     }
 
     /// The layer files of the node's current manifest, base first, and its top layer. The
@@ -223,20 +270,31 @@ impl FleetLuns {
         // `attach` is synchronous (the target calls it on the blocking pool); the fleet is
         // async. A scoped thread entering the runtime is safe from any calling context.
         let signed = std::thread::scope(|scope| {
-            scope.spawn(|| self.runtime.block_on(fleet.signed_manifest(&canonical, None))).join()
+            scope
+                .spawn(|| {
+                    self.runtime
+                        .block_on(fleet.signed_manifest(&canonical, None))
+                })
+                .join()
         })
         .map_err(|_| Self::node_error(mac, "manifest task panicked"))?
         .map_err(|e| Self::node_error(mac, format!("manifest: {e}")))?;
         let manifest = signed
             .verify(&self.key.verifying_key())
             .map_err(|e| Self::node_error(mac, format!("manifest: {e}")))?;
-        let top = manifest.layers.last().map(|l| l.id).ok_or_else(|| Self::node_error(mac, "empty chain"))?;
+        let top = manifest
+            .layers
+            .last()
+            .map(|l| l.id)
+            .ok_or_else(|| Self::node_error(mac, "empty chain"))?;
         let images = self.fleet.images();
         let paths = manifest
             .layers
             .iter()
             .map(|l| {
-                images.layer_path(&l.id).ok_or_else(|| Self::node_error(mac, format!("layer {} is not in the store", l.id)))
+                images.layer_path(&l.id).ok_or_else(|| {
+                    Self::node_error(mac, format!("layer {} is not in the store", l.id))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok((paths, top))
@@ -244,7 +302,12 @@ impl FleetLuns {
 
     /// The node's persistent LUN: its manifest's chain plus its writable layer (made on
     /// first use), shared by its sessions while its manifest's top layer stays the same.
-    fn persistent(&self, mac: &MacAddr, paths: Vec<PathBuf>, top: LayerId) -> Result<Arc<VhdxLun>, LunError> {
+    fn persistent(
+        &self,
+        mac: &MacAddr,
+        paths: Vec<PathBuf>,
+        top: LayerId,
+    ) -> Result<Arc<VhdxLun>, LunError> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(o) = open.get(mac) {
             if o.top == top {
@@ -252,18 +315,30 @@ impl FleetLuns {
             }
         }
         let dir = self.dir.join("nodes").join(mac_hex(mac));
-        std::fs::create_dir_all(&dir).map_err(|source| LunError::Scratch { dir: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| LunError::Scratch {
+            dir: dir.clone(),
+            source,
+        })?;
         let writable = dir.join(format!("{top}.vhdx"));
         if !writable.exists() {
             let below = vhdx::Chain::from_paths(&paths)?;
-            let opts = vhdx::CreateOptions { record_absolute_parent_path: true, ..Default::default() };
+            let opts = vhdx::CreateOptions {
+                record_absolute_parent_path: true,
+                ..Default::default()
+            };
             vhdx::create_differencing(&writable, &below, &opts)?;
             tracing::info!(node = %mac, layer = %writable.display(), "created the node's writable iSCSI layer");
         }
         let mut all = paths;
         all.push(writable);
         let lun = Arc::new(VhdxLun::open_node(&all)?);
-        open.insert(*mac, OpenLun { top, lun: lun.clone() });
+        open.insert(
+            *mac,
+            OpenLun {
+                top,
+                lun: lun.clone(),
+            },
+        );
         Ok(lun)
     }
 }
@@ -283,12 +358,23 @@ impl LunProvider for FleetLuns {
             return None;
         }
         let creds = self.credentials(&mac);
-        let own = self.config.nodes.iter().find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == mac));
+        let own = self
+            .config
+            .nodes
+            .iter()
+            .find(|n| n.mac.parse::<MacAddr>().is_ok_and(|m| m == mac));
         let target_chap = match (&creds.chap, own.and_then(|n| n.target_secret.clone())) {
-            (Some(_), Some(secret)) => Some(ChapCredentials { user: creds.target.clone(), secret: secret.into_bytes() }),
+            (Some(_), Some(secret)) => Some(ChapCredentials {
+                user: creds.target.clone(),
+                secret: secret.into_bytes(),
+            }),
             _ => None,
         };
-        Some(TargetAccess { chap: creds.chap, target_chap, initiators: vec![creds.initiator] })
+        Some(TargetAccess {
+            chap: creds.chap,
+            target_chap,
+            initiators: vec![creds.initiator],
+        })
     }
 
     fn attach(&self, target: &str) -> Result<Arc<dyn BlockDevice>, LunError> {
@@ -296,7 +382,10 @@ impl LunProvider for FleetLuns {
         let (paths, top) = self.chain_paths(&mac)?;
         if self.credentials(&mac).stateless {
             let scratch = self.dir.join("scratch");
-            std::fs::create_dir_all(&scratch).map_err(|source| LunError::Scratch { dir: scratch.clone(), source })?;
+            std::fs::create_dir_all(&scratch).map_err(|source| LunError::Scratch {
+                dir: scratch.clone(),
+                source,
+            })?;
             return Ok(Arc::new(VhdxLun::open_stateless(&paths, &scratch)?));
         }
         Ok(self.persistent(&mac, paths, top)?)
@@ -310,14 +399,30 @@ mod tests {
     #[test]
     fn names_round_trip_to_the_mac() {
         let mac: MacAddr = "52:54:00:AB:cd:0f".parse().unwrap();
-        let c = node_credentials(&IscsiConfig::default(), &SigningKey::from_bytes(&[7; 32]), &mac);
+        let c = node_credentials(
+            &IscsiConfig::default(),
+            &SigningKey::from_bytes(&[7; 32]),
+            &mac,
+        );
         assert_eq!(c.target, "iqn.2026-11.io.strata:node.525400abcd0f");
         assert_eq!(c.initiator, "iqn.2026-11.io.strata:init.525400abcd0f");
         assert_eq!(mac_of_target(&c.target), Some(mac));
-        assert_eq!(mac_of_initiator(&c.initiator.to_uppercase().replace("IQN", "iqn")), Some(mac));
-        assert_eq!(mac_of_target("iqn.2026-11.io.strata:node.525400abcd0"), None);
-        assert_eq!(mac_of_target("iqn.2026-11.io.strata:node.525400abcd0g"), None);
-        assert_eq!(mac_of_target("iqn.2026-11.io.strata:init.525400abcd0f"), None);
+        assert_eq!(
+            mac_of_initiator(&c.initiator.to_uppercase().replace("IQN", "iqn")),
+            Some(mac)
+        );
+        assert_eq!(
+            mac_of_target("iqn.2026-11.io.strata:node.525400abcd0"),
+            None
+        );
+        assert_eq!(
+            mac_of_target("iqn.2026-11.io.strata:node.525400abcd0g"),
+            None
+        );
+        assert_eq!(
+            mac_of_target("iqn.2026-11.io.strata:init.525400abcd0f"),
+            None
+        );
     }
 
     proptest::proptest! {
@@ -356,7 +461,10 @@ mod tests {
             sanboot: false,
         });
         let c = node_credentials(&cfg, &a, &m1);
-        assert_eq!(c.chap.as_ref().map(|c| c.secret.as_slice()), Some(&b"configured-secret"[..]));
+        assert_eq!(
+            c.chap.as_ref().map(|c| c.secret.as_slice()),
+            Some(&b"configured-secret"[..])
+        );
         assert!(c.stateless);
         assert!(!node_credentials(&cfg, &a, &m2).stateless);
         cfg.chap = false;

@@ -102,7 +102,10 @@ impl Stage {
             0 => Ok(Stage::Security),
             1 => Ok(Stage::Operational),
             3 => Ok(Stage::FullFeature),
-            v => Err(PduError::InvalidField { field, value: u32::from(v) }),
+            v => Err(PduError::InvalidField {
+                field,
+                value: u32::from(v),
+            }),
         }
     }
     fn bits(self) -> u8 {
@@ -440,7 +443,12 @@ impl R<'_> {
         u16::from_be_bytes([self.u8(at), self.u8(at + 1)])
     }
     fn u32(&self, at: usize) -> u32 {
-        u32::from_be_bytes([self.u8(at), self.u8(at + 1), self.u8(at + 2), self.u8(at + 3)])
+        u32::from_be_bytes([
+            self.u8(at),
+            self.u8(at + 1),
+            self.u8(at + 2),
+            self.u8(at + 3),
+        ])
     }
     fn bit(&self, at: usize, mask: u8) -> bool {
         self.u8(at) & mask != 0
@@ -491,8 +499,14 @@ impl Bhs {
     /// Parses the BHS at the start of `bytes`. Lengths (bytes 4..8) are not part of the
     /// typed value: read them with [`Framing::of`].
     pub fn parse(bytes: &[u8]) -> Result<Bhs, PduError> {
-        let Some(b) = bytes.get(..BHS_LEN).and_then(|s| <&[u8; BHS_LEN]>::try_from(s).ok()) else {
-            return Err(PduError::Truncated { have: bytes.len(), need: BHS_LEN });
+        let Some(b) = bytes
+            .get(..BHS_LEN)
+            .and_then(|s| <&[u8; BHS_LEN]>::try_from(s).ok())
+        else {
+            return Err(PduError::Truncated {
+                have: bytes.len(),
+                need: BHS_LEN,
+            });
         };
         let r = R(b);
         let immediate = r.bit(0, 0x40);
@@ -982,9 +996,15 @@ impl Framing {
         let r = R(bhs);
         let data_len = u32::from_be_bytes([0, r.u8(5), r.u8(6), r.u8(7)]);
         if data_len > max_data {
-            return Err(PduError::DataSegmentTooLong { len: data_len, max: max_data });
+            return Err(PduError::DataSegmentTooLong {
+                len: data_len,
+                max: max_data,
+            });
         }
-        Ok(Framing { ahs_len: usize::from(r.u8(4)) * 4, data_len: data_len as usize })
+        Ok(Framing {
+            ahs_len: usize::from(r.u8(4)) * 4,
+            data_len: data_len as usize,
+        })
     }
 
     /// Bytes to read after the BHS: AHS, header digest, padded data, data digest.
@@ -1011,15 +1031,27 @@ pub struct Pdu {
 impl Pdu {
     /// A PDU without AHS.
     pub fn new(bhs: Bhs, data: Vec<u8>) -> Pdu {
-        Pdu { bhs, ahs: Vec::new(), data }
+        Pdu {
+            bhs,
+            ahs: Vec::new(),
+            data,
+        }
     }
 
     /// Decodes a PDU from its raw BHS and the `rest` bytes that [`Framing::rest_len`]
     /// said follow it, checking digests.
-    pub fn decode(raw: &[u8; BHS_LEN], framing: Framing, rest: &[u8], d: Digests) -> Result<Pdu, PduError> {
+    pub fn decode(
+        raw: &[u8; BHS_LEN],
+        framing: Framing,
+        rest: &[u8],
+        d: Digests,
+    ) -> Result<Pdu, PduError> {
         let need = framing.rest_len(d);
         if rest.len() < need {
-            return Err(PduError::Truncated { have: BHS_LEN + rest.len(), need: BHS_LEN + need });
+            return Err(PduError::Truncated {
+                have: BHS_LEN + rest.len(),
+                need: BHS_LEN + need,
+            });
         }
         let ahs = rest.get(..framing.ahs_len).unwrap_or_default();
         let mut at = framing.ahs_len;
@@ -1027,7 +1059,11 @@ impl Pdu {
             let got = le32(rest.get(at..at + 4));
             let computed = crc32c(&[raw, ahs]);
             if got != computed {
-                return Err(PduError::DigestMismatch { what: "header", got, computed });
+                return Err(PduError::DigestMismatch {
+                    what: "header",
+                    got,
+                    computed,
+                });
             }
             at += 4;
         }
@@ -1037,18 +1073,32 @@ impl Pdu {
             let got = le32(rest.get(at + padded..at + padded + 4));
             let computed = crc32c(&[rest.get(at..at + padded).unwrap_or_default()]);
             if got != computed {
-                return Err(PduError::DigestMismatch { what: "data", got, computed });
+                return Err(PduError::DigestMismatch {
+                    what: "data",
+                    got,
+                    computed,
+                });
             }
         }
         let bhs = Bhs::parse(raw)?;
-        Ok(Pdu { bhs, ahs: ahs.to_vec(), data: data.to_vec() })
+        Ok(Pdu {
+            bhs,
+            ahs: ahs.to_vec(),
+            data: data.to_vec(),
+        })
     }
 
     /// Parses a whole PDU from `bytes` (BHS first), bounding the data segment by
     /// `max_data`. Returns the PDU and the bytes it used.
     pub fn parse(bytes: &[u8], d: Digests, max_data: u32) -> Result<(Pdu, usize), PduError> {
-        let Some(raw) = bytes.get(..BHS_LEN).and_then(|s| <&[u8; BHS_LEN]>::try_from(s).ok()) else {
-            return Err(PduError::Truncated { have: bytes.len(), need: BHS_LEN });
+        let Some(raw) = bytes
+            .get(..BHS_LEN)
+            .and_then(|s| <&[u8; BHS_LEN]>::try_from(s).ok())
+        else {
+            return Err(PduError::Truncated {
+                have: bytes.len(),
+                need: BHS_LEN,
+            });
         };
         let framing = Framing::of(raw, max_data)?;
         let rest = bytes.get(BHS_LEN..).unwrap_or_default();
@@ -1061,7 +1111,10 @@ impl Pdu {
     pub fn write_to(&self, out: &mut Vec<u8>, d: Digests) {
         let ahs = self.ahs.get(..self.ahs.len().min(1020)).unwrap_or_default();
         let ahs_words = ahs.len().div_ceil(4);
-        let data = self.data.get(..self.data.len().min(MAX_DATA_SEGMENT_LEN as usize)).unwrap_or_default();
+        let data = self
+            .data
+            .get(..self.data.len().min(MAX_DATA_SEGMENT_LEN as usize))
+            .unwrap_or_default();
         let start = out.len();
         out.extend_from_slice(&self.bhs.to_bytes(ahs_words as u8, data.len() as u32));
         out.extend_from_slice(ahs);
@@ -1103,105 +1156,401 @@ pub(crate) mod tests {
         any::<[u8; 8]>().prop_map(Lun)
     }
     fn stage() -> impl Strategy<Value = Stage> {
-        prop_oneof![Just(Stage::Security), Just(Stage::Operational), Just(Stage::FullFeature)]
+        prop_oneof![
+            Just(Stage::Security),
+            Just(Stage::Operational),
+            Just(Stage::FullFeature)
+        ]
     }
 
     pub(crate) fn any_bhs() -> impl Strategy<Value = Bhs> {
         let u = any::<u32>;
         prop_oneof![
-            (any::<bool>(), lun(), u(), u(), u(), u()).prop_map(|(immediate, lun, itt, ttt, cmd_sn, exp_stat_sn)| {
-                Bhs::NopOut(NopOut { immediate, lun, itt, ttt, cmd_sn, exp_stat_sn })
-            }),
-            (any::<[bool; 4]>(), 0u8..8, lun(), u(), u(), u(), u(), any::<[u8; 16]>()).prop_map(
-                |([immediate, final_, read, write], attr, lun, itt, expected_len, cmd_sn, exp_stat_sn, cdb)| {
-                    Bhs::ScsiCommand(ScsiCommand {
-                        immediate, final_, read, write, attr, lun, itt, expected_len, cmd_sn, exp_stat_sn, cdb,
+            (any::<bool>(), lun(), u(), u(), u(), u()).prop_map(
+                |(immediate, lun, itt, ttt, cmd_sn, exp_stat_sn)| {
+                    Bhs::NopOut(NopOut {
+                        immediate,
+                        lun,
+                        itt,
+                        ttt,
+                        cmd_sn,
+                        exp_stat_sn,
                     })
                 }
             ),
+            (
+                any::<[bool; 4]>(),
+                0u8..8,
+                lun(),
+                u(),
+                u(),
+                u(),
+                u(),
+                any::<[u8; 16]>()
+            )
+                .prop_map(
+                    |(
+                        [immediate, final_, read, write],
+                        attr,
+                        lun,
+                        itt,
+                        expected_len,
+                        cmd_sn,
+                        exp_stat_sn,
+                        cdb,
+                    )| {
+                        Bhs::ScsiCommand(ScsiCommand {
+                            immediate,
+                            final_,
+                            read,
+                            write,
+                            attr,
+                            lun,
+                            itt,
+                            expected_len,
+                            cmd_sn,
+                            exp_stat_sn,
+                            cdb,
+                        })
+                    }
+                ),
             (any::<bool>(), 0u8..128, lun(), u(), u(), u(), u(), u(), u()).prop_map(
-                |(immediate, function, lun, itt, referenced_tag, cmd_sn, exp_stat_sn, ref_cmd_sn, exp_data_sn)| {
+                |(
+                    immediate,
+                    function,
+                    lun,
+                    itt,
+                    referenced_tag,
+                    cmd_sn,
+                    exp_stat_sn,
+                    ref_cmd_sn,
+                    exp_data_sn,
+                )| {
                     Bhs::TaskMgmtRequest(TaskMgmtRequest {
-                        immediate, function, lun, itt, referenced_tag, cmd_sn, exp_stat_sn, ref_cmd_sn, exp_data_sn,
+                        immediate,
+                        function,
+                        lun,
+                        itt,
+                        referenced_tag,
+                        cmd_sn,
+                        exp_stat_sn,
+                        ref_cmd_sn,
+                        exp_data_sn,
                     })
                 }
             ),
-            (any::<[bool; 2]>(), stage(), stage(), any::<[u8; 2]>(), any::<[u8; 6]>(), any::<u16>(), u(), any::<u16>(), u(), u())
-                .prop_map(|([transit, continue_], csg, nsg, [version_max, version_min], isid, tsih, itt, cid, cmd_sn, exp_stat_sn)| {
-                    Bhs::LoginRequest(LoginRequest {
-                        transit, continue_, csg, nsg, version_max, version_min, isid, tsih, itt, cid, cmd_sn, exp_stat_sn,
-                    })
-                }),
+            (
+                any::<[bool; 2]>(),
+                stage(),
+                stage(),
+                any::<[u8; 2]>(),
+                any::<[u8; 6]>(),
+                any::<u16>(),
+                u(),
+                any::<u16>(),
+                u(),
+                u()
+            )
+                .prop_map(
+                    |(
+                        [transit, continue_],
+                        csg,
+                        nsg,
+                        [version_max, version_min],
+                        isid,
+                        tsih,
+                        itt,
+                        cid,
+                        cmd_sn,
+                        exp_stat_sn,
+                    )| {
+                        Bhs::LoginRequest(LoginRequest {
+                            transit,
+                            continue_,
+                            csg,
+                            nsg,
+                            version_max,
+                            version_min,
+                            isid,
+                            tsih,
+                            itt,
+                            cid,
+                            cmd_sn,
+                            exp_stat_sn,
+                        })
+                    }
+                ),
             (any::<[bool; 3]>(), lun(), u(), u(), u(), u()).prop_map(
                 |([immediate, final_, continue_], lun, itt, ttt, cmd_sn, exp_stat_sn)| {
-                    Bhs::TextRequest(TextRequest { immediate, final_, continue_, lun, itt, ttt, cmd_sn, exp_stat_sn })
+                    Bhs::TextRequest(TextRequest {
+                        immediate,
+                        final_,
+                        continue_,
+                        lun,
+                        itt,
+                        ttt,
+                        cmd_sn,
+                        exp_stat_sn,
+                    })
                 }
             ),
             (any::<bool>(), lun(), u(), u(), u(), u(), u()).prop_map(
                 |(final_, lun, itt, ttt, exp_stat_sn, data_sn, buffer_offset)| {
-                    Bhs::DataOut(DataOut { final_, lun, itt, ttt, exp_stat_sn, data_sn, buffer_offset })
+                    Bhs::DataOut(DataOut {
+                        final_,
+                        lun,
+                        itt,
+                        ttt,
+                        exp_stat_sn,
+                        data_sn,
+                        buffer_offset,
+                    })
                 }
             ),
             (any::<bool>(), 0u8..128, u(), any::<u16>(), u(), u()).prop_map(
                 |(immediate, reason, itt, cid, cmd_sn, exp_stat_sn)| {
-                    Bhs::LogoutRequest(LogoutRequest { immediate, reason, itt, cid, cmd_sn, exp_stat_sn })
-                }
-            ),
-            (0u8..16, lun(), u(), u(), u(), u(), u()).prop_map(|(kind, lun, itt, ttt, exp_stat_sn, beg_run, run_length)| {
-                Bhs::Snack(Snack { kind, lun, itt, ttt, exp_stat_sn, beg_run, run_length })
-            }),
-            (lun(), u(), u(), u(), u(), u()).prop_map(|(lun, itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn)| {
-                Bhs::NopIn(NopIn { lun, itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn })
-            }),
-            (any::<[bool; 4]>(), any::<[u8; 2]>(), (u(), u(), u(), u(), u(), u(), u(), u())).prop_map(
-                |([bidi_overflow, bidi_underflow, overflow, underflow], [response, status], (itt, snack_tag, stat_sn, exp_cmd_sn, max_cmd_sn, exp_data_sn, bidi_residual, residual))| {
-                    Bhs::ScsiResponse(ScsiResponse {
-                        bidi_overflow, bidi_underflow, overflow, underflow, response, status, itt, snack_tag,
-                        stat_sn, exp_cmd_sn, max_cmd_sn, exp_data_sn, bidi_residual, residual,
+                    Bhs::LogoutRequest(LogoutRequest {
+                        immediate,
+                        reason,
+                        itt,
+                        cid,
+                        cmd_sn,
+                        exp_stat_sn,
                     })
                 }
             ),
-            (any::<u8>(), u(), u(), u(), u()).prop_map(|(response, itt, stat_sn, exp_cmd_sn, max_cmd_sn)| {
-                Bhs::TaskMgmtResponse(TaskMgmtResponse { response, itt, stat_sn, exp_cmd_sn, max_cmd_sn })
-            }),
-            (any::<[bool; 2]>(), stage(), stage(), any::<[u8; 2]>(), any::<[u8; 6]>(), any::<u16>(), (u(), u(), u(), u()), any::<[u8; 2]>())
-                .prop_map(|([transit, continue_], csg, nsg, [version_max, version_active], isid, tsih, (itt, stat_sn, exp_cmd_sn, max_cmd_sn), [status_class, status_detail])| {
-                    Bhs::LoginResponse(LoginResponse {
-                        transit, continue_, csg, nsg, version_max, version_active, isid, tsih, itt, stat_sn,
-                        exp_cmd_sn, max_cmd_sn, status_class, status_detail,
+            (0u8..16, lun(), u(), u(), u(), u(), u()).prop_map(
+                |(kind, lun, itt, ttt, exp_stat_sn, beg_run, run_length)| {
+                    Bhs::Snack(Snack {
+                        kind,
+                        lun,
+                        itt,
+                        ttt,
+                        exp_stat_sn,
+                        beg_run,
+                        run_length,
                     })
-                }),
+                }
+            ),
+            (lun(), u(), u(), u(), u(), u()).prop_map(
+                |(lun, itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn)| {
+                    Bhs::NopIn(NopIn {
+                        lun,
+                        itt,
+                        ttt,
+                        stat_sn,
+                        exp_cmd_sn,
+                        max_cmd_sn,
+                    })
+                }
+            ),
+            (
+                any::<[bool; 4]>(),
+                any::<[u8; 2]>(),
+                (u(), u(), u(), u(), u(), u(), u(), u())
+            )
+                .prop_map(
+                    |(
+                        [bidi_overflow, bidi_underflow, overflow, underflow],
+                        [response, status],
+                        (
+                            itt,
+                            snack_tag,
+                            stat_sn,
+                            exp_cmd_sn,
+                            max_cmd_sn,
+                            exp_data_sn,
+                            bidi_residual,
+                            residual,
+                        ),
+                    )| {
+                        Bhs::ScsiResponse(ScsiResponse {
+                            bidi_overflow,
+                            bidi_underflow,
+                            overflow,
+                            underflow,
+                            response,
+                            status,
+                            itt,
+                            snack_tag,
+                            stat_sn,
+                            exp_cmd_sn,
+                            max_cmd_sn,
+                            exp_data_sn,
+                            bidi_residual,
+                            residual,
+                        })
+                    }
+                ),
+            (any::<u8>(), u(), u(), u(), u()).prop_map(
+                |(response, itt, stat_sn, exp_cmd_sn, max_cmd_sn)| {
+                    Bhs::TaskMgmtResponse(TaskMgmtResponse {
+                        response,
+                        itt,
+                        stat_sn,
+                        exp_cmd_sn,
+                        max_cmd_sn,
+                    })
+                }
+            ),
+            (
+                any::<[bool; 2]>(),
+                stage(),
+                stage(),
+                any::<[u8; 2]>(),
+                any::<[u8; 6]>(),
+                any::<u16>(),
+                (u(), u(), u(), u()),
+                any::<[u8; 2]>()
+            )
+                .prop_map(
+                    |(
+                        [transit, continue_],
+                        csg,
+                        nsg,
+                        [version_max, version_active],
+                        isid,
+                        tsih,
+                        (itt, stat_sn, exp_cmd_sn, max_cmd_sn),
+                        [status_class, status_detail],
+                    )| {
+                        Bhs::LoginResponse(LoginResponse {
+                            transit,
+                            continue_,
+                            csg,
+                            nsg,
+                            version_max,
+                            version_active,
+                            isid,
+                            tsih,
+                            itt,
+                            stat_sn,
+                            exp_cmd_sn,
+                            max_cmd_sn,
+                            status_class,
+                            status_detail,
+                        })
+                    }
+                ),
             (any::<[bool; 2]>(), lun(), u(), u(), u(), u(), u()).prop_map(
                 |([final_, continue_], lun, itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn)| {
-                    Bhs::TextResponse(TextResponse { final_, continue_, lun, itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn })
-                }
-            ),
-            (any::<[bool; 5]>(), any::<u8>(), lun(), (u(), u(), u(), u(), u(), u(), u(), u())).prop_map(
-                |([final_, ack, overflow, underflow, has_status], status, lun, (itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn, buffer_offset, residual))| {
-                    Bhs::DataIn(DataIn {
-                        final_, ack, overflow, underflow, has_status, status, lun, itt, ttt, stat_sn,
-                        exp_cmd_sn, max_cmd_sn, data_sn, buffer_offset, residual,
+                    Bhs::TextResponse(TextResponse {
+                        final_,
+                        continue_,
+                        lun,
+                        itt,
+                        ttt,
+                        stat_sn,
+                        exp_cmd_sn,
+                        max_cmd_sn,
                     })
                 }
             ),
+            (
+                any::<[bool; 5]>(),
+                any::<u8>(),
+                lun(),
+                (u(), u(), u(), u(), u(), u(), u(), u())
+            )
+                .prop_map(
+                    |(
+                        [final_, ack, overflow, underflow, has_status],
+                        status,
+                        lun,
+                        (
+                            itt,
+                            ttt,
+                            stat_sn,
+                            exp_cmd_sn,
+                            max_cmd_sn,
+                            data_sn,
+                            buffer_offset,
+                            residual,
+                        ),
+                    )| {
+                        Bhs::DataIn(DataIn {
+                            final_,
+                            ack,
+                            overflow,
+                            underflow,
+                            has_status,
+                            status,
+                            lun,
+                            itt,
+                            ttt,
+                            stat_sn,
+                            exp_cmd_sn,
+                            max_cmd_sn,
+                            data_sn,
+                            buffer_offset,
+                            residual,
+                        })
+                    }
+                ),
             (any::<u8>(), u(), u(), u(), u(), any::<[u16; 2]>()).prop_map(
                 |(response, itt, stat_sn, exp_cmd_sn, max_cmd_sn, [time2wait, time2retain])| {
-                    Bhs::LogoutResponse(LogoutResponse { response, itt, stat_sn, exp_cmd_sn, max_cmd_sn, time2wait, time2retain })
+                    Bhs::LogoutResponse(LogoutResponse {
+                        response,
+                        itt,
+                        stat_sn,
+                        exp_cmd_sn,
+                        max_cmd_sn,
+                        time2wait,
+                        time2retain,
+                    })
                 }
             ),
             (lun(), (u(), u(), u(), u(), u(), u(), u(), u())).prop_map(
-                |(lun, (itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn, r2t_sn, buffer_offset, desired_len))| {
-                    Bhs::R2t(R2t { lun, itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn, r2t_sn, buffer_offset, desired_len })
+                |(
+                    lun,
+                    (itt, ttt, stat_sn, exp_cmd_sn, max_cmd_sn, r2t_sn, buffer_offset, desired_len),
+                )| {
+                    Bhs::R2t(R2t {
+                        lun,
+                        itt,
+                        ttt,
+                        stat_sn,
+                        exp_cmd_sn,
+                        max_cmd_sn,
+                        r2t_sn,
+                        buffer_offset,
+                        desired_len,
+                    })
                 }
             ),
             (lun(), u(), u(), u(), any::<[u8; 2]>(), any::<[u16; 3]>()).prop_map(
-                |(lun, stat_sn, exp_cmd_sn, max_cmd_sn, [event, vcode], [param1, param2, param3])| {
-                    Bhs::AsyncMessage(AsyncMessage { lun, stat_sn, exp_cmd_sn, max_cmd_sn, event, vcode, param1, param2, param3 })
+                |(
+                    lun,
+                    stat_sn,
+                    exp_cmd_sn,
+                    max_cmd_sn,
+                    [event, vcode],
+                    [param1, param2, param3],
+                )| {
+                    Bhs::AsyncMessage(AsyncMessage {
+                        lun,
+                        stat_sn,
+                        exp_cmd_sn,
+                        max_cmd_sn,
+                        event,
+                        vcode,
+                        param1,
+                        param2,
+                        param3,
+                    })
                 }
             ),
-            (any::<u8>(), u(), u(), u(), u()).prop_map(|(reason, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn)| {
-                Bhs::Reject(Reject { reason, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn })
-            }),
+            (any::<u8>(), u(), u(), u(), u()).prop_map(
+                |(reason, stat_sn, exp_cmd_sn, max_cmd_sn, data_sn)| {
+                    Bhs::Reject(Reject {
+                        reason,
+                        stat_sn,
+                        exp_cmd_sn,
+                        max_cmd_sn,
+                        data_sn,
+                    })
+                }
+            ),
         ]
     }
 
@@ -1248,13 +1597,29 @@ pub(crate) mod tests {
 
     #[test]
     fn data_segment_limit_is_checked_before_reading() {
-        let pdu = Pdu::new(Bhs::NopOut(NopOut { immediate: true, lun: Lun::default(), itt: 1, ttt: !0, cmd_sn: 0, exp_stat_sn: 0 }), vec![0; 9000]);
+        let pdu = Pdu::new(
+            Bhs::NopOut(NopOut {
+                immediate: true,
+                lun: Lun::default(),
+                itt: 1,
+                ttt: !0,
+                cmd_sn: 0,
+                exp_stat_sn: 0,
+            }),
+            vec![0; 9000],
+        );
         let wire = pdu.to_bytes(Digests::default());
         assert_eq!(
             Pdu::parse(&wire, Digests::default(), 8192).unwrap_err(),
-            PduError::DataSegmentTooLong { len: 9000, max: 8192 }
+            PduError::DataSegmentTooLong {
+                len: 9000,
+                max: 8192
+            }
         );
-        assert!(matches!(Pdu::parse(&wire[..100], Digests::default(), 1 << 20), Err(PduError::Truncated { .. })));
+        assert!(matches!(
+            Pdu::parse(&wire[..100], Digests::default(), 1 << 20),
+            Err(PduError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -1264,15 +1629,27 @@ pub(crate) mod tests {
         assert_eq!(Bhs::parse(&raw).unwrap_err(), PduError::UnknownOpcode(0x1f));
         raw[0] = 0x43;
         raw[1] = 0x80 | (2 << 2) | 3;
-        assert_eq!(Bhs::parse(&raw).unwrap_err(), PduError::InvalidField { field: "CSG", value: 2 });
+        assert_eq!(
+            Bhs::parse(&raw).unwrap_err(),
+            PduError::InvalidField {
+                field: "CSG",
+                value: 2
+            }
+        );
     }
 
     #[test]
     fn crc32c_matches_rfc_7143_test_vector() {
         // RFC 7143 Appendix B.4: 32 bytes of zeros give aa 36 91 8a on the wire.
-        assert_eq!(crc32c(&[&[0u8; 32]]).to_le_bytes(), [0xaa, 0x36, 0x91, 0x8a]);
+        assert_eq!(
+            crc32c(&[&[0u8; 32]]).to_le_bytes(),
+            [0xaa, 0x36, 0x91, 0x8a]
+        );
         // 32 bytes of 0xff give 43 ab a8 62.
-        assert_eq!(crc32c(&[&[0xffu8; 32]]).to_le_bytes(), [0x43, 0xab, 0xa8, 0x62]);
+        assert_eq!(
+            crc32c(&[&[0xffu8; 32]]).to_le_bytes(),
+            [0x43, 0xab, 0xa8, 0x62]
+        );
     }
 
     #[test]

@@ -44,7 +44,12 @@ pub struct Sense {
 
 impl Sense {
     const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
-        Sense { key, asc, ascq, field: None }
+        Sense {
+            key,
+            asc,
+            ascq,
+            field: None,
+        }
     }
     /// INVALID COMMAND OPERATION CODE.
     pub const INVALID_OPCODE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x20, 0x00);
@@ -71,7 +76,12 @@ impl Sense {
 
     /// INVALID FIELD IN CDB, pointing at `byte` (and `bit`).
     pub const fn invalid_field(byte: u16, bit: Option<u8>) -> Sense {
-        Sense { key: key::ILLEGAL_REQUEST, asc: 0x24, ascq: 0, field: Some((byte, bit)) }
+        Sense {
+            key: key::ILLEGAL_REQUEST,
+            asc: 0x24,
+            ascq: 0,
+            field: Some((byte, bit)),
+        }
     }
 
     /// Fixed format sense data, 18 bytes (SPC-4 §4.5.3).
@@ -211,7 +221,10 @@ impl Command {
             // One command moves at most MAX_TRANSFER_BLOCKS (VPD 0xB0 says so): the
             // buffers it needs stay bounded whatever the CDB asks.
             if n > MAX_TRANSFER_BLOCKS {
-                return Err(Sense::invalid_field(if cdb_len(b(0)) == Some(16) { 10 } else { 7 }, None));
+                return Err(Sense::invalid_field(
+                    if cdb_len(b(0)) == Some(16) { 10 } else { 7 },
+                    None,
+                ));
             }
             match lba.checked_add(u64::from(n)) {
                 Some(end) if end <= blocks => Ok(()),
@@ -234,9 +247,15 @@ impl Command {
                 if !evpd && b(2) != 0 {
                     return Err(Sense::invalid_field(2, None));
                 }
-                Command::Inquiry { page: evpd.then_some(b(2)), alloc: f(3..5) as u32 }
+                Command::Inquiry {
+                    page: evpd.then_some(b(2)),
+                    alloc: f(3..5) as u32,
+                }
             }
-            0x03 => Command::RequestSense { desc: b(1) & 1 != 0, alloc: u32::from(b(4)) },
+            0x03 => Command::RequestSense {
+                desc: b(1) & 1 != 0,
+                alloc: u32::from(b(4)),
+            },
             0xa0 => {
                 if b(2) > 2 && !(0x10..=0x12).contains(&b(2)) {
                     return Err(Sense::invalid_field(2, None));
@@ -253,7 +272,9 @@ impl Command {
                 }
                 Command::ReadCapacity10
             }
-            0x9e if b(1) & 0x1f == 0x10 => Command::ReadCapacity16 { alloc: f(10..14) as u32 },
+            0x9e if b(1) & 0x1f == 0x10 => Command::ReadCapacity16 {
+                alloc: f(10..14) as u32,
+            },
             0x1a | 0x5a => {
                 let ten = b(0) == 0x5a;
                 let pc = b(2) >> 6;
@@ -277,7 +298,11 @@ impl Command {
                 if b(0) == 0x08 {
                     Command::Read { lba, blocks: n }
                 } else {
-                    Command::Write { lba, blocks: n, fua: false }
+                    Command::Write {
+                        lba,
+                        blocks: n,
+                        fua: false,
+                    }
                 }
             }
             op @ (0x28 | 0x2a | 0xa8 | 0xaa | 0x88 | 0x8a) => {
@@ -294,7 +319,11 @@ impl Command {
                 if op & 0x02 == 0 {
                     Command::Read { lba, blocks: n }
                 } else {
-                    Command::Write { lba, blocks: n, fua: b(1) & 0x08 != 0 }
+                    Command::Write {
+                        lba,
+                        blocks: n,
+                        fua: b(1) & 0x08 != 0,
+                    }
                 }
             }
             op @ (0x2e | 0xae | 0x8e) => {
@@ -308,15 +337,27 @@ impl Command {
                     return Err(Sense::invalid_field(1, Some(5)));
                 }
                 range(lba, n)?;
-                Command::Write { lba, blocks: n, fua: true }
+                Command::Write {
+                    lba,
+                    blocks: n,
+                    fua: true,
+                }
             }
             op @ (0x34 | 0x90) => {
-                let (lba, n) = if op == 0x34 { (f(2..6), f(7..9) as u32) } else { (f(2..10), f(10..14) as u32) };
+                let (lba, n) = if op == 0x34 {
+                    (f(2..6), f(7..9) as u32)
+                } else {
+                    (f(2..10), f(10..14) as u32)
+                };
                 range(lba, n)?;
                 Command::Prefetch
             }
             op @ (0x41 | 0x93) => {
-                let (lba, n) = if op == 0x41 { (f(2..6), f(7..9) as u32) } else { (f(2..10), f(10..14) as u32) };
+                let (lba, n) = if op == 0x41 {
+                    (f(2..6), f(7..9) as u32)
+                } else {
+                    (f(2..10), f(10..14) as u32)
+                };
                 // No UNMAP/ANCHOR (no logical block provisioning), no protection info.
                 if b(1) & 0xe0 != 0 {
                     return Err(Sense::invalid_field(1, Some(5)));
@@ -336,7 +377,10 @@ impl Command {
                 if lba >= blocks {
                     return Err(Sense::LBA_OUT_OF_RANGE);
                 }
-                Command::GetLbaStatus { lba, alloc: f(10..14) as u32 }
+                Command::GetLbaStatus {
+                    lba,
+                    alloc: f(10..14) as u32,
+                }
             }
             op @ (0x2f | 0xaf | 0x8f) => {
                 let (lba, n) = match op {
@@ -352,10 +396,18 @@ impl Command {
                     return Err(Sense::invalid_field(1, Some(2)));
                 }
                 range(lba, n)?;
-                Command::Verify { lba, blocks: n, bytchk: bytchk == 1 }
+                Command::Verify {
+                    lba,
+                    blocks: n,
+                    bytchk: bytchk == 1,
+                }
             }
             op @ (0x35 | 0x91) => {
-                let (lba, n) = if op == 0x35 { (f(2..6), f(7..9)) } else { (f(2..10), f(10..14)) };
+                let (lba, n) = if op == 0x35 {
+                    (f(2..6), f(7..9))
+                } else {
+                    (f(2..10), f(10..14))
+                };
                 // A count of 0 means "to the end of the medium".
                 if lba > blocks || (n != 0 && lba.saturating_add(n) > blocks) {
                     return Err(Sense::LBA_OUT_OF_RANGE);
@@ -371,9 +423,12 @@ impl Command {
     /// Bytes of Data-Out the command consumes, for a device of `block_size`.
     pub fn data_out_len(&self, block_size: u32) -> u64 {
         match *self {
-            Command::Write { blocks, .. } | Command::Verify { blocks, bytchk: true, .. } => {
-                u64::from(blocks) * u64::from(block_size)
-            }
+            Command::Write { blocks, .. }
+            | Command::Verify {
+                blocks,
+                bytchk: true,
+                ..
+            } => u64::from(blocks) * u64::from(block_size),
             Command::WriteSame { .. } => u64::from(block_size),
             _ => 0,
         }
@@ -399,11 +454,19 @@ pub struct Outcome {
 impl Outcome {
     /// GOOD with `data`.
     pub fn good(data: Vec<u8>) -> Outcome {
-        Outcome { status: GOOD, sense: None, data }
+        Outcome {
+            status: GOOD,
+            sense: None,
+            data,
+        }
     }
     /// CHECK CONDITION with `sense`.
     pub fn check(sense: Sense) -> Outcome {
-        Outcome { status: CHECK_CONDITION, sense: Some(sense), data: Vec::new() }
+        Outcome {
+            status: CHECK_CONDITION,
+            sense: Some(sense),
+            data: Vec::new(),
+        }
     }
 }
 
@@ -427,7 +490,12 @@ fn cut(mut v: Vec<u8>, alloc: u32) -> Vec<u8> {
 pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out: &[u8]) -> Outcome {
     let bs = dev.block_size();
     let blocks = dev.blocks();
-    if !lun_exists && !matches!(cmd, Command::Inquiry { .. } | Command::ReportLuns { .. } | Command::RequestSense { .. }) {
+    if !lun_exists
+        && !matches!(
+            cmd,
+            Command::Inquiry { .. } | Command::ReportLuns { .. } | Command::RequestSense { .. }
+        )
+    {
         return Outcome::check(Sense::LUN_NOT_SUPPORTED);
     }
     match *cmd {
@@ -443,12 +511,18 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
             d[16..32].copy_from_slice(PRODUCT);
             d[32..36].copy_from_slice(REVISION);
             // Version descriptors (SPC-4 §6.4.2): SAM-5, iSCSI, SPC-4, SBC-3.
-            for (dst, v) in d[58..66].chunks_exact_mut(2).zip([0x00a0u16, 0x0960, 0x0460, 0x04c0]) {
+            for (dst, v) in d[58..66]
+                .chunks_exact_mut(2)
+                .zip([0x00a0u16, 0x0960, 0x0460, 0x04c0])
+            {
                 dst.copy_from_slice(&v.to_be_bytes());
             }
             Outcome::good(cut(d.to_vec(), alloc))
         }
-        Command::Inquiry { page: Some(page), alloc } => match vpd(page, dev) {
+        Command::Inquiry {
+            page: Some(page),
+            alloc,
+        } => match vpd(page, dev) {
             Some(mut d) => {
                 if let (false, Some(b)) = (lun_exists, d.first_mut()) {
                     *b = 0x7f;
@@ -458,7 +532,11 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
             None => Outcome::check(Sense::invalid_field(2, None)),
         },
         Command::RequestSense { desc, alloc } => {
-            let d = if desc { vec![0x72, 0, 0, 0, 0, 0, 0, 0] } else { Sense::NONE.to_fixed() };
+            let d = if desc {
+                vec![0x72, 0, 0, 0, 0, 0, 0, 0]
+            } else {
+                Sense::NONE.to_fixed()
+            };
             Outcome::good(cut(d, alloc))
         }
         Command::ReportLuns { alloc } => {
@@ -479,7 +557,14 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
             d[13] = dev.physical_exponent() & 0x0f;
             Outcome::good(cut(d.to_vec(), alloc))
         }
-        Command::ModeSense { ten, dbd, pc, page, subpage, alloc } => mode_sense(dev, ten, dbd, pc, page, subpage, alloc),
+        Command::ModeSense {
+            ten,
+            dbd,
+            pc,
+            page,
+            subpage,
+            alloc,
+        } => mode_sense(dev, ten, dbd, pc, page, subpage, alloc),
         Command::Read { lba, blocks: n } => {
             let mut buf = vec![0u8; n as usize * bs as usize];
             match dev.read_at(&mut buf, lba * u64::from(bs)) {
@@ -490,13 +575,25 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
                 }
             }
         }
-        Command::Write { lba, blocks: n, fua } => {
+        Command::Write {
+            lba,
+            blocks: n,
+            fua,
+        } => {
             if dev.read_only() {
                 return Outcome::check(Sense::WRITE_PROTECTED);
             }
             let len = n as usize * bs as usize;
-            let Some(data) = data_out.get(..len) else { return Outcome::check(Sense::INTERNAL) };
-            let res = dev.write_at(data, lba * u64::from(bs)).and_then(|()| if fua { dev.flush() } else { Ok(()) });
+            let Some(data) = data_out.get(..len) else {
+                return Outcome::check(Sense::INTERNAL);
+            };
+            let res = dev.write_at(data, lba * u64::from(bs)).and_then(|()| {
+                if fua {
+                    dev.flush()
+                } else {
+                    Ok(())
+                }
+            });
             match res {
                 Ok(()) => Outcome::good(Vec::new()),
                 Err(LunError::ReadOnly) => Outcome::check(Sense::WRITE_PROTECTED),
@@ -506,7 +603,11 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
                 }
             }
         }
-        Command::Verify { lba, blocks: n, bytchk } => {
+        Command::Verify {
+            lba,
+            blocks: n,
+            bytchk,
+        } => {
             if !bytchk {
                 return Outcome::good(Vec::new());
             }
@@ -531,7 +632,9 @@ pub fn execute(cmd: &Command, dev: &dyn BlockDevice, lun_exists: bool, data_out:
             if dev.read_only() {
                 return Outcome::check(Sense::WRITE_PROTECTED);
             }
-            let Some(block) = data_out.get(..bs as usize) else { return Outcome::check(Sense::invalid_field(0, None)) };
+            let Some(block) = data_out.get(..bs as usize) else {
+                return Outcome::check(Sense::invalid_field(0, None));
+            };
             // Write in runs of up to 1 MiB.
             let per = (1 << 20) / bs.max(1) as usize;
             let run = block.repeat(per.min(n as usize).max(1));
@@ -572,7 +675,11 @@ fn vpd(page: u8, dev: &dyn BlockDevice) -> Option<Vec<u8>> {
             naa[0] = 0x60 | (naa[0] & 0x0f);
             d.extend_from_slice(&naa);
             // T10 vendor ID (type 1), ASCII: vendor + serial.
-            let t10: Vec<u8> = VENDOR.iter().copied().chain(hex::encode(id).into_bytes()).collect();
+            let t10: Vec<u8> = VENDOR
+                .iter()
+                .copied()
+                .chain(hex::encode(id).into_bytes())
+                .collect();
             d.extend_from_slice(&[0x02, 0x01, 0x00, t10.len() as u8]);
             d.extend_from_slice(&t10);
             d
@@ -603,7 +710,15 @@ fn vpd(page: u8, dev: &dyn BlockDevice) -> Option<Vec<u8>> {
     Some(d)
 }
 
-fn mode_sense(dev: &dyn BlockDevice, ten: bool, dbd: bool, pc: u8, page: u8, subpage: u8, alloc: u32) -> Outcome {
+fn mode_sense(
+    dev: &dyn BlockDevice,
+    ten: bool,
+    dbd: bool,
+    pc: u8,
+    page: u8,
+    subpage: u8,
+    alloc: u32,
+) -> Outcome {
     let changeable = pc == 1;
     // Caching mode page (SBC-3 §6.5.5): WCE=1, writes are durable after SYNCHRONIZE CACHE.
     let caching = {
@@ -657,7 +772,12 @@ fn mode_sense(dev: &dyn BlockDevice, ten: bool, dbd: bool, pc: u8, page: u8, sub
         h[6..8].copy_from_slice(&(bd.len() as u16).to_be_bytes());
         h.to_vec()
     } else {
-        vec![(3 + bd.len() + pages.len()).min(255) as u8, 0, dsp, bd.len() as u8]
+        vec![
+            (3 + bd.len() + pages.len()).min(255) as u8,
+            0,
+            dsp,
+            bd.len() as u8,
+        ]
     };
     d.extend_from_slice(&bd);
     d.extend_from_slice(&pages);
@@ -678,21 +798,43 @@ mod tests {
     #[test]
     fn out_of_range_reads_and_writes() {
         let blocks = 100;
-        assert_eq!(Command::parse(&cdb(&[0x28, 0, 0, 0, 0, 99, 0, 0, 1, 0]), blocks), Ok(Command::Read { lba: 99, blocks: 1 }));
-        assert_eq!(Command::parse(&cdb(&[0x28, 0, 0, 0, 0, 99, 0, 0, 2, 0]), blocks), Err(Sense::LBA_OUT_OF_RANGE));
         assert_eq!(
-            Command::parse(&cdb(&[0x8a, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, 0, 0]), blocks),
+            Command::parse(&cdb(&[0x28, 0, 0, 0, 0, 99, 0, 0, 1, 0]), blocks),
+            Ok(Command::Read { lba: 99, blocks: 1 })
+        );
+        assert_eq!(
+            Command::parse(&cdb(&[0x28, 0, 0, 0, 0, 99, 0, 0, 2, 0]), blocks),
             Err(Sense::LBA_OUT_OF_RANGE)
         );
-        assert_eq!(Command::parse(&cdb(&[0x2a, 0x08, 0, 0, 0, 0, 0, 0, 4, 0]), blocks), Ok(Command::Write { lba: 0, blocks: 4, fua: true }));
-        assert_eq!(Command::parse(&cdb(&[0xee]), blocks), Err(Sense::INVALID_OPCODE));
+        assert_eq!(
+            Command::parse(
+                &cdb(&[0x8a, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, 0, 0]),
+                blocks
+            ),
+            Err(Sense::LBA_OUT_OF_RANGE)
+        );
+        assert_eq!(
+            Command::parse(&cdb(&[0x2a, 0x08, 0, 0, 0, 0, 0, 0, 4, 0]), blocks),
+            Ok(Command::Write {
+                lba: 0,
+                blocks: 4,
+                fua: true
+            })
+        );
+        assert_eq!(
+            Command::parse(&cdb(&[0xee]), blocks),
+            Err(Sense::INVALID_OPCODE)
+        );
     }
 
     #[test]
     fn transfers_are_bounded() {
         let mut c = cdb(&[0x88]);
         c[10..14].copy_from_slice(&(MAX_TRANSFER_BLOCKS + 1).to_be_bytes());
-        assert_eq!(Command::parse(&c, u64::MAX), Err(Sense::invalid_field(10, None)));
+        assert_eq!(
+            Command::parse(&c, u64::MAX),
+            Err(Sense::invalid_field(10, None))
+        );
         c[10..14].copy_from_slice(&MAX_TRANSFER_BLOCKS.to_be_bytes());
         assert!(Command::parse(&c, u64::MAX).is_ok());
     }
@@ -700,7 +842,10 @@ mod tests {
     #[test]
     fn sense_is_fixed_format() {
         let s = Sense::LBA_OUT_OF_RANGE.to_fixed();
-        assert_eq!((s[0], s[2], s[7], s[12], s[13]), (0x70, 0x05, 10, 0x21, 0x00));
+        assert_eq!(
+            (s[0], s[2], s[7], s[12], s[13]),
+            (0x70, 0x05, 10, 0x21, 0x00)
+        );
         let s = Sense::invalid_field(2, None).to_fixed();
         assert_eq!(&s[15..18], &[0xc0, 0, 2]);
     }
@@ -715,30 +860,94 @@ mod tests {
         assert_eq!(execute(&r, &dev, true, &[]).data, vec![7u8; 512]);
         let rc = execute(&Command::ReadCapacity10, &dev, true, &[]);
         assert_eq!(rc.data, vec![0, 0, 0, 63, 0, 0, 2, 0]);
-        let inq = execute(&Command::Inquiry { page: None, alloc: 255 }, &dev, true, &[]);
+        let inq = execute(
+            &Command::Inquiry {
+                page: None,
+                alloc: 255,
+            },
+            &dev,
+            true,
+            &[],
+        );
         assert_eq!(&inq.data[8..16], VENDOR);
-        let p0 = execute(&Command::Inquiry { page: Some(0), alloc: 255 }, &dev, true, &[]);
-        assert_eq!(p0.data, vec![0, 0, 0, 6, 0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
-        let bad = execute(&Command::Inquiry { page: Some(0x99), alloc: 255 }, &dev, true, &[]);
+        let p0 = execute(
+            &Command::Inquiry {
+                page: Some(0),
+                alloc: 255,
+            },
+            &dev,
+            true,
+            &[],
+        );
+        assert_eq!(
+            p0.data,
+            vec![0, 0, 0, 6, 0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]
+        );
+        let bad = execute(
+            &Command::Inquiry {
+                page: Some(0x99),
+                alloc: 255,
+            },
+            &dev,
+            true,
+            &[],
+        );
         assert_eq!(bad.status, CHECK_CONDITION);
-        assert_eq!(execute(&r, &dev, false, &[]).sense, Some(Sense::LUN_NOT_SUPPORTED));
+        assert_eq!(
+            execute(&r, &dev, false, &[]).sense,
+            Some(Sense::LUN_NOT_SUPPORTED)
+        );
     }
 
     #[test]
     fn read_only_device_refuses_writes() {
         let dev = MemDevice::new(8, 512, true);
-        let w = Command::Write { lba: 0, blocks: 1, fua: false };
-        assert_eq!(execute(&w, &dev, true, &[0; 512]).sense, Some(Sense::WRITE_PROTECTED));
+        let w = Command::Write {
+            lba: 0,
+            blocks: 1,
+            fua: false,
+        };
+        assert_eq!(
+            execute(&w, &dev, true, &[0; 512]).sense,
+            Some(Sense::WRITE_PROTECTED)
+        );
     }
 
     #[test]
     fn mode_sense_pages() {
         let dev = MemDevice::new(8, 512, false);
-        let all = execute(&Command::ModeSense { ten: false, dbd: false, pc: 0, page: 0x3f, subpage: 0, alloc: 255 }, &dev, true, &[]);
+        let all = execute(
+            &Command::ModeSense {
+                ten: false,
+                dbd: false,
+                pc: 0,
+                page: 0x3f,
+                subpage: 0,
+                alloc: 255,
+            },
+            &dev,
+            true,
+            &[],
+        );
         assert_eq!(all.data[0] as usize, all.data.len() - 1);
         assert_eq!(all.data[3], 8);
-        let ten = execute(&Command::ModeSense { ten: true, dbd: true, pc: 0, page: 0x08, subpage: 0, alloc: 255 }, &dev, true, &[]);
-        assert_eq!(u16::from_be_bytes([ten.data[0], ten.data[1]]) as usize, ten.data.len() - 2);
+        let ten = execute(
+            &Command::ModeSense {
+                ten: true,
+                dbd: true,
+                pc: 0,
+                page: 0x08,
+                subpage: 0,
+                alloc: 255,
+            },
+            &dev,
+            true,
+            &[],
+        );
+        assert_eq!(
+            u16::from_be_bytes([ten.data[0], ten.data[1]]) as usize,
+            ten.data.len() - 2
+        );
         assert_eq!(ten.data[8], 0x08);
     }
 }

@@ -11,11 +11,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::login::{Established, Login, Params, SessionType, Step, LOGIN_MAX_RECV, TARGET_MAX_RECV};
+use super::login::{
+    Established, Login, Params, SessionType, Step, LOGIN_MAX_RECV, TARGET_MAX_RECV,
+};
 use super::lun::{BlockDevice, LunProvider};
 use super::pdu::{
-    reject_reason, Bhs, DataIn, DataOut, Digests, LogoutResponse, Lun, NopIn, Pdu, PduError, R2t, Reject, ScsiCommand,
-    ScsiResponse, TaskMgmtResponse, TextRequest, TextResponse, BHS_LEN,
+    reject_reason, Bhs, DataIn, DataOut, Digests, LogoutResponse, Lun, NopIn, Pdu, PduError, R2t,
+    Reject, ScsiCommand, ScsiResponse, TaskMgmtResponse, TextRequest, TextResponse, BHS_LEN,
 };
 use super::scsi::{self, Command, Outcome, Sense};
 use super::text::TextPairs;
@@ -118,7 +120,9 @@ pub struct Connection {
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("portal", &self.portal).finish_non_exhaustive()
+        f.debug_struct("Connection")
+            .field("portal", &self.portal)
+            .finish_non_exhaustive()
     }
 }
 
@@ -176,8 +180,17 @@ impl Connection {
     }
 
     fn reject(&mut self, reason: u8, raw_bhs: &[u8]) -> Action {
-        let r = Reject { reason, stat_sn: self.take_stat_sn(), exp_cmd_sn: self.exp_cmd_sn, max_cmd_sn: self.max_cmd_sn(), data_sn: 0 };
-        Action::Send(Pdu::new(Bhs::Reject(r), raw_bhs.get(..BHS_LEN).unwrap_or(raw_bhs).to_vec()))
+        let r = Reject {
+            reason,
+            stat_sn: self.take_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+            data_sn: 0,
+        };
+        Action::Send(Pdu::new(
+            Bhs::Reject(r),
+            raw_bhs.get(..BHS_LEN).unwrap_or(raw_bhs).to_vec(),
+        ))
     }
 
     /// The I/O side could not decode a PDU. `raw` is its BHS when one was read.
@@ -188,14 +201,21 @@ impl Connection {
             PduError::UnknownOpcode(_) if matches!(self.state, State::Full(_)) => {
                 vec![self.reject(reject_reason::COMMAND_NOT_SUPPORTED, raw)]
             }
-            PduError::DigestMismatch { what: "data", .. } if matches!(self.state, State::Full(_)) => {
+            PduError::DigestMismatch { what: "data", .. }
+                if matches!(self.state, State::Full(_)) =>
+            {
                 // ERL 0: a lost data segment cannot be recovered; the connection ends.
                 vec![self.reject(reject_reason::DATA_DIGEST, raw), Action::Close]
             }
-            PduError::DataSegmentTooLong { .. } | PduError::InvalidField { .. } | PduError::UnknownOpcode(_)
+            PduError::DataSegmentTooLong { .. }
+            | PduError::InvalidField { .. }
+            | PduError::UnknownOpcode(_)
                 if matches!(self.state, State::Full(_)) =>
             {
-                vec![self.reject(reject_reason::PROTOCOL_ERROR, raw), Action::Close]
+                vec![
+                    self.reject(reject_reason::PROTOCOL_ERROR, raw),
+                    Action::Close,
+                ]
             }
             _ => vec![Action::Close],
         }
@@ -206,7 +226,10 @@ impl Connection {
     pub fn on_close(&mut self) {
         if let State::Full(f) = &self.state {
             if !f.pending.is_empty() {
-                tracing::warn!(writes = f.pending.len(), "connection closed with writes in flight; discarded");
+                tracing::warn!(
+                    writes = f.pending.len(),
+                    "connection closed with writes in flight; discarded"
+                );
             }
         }
         self.state = State::Closed;
@@ -245,7 +268,10 @@ impl Connection {
                         self.stat_sn = est.stat_sn;
                         self.exp_cmd_sn = est.exp_cmd_sn;
                         out.push(Action::Negotiated {
-                            digests: Digests { header: est.params.header_digest, data: est.params.data_digest },
+                            digests: Digests {
+                                header: est.params.header_digest,
+                                data: est.params.data_digest,
+                            },
                             max_recv: TARGET_MAX_RECV,
                         });
                         self.state = State::Full(Box::new(FullFeature {
@@ -277,7 +303,11 @@ impl Connection {
             return true;
         }
         if sn_lt(cmd_sn, self.exp_cmd_sn) || sn_lt(self.max_cmd_sn(), cmd_sn) {
-            tracing::warn!(cmd_sn, exp = self.exp_cmd_sn, "CmdSN outside the window; ignored");
+            tracing::warn!(
+                cmd_sn,
+                exp = self.exp_cmd_sn,
+                "CmdSN outside the window; ignored"
+            );
             return false;
         }
         if cmd_sn == self.exp_cmd_sn || sn_lt(self.exp_cmd_sn, cmd_sn) {
@@ -438,7 +468,14 @@ impl Connection {
         out.push(Action::Send(p));
     }
 
-    fn scsi_command(&mut self, ff: &mut FullFeature, c: ScsiCommand, data: Vec<u8>, raw: &[u8], out: &mut Vec<Action>) {
+    fn scsi_command(
+        &mut self,
+        ff: &mut FullFeature,
+        c: ScsiCommand,
+        data: Vec<u8>,
+        raw: &[u8],
+        out: &mut Vec<Action>,
+    ) {
         let Some(dev) = ff.dev.clone() else {
             out.push(self.reject(reject_reason::PROTOCOL_ERROR, raw));
             return;
@@ -449,8 +486,16 @@ impl Connection {
             return;
         }
         let params = &ff.est.params;
-        if !data.is_empty() && (!params.immediate_data || !c.write || data.len() as u64 > u64::from(params.first_burst.min(c.expected_len))) {
-            tracing::warn!(itt = c.itt, len = data.len(), "immediate data not allowed here");
+        if !data.is_empty()
+            && (!params.immediate_data
+                || !c.write
+                || data.len() as u64 > u64::from(params.first_burst.min(c.expected_len)))
+        {
+            tracing::warn!(
+                itt = c.itt,
+                len = data.len(),
+                "immediate data not allowed here"
+            );
             out.push(self.reject(reject_reason::PROTOCOL_ERROR, raw));
             out.push(Action::Close);
             return;
@@ -466,9 +511,15 @@ impl Connection {
                 return self.check(c.itt, Sense::LUN_NOT_SUPPORTED, c.expected_len, out);
             }
             let buffered = u64::from(c.expected_len).min(need) as usize;
-            if ff.pending.len() >= MAX_PENDING_WRITES || ff.pending_bytes + buffered > MAX_PENDING_BYTES {
+            if ff.pending.len() >= MAX_PENDING_WRITES
+                || ff.pending_bytes + buffered > MAX_PENDING_BYTES
+            {
                 // TASK SET FULL: the initiator retries later.
-                let o = Outcome { status: 0x28, sense: None, data: Vec::new() };
+                let o = Outcome {
+                    status: 0x28,
+                    sense: None,
+                    data: Vec::new(),
+                };
                 let p = self.scsi_response(c.itt, &o, c.expected_len, 0);
                 out.push(Action::Send(p));
                 return;
@@ -482,13 +533,25 @@ impl Connection {
             let bs = dev.block_size();
             let take = (u64::from(edtl).min(need) / u64::from(bs)) as u32;
             let cmd = match cmd {
-                Command::Write { lba, fua, .. } => Command::Write { lba, blocks: take, fua },
-                Command::Verify { lba, bytchk, .. } => Command::Verify { lba, blocks: take, bytchk },
+                Command::Write { lba, fua, .. } => Command::Write {
+                    lba,
+                    blocks: take,
+                    fua,
+                },
+                Command::Verify { lba, bytchk, .. } => Command::Verify {
+                    lba,
+                    blocks: take,
+                    bytchk,
+                },
                 other => other,
             };
             let need = need.min(u64::from(u32::MAX)) as u32;
             let imm = data.len() as u32;
-            let unsol_end = if params.initial_r2t { imm } else { params.first_burst.min(edtl).max(imm) };
+            let unsol_end = if params.initial_r2t {
+                imm
+            } else {
+                params.first_burst.min(edtl).max(imm)
+            };
             let mut w = PendingWrite {
                 lun: c.lun,
                 cmd,
@@ -522,7 +585,16 @@ impl Connection {
         self.send_outcome(ff, c.itt, c.lun, &outcome, c.expected_len, c.read, out);
     }
 
-    fn send_outcome(&mut self, ff: &FullFeature, itt: u32, lun: Lun, o: &Outcome, edtl: u32, read: bool, out: &mut Vec<Action>) {
+    fn send_outcome(
+        &mut self,
+        ff: &FullFeature,
+        itt: u32,
+        lun: Lun,
+        o: &Outcome,
+        edtl: u32,
+        read: bool,
+        out: &mut Vec<Action>,
+    ) {
         let produced = o.data.len();
         let sendable = if read { produced.min(edtl as usize) } else { 0 };
         if o.status != scsi::GOOD || sendable == 0 {
@@ -555,14 +627,23 @@ impl Connection {
                 buffer_offset: off as u32,
                 residual: if last { residual } else { 0 },
             };
-            out.push(Action::Send(Pdu::new(Bhs::DataIn(d), data.get(off..end).unwrap_or_default().to_vec())));
+            out.push(Action::Send(Pdu::new(
+                Bhs::DataIn(d),
+                data.get(off..end).unwrap_or_default().to_vec(),
+            )));
             sn += 1;
             off = end;
         }
     }
 
     /// Sends the next R2T for `w` if none is outstanding and data remains.
-    fn maybe_r2t(&mut self, ff: &mut FullFeature, itt: u32, w: &mut PendingWrite, out: &mut Vec<Action>) {
+    fn maybe_r2t(
+        &mut self,
+        ff: &mut FullFeature,
+        itt: u32,
+        w: &mut PendingWrite,
+        out: &mut Vec<Action>,
+    ) {
         if w.r2t.is_some() || w.r2t_next >= w.edtl {
             return;
         }
@@ -589,7 +670,14 @@ impl Connection {
         out.push(Action::Send(Pdu::new(Bhs::R2t(r), Vec::new())));
     }
 
-    fn data_out(&mut self, ff: &mut FullFeature, d: DataOut, data: Vec<u8>, raw: &[u8], out: &mut Vec<Action>) {
+    fn data_out(
+        &mut self,
+        ff: &mut FullFeature,
+        d: DataOut,
+        data: Vec<u8>,
+        raw: &[u8],
+        out: &mut Vec<Action>,
+    ) {
         let Some(mut w) = ff.take_pending(d.itt) else {
             // Unsolicited data for a command already answered (for instance one refused
             // with CHECK CONDITION) is dropped silently; anything else is an error.
@@ -600,14 +688,22 @@ impl Connection {
         };
         let len = data.len() as u32;
         if d.data_sn != w.data_sn {
-            tracing::warn!(itt = d.itt, got = d.data_sn, want = w.data_sn, "Data-Out with a wrong DataSN; write dropped");
+            tracing::warn!(
+                itt = d.itt,
+                got = d.data_sn,
+                want = w.data_sn,
+                "Data-Out with a wrong DataSN; write dropped"
+            );
             out.push(self.reject(reject_reason::PROTOCOL_ERROR, raw));
             out.push(Action::Close);
             return;
         }
         w.data_sn += 1;
         let ok = if d.ttt == 0xffff_ffff {
-            let ok = d.buffer_offset == w.unsol_next && d.buffer_offset.checked_add(len).is_some_and(|e| e <= w.unsol_end);
+            let ok = d.buffer_offset == w.unsol_next
+                && d.buffer_offset
+                    .checked_add(len)
+                    .is_some_and(|e| e <= w.unsol_end);
             if ok {
                 w.unsol_next += len;
                 if d.final_ || w.unsol_next >= w.unsol_end {
@@ -619,7 +715,8 @@ impl Connection {
         } else {
             match w.r2t {
                 Some((ttt, next, end)) if ttt == d.ttt => {
-                    let ok = d.buffer_offset == next && d.buffer_offset.checked_add(len).is_some_and(|e| e <= end);
+                    let ok = d.buffer_offset == next
+                        && d.buffer_offset.checked_add(len).is_some_and(|e| e <= end);
                     if ok {
                         let next = next + len;
                         w.r2t = if next >= end {
@@ -636,7 +733,12 @@ impl Connection {
             }
         };
         if !ok {
-            tracing::warn!(itt = d.itt, offset = d.buffer_offset, len, "Data-Out outside what was asked; write dropped");
+            tracing::warn!(
+                itt = d.itt,
+                offset = d.buffer_offset,
+                len,
+                "Data-Out outside what was asked; write dropped"
+            );
             out.push(self.reject(reject_reason::PROTOCOL_ERROR, raw));
             out.push(Action::Close);
             return;
@@ -652,9 +754,20 @@ impl Connection {
         ff.pending.insert(d.itt, w);
     }
 
-    fn finish_write(&mut self, itt: u32, w: PendingWrite, dev: &Arc<dyn BlockDevice>, out: &mut Vec<Action>) {
+    fn finish_write(
+        &mut self,
+        itt: u32,
+        w: PendingWrite,
+        dev: &Arc<dyn BlockDevice>,
+        out: &mut Vec<Action>,
+    ) {
         let take = w.cmd.data_out_len(dev.block_size()) as usize;
-        let outcome = scsi::execute(&w.cmd, dev.as_ref(), w.lun_exists, w.buf.get(..take).unwrap_or_default());
+        let outcome = scsi::execute(
+            &w.cmd,
+            dev.as_ref(),
+            w.lun_exists,
+            w.buf.get(..take).unwrap_or_default(),
+        );
         let p = self.scsi_response(itt, &outcome, w.edtl, w.need as usize);
         out.push(Action::Send(p));
     }
@@ -677,10 +790,15 @@ impl Connection {
                 for (k, v) in &keys.0 {
                     if k == "SendTargets" {
                         let names = match (ff.est.session_type, &ff.est.target) {
-                            (SessionType::Discovery, _) if v == "All" => self.provider.targets_for(&ff.est.initiator),
-                            (SessionType::Discovery, _) => {
-                                self.provider.targets_for(&ff.est.initiator).into_iter().filter(|n| n == v).collect()
+                            (SessionType::Discovery, _) if v == "All" => {
+                                self.provider.targets_for(&ff.est.initiator)
                             }
+                            (SessionType::Discovery, _) => self
+                                .provider
+                                .targets_for(&ff.est.initiator)
+                                .into_iter()
+                                .filter(|n| n == v)
+                                .collect(),
                             (SessionType::Normal, Some(own)) => vec![own.clone()],
                             _ => Vec::new(),
                         };
@@ -750,10 +868,26 @@ mod tests {
         let mut p = StaticLuns::new();
         p.insert("iqn.t", TargetAccess::default(), Backing::Shared(dev));
         let mut c = Connection::new(Arc::new(p), "127.0.0.1:3260".into(), 1);
-        let req = LoginRequest { transit: true, continue_: false, csg: Stage::Operational, nsg: Stage::FullFeature, version_max: 0, version_min: 0, isid: [0; 6], tsih: 0, itt: 0, cid: 0, cmd_sn: 1, exp_stat_sn: 0 };
+        let req = LoginRequest {
+            transit: true,
+            continue_: false,
+            csg: Stage::Operational,
+            nsg: Stage::FullFeature,
+            version_max: 0,
+            version_min: 0,
+            isid: [0; 6],
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+        };
         let body = format!("InitiatorName=iqn.i\0TargetName=iqn.t\0{keys}");
         let acts = c.on_pdu(Pdu::new(Bhs::LoginRequest(req), body.into_bytes()));
-        assert!(acts.iter().any(|a| matches!(a, Action::Negotiated { .. })), "{acts:?}");
+        assert!(
+            acts.iter().any(|a| matches!(a, Action::Negotiated { .. })),
+            "{acts:?}"
+        );
         c
     }
 
@@ -761,13 +895,33 @@ mod tests {
         let mut c = [0u8; 16];
         c[..cdb.len()].copy_from_slice(cdb);
         Pdu::new(
-            Bhs::ScsiCommand(ScsiCommand { immediate: false, final_: true, read: !write, write, attr: 1, lun: Lun::default(), itt, expected_len: edtl, cmd_sn: sn, exp_stat_sn: 0, cdb: c }),
+            Bhs::ScsiCommand(ScsiCommand {
+                immediate: false,
+                final_: true,
+                read: !write,
+                write,
+                attr: 1,
+                lun: Lun::default(),
+                itt,
+                expected_len: edtl,
+                cmd_sn: sn,
+                exp_stat_sn: 0,
+                cdb: c,
+            }),
             data,
         )
     }
 
     fn sent(acts: &[Action]) -> Vec<&Pdu> {
-        acts.iter().filter_map(|a| if let Action::Send(p) = a { Some(p) } else { None }).collect()
+        acts.iter()
+            .filter_map(|a| {
+                if let Action::Send(p) = a {
+                    Some(p)
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     fn write10(lba: u32, blocks: u16) -> Vec<u8> {
@@ -779,17 +933,40 @@ mod tests {
     #[test]
     fn write_with_r2t_then_read_back() {
         let dev = Arc::new(MemDevice::new(64, 512, false));
-        let mut c = connect("InitialR2T=Yes\0ImmediateData=Yes\0FirstBurstLength=512\0MaxBurstLength=1024\0", dev.clone());
+        let mut c = connect(
+            "InitialR2T=Yes\0ImmediateData=Yes\0FirstBurstLength=512\0MaxBurstLength=1024\0",
+            dev.clone(),
+        );
         let payload: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
-        let acts = c.on_pdu(cmd(10, 1, &write10(4, 8), 4096, true, payload[..512].to_vec()));
+        let acts = c.on_pdu(cmd(
+            10,
+            1,
+            &write10(4, 8),
+            4096,
+            true,
+            payload[..512].to_vec(),
+        ));
         let p = sent(&acts);
-        let Bhs::R2t(r) = &p[0].bhs else { panic!("{acts:?}") };
+        let Bhs::R2t(r) = &p[0].bhs else {
+            panic!("{acts:?}")
+        };
         assert_eq!((r.buffer_offset, r.desired_len), (512, 1024));
         let mut ttt = r.ttt;
         let mut off = 512;
         loop {
-            let dout = DataOut { final_: true, lun: Lun::default(), itt: 10, ttt, exp_stat_sn: 0, data_sn: 0, buffer_offset: off };
-            let acts = c.on_pdu(Pdu::new(Bhs::DataOut(dout), payload[off as usize..off as usize + 1024.min(4096 - off as usize)].to_vec()));
+            let dout = DataOut {
+                final_: true,
+                lun: Lun::default(),
+                itt: 10,
+                ttt,
+                exp_stat_sn: 0,
+                data_sn: 0,
+                buffer_offset: off,
+            };
+            let acts = c.on_pdu(Pdu::new(
+                Bhs::DataOut(dout),
+                payload[off as usize..off as usize + 1024.min(4096 - off as usize)].to_vec(),
+            ));
             off += 1024.min(4096 - off);
             let p = sent(&acts);
             match &p[0].bhs {
@@ -819,7 +996,9 @@ mod tests {
         let dev = Arc::new(MemDevice::new(64, 512, false));
         let mut c = connect("InitialR2T=No\0ImmediateData=Yes\0", dev.clone());
         let acts = c.on_pdu(cmd(1, 1, &write10(0, 4), 2048, true, vec![0xee; 512]));
-        assert!(sent(&acts).iter().all(|p| !matches!(p.bhs, Bhs::ScsiResponse(_))));
+        assert!(sent(&acts)
+            .iter()
+            .all(|p| !matches!(p.bhs, Bhs::ScsiResponse(_))));
         c.on_close();
         let mut back = vec![1u8; 2048];
         dev.read_at(&mut back, 0).unwrap();
@@ -830,9 +1009,18 @@ mod tests {
     fn out_of_range_read_is_check_condition() {
         let dev = Arc::new(MemDevice::new(64, 512, false));
         let mut c = connect("", dev);
-        let acts = c.on_pdu(cmd(1, 1, &[0x28, 0, 0, 0, 0, 64, 0, 0, 1, 0], 512, false, vec![]));
+        let acts = c.on_pdu(cmd(
+            1,
+            1,
+            &[0x28, 0, 0, 0, 0, 64, 0, 0, 1, 0],
+            512,
+            false,
+            vec![],
+        ));
         let p = sent(&acts);
-        let Bhs::ScsiResponse(r) = &p[0].bhs else { panic!() };
+        let Bhs::ScsiResponse(r) = &p[0].bhs else {
+            panic!()
+        };
         assert_eq!(r.status, scsi::CHECK_CONDITION);
         assert_eq!((p[0].data[2 + 2], p[0].data[2 + 12]), (0x05, 0x21));
     }
@@ -841,9 +1029,26 @@ mod tests {
     fn nop_ping_and_logout() {
         let dev = Arc::new(MemDevice::new(8, 512, false));
         let mut c = connect("", dev);
-        let acts = c.on_pdu(Pdu::new(Bhs::NopOut(NopOut { immediate: true, lun: Lun::default(), itt: 5, ttt: !0, cmd_sn: 1, exp_stat_sn: 0 }), b"ping".to_vec()));
+        let acts = c.on_pdu(Pdu::new(
+            Bhs::NopOut(NopOut {
+                immediate: true,
+                lun: Lun::default(),
+                itt: 5,
+                ttt: !0,
+                cmd_sn: 1,
+                exp_stat_sn: 0,
+            }),
+            b"ping".to_vec(),
+        ));
         assert_eq!(sent(&acts)[0].data, b"ping");
-        let lo = crate::iscsi::pdu::LogoutRequest { immediate: true, reason: 0, itt: 6, cid: 0, cmd_sn: 1, exp_stat_sn: 0 };
+        let lo = crate::iscsi::pdu::LogoutRequest {
+            immediate: true,
+            reason: 0,
+            itt: 6,
+            cid: 0,
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+        };
         let acts = c.on_pdu(Pdu::new(Bhs::LogoutRequest(lo), vec![]));
         assert_eq!(acts.last(), Some(&Action::Close));
     }

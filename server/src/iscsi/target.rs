@@ -33,7 +33,10 @@ pub struct TargetOptions {
 
 impl Default for TargetOptions {
     fn default() -> Self {
-        TargetOptions { max_connections: 256, login_timeout: Duration::from_secs(30) }
+        TargetOptions {
+            max_connections: 256,
+            login_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -46,14 +49,24 @@ pub struct IscsiTarget {
 
 impl std::fmt::Debug for IscsiTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IscsiTarget").field("listener", &self.listener.local_addr().ok()).finish_non_exhaustive()
+        f.debug_struct("IscsiTarget")
+            .field("listener", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
     }
 }
 
 impl IscsiTarget {
     /// A target answering on `listener` for the targets `luns` knows.
-    pub fn new(listener: TcpListener, luns: Arc<dyn LunProvider>, opts: TargetOptions) -> IscsiTarget {
-        IscsiTarget { listener, luns, opts }
+    pub fn new(
+        listener: TcpListener,
+        luns: Arc<dyn LunProvider>,
+        opts: TargetOptions,
+    ) -> IscsiTarget {
+        IscsiTarget {
+            listener,
+            luns,
+            opts,
+        }
     }
 
     /// The address listened on.
@@ -112,7 +125,10 @@ impl IscsiTarget {
 
 /// Whether the PDU makes the connection touch the LUN (run it on the blocking pool).
 fn does_io(pdu: &Pdu) -> bool {
-    matches!(pdu.bhs, Bhs::ScsiCommand(_) | Bhs::DataOut(_) | Bhs::LoginRequest(_))
+    matches!(
+        pdu.bhs,
+        Bhs::ScsiCommand(_) | Bhs::DataOut(_) | Bhs::LoginRequest(_)
+    )
 }
 
 /// Most PDUs handed to the blocking pool at once.
@@ -121,13 +137,27 @@ const MAX_BATCH: usize = 64;
 /// Moves every complete, well-formed PDU at the head of `rd`'s buffer into `batch` (up to
 /// [`MAX_BATCH`]). Stops at the first incomplete or malformed one, which the normal read
 /// path then reads and answers.
-fn take_buffered(rd: &mut BufReader<OwnedReadHalf>, c: &Connection, digests: Digests, batch: &mut Vec<Pdu>) {
+fn take_buffered(
+    rd: &mut BufReader<OwnedReadHalf>,
+    c: &Connection,
+    digests: Digests,
+    batch: &mut Vec<Pdu>,
+) {
     while batch.len() < MAX_BATCH {
         let buf = rd.buffer();
-        let Some(head) = buf.get(..BHS_LEN).and_then(|h| <&[u8; BHS_LEN]>::try_from(h).ok()) else { break };
-        let Ok(f) = Framing::of(head, c.max_recv()) else { break };
+        let Some(head) = buf
+            .get(..BHS_LEN)
+            .and_then(|h| <&[u8; BHS_LEN]>::try_from(h).ok())
+        else {
+            break;
+        };
+        let Ok(f) = Framing::of(head, c.max_recv()) else {
+            break;
+        };
         let total = BHS_LEN + f.rest_len(digests);
-        let Some(rest) = buf.get(BHS_LEN..total) else { break };
+        let Some(rest) = buf.get(BHS_LEN..total) else {
+            break;
+        };
         match Pdu::decode(head, f, rest, digests) {
             Ok(p) => {
                 batch.push(p);
@@ -143,7 +173,9 @@ fn run_batch(c: &mut Connection, batch: Vec<Pdu>) -> Vec<Action> {
     let mut out = Vec::new();
     for p in batch {
         let a = c.on_pdu(p);
-        let stop = a.iter().any(|x| matches!(x, Action::Close | Action::Negotiated { .. }));
+        let stop = a
+            .iter()
+            .any(|x| matches!(x, Action::Close | Action::Negotiated { .. }));
         out.extend(a);
         if stop {
             break;
@@ -173,7 +205,9 @@ async fn serve(
         let mut raw = [0u8; BHS_LEN];
         let read = async {
             rd.read_exact(&mut raw).await?;
-            let Some(c) = conn.as_ref() else { return Ok(None) };
+            let Some(c) = conn.as_ref() else {
+                return Ok(None);
+            };
             match Framing::of(&raw, c.max_recv()) {
                 Ok(f) => {
                     let mut rest = vec![0u8; f.rest_len(digests)];
@@ -191,7 +225,9 @@ async fn serve(
             }
             r = read => r,
         };
-        let Some(mut c) = conn.take() else { break Ok(()) };
+        let Some(mut c) = conn.take() else {
+            break Ok(());
+        };
         let actions = match got {
             Ok(Some((framing, rest))) => match Pdu::decode(&raw, framing, &rest, digests) {
                 Ok(pdu) => {
@@ -233,7 +269,9 @@ async fn serve(
                 break Ok(());
             }
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                let err = e.into_inner().and_then(|i| i.downcast::<super::pdu::PduError>().ok());
+                let err = e
+                    .into_inner()
+                    .and_then(|i| i.downcast::<super::pdu::PduError>().ok());
                 match err {
                     Some(pe) => c.on_decode_error(&pe, &raw),
                     None => vec![Action::Close],

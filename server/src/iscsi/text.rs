@@ -53,7 +53,8 @@ pub struct TextPairs(pub Vec<(String, String)>);
 fn valid_key(k: &[u8]) -> bool {
     !k.is_empty()
         && k.len() <= MAX_KEY_LEN
-        && k.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'+' | b'@' | b'_'))
+        && k.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'+' | b'@' | b'_'))
 }
 
 impl TextPairs {
@@ -61,13 +62,22 @@ impl TextPairs {
     /// are skipped; a last item without its NUL is accepted, as initiators send it.
     pub fn parse(data: &[u8]) -> Result<TextPairs, TextError> {
         let mut out: Vec<(String, String)> = Vec::new();
-        for (index, item) in data.split(|&b| b == 0).filter(|s| !s.is_empty()).enumerate() {
+        for (index, item) in data
+            .split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .enumerate()
+        {
             let Some(eq) = item.iter().position(|&b| b == b'=') else {
                 return Err(TextError::MissingEquals { index });
             };
-            let (k, v) = (item.get(..eq).unwrap_or_default(), item.get(eq + 1..).unwrap_or_default());
+            let (k, v) = (
+                item.get(..eq).unwrap_or_default(),
+                item.get(eq + 1..).unwrap_or_default(),
+            );
             if !valid_key(k) {
-                return Err(TextError::InvalidKey { key: String::from_utf8_lossy(k).into_owned() });
+                return Err(TextError::InvalidKey {
+                    key: String::from_utf8_lossy(k).into_owned(),
+                });
             }
             let key = String::from_utf8_lossy(k).into_owned();
             let value = match std::str::from_utf8(v) {
@@ -99,7 +109,10 @@ impl TextPairs {
 
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Appends a pair.
@@ -127,7 +140,11 @@ pub fn parse_number(v: &str) -> Option<u64> {
 /// Parses a binary value (RFC 7143 §6.1 "binary-value"): `0x` hex or `0b` base64.
 pub fn parse_binary(v: &str) -> Option<Vec<u8>> {
     if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        let h = if h.len() % 2 == 1 { format!("0{h}") } else { h.to_owned() };
+        let h = if h.len() % 2 == 1 {
+            format!("0{h}")
+        } else {
+            h.to_owned()
+        };
         hex::decode(h).ok()
     } else if let Some(b) = v.strip_prefix("0b").or_else(|| v.strip_prefix("0B")) {
         base64_decode(b)
@@ -195,11 +212,26 @@ pub(crate) mod tests {
 
     #[test]
     fn errors_are_named() {
-        assert_eq!(TextPairs::parse(b"Key\0").unwrap_err(), TextError::MissingEquals { index: 0 });
-        assert_eq!(TextPairs::parse(b"A=1\0A=2\0").unwrap_err(), TextError::Duplicate { key: "A".into() });
-        assert!(matches!(TextPairs::parse(b"Bad Key=1\0"), Err(TextError::InvalidKey { .. })));
-        assert!(matches!(TextPairs::parse(b"=1\0"), Err(TextError::InvalidKey { .. })));
-        assert!(matches!(TextPairs::parse(b"K=\xff\0"), Err(TextError::InvalidValue { .. })));
+        assert_eq!(
+            TextPairs::parse(b"Key\0").unwrap_err(),
+            TextError::MissingEquals { index: 0 }
+        );
+        assert_eq!(
+            TextPairs::parse(b"A=1\0A=2\0").unwrap_err(),
+            TextError::Duplicate { key: "A".into() }
+        );
+        assert!(matches!(
+            TextPairs::parse(b"Bad Key=1\0"),
+            Err(TextError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            TextPairs::parse(b"=1\0"),
+            Err(TextError::InvalidKey { .. })
+        ));
+        assert!(matches!(
+            TextPairs::parse(b"K=\xff\0"),
+            Err(TextError::InvalidValue { .. })
+        ));
     }
 
     #[test]

@@ -8,9 +8,9 @@ pub mod schedule;
 pub mod sender;
 pub mod session;
 
+pub use schedule::{MulticastConfig, Scheduler, SessionInfo, SessionState};
 pub use sender::{
     layer_info, open_sender_socket, run_session, SendError, SendReport, SenderControl,
     SocketOptions,
 };
-pub use schedule::{MulticastConfig, Scheduler, SessionInfo, SessionState};
 pub use session::{LayerInfo, SendStats, SenderConfig, SenderSession};

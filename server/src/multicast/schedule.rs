@@ -100,7 +100,9 @@ impl MulticastConfig {
             return Err("multicast.rate_bps must be 8000..=1e11".into());
         }
         if self.node_wait_secs == 0 || self.node_wait_secs > MAX_MULTICAST_WAIT {
-            return Err(format!("multicast.node_wait_secs must be 1..={MAX_MULTICAST_WAIT}"));
+            return Err(format!(
+                "multicast.node_wait_secs must be 1..={MAX_MULTICAST_WAIT}"
+            ));
         }
         Ok(())
     }
@@ -186,7 +188,11 @@ pub struct Scheduler {
 impl Scheduler {
     /// A scheduler with `cfg` whose sessions run on `runtime`'s blocking threads.
     pub fn new(cfg: MulticastConfig, runtime: tokio::runtime::Handle) -> Arc<Self> {
-        Arc::new(Scheduler { cfg, inner: Mutex::default(), runtime })
+        Arc::new(Scheduler {
+            cfg,
+            inner: Mutex::default(),
+            runtime,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -197,7 +203,11 @@ impl Scheduler {
     /// this server), the session for it, created on a free group if none is waiting or
     /// sending. A layer gets no offer when every group is busy or the socket cannot be set up
     /// (the node fetches it over HTTP).
-    pub fn offers(self: &Arc<Self>, mac: &str, layers: &[(LayerRef, PathBuf)]) -> Vec<MulticastOffer> {
+    pub fn offers(
+        self: &Arc<Self>,
+        mac: &str,
+        layers: &[(LayerRef, PathBuf)],
+    ) -> Vec<MulticastOffer> {
         if !self.cfg.enabled {
             return Vec::new();
         }
@@ -207,13 +217,22 @@ impl Scheduler {
                 continue;
             }
             if let Some(group) = self.session_for(mac, l, path) {
-                out.push(MulticastOffer { layer: l.id, group, wait_secs: self.cfg.node_wait_secs });
+                out.push(MulticastOffer {
+                    layer: l.id,
+                    group,
+                    wait_secs: self.cfg.node_wait_secs,
+                });
             }
         }
         out
     }
 
-    fn session_for(self: &Arc<Self>, mac: &str, l: &LayerRef, path: &std::path::Path) -> Option<SocketAddrV4> {
+    fn session_for(
+        self: &Arc<Self>,
+        mac: &str,
+        l: &LayerRef,
+        path: &std::path::Path,
+    ) -> Option<SocketAddrV4> {
         let mut inner = self.lock();
         if let Some(live) = inner.live.get_mut(&l.id) {
             if !live.info.offered_to.iter().any(|m| m == mac) {
@@ -223,7 +242,12 @@ impl Scheduler {
         }
         let used: Vec<SocketAddrV4> = inner.live.values().map(|s| s.info.group).collect();
         let group = (0..u32::from(self.cfg.groups))
-            .map(|i| SocketAddrV4::new(Ipv4Addr::from(u32::from(self.cfg.group).wrapping_add(i)), self.cfg.port))
+            .map(|i| {
+                SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from(self.cfg.group).wrapping_add(i)),
+                    self.cfg.port,
+                )
+            })
             .find(|g| !used.contains(g))?;
         let layout = match Layout::new(l.size, l.chunk_size, DEFAULT_SYMBOL_SIZE) {
             Ok(y) => y,
@@ -232,7 +256,11 @@ impl Scheduler {
                 return None;
             }
         };
-        let opts = SocketOptions { iface: self.cfg.interface.clone(), ttl: Some(self.cfg.ttl), loopback: false };
+        let opts = SocketOptions {
+            iface: self.cfg.interface.clone(),
+            ttl: Some(self.cfg.ttl),
+            loopback: false,
+        };
         let sock = match open_sender_socket(group, &opts) {
             Ok(s) => s,
             Err(e) => {
@@ -240,7 +268,11 @@ impl Scheduler {
                 return None;
             }
         };
-        let info = LayerInfo { id: l.id, layout, chunks: l.chunks.clone() };
+        let info = LayerInfo {
+            id: l.id,
+            layout,
+            chunks: l.chunks.clone(),
+        };
         let cfg = SenderConfig {
             rate_bps: self.cfg.rate_bps,
             min_receivers: self.cfg.min_nodes.max(1),
@@ -281,7 +313,9 @@ impl Scheduler {
 
     fn finish(&self, layer: LayerId, result: Result<super::SendReport, super::SendError>) {
         let mut inner = self.lock();
-        let Some(live) = inner.live.remove(&layer) else { return };
+        let Some(live) = inner.live.remove(&layer) else {
+            return;
+        };
         let mut info = live.info;
         match result {
             Ok(r) => {
@@ -317,7 +351,12 @@ impl Scheduler {
     pub fn node_booting(&self, mac: &str, now_ms: u64) {
         let mut inner = self.lock();
         if inner.booted.len() >= MAX_BOOTS && !inner.booted.contains_key(mac) {
-            if let Some(oldest) = inner.booted.iter().min_by_key(|(_, t)| **t).map(|(m, _)| m.clone()) {
+            if let Some(oldest) = inner
+                .booted
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(m, _)| m.clone())
+            {
                 inner.booted.remove(&oldest);
             }
         }
@@ -361,7 +400,10 @@ impl Scheduler {
 
     /// The service: on cancellation, ends every live session and waits (at most 5 s) for
     /// them to announce their end.
-    pub async fn run(self: Arc<Self>, token: CancellationToken) -> Result<(), std::convert::Infallible> {
+    pub async fn run(
+        self: Arc<Self>,
+        token: CancellationToken,
+    ) -> Result<(), std::convert::Infallible> {
         token.cancelled().await;
         for l in self.lock().live.values() {
             l.control.cancel();
@@ -382,17 +424,26 @@ mod tests {
 
     #[test]
     fn config_defaults_validate_and_bad_groups_are_refused() {
-        let mut c = MulticastConfig { enabled: true, ..MulticastConfig::default() };
+        let mut c = MulticastConfig {
+            enabled: true,
+            ..MulticastConfig::default()
+        };
         assert_eq!(c.validate(), Ok(()));
         c.group = Ipv4Addr::new(239, 255, 255, 250);
         c.groups = 16;
         assert!(c.validate().unwrap_err().contains("224.0.0.0/4"));
         c.group = Ipv4Addr::new(10, 0, 0, 1);
         assert!(c.validate().is_err());
-        let c = MulticastConfig { enabled: true, node_wait_secs: 0, ..MulticastConfig::default() };
+        let c = MulticastConfig {
+            enabled: true,
+            node_wait_secs: 0,
+            ..MulticastConfig::default()
+        };
         assert!(c.validate().is_err());
-        let parsed: MulticastConfig =
-            toml::from_str("enabled = true\ninterface = \"br0\"\nmin_nodes = 3\nkinds = [\"base\", \"role\"]\n").unwrap();
+        let parsed: MulticastConfig = toml::from_str(
+            "enabled = true\ninterface = \"br0\"\nmin_nodes = 3\nkinds = [\"base\", \"role\"]\n",
+        )
+        .unwrap();
         assert_eq!(parsed.kinds, vec![LayerKind::Base, LayerKind::Role]);
         assert_eq!(parsed.port, 9300);
     }

@@ -128,18 +128,22 @@ fn sock_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SendError {
 
 /// Opens the sender's socket: bound to an ephemeral port on any address (receivers' reports
 /// come back to it), multicast out of `iface`, TTL, loopback, and 4 MiB buffers.
-pub fn open_sender_socket(group: SocketAddrV4, opts: &SocketOptions) -> Result<UdpSocket, SendError> {
+pub fn open_sender_socket(
+    group: SocketAddrV4,
+    opts: &SocketOptions,
+) -> Result<UdpSocket, SendError> {
     if !group.ip().is_multicast() {
         return Err(SendError::NotMulticast(*group.ip()));
     }
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
-        .map_err(sock_err("socket"))?;
+    let s =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(sock_err("socket"))?;
     if let Some(name) = &opts.iface {
         s.bind_device(Some(name.as_bytes()))
             .map_err(sock_err(format!("SO_BINDTODEVICE {name}")))?;
         // With the socket bound to the device, udp_sendmsg routes multicast out of it
         // (the output interface defaults to the bound device).
-        wire::multicast::net::iface_index(&s, name).map_err(sock_err(format!("interface {name}")))?;
+        wire::multicast::net::iface_index(&s, name)
+            .map_err(sock_err(format!("interface {name}")))?;
     }
     s.set_multicast_ttl_v4(opts.ttl.unwrap_or(1))
         .map_err(sock_err("IP_MULTICAST_TTL"))?;
@@ -162,17 +166,16 @@ pub fn layer_info(path: &Path, symbol_size: u16) -> Result<LayerInfo, SendError>
         path: path.to_owned(),
         source,
     })?;
-    let (id, size, chunks) =
-        chunk_hashes(io::BufReader::with_capacity(1 << 20, file), CHUNK_SIZE).map_err(
-            |source| SendError::Read {
-                path: path.to_owned(),
-                source,
-            },
-        )?;
-    let layout = Layout::new(size, CHUNK_SIZE, symbol_size).map_err(|source| SendError::Layout {
-        path: path.to_owned(),
-        source,
-    })?;
+    let (id, size, chunks) = chunk_hashes(io::BufReader::with_capacity(1 << 20, file), CHUNK_SIZE)
+        .map_err(|source| SendError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    let layout =
+        Layout::new(size, CHUNK_SIZE, symbol_size).map_err(|source| SendError::Layout {
+            path: path.to_owned(),
+            source,
+        })?;
     Ok(LayerInfo { id, layout, chunks })
 }
 
@@ -193,15 +196,24 @@ struct ChunkCache {
 }
 
 impl ChunkCache {
-    fn get(&mut self, file: &File, path: &Path, layout: Layout, c: u32) -> Result<&[u8], SendError> {
+    fn get(
+        &mut self,
+        file: &File,
+        path: &Path,
+        layout: Layout,
+        c: u32,
+    ) -> Result<&[u8], SendError> {
         if self.index != Some(c) {
             self.index = None;
             self.data.resize(layout.chunk_len(c) as usize, 0);
-            file.read_exact_at(&mut self.data, u64::from(c) * u64::from(layout.chunk_size()))
-                .map_err(|source| SendError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
+            file.read_exact_at(
+                &mut self.data,
+                u64::from(c) * u64::from(layout.chunk_size()),
+            )
+            .map_err(|source| SendError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
             self.index = Some(c);
         }
         Ok(&self.data)
@@ -232,8 +244,14 @@ pub fn run_session(
         "multicast session announced"
     );
     let group_addr = SocketAddr::V4(group);
-    let mut pass = ChunkCache { index: None, data: Vec::new() };
-    let mut repair = ChunkCache { index: None, data: Vec::new() };
+    let mut pass = ChunkCache {
+        index: None,
+        data: Vec::new(),
+    };
+    let mut repair = ChunkCache {
+        index: None,
+        data: Vec::new(),
+    };
     let mut rbuf = vec![0u8; 2048];
     let mut pkt = vec![0u8; DATA_HEADER + usize::from(layout.symbol_size())];
     let mut started = false;
@@ -292,7 +310,9 @@ pub fn run_session(
                 };
                 let cache = if is_repair { &mut repair } else { &mut pass };
                 let chunk = cache.get(&file, path, layout, c)?;
-                let payload = chunk.get(r.start as usize..r.end as usize).unwrap_or_default();
+                let payload = chunk
+                    .get(r.start as usize..r.end as usize)
+                    .unwrap_or_default();
                 let len = DATA_HEADER + payload.len();
                 let mut head = [0u8; DATA_HEADER];
                 write_data_header(&mut head, session.id(), seq, symbol, is_repair);
@@ -326,8 +346,9 @@ fn send(sock: &UdpSocket, bytes: &[u8], to: SocketAddr) -> Result<(), SendError>
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // No route / unreachable unicast receiver: drop this report, keep the session.
-            Err(e) if matches!(to, SocketAddr::V4(a) if !a.ip().is_multicast())
-                && e.raw_os_error().is_some() =>
+            Err(e)
+                if matches!(to, SocketAddr::V4(a) if !a.ip().is_multicast())
+                    && e.raw_os_error().is_some() =>
             {
                 return Ok(());
             }

@@ -499,7 +499,9 @@ impl SenderSession {
             });
             if now.duration_since(end) > bound {
                 for (id, r) in self.receivers.iter_mut() {
-                    if !r.evicted && r.phase != ReceiverPhase::Done && r.phase != ReceiverPhase::Left
+                    if !r.evicted
+                        && r.phase != ReceiverPhase::Done
+                        && r.phase != ReceiverPhase::Left
                     {
                         r.evicted = true;
                         self.stats.receivers_evicted += 1;
@@ -601,10 +603,7 @@ impl SenderSession {
             }
             return self.maybe_end(now);
         };
-        let len = layout
-            .symbol_in_chunk(symbol)
-            .map(|r| r.len())
-            .unwrap_or(0);
+        let len = layout.symbol_in_chunk(symbol).map(|r| r.len()).unwrap_or(0);
         let cost = (DATA_HEADER + len + FRAME_OVERHEAD) as f64;
         // Token bucket at the current rate, bursts of at most 10 ms.
         let dt = now.duration_since(self.last_refill).as_secs_f64();
@@ -640,7 +639,10 @@ impl SenderSession {
             .values()
             .filter(|r| !r.evicted && r.phase != ReceiverPhase::Left);
         let all_done = live.all(|r| r.phase == ReceiverPhase::Done);
-        let any = self.receivers.values().any(|r| r.phase == ReceiverPhase::Done);
+        let any = self
+            .receivers
+            .values()
+            .any(|r| r.phase == ReceiverPhase::Done);
         let quiet = now.duration_since(self.last_activity) >= self.cfg.idle_end;
         if all_done && (any || quiet) {
             self.end(now);
@@ -664,7 +666,11 @@ mod tests {
         let chunk = 64 * 1024;
         let (id, size, chunks) = wire::chunk::chunk_hashes(data, chunk).unwrap();
         let layout = Layout::new(size, chunk, DEFAULT_SYMBOL_SIZE).unwrap();
-        let info = LayerInfo { id, layout, chunks: chunks.clone() };
+        let info = LayerInfo {
+            id,
+            layout,
+            chunks: chunks.clone(),
+        };
         let cfg = SenderConfig {
             rate_bps: 400_000_000,
             min_receivers: losses.len(),
@@ -681,7 +687,12 @@ mod tests {
                 let exp = if i % 2 == 0 {
                     Expect::Any
                 } else {
-                    Expect::Known { id, size, chunk_size: chunk, chunks: chunks.clone() }
+                    Expect::Known {
+                        id,
+                        size,
+                        chunk_size: chunk,
+                        chunks: chunks.clone(),
+                    }
                 };
                 (
                     ReceiverCore::new(exp, 1000 + i as u64, 32),
@@ -703,9 +714,19 @@ mod tests {
             match tx.poll(now) {
                 Poll::Finished => break,
                 Poll::Wait(t) => now = now.max(t).max(now + Duration::from_micros(50)),
-                Poll::Control { dest: Dest::Group, bytes } => to_group = Some(bytes),
-                Poll::Control { dest: Dest::To(a), bytes } => to_one = Some((a, bytes)),
-                Poll::Data { symbol, seq, repair } => {
+                Poll::Control {
+                    dest: Dest::Group,
+                    bytes,
+                } => to_group = Some(bytes),
+                Poll::Control {
+                    dest: Dest::To(a),
+                    bytes,
+                } => to_one = Some((a, bytes)),
+                Poll::Data {
+                    symbol,
+                    seq,
+                    repair,
+                } => {
                     let r = layout.symbol_range(symbol).unwrap();
                     let p = wire::multicast::packet::Data {
                         session: tx.id(),
@@ -734,10 +755,17 @@ mod tests {
                 for a in acts {
                     match a {
                         Action::Send { bytes, .. } => replies.push((*addr, bytes)),
-                        Action::Write { offset, data: d, .. } => {
+                        Action::Write {
+                            offset, data: d, ..
+                        } => {
                             out[offset as usize..offset as usize + d.len()].copy_from_slice(&d);
                         }
-                        Action::Evicted => panic!("receiver {i} evicted: {:?} missing {:?} layer {:?}", core.stats(), core.missing_chunks(), core.layer().map(|l| l.2.is_some())),
+                        Action::Evicted => panic!(
+                            "receiver {i} evicted: {:?} missing {:?} layer {:?}",
+                            core.stats(),
+                            core.missing_chunks(),
+                            core.layer().map(|l| l.2.is_some())
+                        ),
                         _ => {}
                     }
                 }
@@ -752,7 +780,11 @@ mod tests {
             }
         }
         for (i, (core, _, _)) in rxs.iter().enumerate() {
-            assert!(core.is_complete(), "receiver {i} incomplete: {:?}", core.stats());
+            assert!(
+                core.is_complete(),
+                "receiver {i} incomplete: {:?}",
+                core.stats()
+            );
         }
         (tx.stats().clone(), rxs.into_iter().map(|r| r.1).collect())
     }
@@ -794,7 +826,12 @@ mod tests {
             ..SenderConfig::default()
         };
         let t0 = Instant::now();
-        let mut tx = SenderSession::new(LayerInfo { id, layout, chunks }, cfg, SessionId::new(9).unwrap(), t0);
+        let mut tx = SenderSession::new(
+            LayerInfo { id, layout, chunks },
+            cfg,
+            SessionId::new(9).unwrap(),
+            t0,
+        );
         let from = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 9));
         let mut now = t0;
         let _ = tx.poll(now);
@@ -820,14 +857,18 @@ mod tests {
     #[test]
     fn steady_random_loss_does_not_slow_the_group() {
         // 5% and 1% random loss (a bad cable, or injected), with jitter: learnt as the floor.
-        let rows: Vec<Vec<u16>> = (0..40).map(|t| vec![48 + (t % 5) as u16, 10 + (t % 3) as u16]).collect();
+        let rows: Vec<Vec<u16>> = (0..40)
+            .map(|t| vec![48 + (t % 5) as u16, 10 + (t % 3) as u16])
+            .collect();
         assert_eq!(rate_under(&rows), 1_000_000_000);
     }
 
     #[test]
     fn bursts_of_loss_above_the_floor_back_off() {
         // A starved receiver: no loss most of the time, bursts of 8% (its buffer overflowing).
-        let rows: Vec<Vec<u16>> = (0..40).map(|t| vec![0, if t % 4 == 3 { 80 } else { 0 }]).collect();
+        let rows: Vec<Vec<u16>> = (0..40)
+            .map(|t| vec![0, if t % 4 == 3 { 80 } else { 0 }])
+            .collect();
         assert!(rate_under(&rows) < 800_000_000);
     }
 

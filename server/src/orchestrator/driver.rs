@@ -29,14 +29,24 @@ pub struct DriverConfig {
 
 impl Default for DriverConfig {
     fn default() -> Self {
-        DriverConfig { tick: Duration::from_secs(1), lease_ttl: Duration::from_secs(15), worker: worker_id() }
+        DriverConfig {
+            tick: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(15),
+            worker: worker_id(),
+        }
     }
 }
 
 /// A worker id unique to this process: `<host>:<pid>:<random>`.
 pub fn worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "host".into());
-    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// The driver.
@@ -51,7 +61,13 @@ pub struct Driver {
 impl Driver {
     /// A driver over `fleet`'s database.
     pub fn new(fleet: Arc<Fleet>, cfg: DriverConfig, wake: Arc<Notify>) -> Self {
-        Driver { db: fleet.db().clone(), fleet, cfg, wake, held: HashMap::new() }
+        Driver {
+            db: fleet.db().clone(),
+            fleet,
+            cfg,
+            wake,
+            held: HashMap::new(),
+        }
     }
 
     /// Runs until `shutdown`, then gives its leases up.
@@ -69,7 +85,10 @@ impl Driver {
         }
         for (id, token) in std::mem::take(&mut self.held) {
             let me = self.cfg.worker.clone();
-            let _ = self.db.call(move |c| crate::db::rollouts::release(c, id, &me, token, now_ms())).await;
+            let _ = self
+                .db
+                .call(move |c| crate::db::rollouts::release(c, id, &me, token, now_ms()))
+                .await;
         }
         Ok(())
     }
@@ -85,7 +104,11 @@ impl Driver {
             let token = match self.held.get(&id).copied() {
                 Some(t) => {
                     let m = me.clone();
-                    match self.db.call(move |c| crate::db::rollouts::heartbeat(c, id, &m, t, now_ms(), ttl)).await {
+                    match self
+                        .db
+                        .call(move |c| crate::db::rollouts::heartbeat(c, id, &m, t, now_ms(), ttl))
+                        .await
+                    {
                         Ok(_) => t,
                         Err(DbError::Lease(e)) => {
                             tracing::warn!(rollout = id, error = %e, "lease lost; no longer acting on this rollout");
@@ -97,7 +120,11 @@ impl Driver {
                 }
                 None => {
                     let m = me.clone();
-                    match self.db.call(move |c| crate::db::rollouts::acquire(c, id, &m, now_ms(), ttl)).await {
+                    match self
+                        .db
+                        .call(move |c| crate::db::rollouts::acquire(c, id, &m, now_ms(), ttl))
+                        .await
+                    {
                         Ok(l) => {
                             tracing::info!(rollout = id, token = l.token, "driving rollout");
                             self.held.insert(id, l.token);
@@ -113,26 +140,45 @@ impl Driver {
             }
             let plan = r.plan.clone();
             let wave = r.progress.wave;
-            let world = self.db.call(move |c| crate::db::rollouts::world(c, &plan, wave)).await?;
+            let world = self
+                .db
+                .call(move |c| crate::db::rollouts::world(c, &plan, wave))
+                .await?;
             let now = now_ms();
             match rollout::next(&r.plan, &r.progress, &world, now, r.abort_requested) {
                 Step::Wait => {}
-                Step::Do { ops, progress, finish } => {
+                Step::Do {
+                    ops,
+                    progress,
+                    finish,
+                } => {
                     if let Some((state, why)) = &finish {
-                        tracing::info!(rollout = id, state = state.as_str(), reason = why.as_deref().unwrap_or(""), "rollout finished");
+                        tracing::info!(
+                            rollout = id,
+                            state = state.as_str(),
+                            reason = why.as_deref().unwrap_or(""),
+                            "rollout finished"
+                        );
                     }
                     let m = me.clone();
                     let done = finish.is_some();
                     let res = self
                         .db
-                        .call(move |c| crate::db::rollouts::apply_step(c, id, &m, token, now, wave, &ops, &progress, finish))
+                        .call(move |c| {
+                            crate::db::rollouts::apply_step(
+                                c, id, &m, token, now, wave, &ops, &progress, finish,
+                            )
+                        })
                         .await;
                     match res {
                         Ok(()) => {
                             if done {
                                 self.held.remove(&id);
                             }
-                            self.fleet.flush().await.map_err(|e| DbError::Conflict(e.to_string()))?;
+                            self.fleet
+                                .flush()
+                                .await
+                                .map_err(|e| DbError::Conflict(e.to_string()))?;
                         }
                         Err(DbError::Lease(e)) => {
                             tracing::warn!(rollout = id, error = %e, "fenced off: another worker holds the rollout");

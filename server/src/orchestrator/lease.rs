@@ -41,15 +41,34 @@ pub enum LeaseError {
 
 /// Takes the lease for `me`. Free or expired: a new token (previous + 1). Already ours and
 /// unexpired: renewed with the same token.
-pub fn acquire(cur: Option<&Lease>, me: &str, now_ms: u64, ttl_ms: u64) -> Result<Lease, LeaseError> {
+pub fn acquire(
+    cur: Option<&Lease>,
+    me: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<Lease, LeaseError> {
     let expires_ms = now_ms.saturating_add(ttl_ms);
     match cur {
-        None => Ok(Lease { holder: me.to_owned(), token: 1, expires_ms }),
-        Some(l) if l.expires_ms <= now_ms => {
-            Ok(Lease { holder: me.to_owned(), token: l.token.saturating_add(1), expires_ms })
-        }
-        Some(l) if l.holder == me => Ok(Lease { holder: me.to_owned(), token: l.token, expires_ms }),
-        Some(l) => Err(LeaseError::Held { holder: l.holder.clone(), token: l.token, expires_ms: l.expires_ms }),
+        None => Ok(Lease {
+            holder: me.to_owned(),
+            token: 1,
+            expires_ms,
+        }),
+        Some(l) if l.expires_ms <= now_ms => Ok(Lease {
+            holder: me.to_owned(),
+            token: l.token.saturating_add(1),
+            expires_ms,
+        }),
+        Some(l) if l.holder == me => Ok(Lease {
+            holder: me.to_owned(),
+            token: l.token,
+            expires_ms,
+        }),
+        Some(l) => Err(LeaseError::Held {
+            holder: l.holder.clone(),
+            token: l.token,
+            expires_ms: l.expires_ms,
+        }),
     }
 }
 
@@ -63,15 +82,28 @@ pub fn check(cur: Option<&Lease>, me: &str, token: u64, now_ms: u64) -> Result<(
 
 /// Renews `me`'s lease. Fails once it expired, even if nobody took it: the worker may have
 /// been paused past its expiry and must re-acquire (getting a new token) before acting.
-pub fn heartbeat(cur: Option<&Lease>, me: &str, token: u64, now_ms: u64, ttl_ms: u64) -> Result<Lease, LeaseError> {
+pub fn heartbeat(
+    cur: Option<&Lease>,
+    me: &str,
+    token: u64,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> Result<Lease, LeaseError> {
     check(cur, me, token, now_ms)?;
-    Ok(Lease { holder: me.to_owned(), token, expires_ms: now_ms.saturating_add(ttl_ms) })
+    Ok(Lease {
+        holder: me.to_owned(),
+        token,
+        expires_ms: now_ms.saturating_add(ttl_ms),
+    })
 }
 
 /// Gives the lease up (expires it now, keeping the token so the next taker gets a higher one).
 pub fn release(cur: Option<&Lease>, me: &str, token: u64, now_ms: u64) -> Option<Lease> {
     match cur {
-        Some(l) if l.holder == me && l.token == token => Some(Lease { expires_ms: now_ms, ..l.clone() }),
+        Some(l) if l.holder == me && l.token == token => Some(Lease {
+            expires_ms: now_ms,
+            ..l.clone()
+        }),
         _ => None,
     }
 }
@@ -102,11 +134,20 @@ mod tests {
     fn takeover_after_expiry_bumps_the_token() {
         let a = acquire(None, "a", 0, 10).unwrap();
         assert_eq!(a.token, 1);
-        assert!(matches!(acquire(Some(&a), "b", 5, 10), Err(LeaseError::Held { .. })));
+        assert!(matches!(
+            acquire(Some(&a), "b", 5, 10),
+            Err(LeaseError::Held { .. })
+        ));
         let b = acquire(Some(&a), "b", 10, 10).unwrap();
         assert_eq!((b.holder.as_str(), b.token), ("b", 2));
-        assert_eq!(check(Some(&b), "a", 1, 11), Err(LeaseError::Lost { token: 1 }));
-        assert_eq!(heartbeat(Some(&b), "a", 1, 11, 10), Err(LeaseError::Lost { token: 1 }));
+        assert_eq!(
+            check(Some(&b), "a", 1, 11),
+            Err(LeaseError::Lost { token: 1 })
+        );
+        assert_eq!(
+            heartbeat(Some(&b), "a", 1, 11, 10),
+            Err(LeaseError::Lost { token: 1 })
+        );
         assert!(check(Some(&b), "b", 2, 19).is_ok());
         assert!(check(Some(&b), "b", 2, 20).is_err());
     }

@@ -58,7 +58,11 @@ pub struct Options {
 impl Options {
     /// Defaults with `default_role`.
     pub fn new(default_role: impl Into<String>) -> Self {
-        Options { default_role: default_role.into(), flush_every: Duration::from_millis(500), driver: driver::DriverConfig::default() }
+        Options {
+            default_role: default_role.into(),
+            flush_every: Duration::from_millis(500),
+            driver: driver::DriverConfig::default(),
+        }
     }
 
     /// The options `strata serve` runs with: `[boot] default_role` and `[orchestrator]`.
@@ -110,7 +114,12 @@ pub fn admin_token_path(data_dir: &Path) -> PathBuf {
 impl Orchestrator {
     /// Opens `<data_dir>/orchestrator.db`, loads the fleet, and on first start creates an
     /// admin token and writes it to `<data_dir>/admin.token` (mode 0600).
-    pub async fn open(data_dir: &Path, key: SigningKey, images: Arc<dyn ImageSource>, opts: Options) -> Result<Orchestrator, OpenError> {
+    pub async fn open(
+        data_dir: &Path,
+        key: SigningKey,
+        images: Arc<dyn ImageSource>,
+        opts: Options,
+    ) -> Result<Orchestrator, OpenError> {
         let db = Db::open(&data_dir.join("orchestrator.db"))?;
         let token_path = admin_token_path(data_dir);
         let created = db
@@ -118,17 +127,30 @@ impl Orchestrator {
                 if crate::db::tokens::has_admin(c)? {
                     return Ok(None);
                 }
-                let (_, secret) = crate::db::tokens::create(c, crate::db::tokens::Scope::Admin, None, "initial admin")?;
+                let (_, secret) = crate::db::tokens::create(
+                    c,
+                    crate::db::tokens::Scope::Admin,
+                    None,
+                    "initial admin",
+                )?;
                 Ok(Some(secret))
             })
             .await?;
         if let Some(secret) = created {
-            write_secret(&token_path, &secret).map_err(|source| OpenError::TokenFile { path: token_path.clone(), source })?;
+            write_secret(&token_path, &secret).map_err(|source| OpenError::TokenFile {
+                path: token_path.clone(),
+                source,
+            })?;
             tracing::info!(file = %token_path.display(), "created the first admin token");
         }
         let fleet = Fleet::open(key, images, opts.default_role.clone(), db).await?;
         let wake = Arc::new(tokio::sync::Notify::new());
-        Ok(Orchestrator { api: ApiState::new(Arc::clone(&fleet), Arc::clone(&wake)), fleet, opts, wake })
+        Ok(Orchestrator {
+            api: ApiState::new(Arc::clone(&fleet), Arc::clone(&wake)),
+            fleet,
+            opts,
+            wake,
+        })
     }
 
     /// The API router.
@@ -141,14 +163,22 @@ impl Orchestrator {
         let fleet = Arc::clone(&self.fleet);
         let every = self.opts.flush_every;
         services.spawn("node-facts", move |token| fleet.run_flusher(every, token));
-        let d = driver::Driver::new(Arc::clone(&self.fleet), self.opts.driver.clone(), Arc::clone(&self.wake));
+        let d = driver::Driver::new(
+            Arc::clone(&self.fleet),
+            self.opts.driver.clone(),
+            Arc::clone(&self.wake),
+        );
         services.spawn("rollouts", move |token| d.run(token));
     }
 
     /// Serves the API and the layer files (`/layers/{id}`, which carry the node layers' tokens)
     /// on `listener` with the background tasks until `shutdown` (for tests, benchmarks and
     /// tools that run the orchestrator without the boot services).
-    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<(), crate::app::ServiceError> {
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), crate::app::ServiceError> {
         let mut services = Services::new(shutdown);
         let files = crate::http::HttpState {
             public_url: String::new(),
@@ -161,7 +191,9 @@ impl Orchestrator {
         };
         let app = crate::http::router(files).merge(self.router());
         services.spawn("http", move |token| async move {
-            axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
         });
         self.spawn(&mut services);
         services.run().await
@@ -173,7 +205,8 @@ fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = crate::store::atomic::TempFile::new_in(dir, "token")?;
-    tmp.file().set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    tmp.file()
+        .set_permissions(std::fs::Permissions::from_mode(0o600))?;
     tmp.file().write_all(format!("{secret}\n").as_bytes())?;
     tmp.persist(path)
 }

@@ -235,7 +235,9 @@ impl Plan {
 
     /// Whether `op` is one of the plan's operations in wave `wave` (rollbacks included).
     pub fn permits(&self, wave: usize, op: &Op) -> bool {
-        self.waves.get(wave).is_some_and(|w| w.ops.contains(op) || w.rollback.contains(op))
+        self.waves
+            .get(wave)
+            .is_some_and(|w| w.ops.contains(op) || w.rollback.contains(op))
     }
 
     /// Every node the plan touches.
@@ -250,12 +252,19 @@ pub fn plan(spec: &RolloutSpec, roles: &[RoleFact], nodes: &[NodeFact]) -> Resul
         return Err(PlanError::NoRoles);
     }
     if spec.batch_size == 0 {
-        return Err(PlanError::Zero { field: "batch_size" });
+        return Err(PlanError::Zero {
+            field: "batch_size",
+        });
     }
     if spec.max_unavailable == 0 {
-        return Err(PlanError::Zero { field: "max_unavailable" });
+        return Err(PlanError::Zero {
+            field: "max_unavailable",
+        });
     }
-    for (field, v) in [("health_timeout_secs", spec.health_timeout_secs), ("stage_timeout_secs", spec.stage_timeout_secs)] {
+    for (field, v) in [
+        ("health_timeout_secs", spec.health_timeout_secs),
+        ("stage_timeout_secs", spec.stage_timeout_secs),
+    ] {
         if v == 0 || v > 604_800 {
             return Err(PlanError::Timeout { field });
         }
@@ -268,24 +277,36 @@ pub fn plan(spec: &RolloutSpec, roles: &[RoleFact], nodes: &[NodeFact]) -> Resul
         if targets.iter().any(|(_, x)| x.role == t.role) {
             return Err(PlanError::DuplicateRole(t.role.clone()));
         }
-        let fact = roles.iter().find(|r| r.name == t.role).ok_or_else(|| PlanError::UnknownRole(t.role.clone()))?;
+        let fact = roles
+            .iter()
+            .find(|r| r.name == t.role)
+            .ok_or_else(|| PlanError::UnknownRole(t.role.clone()))?;
         targets.push((fact, t));
     }
     targets.sort_by(|a, b| (a.0.order, &a.0.name).cmp(&(b.0.order, &b.0.name)));
 
-    let mut by_role: std::collections::HashMap<&str, Vec<&NodeFact>> = std::collections::HashMap::new();
+    let mut by_role: std::collections::HashMap<&str, Vec<&NodeFact>> =
+        std::collections::HashMap::new();
     for n in nodes {
         by_role.entry(n.role.as_str()).or_default().push(n);
     }
 
-    let mut out = Plan { spec: spec.clone(), roles: Vec::new(), waves: Vec::new(), skipped: Vec::new() };
+    let mut out = Plan {
+        spec: spec.clone(),
+        roles: Vec::new(),
+        waves: Vec::new(),
+        skipped: Vec::new(),
+    };
     for (fact, target) in targets {
         let mut members: Vec<&NodeFact> = by_role.remove(fact.name.as_str()).unwrap_or_default();
         members.sort_by(|a, b| a.mac.cmp(&b.mac));
         let mut todo = Vec::new();
         for n in &members {
             if n.effective.as_ref() == Some(&target.to) {
-                out.skipped.push(Skipped { node: n.mac.clone(), reason: format!("already on {}", target.to) });
+                out.skipped.push(Skipped {
+                    node: n.mac.clone(),
+                    reason: format!("already on {}", target.to),
+                });
             } else {
                 todo.push(*n);
             }
@@ -308,16 +329,48 @@ pub fn plan(spec: &RolloutSpec, roles: &[RoleFact], nodes: &[NodeFact]) -> Resul
         for (kind, chunk) in chunks {
             let index = out.waves.len();
             let nodes: Vec<String> = chunk.iter().map(|n| n.mac.clone()).collect();
-            let groups: Vec<Vec<String>> = nodes.chunks(spec.max_unavailable).map(<[String]>::to_vec).collect();
-            let mut ops: Vec<Op> = nodes.iter().map(|n| Op::Stage { node: n.clone(), to: target.to.clone() }).collect();
+            let groups: Vec<Vec<String>> = nodes
+                .chunks(spec.max_unavailable)
+                .map(<[String]>::to_vec)
+                .collect();
+            let mut ops: Vec<Op> = nodes
+                .iter()
+                .map(|n| Op::Stage {
+                    node: n.clone(),
+                    to: target.to.clone(),
+                })
+                .collect();
             for g in &groups {
-                ops.extend(g.iter().map(|n| Op::Activate { node: n.clone(), to: target.to.clone() }));
-                ops.extend(g.iter().map(|n| Op::AwaitHealthy { node: n.clone(), to: target.to.clone() }));
+                ops.extend(g.iter().map(|n| Op::Activate {
+                    node: n.clone(),
+                    to: target.to.clone(),
+                }));
+                ops.extend(g.iter().map(|n| Op::AwaitHealthy {
+                    node: n.clone(),
+                    to: target.to.clone(),
+                }));
             }
-            let rollback = chunk.iter().map(|n| Op::Rollback { node: n.mac.clone(), to: n.pinned.clone() }).collect();
-            out.waves.push(Wave { index, role: fact.name.clone(), kind, nodes, groups, ops, rollback });
+            let rollback = chunk
+                .iter()
+                .map(|n| Op::Rollback {
+                    node: n.mac.clone(),
+                    to: n.pinned.clone(),
+                })
+                .collect();
+            out.waves.push(Wave {
+                index,
+                role: fact.name.clone(),
+                kind,
+                nodes,
+                groups,
+                ops,
+                rollback,
+            });
         }
-        let set = Op::SetRole { role: fact.name.clone(), to: target.to.clone() };
+        let set = Op::SetRole {
+            role: fact.name.clone(),
+            to: target.to.clone(),
+        };
         let planned_waves = out.waves.len() > first_wave;
         match out.waves.last_mut() {
             Some(w) if planned_waves => w.ops.push(set),
@@ -345,14 +398,21 @@ mod tests {
     use proptest::prelude::*;
 
     fn v(n: u64) -> VersionRef {
-        VersionRef { image: "img".into(), version: n }
+        VersionRef {
+            image: "img".into(),
+            version: n,
+        }
     }
 
     fn fleet(counts: &[(&str, i64, usize)]) -> (Vec<RoleFact>, Vec<NodeFact>) {
         let mut roles = Vec::new();
         let mut nodes = Vec::new();
         for (r, (name, order, n)) in counts.iter().enumerate() {
-            roles.push(RoleFact { name: (*name).into(), order: *order, current: Some(v(1)) });
+            roles.push(RoleFact {
+                name: (*name).into(),
+                order: *order,
+                current: Some(v(1)),
+            });
             for i in 0..*n {
                 nodes.push(NodeFact {
                     mac: format!("52:54:00:{r:02x}:{:02x}:{:02x}", i / 256, i % 256),
@@ -367,7 +427,13 @@ mod tests {
 
     fn spec(roles: &[&str], canary: usize, batch: usize, maxu: usize) -> RolloutSpec {
         RolloutSpec {
-            roles: roles.iter().map(|r| RoleTarget { role: (*r).into(), to: v(2) }).collect(),
+            roles: roles
+                .iter()
+                .map(|r| RoleTarget {
+                    role: (*r).into(),
+                    to: v(2),
+                })
+                .collect(),
             canary,
             batch_size: batch,
             max_unavailable: maxu,
@@ -380,7 +446,11 @@ mod tests {
     fn roles_go_in_order_canary_first() {
         let (roles, nodes) = fleet(&[("compute", 20, 5), ("storage", 10, 3)]);
         let p = plan(&spec(&["compute", "storage"], 1, 2, 1), &roles, &nodes).unwrap();
-        let shape: Vec<(&str, WaveKind, usize)> = p.waves.iter().map(|w| (w.role.as_str(), w.kind, w.nodes.len())).collect();
+        let shape: Vec<(&str, WaveKind, usize)> = p
+            .waves
+            .iter()
+            .map(|w| (w.role.as_str(), w.kind, w.nodes.len()))
+            .collect();
         assert_eq!(
             shape,
             vec![
@@ -391,19 +461,49 @@ mod tests {
                 ("compute", WaveKind::Batch, 2),
             ]
         );
-        assert_eq!(p.waves[1].ops.last(), Some(&Op::SetRole { role: "storage".into(), to: v(2) }));
-        assert_eq!(p.digest(), plan(&spec(&["compute", "storage"], 1, 2, 1), &roles, &nodes).unwrap().digest());
+        assert_eq!(
+            p.waves[1].ops.last(),
+            Some(&Op::SetRole {
+                role: "storage".into(),
+                to: v(2)
+            })
+        );
+        assert_eq!(
+            p.digest(),
+            plan(&spec(&["compute", "storage"], 1, 2, 1), &roles, &nodes)
+                .unwrap()
+                .digest()
+        );
         assert_eq!(p.digest().len(), 64);
     }
 
     #[test]
     fn bad_specs_are_refused() {
         let (roles, nodes) = fleet(&[("web", 0, 2)]);
-        assert_eq!(plan(&spec(&[], 1, 1, 1), &roles, &nodes), Err(PlanError::NoRoles));
-        assert_eq!(plan(&spec(&["db"], 1, 1, 1), &roles, &nodes), Err(PlanError::UnknownRole("db".into())));
-        assert_eq!(plan(&spec(&["web", "web"], 1, 1, 1), &roles, &nodes), Err(PlanError::DuplicateRole("web".into())));
-        assert_eq!(plan(&spec(&["web"], 1, 0, 1), &roles, &nodes), Err(PlanError::Zero { field: "batch_size" }));
-        assert_eq!(plan(&spec(&["web"], 1, 1, 0), &roles, &nodes), Err(PlanError::Zero { field: "max_unavailable" }));
+        assert_eq!(
+            plan(&spec(&[], 1, 1, 1), &roles, &nodes),
+            Err(PlanError::NoRoles)
+        );
+        assert_eq!(
+            plan(&spec(&["db"], 1, 1, 1), &roles, &nodes),
+            Err(PlanError::UnknownRole("db".into()))
+        );
+        assert_eq!(
+            plan(&spec(&["web", "web"], 1, 1, 1), &roles, &nodes),
+            Err(PlanError::DuplicateRole("web".into()))
+        );
+        assert_eq!(
+            plan(&spec(&["web"], 1, 0, 1), &roles, &nodes),
+            Err(PlanError::Zero {
+                field: "batch_size"
+            })
+        );
+        assert_eq!(
+            plan(&spec(&["web"], 1, 1, 0), &roles, &nodes),
+            Err(PlanError::Zero {
+                field: "max_unavailable"
+            })
+        );
     }
 
     proptest! {

@@ -40,7 +40,10 @@ pub enum RolloutState {
 impl RolloutState {
     /// No further change is possible.
     pub fn is_final(self) -> bool {
-        matches!(self, RolloutState::Succeeded | RolloutState::Halted | RolloutState::Aborted)
+        matches!(
+            self,
+            RolloutState::Succeeded | RolloutState::Halted | RolloutState::Aborted
+        )
     }
 
     /// The stored name.
@@ -112,7 +115,10 @@ pub struct Progress {
 
 impl Default for Progress {
     fn default() -> Self {
-        Progress { wave: 0, phase: Phase::Pending }
+        Progress {
+            wave: 0,
+            phase: Phase::Pending,
+        }
     }
 }
 
@@ -179,7 +185,10 @@ fn off_plan(plan: &Plan, wave: usize, world: &World) -> Option<String> {
     }
     if let Some(members) = world.members.get(&w.role) {
         if let Some(extra) = members.iter().find(|m| !role.members.contains(m)) {
-            return Some(format!("node {extra} joined role {} after planning", w.role));
+            return Some(format!(
+                "node {extra} joined role {} after planning",
+                w.role
+            ));
         }
     }
     for n in &w.nodes {
@@ -212,44 +221,94 @@ fn failed_on(obs: &NodeObs, to: &VersionRef, since_ms: u64) -> Option<String> {
         NodeState::Failed => Some("failed".into()),
         NodeState::RolledBack => Some("rolled back by itself (boot counting)".into()),
         NodeState::Healthy if obs.session_ms >= since_ms && obs.version != Some(to.version) => {
-            Some(format!("came up healthy on version {:?} instead of {}", obs.version, to.version))
+            Some(format!(
+                "came up healthy on version {:?} instead of {}",
+                obs.version, to.version
+            ))
         }
         _ => None,
     }
 }
 
 fn rollback(plan: &Plan, wave: usize, now_ms: u64, reason: String, end: RolloutState) -> Step {
-    let ops = plan.waves.get(wave).map(|w| w.rollback.clone()).unwrap_or_default();
-    Step::Do { ops, progress: Progress { wave, phase: Phase::RollingBack { since_ms: now_ms, reason, end } }, finish: None }
+    let ops = plan
+        .waves
+        .get(wave)
+        .map(|w| w.rollback.clone())
+        .unwrap_or_default();
+    Step::Do {
+        ops,
+        progress: Progress {
+            wave,
+            phase: Phase::RollingBack {
+                since_ms: now_ms,
+                reason,
+                end,
+            },
+        },
+        finish: None,
+    }
 }
 
 /// The next step of a running rollout. `abort` is an operator's abort request.
 pub fn next(plan: &Plan, progress: &Progress, world: &World, now_ms: u64, abort: bool) -> Step {
     let Some(w) = plan.waves.get(progress.wave) else {
-        return Step::Do { ops: Vec::new(), progress: progress.clone(), finish: Some((RolloutState::Succeeded, None)) };
+        return Step::Do {
+            ops: Vec::new(),
+            progress: progress.clone(),
+            finish: Some((RolloutState::Succeeded, None)),
+        };
     };
-    let to = plan.roles.iter().find(|r| r.role == w.role).map(|r| r.to.clone());
+    let to = plan
+        .roles
+        .iter()
+        .find(|r| r.role == w.role)
+        .map(|r| r.to.clone());
     let Some(to) = to else {
         return Step::Do {
             ops: Vec::new(),
             progress: progress.clone(),
-            finish: Some((RolloutState::Halted, Some(format!("plan has no target for role {}", w.role)))),
+            finish: Some((
+                RolloutState::Halted,
+                Some(format!("plan has no target for role {}", w.role)),
+            )),
         };
     };
     let finish_step = |ops: Vec<Op>| {
-        let progress = Progress { wave: progress.wave + 1, phase: Phase::Pending };
+        let progress = Progress {
+            wave: progress.wave + 1,
+            phase: Phase::Pending,
+        };
         let finish = (progress.wave >= plan.waves.len()).then_some((RolloutState::Succeeded, None));
-        Step::Do { ops, progress, finish }
+        Step::Do {
+            ops,
+            progress,
+            finish,
+        }
     };
-    if let Phase::RollingBack { since_ms, reason, end } = &progress.phase {
+    if let Phase::RollingBack {
+        since_ms,
+        reason,
+        end,
+    } = &progress.phase
+    {
         let back = w.nodes.iter().all(|n| {
             world.nodes.get(n).is_none_or(|o| {
-                o.effective.as_ref().map(|e| e.version) == o.version && o.state == NodeState::Healthy
+                o.effective.as_ref().map(|e| e.version) == o.version
+                    && o.state == NodeState::Healthy
             })
         });
         if back || now_ms.saturating_sub(*since_ms) > ms(plan.spec.health_timeout_secs) {
-            let why = if back { reason.clone() } else { format!("{reason}; rollback did not complete in time") };
-            return Step::Do { ops: Vec::new(), progress: progress.clone(), finish: Some((*end, Some(why))) };
+            let why = if back {
+                reason.clone()
+            } else {
+                format!("{reason}; rollback did not complete in time")
+            };
+            return Step::Do {
+                ops: Vec::new(),
+                progress: progress.clone(),
+                finish: Some((*end, Some(why))),
+            };
         }
         return Step::Wait;
     }
@@ -260,7 +319,13 @@ pub fn next(plan: &Plan, progress: &Progress, world: &World, now_ms: u64, abort:
                 progress: progress.clone(),
                 finish: Some((RolloutState::Aborted, Some("aborted by an operator".into()))),
             },
-            _ => rollback(plan, progress.wave, now_ms, "aborted by an operator".into(), RolloutState::Aborted),
+            _ => rollback(
+                plan,
+                progress.wave,
+                now_ms,
+                "aborted by an operator".into(),
+                RolloutState::Aborted,
+            ),
         };
     }
     if let Some(reason) = off_plan(plan, progress.wave, world) {
@@ -268,9 +333,18 @@ pub fn next(plan: &Plan, progress: &Progress, world: &World, now_ms: u64, abort:
             Phase::Pending => Step::Do {
                 ops: Vec::new(),
                 progress: progress.clone(),
-                finish: Some((RolloutState::Halted, Some(format!("outside the plan: {reason}")))),
+                finish: Some((
+                    RolloutState::Halted,
+                    Some(format!("outside the plan: {reason}")),
+                )),
             },
-            _ => rollback(plan, progress.wave, now_ms, format!("outside the plan: {reason}"), RolloutState::Halted),
+            _ => rollback(
+                plan,
+                progress.wave,
+                now_ms,
+                format!("outside the plan: {reason}"),
+                RolloutState::Halted,
+            ),
         };
     }
     match &progress.phase {
@@ -278,43 +352,95 @@ pub fn next(plan: &Plan, progress: &Progress, world: &World, now_ms: u64, abort:
             if w.nodes.is_empty() {
                 return finish_step(w.ops.clone());
             }
-            let ops = w.ops.iter().filter(|o| matches!(o, Op::Stage { .. })).cloned().collect();
-            Step::Do { ops, progress: Progress { wave: progress.wave, phase: Phase::Staging { since_ms: now_ms } }, finish: None }
+            let ops = w
+                .ops
+                .iter()
+                .filter(|o| matches!(o, Op::Stage { .. }))
+                .cloned()
+                .collect();
+            Step::Do {
+                ops,
+                progress: Progress {
+                    wave: progress.wave,
+                    phase: Phase::Staging { since_ms: now_ms },
+                },
+                finish: None,
+            }
         }
         Phase::Staging { since_ms } => {
             let staged = w.nodes.iter().all(|n| {
-                world.nodes.get(n).is_some_and(|o| o.staged.as_ref() == Some(&to) || o.version == Some(to.version))
+                world.nodes.get(n).is_some_and(|o| {
+                    o.staged.as_ref() == Some(&to) || o.version == Some(to.version)
+                })
             });
             if staged {
                 return activate(w, 0, &to, progress.wave, now_ms);
             }
             if now_ms.saturating_sub(*since_ms) > ms(plan.spec.stage_timeout_secs) {
-                return rollback(plan, progress.wave, now_ms, format!("wave {} did not stage in time", w.index), RolloutState::Halted);
+                return rollback(
+                    plan,
+                    progress.wave,
+                    now_ms,
+                    format!("wave {} did not stage in time", w.index),
+                    RolloutState::Halted,
+                );
             }
             Step::Wait
         }
         Phase::Activating { group, since_ms } => {
             let members = w.groups.get(*group).map(Vec::as_slice).unwrap_or_default();
             for n in members {
-                if let Some(why) = world.nodes.get(n).and_then(|o| failed_on(o, &to, *since_ms)) {
-                    return rollback(plan, progress.wave, now_ms, format!("health gate: node {n} {why}"), RolloutState::Halted);
+                if let Some(why) = world
+                    .nodes
+                    .get(n)
+                    .and_then(|o| failed_on(o, &to, *since_ms))
+                {
+                    return rollback(
+                        plan,
+                        progress.wave,
+                        now_ms,
+                        format!("health gate: node {n} {why}"),
+                        RolloutState::Halted,
+                    );
                 }
             }
-            let healthy = members.iter().all(|n| world.nodes.get(n).is_some_and(|o| healthy_on(o, &to, *since_ms)));
+            let healthy = members.iter().all(|n| {
+                world
+                    .nodes
+                    .get(n)
+                    .is_some_and(|o| healthy_on(o, &to, *since_ms))
+            });
             if healthy {
                 if group + 1 < w.groups.len() {
                     return activate(w, group + 1, &to, progress.wave, now_ms);
                 }
-                let rest = w.ops.iter().filter(|o| matches!(o, Op::SetRole { .. })).cloned().collect();
+                let rest = w
+                    .ops
+                    .iter()
+                    .filter(|o| matches!(o, Op::SetRole { .. }))
+                    .cloned()
+                    .collect();
                 return finish_step(rest);
             }
             if now_ms.saturating_sub(*since_ms) > ms(plan.spec.health_timeout_secs) {
-                let late: Vec<&String> = members.iter().filter(|n| !world.nodes.get(*n).is_some_and(|o| healthy_on(o, &to, *since_ms))).collect();
+                let late: Vec<&String> = members
+                    .iter()
+                    .filter(|n| {
+                        !world
+                            .nodes
+                            .get(*n)
+                            .is_some_and(|o| healthy_on(o, &to, *since_ms))
+                    })
+                    .collect();
                 return rollback(
                     plan,
                     progress.wave,
                     now_ms,
-                    format!("health gate: {} node(s) not healthy in time (first {})", late.len(), late.first().map_or("?", |s| s.as_str())),
+                    format!(
+                        "health gate: {} node(s) not healthy in time (first {})",
+                        late.len(),
+                        late.first().map_or("?", |s| s.as_str())
+                    ),
                     RolloutState::Halted,
                 );
             }
@@ -324,10 +450,32 @@ pub fn next(plan: &Plan, progress: &Progress, world: &World, now_ms: u64, abort:
     }
 }
 
-fn activate(w: &super::plan::Wave, group: usize, to: &VersionRef, wave: usize, now_ms: u64) -> Step {
+fn activate(
+    w: &super::plan::Wave,
+    group: usize,
+    to: &VersionRef,
+    wave: usize,
+    now_ms: u64,
+) -> Step {
     let members = w.groups.get(group).cloned().unwrap_or_default();
-    let ops = members.iter().map(|n| Op::Activate { node: n.clone(), to: to.clone() }).collect();
-    Step::Do { ops, progress: Progress { wave, phase: Phase::Activating { group, since_ms: now_ms } }, finish: None }
+    let ops = members
+        .iter()
+        .map(|n| Op::Activate {
+            node: n.clone(),
+            to: to.clone(),
+        })
+        .collect();
+    Step::Do {
+        ops,
+        progress: Progress {
+            wave,
+            phase: Phase::Activating {
+                group,
+                since_ms: now_ms,
+            },
+        },
+        finish: None,
+    }
 }
 
 #[cfg(test)]
@@ -336,16 +484,31 @@ mod tests {
     use crate::orchestrator::plan::{plan, NodeFact, RoleFact, RoleTarget, RolloutSpec};
 
     fn v(n: u64) -> VersionRef {
-        VersionRef { image: "img".into(), version: n }
+        VersionRef {
+            image: "img".into(),
+            version: n,
+        }
     }
 
     fn setup(n: usize) -> (Plan, World) {
-        let roles = vec![RoleFact { name: "web".into(), order: 0, current: Some(v(1)) }];
+        let roles = vec![RoleFact {
+            name: "web".into(),
+            order: 0,
+            current: Some(v(1)),
+        }];
         let nodes: Vec<NodeFact> = (0..n)
-            .map(|i| NodeFact { mac: format!("52:54:00:00:00:{i:02x}"), role: "web".into(), pinned: None, effective: Some(v(1)) })
+            .map(|i| NodeFact {
+                mac: format!("52:54:00:00:00:{i:02x}"),
+                role: "web".into(),
+                pinned: None,
+                effective: Some(v(1)),
+            })
             .collect();
         let spec = RolloutSpec {
-            roles: vec![RoleTarget { role: "web".into(), to: v(2) }],
+            roles: vec![RoleTarget {
+                role: "web".into(),
+                to: v(2),
+            }],
             canary: 1,
             batch_size: 2,
             max_unavailable: 1,
@@ -355,7 +518,9 @@ mod tests {
         let p = plan(&spec, &roles, &nodes).unwrap();
         let mut world = World::default();
         world.roles.insert("web".into(), Some(v(1)));
-        world.members.insert("web".into(), nodes.iter().map(|n| n.mac.clone()).collect());
+        world
+            .members
+            .insert("web".into(), nodes.iter().map(|n| n.mac.clone()).collect());
         for n in &nodes {
             world.nodes.insert(
                 n.mac.clone(),
@@ -376,7 +541,9 @@ mod tests {
     fn perform(world: &mut World, ops: &[Op], now: u64, bad: &[String]) {
         for op in ops {
             match op {
-                Op::Stage { node, to } => world.nodes.get_mut(node).unwrap().staged = Some(to.clone()),
+                Op::Stage { node, to } => {
+                    world.nodes.get_mut(node).unwrap().staged = Some(to.clone())
+                }
                 Op::Activate { node, to } => {
                     let o = world.nodes.get_mut(node).unwrap();
                     o.pinned = Some(to.clone());
@@ -413,9 +580,17 @@ mod tests {
         for t in 1..1000u64 {
             match next(p, &progress, world, t, false) {
                 Step::Wait => {}
-                Step::Do { ops, progress: np, finish } => {
+                Step::Do {
+                    ops,
+                    progress: np,
+                    finish,
+                } => {
                     for op in &ops {
-                        assert!(p.permits(progress.wave, op) || p.permits(np.wave.saturating_sub(1), op), "{op:?} not planned");
+                        assert!(
+                            p.permits(progress.wave, op)
+                                || p.permits(np.wave.saturating_sub(1), op),
+                            "{op:?} not planned"
+                        );
                     }
                     perform(world, &ops, t, bad);
                     all.extend(ops);
@@ -436,7 +611,12 @@ mod tests {
         assert_eq!(state, RolloutState::Succeeded);
         assert_eq!(world.roles["web"], Some(v(2)));
         assert!(world.nodes.values().all(|o| o.version == Some(2)));
-        assert_eq!(ops.iter().filter(|o| matches!(o, Op::Activate { .. })).count(), 5);
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, Op::Activate { .. }))
+                .count(),
+            5
+        );
     }
 
     #[test]
@@ -446,16 +626,31 @@ mod tests {
         let (state, why, ops) = run(&p, &mut world, std::slice::from_ref(&canary));
         assert_eq!(state, RolloutState::Halted);
         assert!(why.unwrap().contains("health gate"));
-        assert!(ops.contains(&Op::Rollback { node: canary.clone(), to: None }));
-        assert_eq!(ops.iter().filter(|o| matches!(o, Op::Activate { .. })).count(), 1);
+        assert!(ops.contains(&Op::Rollback {
+            node: canary.clone(),
+            to: None
+        }));
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, Op::Activate { .. }))
+                .count(),
+            1
+        );
         assert_eq!(world.roles["web"], Some(v(1)));
-        assert!(world.nodes.values().all(|o| o.version == Some(1) && o.pinned.is_none()));
+        assert!(world
+            .nodes
+            .values()
+            .all(|o| o.version == Some(1) && o.pinned.is_none()));
     }
 
     #[test]
     fn a_node_joining_the_role_halts() {
         let (p, mut world) = setup(3);
-        world.members.get_mut("web").unwrap().insert("52:54:00:00:00:ff".into());
+        world
+            .members
+            .get_mut("web")
+            .unwrap()
+            .insert("52:54:00:00:00:ff".into());
         let (state, why, ops) = run(&p, &mut world, &[]);
         assert_eq!(state, RolloutState::Halted);
         assert!(why.unwrap().contains("joined role"));
@@ -465,9 +660,17 @@ mod tests {
     #[test]
     fn health_timeout_rolls_back() {
         let (p, world) = setup(2);
-        let progress = Progress { wave: 0, phase: Phase::Activating { group: 0, since_ms: 5 } };
+        let progress = Progress {
+            wave: 0,
+            phase: Phase::Activating {
+                group: 0,
+                since_ms: 5,
+            },
+        };
         assert_eq!(next(&p, &progress, &world, 10_005, false), Step::Wait);
-        let Step::Do { progress, ops, .. } = next(&p, &progress, &world, 10_006, false) else { panic!() };
+        let Step::Do { progress, ops, .. } = next(&p, &progress, &world, 10_006, false) else {
+            panic!()
+        };
         assert!(matches!(progress.phase, Phase::RollingBack { .. }));
         assert!(ops.iter().all(|o| matches!(o, Op::Rollback { .. })));
     }

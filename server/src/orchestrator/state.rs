@@ -38,8 +38,16 @@ pub const ALL_STATES: [NodeState; 9] = [
 pub const TRANSITIONS: &[(NodeState, &[NodeState])] = {
     use NodeState::*;
     &[
-        (Unknown, &[Booting, Fetching, Verifying, Booted, Healthy, Offline, RolledBack, Failed]),
-        (Booting, &[Fetching, Verifying, Booted, Offline, RolledBack, Failed]),
+        (
+            Unknown,
+            &[
+                Booting, Fetching, Verifying, Booted, Healthy, Offline, RolledBack, Failed,
+            ],
+        ),
+        (
+            Booting,
+            &[Fetching, Verifying, Booted, Offline, RolledBack, Failed],
+        ),
         (Fetching, &[Verifying, Booted, Offline, RolledBack, Failed]),
         (Verifying, &[Fetching, Booted, Offline, RolledBack, Failed]),
         (Booted, &[Healthy, RolledBack, Failed]),
@@ -116,7 +124,11 @@ pub fn apply_report(status: &NodeStatus, cursor: &Cursor, r: &StateReport) -> Ou
         }
     } else {
         if r.seq == cursor.applied_seq {
-            return if digest == cursor.digest { Outcome::Ignore } else { Outcome::ResendFull };
+            return if digest == cursor.digest {
+                Outcome::Ignore
+            } else {
+                Outcome::ResendFull
+            };
         }
         if r.seq < cursor.applied_seq {
             return Outcome::Ignore;
@@ -125,17 +137,28 @@ pub fn apply_report(status: &NodeStatus, cursor: &Cursor, r: &StateReport) -> Ou
             return Outcome::ResendFull;
         }
     }
-    let mut next = if full { NodeStatus::default() } else { status.clone() };
+    let mut next = if full {
+        NodeStatus::default()
+    } else {
+        status.clone()
+    };
     next.apply(&r.delta);
     let from = status.state;
     let to = next.state;
-    let legal = if full { to != NodeState::Unknown || from == NodeState::Unknown } else { allowed(from, to) };
+    let legal = if full {
+        to != NodeState::Unknown || from == NodeState::Unknown
+    } else {
+        allowed(from, to)
+    };
     if !legal {
         return Outcome::Illegal { from, to };
     }
     Outcome::Apply {
         status: next,
-        cursor: Cursor { applied_seq: r.seq, digest },
+        cursor: Cursor {
+            applied_seq: r.seq,
+            digest,
+        },
         transition: (from != to).then_some((from, to)),
         new_session: full,
     }
@@ -151,18 +174,32 @@ mod tests {
         proptest::sample::select(ALL_STATES.to_vec())
     }
 
-    fn report(seq: u64, base_seq: u64, state: Option<NodeState>, version: Option<u64>) -> StateReport {
+    fn report(
+        seq: u64,
+        base_seq: u64,
+        state: Option<NodeState>,
+        version: Option<u64>,
+    ) -> StateReport {
         StateReport {
             mac: "52:54:00:00:00:01".into(),
             seq,
             base_seq,
-            delta: StateDelta { state, version: version.map(Some), ..Default::default() },
+            delta: StateDelta {
+                state,
+                version: version.map(Some),
+                ..Default::default()
+            },
         }
     }
 
     fn apply(status: &mut NodeStatus, cur: &mut Cursor, r: &StateReport) -> Outcome {
         let out = apply_report(status, cur, r);
-        if let Outcome::Apply { status: s, cursor: c, .. } = &out {
+        if let Outcome::Apply {
+            status: s,
+            cursor: c,
+            ..
+        } = &out
+        {
             *status = s.clone();
             *cur = *c;
         }
@@ -172,10 +209,17 @@ mod tests {
     #[test]
     fn table_covers_every_state_once() {
         for s in ALL_STATES {
-            assert_eq!(TRANSITIONS.iter().filter(|(f, _)| *f == s).count(), 1, "{s:?}");
+            assert_eq!(
+                TRANSITIONS.iter().filter(|(f, _)| *f == s).count(),
+                1,
+                "{s:?}"
+            );
         }
         for (_, next) in TRANSITIONS {
-            assert!(!next.contains(&NodeState::Unknown), "nothing goes back to unknown");
+            assert!(
+                !next.contains(&NodeState::Unknown),
+                "nothing goes back to unknown"
+            );
         }
     }
 
@@ -183,13 +227,40 @@ mod tests {
     fn healthy_node_cannot_start_fetching_without_a_reboot() {
         let mut st = NodeStatus::default();
         let mut cur = Cursor::default();
-        assert!(matches!(apply(&mut st, &mut cur, &report(1, 0, Some(NodeState::Healthy), Some(1))), Outcome::Apply { .. }));
-        let out = apply(&mut st, &mut cur, &report(2, 1, Some(NodeState::Fetching), None));
-        assert_eq!(out, Outcome::Illegal { from: NodeState::Healthy, to: NodeState::Fetching });
+        assert!(matches!(
+            apply(
+                &mut st,
+                &mut cur,
+                &report(1, 0, Some(NodeState::Healthy), Some(1))
+            ),
+            Outcome::Apply { .. }
+        ));
+        let out = apply(
+            &mut st,
+            &mut cur,
+            &report(2, 1, Some(NodeState::Fetching), None),
+        );
+        assert_eq!(
+            out,
+            Outcome::Illegal {
+                from: NodeState::Healthy,
+                to: NodeState::Fetching
+            }
+        );
         assert_eq!(st.state, NodeState::Healthy);
         assert_eq!(cur.applied_seq, 1);
         // A reboot is a new session: a full report may start anywhere.
-        assert!(matches!(apply(&mut st, &mut cur, &report(1, 0, Some(NodeState::Fetching), Some(2))), Outcome::Apply { new_session: true, .. }));
+        assert!(matches!(
+            apply(
+                &mut st,
+                &mut cur,
+                &report(1, 0, Some(NodeState::Fetching), Some(2))
+            ),
+            Outcome::Apply {
+                new_session: true,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -199,12 +270,35 @@ mod tests {
         let r1 = report(1, 0, Some(NodeState::Booting), None);
         let r2 = report(2, 1, Some(NodeState::Fetching), Some(3));
         let r3 = report(3, 2, Some(NodeState::Booted), None);
-        assert!(matches!(apply(&mut st, &mut cur, &r1), Outcome::Apply { .. }));
-        assert!(matches!(apply(&mut st, &mut cur, &r2), Outcome::Apply { .. }));
+        assert!(matches!(
+            apply(&mut st, &mut cur, &r1),
+            Outcome::Apply { .. }
+        ));
+        assert!(matches!(
+            apply(&mut st, &mut cur, &r2),
+            Outcome::Apply { .. }
+        ));
         assert_eq!(apply(&mut st, &mut cur, &r2), Outcome::Ignore);
-        assert_eq!(apply(&mut st, &mut cur, &report(2, 1, Some(NodeState::Failed), None)), Outcome::ResendFull);
-        assert_eq!(apply(&mut st, &mut cur, &report(5, 4, Some(NodeState::Booted), None)), Outcome::ResendFull);
-        assert!(matches!(apply(&mut st, &mut cur, &r3), Outcome::Apply { .. }));
+        assert_eq!(
+            apply(
+                &mut st,
+                &mut cur,
+                &report(2, 1, Some(NodeState::Failed), None)
+            ),
+            Outcome::ResendFull
+        );
+        assert_eq!(
+            apply(
+                &mut st,
+                &mut cur,
+                &report(5, 4, Some(NodeState::Booted), None)
+            ),
+            Outcome::ResendFull
+        );
+        assert!(matches!(
+            apply(&mut st, &mut cur, &r3),
+            Outcome::Apply { .. }
+        ));
         assert_eq!(apply(&mut st, &mut cur, &r2), Outcome::Ignore);
         assert_eq!(st.state, NodeState::Booted);
         assert_eq!(st.version, Some(3));

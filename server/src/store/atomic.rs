@@ -27,12 +27,20 @@ pub struct TempFile {
 impl TempFile {
     /// Creates an empty temp file in `dir`; `tag` is a readable hint kept in the name.
     pub fn new_in(dir: &Path, tag: &str) -> io::Result<TempFile> {
-        let tag: String =
-            tag.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+        let tag: String = tag
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(40)
+            .collect();
         loop {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
             let path = dir.join(format!("{TEMP_PREFIX}{}-{n}-{tag}", std::process::id()));
-            match OpenOptions::new().read(true).write(true).create_new(true).open(&path) {
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(file) => return Ok(TempFile { path, file }),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),

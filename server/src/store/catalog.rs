@@ -205,7 +205,10 @@ CREATE INDEX roles_by_role ON roles(role, site);
 ";
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn kind_str(k: LayerKind) -> &'static str {
@@ -221,16 +224,22 @@ fn parse_kind(s: &str) -> Result<LayerKind, CatalogError> {
         "base" => Ok(LayerKind::Base),
         "role" => Ok(LayerKind::Role),
         "node" => Ok(LayerKind::Node),
-        _ => Err(CatalogError::Corrupt { what: format!("layer kind {s:?}") }),
+        _ => Err(CatalogError::Corrupt {
+            what: format!("layer kind {s:?}"),
+        }),
     }
 }
 
 fn parse_digest(s: &str) -> Result<Digest, CatalogError> {
-    s.parse().map_err(|_| CatalogError::Corrupt { what: format!("digest {s:?}") })
+    s.parse().map_err(|_| CatalogError::Corrupt {
+        what: format!("digest {s:?}"),
+    })
 }
 
 fn u64_of(v: i64, what: &str) -> Result<u64, CatalogError> {
-    u64::try_from(v).map_err(|_| CatalogError::Corrupt { what: format!("{what} {v}") })
+    u64::try_from(v).map_err(|_| CatalogError::Corrupt {
+        what: format!("{what} {v}"),
+    })
 }
 
 fn i64_of(v: u64) -> i64 {
@@ -256,7 +265,10 @@ impl Catalog {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if found > SCHEMA_VERSION {
-            return Err(CatalogError::SchemaTooNew { found, known: SCHEMA_VERSION });
+            return Err(CatalogError::SchemaTooNew {
+                found,
+                known: SCHEMA_VERSION,
+            });
         }
         if found == 0 {
             let tx = conn.unchecked_transaction()?;
@@ -269,14 +281,20 @@ impl Catalog {
 
     /// Checks the database file's integrity (`PRAGMA integrity_check` and foreign keys).
     pub fn check(&self) -> Result<(), CatalogError> {
-        let res: String = self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        let res: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
         if res != "ok" {
-            return Err(CatalogError::Corrupt { what: format!("integrity_check: {res}") });
+            return Err(CatalogError::Corrupt {
+                what: format!("integrity_check: {res}"),
+            });
         }
         let mut stmt = self.conn.prepare("PRAGMA foreign_key_check")?;
         let bad = stmt.query_map([], |r| r.get::<_, String>(0))?.count();
         if bad > 0 {
-            return Err(CatalogError::Corrupt { what: format!("{bad} foreign key violations") });
+            return Err(CatalogError::Corrupt {
+                what: format!("{bad} foreign key violations"),
+            });
         }
         Ok(())
     }
@@ -302,13 +320,23 @@ impl Catalog {
     }
 
     fn layer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LayerRow> {
-        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
+        Ok((
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+            row.get(4)?,
+            row.get(5)?,
+            row.get(6)?,
+        ))
     }
 
     fn layer_decode(raw: LayerRow) -> Result<LayerRecord, CatalogError> {
         let (id, size, vsize, parent, kind, chunk_size, chunks) = raw;
         if chunks.len() % 32 != 0 {
-            return Err(CatalogError::Corrupt { what: format!("chunk list of layer {id}") });
+            return Err(CatalogError::Corrupt {
+                what: format!("chunk list of layer {id}"),
+            });
         }
         let chunks = chunks
             .chunks_exact(32)
@@ -347,7 +375,9 @@ impl Catalog {
         let mut stmt = self
             .conn
             .prepare("SELECT id, size, virtual_size, parent, kind, chunk_size, chunks FROM layers ORDER BY id")?;
-        let rows = stmt.query_map([], Self::layer_from_row)?.collect::<Result<Vec<_>, _>>()?;
+        let rows = stmt
+            .query_map([], Self::layer_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().map(Self::layer_decode).collect()
     }
 
@@ -357,11 +387,13 @@ impl Catalog {
         let mut next = Some(*top);
         while let Some(id) = next {
             if out.len() >= 16 {
-                return Err(CatalogError::Corrupt { what: format!("parent chain of {top} deeper than 16") });
+                return Err(CatalogError::Corrupt {
+                    what: format!("parent chain of {top} deeper than 16"),
+                });
             }
-            let rec = self
-                .layer(&id)?
-                .ok_or_else(|| CatalogError::Corrupt { what: format!("missing layer {id} in chain of {top}") })?;
+            let rec = self.layer(&id)?.ok_or_else(|| CatalogError::Corrupt {
+                what: format!("missing layer {id} in chain of {top}"),
+            })?;
             next = rec.parent;
             out.push(rec);
         }
@@ -370,7 +402,13 @@ impl Catalog {
     }
 
     /// Records a blob (kernel, initramfs).
-    pub fn insert_blob(&self, id: &Digest, size: u64, kind: &str, name: &str) -> Result<(), CatalogError> {
+    pub fn insert_blob(
+        &self,
+        id: &Digest,
+        size: u64,
+        kind: &str,
+        name: &str,
+    ) -> Result<(), CatalogError> {
         self.conn.execute(
             "INSERT OR IGNORE INTO blobs (id, size, kind, name) VALUES (?1, ?2, ?3, ?4)",
             params![id.to_hex(), i64_of(size), kind, name],
@@ -382,20 +420,29 @@ impl Catalog {
     pub fn blob_size(&self, id: &Digest) -> Result<Option<u64>, CatalogError> {
         let v: Option<i64> = self
             .conn
-            .query_row("SELECT size FROM blobs WHERE id = ?1", [id.to_hex()], |r| r.get(0))
+            .query_row("SELECT size FROM blobs WHERE id = ?1", [id.to_hex()], |r| {
+                r.get(0)
+            })
             .optional()?;
         v.map(|s| u64_of(s, "blob size")).transpose()
     }
 
     /// The newest version number of `image`.
     pub fn latest_version(&self, image: &str) -> Result<Option<u64>, CatalogError> {
-        let v: Option<i64> =
-            self.conn.query_row("SELECT MAX(version) FROM versions WHERE image = ?1", [image], |r| r.get(0))?;
+        let v: Option<i64> = self.conn.query_row(
+            "SELECT MAX(version) FROM versions WHERE image = ?1",
+            [image],
+            |r| r.get(0),
+        )?;
         v.map(|v| u64_of(v, "version")).transpose()
     }
 
     /// The newest version of `image` built from exactly these inputs.
-    pub fn version_by_inputs(&self, image: &str, inputs: &str) -> Result<Option<u64>, CatalogError> {
+    pub fn version_by_inputs(
+        &self,
+        image: &str,
+        inputs: &str,
+    ) -> Result<Option<u64>, CatalogError> {
         let v: Option<i64> = self.conn.query_row(
             "SELECT MAX(version) FROM versions WHERE image = ?1 AND inputs = ?2",
             [image, inputs],
@@ -407,12 +454,20 @@ impl Catalog {
     /// Commits a new version and its roles in one transaction. Fails with `VersionRace` if
     /// `new.version` is not the image's latest + 1 any more.
     pub fn commit_version(&mut self, new: &NewVersion) -> Result<(), CatalogError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let latest: Option<i64> =
-            tx.query_row("SELECT MAX(version) FROM versions WHERE image = ?1", [&new.image], |r| r.get(0))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let latest: Option<i64> = tx.query_row(
+            "SELECT MAX(version) FROM versions WHERE image = ?1",
+            [&new.image],
+            |r| r.get(0),
+        )?;
         let expected = latest.map_or(1, |l| l.saturating_add(1));
         if expected != i64_of(new.version) {
-            return Err(CatalogError::VersionRace { image: new.image.clone(), version: new.version });
+            return Err(CatalogError::VersionRace {
+                image: new.image.clone(),
+                version: new.version,
+            });
         }
         tx.execute(
             "INSERT INTO versions (image, version, base_layer, kernel, kernel_release, inputs, recipe, created)
@@ -485,22 +540,41 @@ impl Catalog {
         )?;
         let rows = stmt
             .query_map(params![image, version], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter()
-            .map(|(role, site, layer, recipe)| Ok(RoleInfo { role, site, layer: parse_digest(&layer)?, recipe }))
+            .map(|(role, site, layer, recipe)| {
+                Ok(RoleInfo {
+                    role,
+                    site,
+                    layer: parse_digest(&layer)?,
+                    recipe,
+                })
+            })
             .collect()
     }
 
     /// One version's info.
     pub fn version(&self, image: &str, version: u64) -> Result<Option<VersionInfo>, CatalogError> {
-        Ok(self.versions(Some(image))?.into_iter().find(|v| v.version == version))
+        Ok(self
+            .versions(Some(image))?
+            .into_iter()
+            .find(|v| v.version == version))
     }
 
     /// The newest (image, version) that has `role` for `site` ("" = generic), most recently
     /// committed first.
-    pub fn find_role(&self, role: &str, site: &str) -> Result<Option<(String, u64, LayerId)>, CatalogError> {
+    pub fn find_role(
+        &self,
+        role: &str,
+        site: &str,
+    ) -> Result<Option<(String, u64, LayerId)>, CatalogError> {
         let row: Option<(String, i64, String)> = self
             .conn
             .query_row(
@@ -511,14 +585,21 @@ impl Catalog {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        row.map(|(i, v, l)| Ok((i, u64_of(v, "version")?, parse_digest(&l)?))).transpose()
+        row.map(|(i, v, l)| Ok((i, u64_of(v, "version")?, parse_digest(&l)?)))
+            .transpose()
     }
 
     /// Removes a version (and its roles) from the catalog. Layers stay until `gc`.
     pub fn remove_version(&mut self, image: &str, version: u64) -> Result<bool, CatalogError> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM roles WHERE image = ?1 AND version = ?2", params![image, i64_of(version)])?;
-        let n = tx.execute("DELETE FROM versions WHERE image = ?1 AND version = ?2", params![image, i64_of(version)])?;
+        tx.execute(
+            "DELETE FROM roles WHERE image = ?1 AND version = ?2",
+            params![image, i64_of(version)],
+        )?;
+        let n = tx.execute(
+            "DELETE FROM versions WHERE image = ?1 AND version = ?2",
+            params![image, i64_of(version)],
+        )?;
         tx.commit()?;
         Ok(n > 0)
     }
@@ -540,7 +621,10 @@ impl Catalog {
 
     /// Inserts node layers and records each as its node's layer on a role layer, all in one
     /// transaction: (layer, node id, role layer, facts digest).
-    pub fn insert_node_layers(&self, rows: &[(&LayerRecord, &str, &LayerId, &str)]) -> Result<(), CatalogError> {
+    pub fn insert_node_layers(
+        &self,
+        rows: &[(&LayerRecord, &str, &LayerId, &str)],
+    ) -> Result<(), CatalogError> {
         let tx = self.conn.unchecked_transaction()?;
         for (rec, node_id, role_layer, facts) in rows {
             self.insert_layer(rec)?;
@@ -551,7 +635,11 @@ impl Catalog {
     }
 
     /// A node's layer on `role_layer`, with the facts digest it was built from.
-    pub fn node_layer(&self, node_id: &str, role_layer: &LayerId) -> Result<Option<(LayerId, String)>, CatalogError> {
+    pub fn node_layer(
+        &self,
+        node_id: &str,
+        role_layer: &LayerId,
+    ) -> Result<Option<(LayerId, String)>, CatalogError> {
         let row: Option<(String, String)> = self
             .conn
             .query_row(
@@ -586,8 +674,11 @@ impl Catalog {
                 roots.push(parse_digest(&id?)?);
             }
         }
-        let parents: HashMap<LayerId, Option<LayerId>> =
-            self.layers()?.into_iter().map(|l| (l.id, l.parent)).collect();
+        let parents: HashMap<LayerId, Option<LayerId>> = self
+            .layers()?
+            .into_iter()
+            .map(|l| (l.id, l.parent))
+            .collect();
         let mut layers = BTreeSet::new();
         for root in roots {
             let mut next = Some(root);
@@ -599,7 +690,9 @@ impl Catalog {
             }
         }
         let mut blobs = BTreeSet::new();
-        let mut stmt = self.conn.prepare("SELECT kernel FROM versions WHERE kernel IS NOT NULL")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT kernel FROM versions WHERE kernel IS NOT NULL")?;
         for id in stmt.query_map([], |r| r.get::<_, String>(0))? {
             blobs.insert(parse_digest(&id?)?);
         }
@@ -609,7 +702,10 @@ impl Catalog {
     /// Forgets a layer (after gc removed its file). Node-layer rows naming it go too.
     pub fn delete_layer(&self, id: &LayerId) -> Result<(), CatalogError> {
         let tx = self.conn.unchecked_transaction()?;
-        tx.execute("DELETE FROM node_layers WHERE layer = ?1 OR role_layer = ?1", [id.to_hex()])?;
+        tx.execute(
+            "DELETE FROM node_layers WHERE layer = ?1 OR role_layer = ?1",
+            [id.to_hex()],
+        )?;
         tx.execute("DELETE FROM layers WHERE id = ?1", [id.to_hex()])?;
         tx.commit()?;
         Ok(())
@@ -617,14 +713,17 @@ impl Catalog {
 
     /// Forgets a blob.
     pub fn delete_blob(&self, id: &Digest) -> Result<(), CatalogError> {
-        self.conn.execute("DELETE FROM blobs WHERE id = ?1", [id.to_hex()])?;
+        self.conn
+            .execute("DELETE FROM blobs WHERE id = ?1", [id.to_hex()])?;
         Ok(())
     }
 
     /// Every recorded blob id.
     pub fn blobs(&self) -> Result<Vec<Digest>, CatalogError> {
         let mut stmt = self.conn.prepare("SELECT id FROM blobs ORDER BY id")?;
-        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
         ids.iter().map(|s| parse_digest(s)).collect()
     }
 }

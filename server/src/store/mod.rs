@@ -28,7 +28,9 @@ use wire::chunk::{chunk_hashes, Digest, LayerId, CHUNK_SIZE};
 use wire::manifest::LayerKind;
 
 pub use atomic::{TempDir, TempFile};
-pub use catalog::{Catalog, CatalogError, ImageVersion, KernelRef, LayerRecord, RoleInfo, VersionInfo};
+pub use catalog::{
+    Catalog, CatalogError, ImageVersion, KernelRef, LayerRecord, RoleInfo, VersionInfo,
+};
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +74,11 @@ pub enum StoreError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { op, path: path.to_owned(), source }
+    move |source| StoreError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// What `gc` removed (or would remove, in a dry run).
@@ -117,7 +123,11 @@ impl Store {
             atomic::clean_stale(&p).map_err(io_err("cleaning", &p))?;
         }
         let catalog = Catalog::open(&root.join("catalog.sqlite3"))?;
-        Ok(Store { root: root.to_owned(), catalog: Mutex::new(catalog), node_templates: Default::default() })
+        Ok(Store {
+            root: root.to_owned(),
+            catalog: Mutex::new(catalog),
+            node_templates: Default::default(),
+        })
     }
 
     /// The store's root directory.
@@ -187,7 +197,9 @@ impl Store {
         let file = File::create(&path).map_err(io_err("opening", &path))?;
         match file.try_lock() {
             Ok(()) => Ok(StoreLock { _file: file }),
-            Err(fs::TryLockError::WouldBlock) => Err(StoreError::Busy { root: self.root.clone() }),
+            Err(fs::TryLockError::WouldBlock) => Err(StoreError::Busy {
+                root: self.root.clone(),
+            }),
             Err(fs::TryLockError::Error(e)) => Err(io_err("locking", &path)(e)),
         }
     }
@@ -202,9 +214,19 @@ impl Store {
         parent: Option<LayerId>,
         virtual_size: u64,
     ) -> Result<LayerRecord, StoreError> {
-        File::open(src).and_then(|f| f.sync_all()).map_err(io_err("syncing", src))?;
+        File::open(src)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("syncing", src))?;
         let (id, size, chunks) = hash_file(src)?;
-        let rec = LayerRecord { id, size, virtual_size, parent, kind, chunk_size: CHUNK_SIZE, chunks };
+        let rec = LayerRecord {
+            id,
+            size,
+            virtual_size,
+            parent,
+            kind,
+            chunk_size: CHUNK_SIZE,
+            chunks,
+        };
         let dest = self.layer_path(&id);
         if !dest.is_file() {
             atomic::persist_path(src, &dest).map_err(io_err("publishing", &dest))?;
@@ -217,19 +239,34 @@ impl Store {
     /// one go: every file is fsynced and renamed into `layers/`, the directory fsynced once,
     /// then the layers and the node records go into the catalog in one transaction. Each
     /// item: the file, its record, the node id, the role layer and the facts digest.
-    pub fn publish_node_layers(&self, items: &[(PathBuf, LayerRecord, String, LayerId, String)]) -> Result<(), StoreError> {
+    pub fn publish_node_layers(
+        &self,
+        items: &[(PathBuf, LayerRecord, String, LayerId, String)],
+    ) -> Result<(), StoreError> {
         let dir = self.root.join("layers");
-        let moves: Vec<(PathBuf, PathBuf)> = items.iter().map(|i| (i.0.clone(), self.layer_path(&i.1.id))).collect();
+        let moves: Vec<(PathBuf, PathBuf)> = items
+            .iter()
+            .map(|i| (i.0.clone(), self.layer_path(&i.1.id)))
+            .collect();
         atomic::persist_many(&moves, &dir).map_err(io_err("publishing into", &dir))?;
-        let rows: Vec<(&LayerRecord, &str, &LayerId, &str)> = items.iter().map(|i| (&i.1, i.2.as_str(), &i.3, i.4.as_str())).collect();
+        let rows: Vec<(&LayerRecord, &str, &LayerId, &str)> = items
+            .iter()
+            .map(|i| (&i.1, i.2.as_str(), &i.3, i.4.as_str()))
+            .collect();
         self.catalog().insert_node_layers(&rows)?;
         Ok(())
     }
 
     /// Publishes a blob (kernel) the same way; returns its id and size.
-    pub fn publish_blob(&self, src: &Path, kind: &str, name: &str) -> Result<(Digest, u64), StoreError> {
+    pub fn publish_blob(
+        &self,
+        src: &Path,
+        kind: &str,
+        name: &str,
+    ) -> Result<(Digest, u64), StoreError> {
         let dir = self.root.join("blobs");
-        let mut tmp = TempFile::new_in(&dir, kind).map_err(io_err("creating a temp file in", &dir))?;
+        let mut tmp =
+            TempFile::new_in(&dir, kind).map_err(io_err("creating a temp file in", &dir))?;
         let mut input = File::open(src).map_err(io_err("opening", src))?;
         io::copy(&mut input, tmp.file()).map_err(io_err("copying", src))?;
         tmp.file().sync_all().map_err(io_err("syncing", src))?;
@@ -265,10 +302,20 @@ impl Store {
         chain.iter().map(|l| self.layer_path(&l.id)).collect()
     }
 
-    fn kernel_ref(&self, kernel: Option<(Digest, String)>) -> Result<Option<KernelRef>, StoreError> {
-        let Some((id, release)) = kernel else { return Ok(None) };
+    fn kernel_ref(
+        &self,
+        kernel: Option<(Digest, String)>,
+    ) -> Result<Option<KernelRef>, StoreError> {
+        let Some((id, release)) = kernel else {
+            return Ok(None);
+        };
         let size = self.catalog().blob_size(&id)?.unwrap_or(0);
-        Ok(Some(KernelRef { id, release, path: self.blob_path(&id), size }))
+        Ok(Some(KernelRef {
+            id,
+            release,
+            path: self.blob_path(&id),
+            size,
+        }))
     }
 
     /// The newest image version that has `role` (generic definition, no site).
@@ -277,9 +324,15 @@ impl Store {
     }
 
     /// The newest image version that has `role` for `site` (None: the generic definition).
-    pub fn image_for_role_site(&self, role: &str, site: Option<&str>) -> Result<Option<ImageVersion>, StoreError> {
+    pub fn image_for_role_site(
+        &self,
+        role: &str,
+        site: Option<&str>,
+    ) -> Result<Option<ImageVersion>, StoreError> {
         let found = self.catalog().find_role(role, site.unwrap_or(""))?;
-        let Some((image, version, _)) = found else { return Ok(None) };
+        let Some((image, version, _)) = found else {
+            return Ok(None);
+        };
         self.image_version(&image, version, Some(role), site)
     }
 
@@ -291,7 +344,9 @@ impl Store {
         role: Option<&str>,
         site: Option<&str>,
     ) -> Result<Option<ImageVersion>, StoreError> {
-        let Some(info) = self.catalog().version(image, version)? else { return Ok(None) };
+        let Some(info) = self.catalog().version(image, version)? else {
+            return Ok(None);
+        };
         let top = match role {
             None => info.base,
             Some(r) => {
@@ -318,14 +373,21 @@ impl Store {
     /// Fails with `Busy` while a build holds the store.
     pub fn gc(&self, dry_run: bool) -> Result<GcReport, StoreError> {
         let _lock = self.try_lock_exclusive()?;
-        let mut report = GcReport { dry_run, ..GcReport::default() };
+        let mut report = GcReport {
+            dry_run,
+            ..GcReport::default()
+        };
         if !dry_run {
             self.catalog().prune_node_layers()?;
         }
         let (keep_layers, keep_blobs) = self.catalog().referenced()?;
         // Catalog rows: delete children before parents (node, role, base).
-        let mut doomed: Vec<LayerRecord> =
-            self.catalog().layers()?.into_iter().filter(|l| !keep_layers.contains(&l.id)).collect();
+        let mut doomed: Vec<LayerRecord> = self
+            .catalog()
+            .layers()?
+            .into_iter()
+            .filter(|l| !keep_layers.contains(&l.id))
+            .collect();
         doomed.sort_by_key(|l| match l.kind {
             LayerKind::Node => 0,
             LayerKind::Role => 1,
@@ -347,11 +409,17 @@ impl Store {
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let entry = entry.map_err(io_err("listing", &dir))?;
             let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".vhdx")).and_then(|h| h.parse::<Digest>().ok())
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".vhdx"))
+                .and_then(|h| h.parse::<Digest>().ok())
             else {
                 continue;
             };
-            if keep_layers.contains(&id) || seen.contains(&id) || self.catalog().layer(&id)?.is_some() {
+            if keep_layers.contains(&id)
+                || seen.contains(&id)
+                || self.catalog().layer(&id)?.is_some()
+            {
                 continue;
             }
             report.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
@@ -377,7 +445,10 @@ impl Store {
         for entry in fs::read_dir(&dir).map_err(io_err("listing", &dir))? {
             let entry = entry.map_err(io_err("listing", &dir))?;
             let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".raw")).and_then(|h| h.parse::<Digest>().ok())
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".raw"))
+                .and_then(|h| h.parse::<Digest>().ok())
             else {
                 continue;
             };
@@ -412,7 +483,17 @@ fn remove_if_exists(path: &Path) -> Result<(), StoreError> {
 pub fn hash_file(path: &Path) -> Result<(LayerId, u64, Vec<Digest>), StoreError> {
     let f = File::open(path).map_err(io_err("opening", path))?;
     let len = f.metadata().map_err(io_err("reading", path))?.len();
-    chunk_hashes(SparseReader { file: f, pos: 0, len, data_end: 0, hole_end: 0 }, CHUNK_SIZE).map_err(io_err("reading", path))
+    chunk_hashes(
+        SparseReader {
+            file: f,
+            pos: 0,
+            len,
+            data_end: 0,
+            hole_end: 0,
+        },
+        CHUNK_SIZE,
+    )
+    .map_err(io_err("reading", path))
 }
 
 /// Reads a file, producing the zeros of its holes itself (found with `SEEK_DATA` and
@@ -448,15 +529,22 @@ impl io::Read for SparseReader {
             }
         }
         let n = if self.pos < self.data_end {
-            let want = usize::try_from(self.data_end - self.pos).unwrap_or(usize::MAX).min(buf.len());
+            let want = usize::try_from(self.data_end - self.pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             let b = buf.get_mut(..want).unwrap_or_default();
             let n = self.file.read_at(b, self.pos)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being read"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shrank while being read",
+                ));
             }
             n
         } else {
-            let n = usize::try_from(self.hole_end.saturating_sub(self.pos)).unwrap_or(usize::MAX).min(buf.len());
+            let n = usize::try_from(self.hole_end.saturating_sub(self.pos))
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             buf.get_mut(..n).unwrap_or_default().fill(0);
             n
         };

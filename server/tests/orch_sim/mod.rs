@@ -34,27 +34,53 @@ pub struct FakeImages {
 
 fn layer(tag: &str, kind: LayerKind) -> LayerRef {
     let id = Digest(*blake3::hash(tag.as_bytes()).as_bytes());
-    LayerRef { id, size: 4096, kind, chunk_size: 4096, chunks: vec![id], url: format!("/layers/{id}") }
+    LayerRef {
+        id,
+        size: 4096,
+        kind,
+        chunk_size: 4096,
+        chunks: vec![id],
+        url: format!("/layers/{id}"),
+    }
 }
 
 impl FakeImages {
     pub fn layers(role: &str, version: u64) -> Vec<LayerRef> {
-        vec![layer(&format!("base {version}"), LayerKind::Base), layer(&format!("{role} {version}"), LayerKind::Role)]
+        vec![
+            layer(&format!("base {version}"), LayerKind::Base),
+            layer(&format!("{role} {version}"), LayerKind::Role),
+        ]
     }
 
     /// The role's chain at `version` plus the node's layer (written on first use).
     fn chain(&self, role: &str, version: u64, node: &NodeRecord) -> Result<ImageChain, FleetError> {
-        let token = node.token.clone().ok_or_else(|| FleetError::Internal(format!("no token for {}", node.mac)))?;
+        let token = node
+            .token
+            .clone()
+            .ok_or_else(|| FleetError::Internal(format!("no token for {}", node.mac)))?;
         let content = format!("{token}\n");
-        let id = Digest(*blake3::hash(format!("{role} {version}\n{content}").as_bytes()).as_bytes());
+        let id =
+            Digest(*blake3::hash(format!("{role} {version}\n{content}").as_bytes()).as_bytes());
         let path = self.dir.join(id.to_hex());
         if !path.is_file() {
             std::fs::create_dir_all(&self.dir).map_err(|e| FleetError::Internal(e.to_string()))?;
             std::fs::write(&path, &content).map_err(|e| FleetError::Internal(e.to_string()))?;
         }
         let mut layers = Self::layers(role, version);
-        layers.push(LayerRef { id, size: content.len() as u64, kind: LayerKind::Node, chunk_size: 4096, chunks: vec![id], url: format!("/layers/{id}") });
-        Ok(ImageChain { image: "img".into(), version, layers, boot_tries: 3 })
+        layers.push(LayerRef {
+            id,
+            size: content.len() as u64,
+            kind: LayerKind::Node,
+            chunk_size: 4096,
+            chunks: vec![id],
+            url: format!("/layers/{id}"),
+        });
+        Ok(ImageChain {
+            image: "img".into(),
+            version,
+            layers,
+            boot_tries: 3,
+        })
     }
 }
 
@@ -62,14 +88,26 @@ impl ImageSource for FakeImages {
     fn chain_for(&self, role: &str, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
         self.chain(role, self.versions, node).map(Some)
     }
-    fn chain_at(&self, role: &str, v: &VersionRef, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
+    fn chain_at(
+        &self,
+        role: &str,
+        v: &VersionRef,
+        node: &NodeRecord,
+    ) -> Result<Option<ImageChain>, FleetError> {
         if v.image != "img" || v.version == 0 || v.version > self.versions {
             return Ok(None);
         }
         self.chain(role, v.version, node).map(Some)
     }
     fn versions(&self) -> Result<Vec<ImageInfo>, FleetError> {
-        Ok((1..=self.versions).map(|v| ImageInfo { image: "img".into(), version: v, roles: vec![], created: 0 }).collect())
+        Ok((1..=self.versions)
+            .map(|v| ImageInfo {
+                image: "img".into(),
+                version: v,
+                roles: vec![],
+                created: 0,
+            })
+            .collect())
     }
     fn layer_path(&self, id: &LayerId) -> Option<PathBuf> {
         let path = self.dir.join(id.to_hex());
@@ -104,7 +142,16 @@ impl Server {
     /// Starts on `data_dir` (created if needed).
     pub async fn start(data_dir: &Path) -> Result<Server> {
         std::fs::create_dir_all(data_dir)?;
-        let orch = Orchestrator::open(data_dir, key(), Arc::new(FakeImages { versions: 3, dir: data_dir.join("fake-layers") }), fast_options()).await?;
+        let orch = Orchestrator::open(
+            data_dir,
+            key(),
+            Arc::new(FakeImages {
+                versions: 3,
+                dir: data_dir.join("fake-layers"),
+            }),
+            fast_options(),
+        )
+        .await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
@@ -114,8 +161,16 @@ impl Server {
                 eprintln!("server stopped: {e}");
             }
         });
-        let admin = std::fs::read_to_string(data_dir.join("admin.token"))?.trim().to_owned();
-        Ok(Server { url, admin, data_dir: data_dir.to_owned(), shutdown, task: Some(task) })
+        let admin = std::fs::read_to_string(data_dir.join("admin.token"))?
+            .trim()
+            .to_owned();
+        Ok(Server {
+            url,
+            admin,
+            data_dir: data_dir.to_owned(),
+            shutdown,
+            task: Some(task),
+        })
     }
 
     /// Stops it (graceful: flushes).
@@ -147,32 +202,61 @@ pub struct Api {
 
 impl Api {
     pub fn new(url: &str, token: Option<&str>) -> Api {
-        Api { url: url.to_owned(), token: token.map(str::to_owned), client: reqwest::Client::new() }
+        Api {
+            url: url.to_owned(),
+            token: token.map(str::to_owned),
+            client: reqwest::Client::new(),
+        }
     }
 
     pub fn with_token(&self, token: Option<&str>) -> Api {
-        Api { token: token.map(str::to_owned), ..self.clone() }
+        Api {
+            token: token.map(str::to_owned),
+            ..self.clone()
+        }
     }
 
     /// Any request; returns the status and the JSON body (Null if none).
-    pub async fn raw(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Value)> {
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Value)> {
         let m = reqwest::Method::from_bytes(method.as_bytes())?;
-        let mut req = self.client.request(m, format!("{}{path}", self.url)).timeout(Duration::from_secs(20));
+        let mut req = self
+            .client
+            .request(m, format!("{}{path}", self.url))
+            .timeout(Duration::from_secs(20));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {
             req = req.header("content-type", "application/json").body(b);
         }
-        let resp = req.send().await.with_context(|| format!("{method} {path}"))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {path}"))?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await?;
-        let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned())) };
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
         Ok((status, v))
     }
 
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
-        self.raw(method, path, body.map(|b| b.to_string().into_bytes())).await
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        self.raw(method, path, body.map(|b| b.to_string().into_bytes()))
+            .await
     }
 
     /// A request that must succeed.
@@ -189,8 +273,14 @@ impl Api {
         let r = self.ok("POST", "/api/v1/rollouts", Some(spec)).await?;
         let id = r["id"].as_u64().context("rollout id")?;
         let digest = r["digest"].clone();
-        self.ok("POST", &format!("/api/v1/rollouts/{id}/approve"), Some(json!({ "digest": digest }))).await?;
-        self.ok("POST", &format!("/api/v1/rollouts/{id}/apply"), None).await?;
+        self.ok(
+            "POST",
+            &format!("/api/v1/rollouts/{id}/approve"),
+            Some(json!({ "digest": digest })),
+        )
+        .await?;
+        self.ok("POST", &format!("/api/v1/rollouts/{id}/apply"), None)
+            .await?;
         Ok(id)
     }
 
@@ -198,19 +288,33 @@ impl Api {
     pub async fn wait_final(&self, id: u64, timeout: Duration) -> Result<Value> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let r = self.ok("GET", &format!("/api/v1/rollouts/{id}"), None).await?;
-            if matches!(r["state"].as_str(), Some("succeeded" | "halted" | "aborted")) {
+            let r = self
+                .ok("GET", &format!("/api/v1/rollouts/{id}"), None)
+                .await?;
+            if matches!(
+                r["state"].as_str(),
+                Some("succeeded" | "halted" | "aborted")
+            ) {
                 return Ok(r);
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("rollout {id} not finished: {}", serde_json::to_string_pretty(&r["progress"])?);
+                bail!(
+                    "rollout {id} not finished: {}",
+                    serde_json::to_string_pretty(&r["progress"])?
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     pub async fn events(&self, kind: &str) -> Result<Vec<Value>> {
-        let v = self.ok("GET", &format!("/api/v1/events?kind={kind}&limit=10000"), None).await?;
+        let v = self
+            .ok(
+                "GET",
+                &format!("/api/v1/events?kind={kind}&limit=10000"),
+                None,
+            )
+            .await?;
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 }
@@ -264,7 +368,11 @@ impl Sim {
     pub async fn post_report(&mut self, report: &StateReport) -> Result<(u16, Value)> {
         let mut req = self
             .client
-            .post(format!("{}/api/v1/nodes/by-mac/{}/report", self.base(), self.mac))
+            .post(format!(
+                "{}/api/v1/nodes/by-mac/{}/report",
+                self.base(),
+                self.mac
+            ))
             .timeout(Duration::from_secs(10))
             .json(report);
         if let Some(t) = &self.token {
@@ -280,7 +388,12 @@ impl Sim {
     /// resends in full when the server asks.
     pub async fn report(&mut self) -> Result<ReportAck> {
         for _ in 0..2 {
-            let report = StateReport { mac: self.mac.clone(), seq: self.seq + 1, base_seq: self.seq, delta: self.acked.diff(&self.status) };
+            let report = StateReport {
+                mac: self.mac.clone(),
+                seq: self.seq + 1,
+                base_seq: self.seq,
+                delta: self.acked.diff(&self.status),
+            };
             let (s, v) = self.post_report(&report).await?;
             if s != 200 {
                 bail!("report {}: HTTP {s}: {v}", self.mac);
@@ -304,7 +417,14 @@ impl Sim {
 
     pub async fn manifest(&self, version: Option<u64>) -> Result<Manifest> {
         let q = version.map(|v| format!("?version={v}")).unwrap_or_default();
-        let mut req = self.client.get(format!("{}/api/v1/nodes/by-mac/{}/manifest{q}", self.base(), self.mac)).timeout(Duration::from_secs(10));
+        let mut req = self
+            .client
+            .get(format!(
+                "{}/api/v1/nodes/by-mac/{}/manifest{q}",
+                self.base(),
+                self.mac
+            ))
+            .timeout(Duration::from_secs(10));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -325,8 +445,17 @@ impl Sim {
     /// The token the node layer of `m` carries (node-init reads `/etc/strata/token` of the
     /// mounted root): downloads the layer.
     pub async fn layer_token(&self, m: &Manifest) -> Result<String> {
-        let node = m.layers.iter().find(|l| l.kind == LayerKind::Node).context("no node layer")?;
-        let resp = self.client.get(format!("{}{}", self.base(), node.url)).timeout(Duration::from_secs(10)).send().await?;
+        let node = m
+            .layers
+            .iter()
+            .find(|l| l.kind == LayerKind::Node)
+            .context("no node layer")?;
+        let resp = self
+            .client
+            .get(format!("{}{}", self.base(), node.url))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?;
         if !resp.status().is_success() {
             bail!("node layer {}: HTTP {}", node.id, resp.status());
         }
@@ -391,7 +520,11 @@ impl Sim {
 }
 
 /// Runs `sims` (each booted once) until `stop` is cancelled; returns them.
-pub fn run_fleet(sims: Vec<Sim>, every: Duration, stop: CancellationToken) -> tokio::task::JoinHandle<Vec<Sim>> {
+pub fn run_fleet(
+    sims: Vec<Sim>,
+    every: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Sim>> {
     tokio::spawn(async move {
         let mut tasks = Vec::new();
         for mut s in sims {
@@ -423,24 +556,44 @@ pub fn run_fleet(sims: Vec<Sim>, every: Duration, stop: CancellationToken) -> to
 }
 
 /// Creates roles (name, order) at `img@1` and places `counts` nodes in them (booted once).
-pub async fn setup_fleet(api: &Api, url: Arc<RwLock<String>>, roles: &[(&str, i64, usize)]) -> Result<Vec<Sim>> {
+pub async fn setup_fleet(
+    api: &Api,
+    url: Arc<RwLock<String>>,
+    roles: &[(&str, i64, usize)],
+) -> Result<Vec<Sim>> {
     setup_fleet_on(api, url, roles, "img", true).await
 }
 
 /// [`setup_fleet`] on `image@1`; `layer_tokens`: the sims take their token from their node
 /// layer (the fake source's; a real server's node layers are VHDX files, read with debugfs
 /// only in api.rs's real-server test).
-pub async fn setup_fleet_on(api: &Api, url: Arc<RwLock<String>>, roles: &[(&str, i64, usize)], image: &str, layer_tokens: bool) -> Result<Vec<Sim>> {
+pub async fn setup_fleet_on(
+    api: &Api,
+    url: Arc<RwLock<String>>,
+    roles: &[(&str, i64, usize)],
+    image: &str,
+    layer_tokens: bool,
+) -> Result<Vec<Sim>> {
     let mut sims = Vec::new();
     let mut i = 0;
     for (role, order, n) in roles {
-        api.ok("PUT", &format!("/api/v1/roles/{role}"), Some(json!({ "version": { "image": image, "version": 1 }, "order": order }))).await?;
+        api.ok(
+            "PUT",
+            &format!("/api/v1/roles/{role}"),
+            Some(json!({ "version": { "image": image, "version": 1 }, "order": order })),
+        )
+        .await?;
         for _ in 0..*n {
             let mut s = Sim::new(&mac(i), Arc::clone(&url));
             s.use_layer_token = layer_tokens;
             i += 1;
             s.boot().await?;
-            api.ok("PATCH", &format!("/api/v1/nodes/{}", s.mac), Some(json!({ "role": role }))).await?;
+            api.ok(
+                "PATCH",
+                &format!("/api/v1/nodes/{}", s.mac),
+                Some(json!({ "role": role })),
+            )
+            .await?;
             sims.push(s);
         }
     }

@@ -84,8 +84,16 @@ impl TestServer {
                 bail!("strata serve did not listen within 120 s");
             }
         };
-        let http = addr.parse().with_context(|| format!("bad listening address {addr:?}"))?;
-        Ok(TestServer { child, http, data_dir: data_dir.to_owned(), log, _tmp: None })
+        let http = addr
+            .parse()
+            .with_context(|| format!("bad listening address {addr:?}"))?;
+        Ok(TestServer {
+            child,
+            http,
+            data_dir: data_dir.to_owned(),
+            log,
+            _tmp: None,
+        })
     }
 
     /// `http://127.0.0.1:PORT` + `path`.
@@ -100,7 +108,10 @@ impl TestServer {
 
     /// Sends the process a signal (`STOP`, `CONT`, ...).
     pub fn signal(&self, sig: &str) -> Result<()> {
-        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status()?;
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()?;
         anyhow::ensure!(st.success(), "kill -{sig} {}", self.pid());
         Ok(())
     }

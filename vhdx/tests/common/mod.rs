@@ -55,14 +55,19 @@ pub fn mutate(seed: u64, base: &[u8], changes: usize, sector: usize) -> Vec<u8> 
 pub fn qemu_img() -> Result<PathBuf> {
     let p = PathBuf::from("/usr/bin/qemu-img");
     if !p.exists() {
-        bail!("qemu-img not found: install it with `apt-get install qemu-utils` (scripts/setup.sh)");
+        bail!(
+            "qemu-img not found: install it with `apt-get install qemu-utils` (scripts/setup.sh)"
+        );
     }
     Ok(p)
 }
 
 /// Runs qemu-img with `args`, failing with its output on a non-zero exit.
 pub fn run_qemu_img(args: &[&str]) -> Result<String> {
-    let out = Command::new(qemu_img()?).args(args).output().context("running qemu-img")?;
+    let out = Command::new(qemu_img()?)
+        .args(args)
+        .output()
+        .context("running qemu-img")?;
     if !out.status.success() {
         bail!(
             "qemu-img {:?} failed: {}\n{}",
@@ -88,7 +93,11 @@ pub fn read_chain(chain: &vhdx::Chain) -> Result<Vec<u8>> {
         let n = step.min(buf.len() - pos);
         chain.read_at(&mut buf[pos..pos + n], pos as u64)?;
         pos += n;
-        step = if step > 1_000_000 { 4096 * 7 } else { 5 * 1024 * 1024 };
+        step = if step > 1_000_000 {
+            4096 * 7
+        } else {
+            5 * 1024 * 1024
+        };
     }
     Ok(buf)
 }
@@ -113,7 +122,10 @@ pub fn read_via_map(chain: &vhdx::Chain) -> Result<Vec<u8>> {
         let dst = &mut buf[e.virtual_offset as usize..(e.virtual_offset + e.length) as usize];
         match e.source {
             vhdx::Source::Zero => dst.fill(0),
-            vhdx::Source::File { layer_index, file_offset } => files[layer_index].read_exact_at(dst, file_offset)?,
+            vhdx::Source::File {
+                layer_index,
+                file_offset,
+            } => files[layer_index].read_exact_at(dst, file_offset)?,
         }
     }
     assert_eq!(expect_at, chain.virtual_size());

@@ -158,7 +158,10 @@ pub fn rmem_max() -> Option<usize> {
 /// (`SIOCGIFINDEX` on `sock`).
 pub fn iface_index(sock: &Socket, name: &str) -> io::Result<u32> {
     if name.is_empty() || name.len() > 15 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad interface name"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad interface name",
+        ));
     }
     Ok(rustix::net::netdevice::name_to_index(sock, name)?)
 }
@@ -176,9 +179,10 @@ pub fn open_receiver_socket(
     if !group.ip().is_multicast() {
         return Err(RecvError::NotMulticast(*group.ip()));
     }
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
-        .map_err(sock_err("socket"))?;
-    s.set_reuse_address(true).map_err(sock_err("SO_REUSEADDR"))?;
+    let s =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(sock_err("socket"))?;
+    s.set_reuse_address(true)
+        .map_err(sock_err("SO_REUSEADDR"))?;
     s.set_multicast_all_v4(false)
         .map_err(sock_err("IP_MULTICAST_ALL"))?;
     let mut index = 0;
@@ -191,7 +195,8 @@ pub fn open_receiver_socket(
         && rustix::net::sockopt::set_socket_recv_buffer_size_force(&s, FORCED_RCVBUF).is_ok();
     if !forced {
         let want = rcvbuf.or_else(rmem_max).unwrap_or(FALLBACK_RCVBUF);
-        s.set_recv_buffer_size(want).map_err(sock_err("SO_RCVBUF"))?;
+        s.set_recv_buffer_size(want)
+            .map_err(sock_err("SO_RCVBUF"))?;
     }
     let granted = s.recv_buffer_size().map_err(sock_err("SO_RCVBUF"))?;
     s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, group.port()).into())
@@ -272,10 +277,20 @@ pub fn receive_on(
             Ok((n, from)) => core.on_packet(buf.get(..n).unwrap_or_default(), from, now),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let wake = core.next_deadline().unwrap_or(now + NACK_TICK);
-                std::thread::sleep(wake.saturating_duration_since(now).clamp(Duration::from_micros(200), IDLE_SLEEP));
+                std::thread::sleep(
+                    wake.saturating_duration_since(now)
+                        .clamp(Duration::from_micros(200), IDLE_SLEEP),
+                );
                 Vec::new()
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => Vec::new(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Vec::new()
+            }
             Err(e) => return Err(RecvError::Recv(e)),
         };
         actions.extend(core.on_timeout(now));
@@ -372,7 +387,8 @@ fn prepare(
             continue;
         };
         buf.resize(n as usize, 0);
-        file.read_exact_at(&mut buf, start).map_err(file_err(path))?;
+        file.read_exact_at(&mut buf, start)
+            .map_err(file_err(path))?;
         if Digest::of(&buf) == expected {
             core.mark_present(c);
         }

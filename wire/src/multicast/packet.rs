@@ -464,7 +464,13 @@ fn header(out: &mut Vec<u8>, ty: u8) {
 
 /// Writes a data packet header into the first [`DATA_HEADER`] bytes of `buf` (the payload
 /// follows). The sender uses this to build data packets in place without copying the payload.
-pub fn write_data_header(buf: &mut [u8; DATA_HEADER], session: SessionId, seq: u32, symbol: u32, repair: bool) {
+pub fn write_data_header(
+    buf: &mut [u8; DATA_HEADER],
+    session: SessionId,
+    seq: u32,
+    symbol: u32,
+    repair: bool,
+) {
     let ty = if repair { T_REPAIR } else { T_DATA };
     let mut h = [0u8; DATA_HEADER];
     h[..2].copy_from_slice(&MAGIC);
@@ -801,19 +807,24 @@ mod tests {
                 any::<u16>(),
                 any::<u32>()
             )
-                .prop_map(|(session, p, layer, layout, hash_list, h, receivers, rate_kbps)| {
-                    Packet::Announce(Announce {
-                        session,
-                        phase: [SessionPhase::Waiting, SessionPhase::Sending, SessionPhase::Ending]
-                            [p as usize],
-                        layer,
-                        layout,
-                        hash_list,
-                        horizon: h % (layout.symbol_slots() + 1),
-                        receivers,
-                        rate_kbps,
-                    })
-                }),
+                .prop_map(
+                    |(session, p, layer, layout, hash_list, h, receivers, rate_kbps)| {
+                        Packet::Announce(Announce {
+                            session,
+                            phase: [
+                                SessionPhase::Waiting,
+                                SessionPhase::Sending,
+                                SessionPhase::Ending,
+                            ][p as usize],
+                            layer,
+                            layout,
+                            hash_list,
+                            horizon: h % (layout.symbol_slots() + 1),
+                            receivers,
+                            rate_kbps,
+                        })
+                    }
+                ),
             (
                 any_session(),
                 0u32..u32::MAX - 64,
@@ -824,22 +835,31 @@ mod tests {
                     first,
                     hashes
                 })),
-            (any_session(), any::<u64>(), 0u8..4, 0u16..=1000, any::<u32>(), any::<u32>())
-                .prop_map(|(session, receiver, p, loss_permille, have_chunks, missing_symbols)| {
-                    Packet::Status(Status {
-                        session,
-                        receiver,
-                        phase: [
-                            ReceiverPhase::Waiting,
-                            ReceiverPhase::Receiving,
-                            ReceiverPhase::Done,
-                            ReceiverPhase::Left,
-                        ][p as usize],
-                        loss_permille,
-                        have_chunks,
-                        missing_symbols,
-                    })
-                }),
+            (
+                any_session(),
+                any::<u64>(),
+                0u8..4,
+                0u16..=1000,
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_map(
+                    |(session, receiver, p, loss_permille, have_chunks, missing_symbols)| {
+                        Packet::Status(Status {
+                            session,
+                            receiver,
+                            phase: [
+                                ReceiverPhase::Waiting,
+                                ReceiverPhase::Receiving,
+                                ReceiverPhase::Done,
+                                ReceiverPhase::Left,
+                            ][p as usize],
+                            loss_permille,
+                            have_chunks,
+                            missing_symbols,
+                        })
+                    }
+                ),
             (
                 any_session(),
                 any::<u64>(),
@@ -930,17 +950,32 @@ mod tests {
         assert_eq!(Packet::parse(&b), Err(PacketError::UnknownType(99)));
         let mut b = a.clone();
         b[4..8].copy_from_slice(&[0; 4]);
-        assert!(matches!(Packet::parse(&b), Err(PacketError::Invalid { field: "session", .. })));
+        assert!(matches!(
+            Packet::parse(&b),
+            Err(PacketError::Invalid {
+                field: "session",
+                ..
+            })
+        ));
         let mut b = a.clone();
         b.push(0);
         assert_eq!(Packet::parse(&b), Err(PacketError::Trailing { extra: 1 }));
         let nack = Packet::Nack(Nack {
             session: SessionId::new(7).unwrap(),
             receiver: 1,
-            ranges: vec![SymbolRange { start: u32::MAX, count: 1 }],
+            ranges: vec![SymbolRange {
+                start: u32::MAX,
+                count: 1,
+            }],
         })
         .to_bytes();
-        assert!(matches!(Packet::parse(&nack), Err(PacketError::Invalid { field: "nack range", .. })));
+        assert!(matches!(
+            Packet::parse(&nack),
+            Err(PacketError::Invalid {
+                field: "nack range",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -222,7 +222,12 @@ impl ReceiverCore {
 
     /// The hash chunk `c` must have, if known.
     pub fn chunk_hash(&self, c: u32) -> Option<ChunkHash> {
-        self.session.as_ref()?.hashes.get(c as usize).copied().flatten()
+        self.session
+            .as_ref()?
+            .hashes
+            .get(c as usize)
+            .copied()
+            .flatten()
     }
 
     /// Tells the core that chunk `c` is already present and valid in the output (the driver
@@ -250,9 +255,17 @@ impl ReceiverCore {
     }
 
     fn check_complete(&mut self) {
-        if !self.have.is_empty() || self.session.as_ref().is_some_and(|s| s.layout.chunks() == 0) {
+        if !self.have.is_empty()
+            || self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.layout.chunks() == 0)
+        {
             self.complete = self.have_count as usize == self.have.len()
-                && self.session.as_ref().is_some_and(|s| s.hashes_known as usize == s.hashes.len());
+                && self
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.hashes_known as usize == s.hashes.len());
         }
     }
 
@@ -529,9 +542,13 @@ impl ReceiverCore {
                 },
             );
         }
-        let Some(b) = self.bufs.get_mut(&c) else { return };
+        let Some(b) = self.bufs.get_mut(&c) else {
+            return;
+        };
         let (w, bit) = ((j / 64) as usize, 1u64 << (j % 64));
-        let Some(word) = b.have.get_mut(w) else { return };
+        let Some(word) = b.have.get_mut(w) else {
+            return;
+        };
         if *word & bit != 0 {
             self.stats.duplicates += 1;
             return;
@@ -554,7 +571,9 @@ impl ReceiverCore {
             // Hash not known yet (announced list still arriving): keep the buffer.
             return;
         };
-        let Some(b) = self.bufs.remove(&c) else { return };
+        let Some(b) = self.bufs.remove(&c) else {
+            return;
+        };
         if Digest::of(&b.data) != expected {
             self.stats.bad_chunks += 1;
             self.spare.push(b.data);
@@ -764,7 +783,12 @@ mod tests {
     }
 
     fn known(id: LayerId, chunks: &[ChunkHash]) -> Expect {
-        Expect::Known { id, size: 10_000, chunk_size: CS, chunks: chunks.to_vec() }
+        Expect::Known {
+            id,
+            size: 10_000,
+            chunk_size: CS,
+            chunks: chunks.to_vec(),
+        }
     }
 
     #[test]
@@ -797,7 +821,9 @@ mod tests {
         let mut rx = ReceiverCore::new(known(id, &chunks), 1, 4);
         rx.on_packet(&ann, addr(1), now);
         for s in 0..layout.symbols_in(0) {
-            assert!(rx.on_packet(&data_pkt(6, layout, s, &data), addr(1), now).is_empty());
+            assert!(rx
+                .on_packet(&data_pkt(6, layout, s, &data), addr(1), now)
+                .is_empty());
         }
         assert_eq!(rx.stats().foreign, u64::from(layout.symbols_in(0)));
         // An announcement for another layer does not take over.
@@ -815,7 +841,9 @@ mod tests {
             _ => unreachable!(),
         };
         end.phase = SessionPhase::Ending;
-        assert!(rx.on_packet(&Packet::Announce(end).to_bytes(), addr(66), now).is_empty());
+        assert!(rx
+            .on_packet(&Packet::Announce(end).to_bytes(), addr(66), now)
+            .is_empty());
     }
 
     #[test]
@@ -834,7 +862,11 @@ mod tests {
         let now = Instant::now();
         let mut rx = ReceiverCore::new(Expect::Any, 1, 4);
         rx.on_packet(&ann, addr(1), now);
-        let forged = Hashes { session: SessionId::new(5).unwrap(), first: 0, hashes: vec![Digest([3; 32]); 3] };
+        let forged = Hashes {
+            session: SessionId::new(5).unwrap(),
+            first: 0,
+            hashes: vec![Digest([3; 32]); 3],
+        };
         rx.on_packet(&Packet::Hashes(forged).to_bytes(), addr(2), now);
         // Chunk 0 assembled while the list is wrong: held, not written.
         let mut acts = Vec::new();
@@ -842,7 +874,11 @@ mod tests {
             acts.extend(rx.on_packet(&data_pkt(5, layout, s, &data), addr(1), now));
         }
         assert!(writes(&acts).is_empty());
-        let real = Hashes { session: SessionId::new(5).unwrap(), first: 0, hashes: chunks.clone() };
+        let real = Hashes {
+            session: SessionId::new(5).unwrap(),
+            first: 0,
+            hashes: chunks.clone(),
+        };
         let acts = rx.on_packet(&Packet::Hashes(real).to_bytes(), addr(1), now);
         assert_eq!(writes(&acts), vec![0]);
     }
@@ -874,7 +910,13 @@ mod tests {
             .collect();
         assert_eq!(nacks.len(), 1);
         let first = layout.first_symbol(1);
-        assert_eq!(nacks[0].ranges, vec![SymbolRange { start: first, count: layout.symbols_in(1) }]);
+        assert_eq!(
+            nacks[0].ranges,
+            vec![SymbolRange {
+                start: first,
+                count: layout.symbols_in(1)
+            }]
+        );
         assert_eq!(rx.missing_chunks(), vec![1]);
     }
 }
