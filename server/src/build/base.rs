@@ -130,13 +130,15 @@ impl Stage {
             let host = self.host(&cur);
             match fs::symlink_metadata(&host) {
                 Ok(md) if md.is_dir() => {}
-                Ok(md) if md.file_type().is_symlink() => return Err(arch_err(
-                    archive,
-                    p,
-                    format!(
+                Ok(md) if md.file_type().is_symlink() => {
+                    return Err(arch_err(
+                        archive,
+                        p,
+                        format!(
                         "parent {cur} is a symbolic link: writing through it could escape the root"
                     ),
-                )),
+                    ))
+                }
                 Ok(_) => {
                     return Err(arch_err(
                         archive,

@@ -807,14 +807,16 @@ pub fn build(
                 .as_ref()
                 .map(|u| u.image.clone())
                 .unwrap_or_default();
-            let latest = store.catalog().latest_version(&name)?.ok_or_else(|| {
-                BuildError::Recipe {
-                    file: l.file.clone(),
-                    message: format!(
+            let latest =
+                store
+                    .catalog()
+                    .latest_version(&name)?
+                    .ok_or_else(|| BuildError::Recipe {
+                        file: l.file.clone(),
+                        message: format!(
                         "[update] image {name:?} has no version to update; build its base first"
                     ),
-                }
-            })?;
+                    })?;
             let info =
                 store
                     .catalog()
