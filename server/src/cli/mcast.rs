@@ -273,23 +273,6 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rates_parse() {
-        assert_eq!(parse_rate("1G"), Ok(1_000_000_000));
-        assert_eq!(parse_rate("1500m"), Ok(1_500_000_000));
-        assert_eq!(parse_rate("64k"), Ok(64_000));
-        assert_eq!(parse_rate("100000"), Ok(100_000));
-        assert!(parse_rate("fast").is_err());
-        assert!(parse_rate("0").is_err());
-        assert!(parse_rate("-5M").is_err());
-        assert!(parse_rate("1k").is_err());
-    }
-}
-
 /// Sessions as a table: id, state, layer, group, size, nodes offered, and the counters.
 fn session_rows(v: &serde_json::Value) -> String {
     let rows: Vec<Vec<String>> = v
@@ -323,4 +306,21 @@ fn session_rows(v: &serde_json::Value) -> String {
         ],
         &rows,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_rate("1500m"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("64k"), Ok(64_000));
+        assert_eq!(parse_rate("100000"), Ok(100_000));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("-5M").is_err());
+        assert!(parse_rate("1k").is_err());
+    }
 }
