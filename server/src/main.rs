@@ -47,6 +47,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve(_) | Cmd::Iscsi(_)) {
+        restore_sigpipe();
+    }
     let result = match cli.cmd {
         Cmd::Serve(args) => cli::serve::run(args),
         Cmd::Vhdx(cmd) => cli::vhdx::run(cmd),
@@ -63,5 +66,18 @@ fn main() -> ExitCode {
             eprintln!("strata: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Lets a command whose output goes into a closed pipe (`strata image list | head`) end
+/// quietly, as other command-line tools do, instead of panicking in `println!`. Rust starts
+/// programs with SIGPIPE ignored; the default disposition ends the process on EPIPE. Sockets
+/// are unaffected: std sends with MSG_NOSIGNAL. The long-running services (`serve`, `iscsi
+/// serve`) keep SIGPIPE ignored.
+fn restore_sigpipe() {
+    // SAFETY: called once at start, before any thread is spawned; SIG_DFL is a valid
+    // disposition for SIGPIPE and no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
