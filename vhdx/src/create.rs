@@ -435,6 +435,24 @@ fn new_metadata(
     Ok(meta)
 }
 
+/// The options (the parent's sector size) and metadata of a differencing disk at `out` on the
+/// top of `parent`.
+fn differencing_metadata(
+    out: &Path,
+    parent: &Chain,
+    opts: &CreateOptions,
+) -> Result<(CreateOptions, Metadata)> {
+    let mut o = opts.clone();
+    o.logical_sector_size = parent.logical_sector_size();
+    let meta = new_metadata(
+        out,
+        parent.virtual_size(),
+        &o,
+        Some(locator_for(out, parent, opts)),
+    )?;
+    Ok((o, meta))
+}
+
 fn locator_for(out: &Path, parent: &Chain, opts: &CreateOptions) -> ParentLocator {
     let parent_path = parent.top().path();
     let abs_parent = std::path::absolute(parent_path).unwrap_or_else(|_| parent_path.to_path_buf());
@@ -473,14 +491,7 @@ pub fn create(out: &Path, virtual_size: u64, opts: &CreateOptions) -> Result<Vhd
 /// Creates an empty differencing disk whose parent is the top of `parent`, and opens it
 /// writable.
 pub fn create_differencing(out: &Path, parent: &Chain, opts: &CreateOptions) -> Result<Vhdx> {
-    let mut o = opts.clone();
-    o.logical_sector_size = parent.logical_sector_size();
-    let meta = new_metadata(
-        out,
-        parent.virtual_size(),
-        &o,
-        Some(locator_for(out, parent, opts)),
-    )?;
+    let (o, meta) = differencing_metadata(out, parent, opts)?;
     atomic_write(out, o.sync, |path, file| {
         Builder::new(path, file, meta, &o)?.finish()
     })?;
@@ -602,14 +613,7 @@ pub fn differencing_from_blocks<B: AsRef<[u8]>>(
     opts: &CreateOptions,
     blocks: impl IntoIterator<Item = (u64, B)>,
 ) -> Result<ConvertStats> {
-    let mut o = opts.clone();
-    o.logical_sector_size = parent.logical_sector_size();
-    let meta = new_metadata(
-        out,
-        parent.virtual_size(),
-        &o,
-        Some(locator_for(out, parent, opts)),
-    )?;
+    let (o, meta) = differencing_metadata(out, parent, opts)?;
     let bad = |reason: String| VhdxError::InvalidArgument {
         file: out.to_path_buf(),
         reason,
