@@ -175,12 +175,7 @@ pub(super) async fn create_token(
     let (info, token) = st
         .db
         .call(move |c| {
-            if crate::db::nodes::get(c, &mac)?.is_none() {
-                return Err(crate::db::DbError::NotFound {
-                    kind: "node",
-                    id: mac,
-                });
-            }
+            crate::db::nodes::require(c, &mac)?;
             let out = crate::db::tokens::create(c, Scope::Node, Some(&mac), &name)?;
             crate::db::nodes::bump(c, &mac)?;
             crate::db::events::record(
@@ -255,12 +250,7 @@ pub(super) async fn rotate_token(
     let info = st
         .db
         .call(move |c| {
-            if crate::db::nodes::get(c, &mac)?.is_none() {
-                return Err(crate::db::DbError::NotFound {
-                    kind: "node",
-                    id: mac,
-                });
-            }
+            crate::db::nodes::require(c, &mac)?;
             crate::db::tokens::rotate(
                 c,
                 &mac,

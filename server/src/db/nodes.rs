@@ -136,6 +136,14 @@ pub fn get(conn: &Connection, mac: &str) -> Result<Option<NodeRow>, DbError> {
         .optional()?)
 }
 
+/// One node, or `NotFound` naming it.
+pub fn require(conn: &Connection, mac: &str) -> Result<NodeRow, DbError> {
+    get(conn, mac)?.ok_or_else(|| DbError::NotFound {
+        kind: "node",
+        id: mac.to_owned(),
+    })
+}
+
 /// Nodes, by MAC, optionally of one role.
 pub fn list(conn: &Connection, role: Option<&str>) -> Result<Vec<NodeRow>, DbError> {
     let mut stmt = conn.prepare_cached(&format!(
