@@ -872,14 +872,32 @@ fn killing_the_builder_never_leaves_a_bad_layer_or_catalog() -> Result<()> {
     let (_d, _s, reference) = shared();
     let dir = tempfile::tempdir()?;
     let root = dir.path().join("store");
-    // Kill points spread over a whole build (about 1-3 s here), in a fixed pseudo-random order.
+    // How long one whole build takes on this machine now (0.1 s quiet, seconds under load), in
+    // a store of its own: the kill points below are spread over that span.
+    let full = {
+        let measure = dir.path().join("measure");
+        let t0 = std::time::Instant::now();
+        let status = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["image", "build"])
+            .arg(images().join("busybox"))
+            .arg("--store")
+            .arg(&measure)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "an uninterrupted build failed: {status}");
+        t0.elapsed().as_millis() as u64
+    };
+    // Kill points spread over the whole build, in a fixed pseudo-random order: round r kills in
+    // the r-th fourteenth of the measured span, somewhere inside it.
+    let rounds = 14;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut kills = 0;
-    for round in 0..14 {
+    for round in 0..rounds {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let delay_ms = 20 + (x % 1400) + round * 10;
+        let delay_ms = (full * round + full * (x % 1000) / 1000) / rounds;
         let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
             .args(["image", "build"])
             .arg(images().join("busybox"))
