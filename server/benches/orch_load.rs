@@ -387,7 +387,7 @@ async fn run_load(nodes: usize, secs: u64, interval: u64, with_tokens: bool) -> 
                             take_stalls();
                         }
                     }
-                    if (k as u32 + round) % 10 == 0 && round > 0 {
+                    if (k as u32 + round).is_multiple_of(10) && round > 0 {
                         n.status.boot_count = n.status.boot_count.wrapping_add(1);
                     }
                     let t = Instant::now();

@@ -78,7 +78,11 @@ impl Fixture {
         let base = dir.path().join("base.vhdx");
         vhdx::from_raw(&raw, &base, None, &opts)?;
         let role = dir.path().join("role.vhdx");
-        vhdx::create_differencing(&role, &vhdx::Chain::from_paths(&[base.clone()])?, &opts)?;
+        vhdx::create_differencing(
+            &role,
+            &vhdx::Chain::from_paths(std::slice::from_ref(&base))?,
+            &opts,
+        )?;
         {
             let mut c = vhdx::Chain::from_paths_writable(&[base.clone(), role.clone()])?;
             c.write_at(&pattern(2, MIB as usize), 2 * MIB)?;
@@ -641,7 +645,11 @@ fn qemu_boots_a_vm_from_the_lun() -> Result<()> {
     let base = dir.path().join("base.vhdx");
     vhdx::from_raw(&raw, &base, None, &opts)?;
     let node = dir.path().join("node.vhdx");
-    vhdx::create_differencing(&node, &vhdx::Chain::from_paths(&[base.clone()])?, &opts)?;
+    vhdx::create_differencing(
+        &node,
+        &vhdx::Chain::from_paths(std::slice::from_ref(&base))?,
+        &opts,
+    )?;
     let mut luns = StaticLuns::new();
     let iqn = node_target_iqn("vm");
     luns.insert(

@@ -315,7 +315,7 @@ async fn the_fleet_leaving_the_plan_halts_the_rollout() -> Result<()> {
         "{reason}"
     );
     let halted_wave = r["progress"]["wave"].as_u64().context("wave")?;
-    assert!(halted_wave >= 1 && halted_wave < 5, "{r}");
+    assert!((1..5).contains(&halted_wave), "{r}");
     // Waves done before the halt keep the new version; the halted wave's nodes run the old
     // one again (once they have acted on the rollback's reboot); later waves were never touched.
     let done: Vec<String> = r["plan"]["waves"].as_array().context("waves")?[..halted_wave as usize]
@@ -713,7 +713,7 @@ async fn a_stale_fencing_token_writes_nothing() -> Result<()> {
                 a.token,
                 1_101,
                 0,
-                &[op.clone()],
+                std::slice::from_ref(&op),
                 &progress,
                 None,
             );

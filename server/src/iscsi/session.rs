@@ -287,7 +287,7 @@ impl Connection {
             }
             State::Full(mut ff) => {
                 self.full_feature(&mut ff, pdu, &mut out);
-                if !out.iter().any(|a| *a == Action::Close) {
+                if !out.contains(&Action::Close) {
                     self.state = State::Full(ff);
                 }
             }
