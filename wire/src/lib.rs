@@ -1,5 +1,5 @@
 //! Types that both the Strata server and node-init speak: the signed node manifest, layer and
-//! chunk hashing, and node state reports.
+//! chunk hashing, layer data extents, and node state reports.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -13,6 +13,7 @@
 
 pub mod chunk;
 pub mod dhcp;
+pub mod extents;
 pub mod manifest;
 pub mod multicast;
 pub mod report;
