@@ -13,6 +13,7 @@ pub mod ext4;
 pub mod layer;
 pub mod node;
 pub mod ops;
+pub mod packages;
 pub mod recipe;
 pub mod template;
 
@@ -352,6 +353,9 @@ fn external_sources(l: &Loaded) -> Vec<PathBuf> {
         if let Some(s) = &f.template {
             add(s);
         }
+    }
+    for d in r.packages.iter().flat_map(|p| p.debs.iter()) {
+        add(d);
     }
     v
 }
@@ -733,6 +737,7 @@ fn empty_recipe() -> recipe::Recipe {
         update: None,
         role: None,
         kernel: None,
+        packages: None,
         vars: BTreeMap::new(),
         sites: BTreeMap::new(),
         delete: Vec::new(),
@@ -881,6 +886,19 @@ pub fn build(
             let chain = store.chain(&p.base)?;
             let cached = layer::cached_raw(store, &chain, sdir)?;
             copy_sparse(&cached, &raw)?;
+            if let Some(pk) = &l.recipe.packages {
+                let mk = ext4::MkfsOptions {
+                    size: fs::metadata(&raw)
+                        .map_err(|e| BuildError::io("reading", &raw, e))?
+                        .len(),
+                    uuid: uuid_from(&name, "uuid"),
+                    hash_seed: uuid_from(&name, "hash_seed"),
+                    epoch,
+                    label: name.chars().take(16).collect(),
+                    inodes: Some(packages::inode_count(&raw)?),
+                };
+                packages::apply(&l, pk, &raw, &mk, sdir, opts.progress)?;
+            }
             opts.progress.stage("applying the update recipe");
             let mut vars = l.recipe.vars.clone();
             vars.insert("image".into(), name.clone());

@@ -24,6 +24,8 @@ pub struct Recipe {
     pub role: Option<RoleSection>,
     /// The kernel a base boots with.
     pub kernel: Option<KernelSection>,
+    /// Debian packages an update removes and installs (before its entries).
+    pub packages: Option<PackagesSection>,
     /// Template variables.
     #[serde(default)]
     pub vars: BTreeMap<String, String>,
@@ -130,6 +132,23 @@ pub struct KernelSection {
     /// Modules (names without `.ko`) copied into the image with their dependencies.
     #[serde(default)]
     pub modules: Vec<String>,
+}
+
+/// `[packages]` (update recipes): Debian packages purged from and installed into the copy of
+/// the previous version, before the recipe's entries (`build::packages`). Needs root.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackagesSection {
+    /// Package names purged first (`dpkg --purge`).
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Local `.deb` files (host paths, relative to the recipe), installed with `dpkg --root`.
+    #[serde(default)]
+    pub debs: Vec<String>,
+    /// Package names installed last with the image's own `apt-get` (needs apt in the image and
+    /// a reachable mirror); `name` or `name=version`.
+    #[serde(default)]
+    pub install: Vec<String>,
 }
 
 /// `[sites.<name>]`.
@@ -404,7 +423,54 @@ pub fn parse(file: &Path, text: &str) -> Result<(Recipe, RecipeKind), RecipeErro
     Ok((recipe, kind))
 }
 
+/// A Debian package name (policy 5.6.1: lower case, digits, `+`, `-`, `.`; two characters at
+/// least, starting alphanumeric), optionally `=version` (policy 5.6.12's characters).
+fn valid_package(spec: &str) -> bool {
+    let (name, version) = match spec.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (spec, None),
+    };
+    let name_ok = name.len() >= 2
+        && name.len() <= 128
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    let version_ok = version.is_none_or(|v| {
+        !v.is_empty()
+            && v.len() <= 128
+            && v.starts_with(|c: char| c.is_ascii_digit())
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".+~:-".contains(c))
+    });
+    name_ok && version_ok
+}
+
+fn validate_packages(p: &PackagesSection) -> Result<(), String> {
+    if p.remove.is_empty() && p.debs.is_empty() && p.install.is_empty() {
+        return Err("[packages] is empty: give remove, debs or install".into());
+    }
+    for (key, list) in [("remove", &p.remove), ("install", &p.install)] {
+        for n in list.iter() {
+            if !valid_package(n) || (key == "remove" && n.contains('=')) {
+                return Err(format!(
+                    "[packages] {key}: {n:?} is not a Debian package name"
+                ));
+            }
+        }
+    }
+    for d in &p.debs {
+        if !d.ends_with(".deb") || d.chars().any(char::is_control) {
+            return Err(format!("[packages] debs: {d:?} is not a .deb file"));
+        }
+    }
+    Ok(())
+}
+
 fn validate(r: &Recipe, kind: RecipeKind) -> Result<(), String> {
+    if r.packages.is_some() && kind != RecipeKind::Update {
+        return Err("[packages] is for update recipes (a new version of an image)".into());
+    }
     match kind {
         RecipeKind::Base => {
             let img = r.image.as_ref().ok_or("missing [image]")?;
@@ -440,6 +506,9 @@ fn validate(r: &Recipe, kind: RecipeKind) -> Result<(), String> {
         RecipeKind::Update => {
             if r.base.is_some() || r.kernel.is_some() {
                 return Err("an [update] recipe takes no [base] or [kernel]".into());
+            }
+            if let Some(p) = &r.packages {
+                validate_packages(p)?;
             }
             if !r.sites.is_empty() {
                 return Err("[sites] are for role recipes".into());
