@@ -28,16 +28,23 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --allow-downgrades "${APT_PACKAGES[@]}"
 fi
 
-# The kernel the lab boots: Debian's, with its modules, unpacked into the cache.
-KVER_PKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-KDIR="$STRATA_CACHE/kernel"
-if [ ! -f "$KDIR/.done" ] || [ "$(cat "$KDIR/.done")" != "$KVER_PKG" ]; then
-  log "unpacking $KVER_PKG into $KDIR"
-  rm -rf "$KDIR.tmp" && mkdir -p "$KDIR.tmp"
-  (cd "$KDIR.tmp" && apt-get download "$KVER_PKG" >/dev/null && dpkg-deb -x ./*.deb root && rm -f ./*.deb)
-  rm -rf "$KDIR" && mv "$KDIR.tmp" "$KDIR"
-  echo "$KVER_PKG" > "$KDIR/.done"
-fi
+# Debian kernels (a metapackage's current kernel), with their modules, unpacked into the cache.
+unpack_kernel() { # <metapackage> <dir>
+  local pkg dir=$2
+  pkg=$(apt-cache depends "$1" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  if [ ! -f "$dir/.done" ] || [ "$(cat "$dir/.done")" != "$pkg" ]; then
+    log "unpacking $pkg into $dir"
+    rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+    (cd "$dir.tmp" && apt-get download "$pkg" >/dev/null && dpkg-deb -x ./*.deb root && rm -f ./*.deb)
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+    echo "$pkg" > "$dir/.done"
+  fi
+}
+# The kernel the lab boots.
+unpack_kernel linux-image-amd64 "$STRATA_CACHE/kernel"
+# A second, different kernel (the cloud flavour: small, virtio built in) for the lab test that
+# boots a node into the kernel recorded with its image (qemu-tests/tests/image_kernel.rs).
+unpack_kernel linux-image-cloud-amd64 "$STRATA_CACHE/kernel-cloud"
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 log "setup complete (cache: $STRATA_CACHE)"

@@ -229,6 +229,127 @@ fn base_holds_what_the_recipe_says() -> Result<()> {
         blake3::hash(&fs::read(&k.path)?).to_hex().to_string(),
         k.id.to_hex()
     );
+    // With node-init's modules for that release, as a cpio blob GNU cpio reads.
+    let m = k.modules.context("module archive recorded")?;
+    let bytes = fs::read(&m.path)?;
+    assert_eq!(blake3::hash(&bytes).to_hex().to_string(), m.id.to_hex());
+    assert_eq!(m.size, bytes.len() as u64);
+    let list = String::from_utf8(cpio_cat(
+        &bytes,
+        &format!("lib/modules/{}/strata-modules.list", k.release),
+    )?)?;
+    for m in [
+        "/loop.ko",
+        "/dm-mod.ko",
+        "/dm-snapshot.ko",
+        "/ext4.ko",
+        "/virtio_net.ko",
+    ] {
+        assert!(list.lines().any(|l| l.ends_with(m)), "{m} not in {list}");
+    }
+    Ok(())
+}
+
+/// One member of a cpio archive, extracted by GNU cpio.
+fn cpio_cat(archive: &[u8], member: &str) -> Result<Vec<u8>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("a.cpio");
+    fs::write(&path, archive)?;
+    let out = Command::new("cpio")
+        .args(["-i", "--quiet", "--to-stdout", member])
+        .stdin(fs::File::open(&path)?)
+        .output()
+        .context("cpio missing: run scripts/setup.sh (Debian package cpio)")?;
+    if !out.status.success() {
+        bail!("cpio: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out.stdout)
+}
+
+/// A base whose kernel is its own (`[kernel]` without `dir`): the kernel comes out of the
+/// image's `/boot`, and node-init's modules out of its `/lib/modules/<release>`, where
+/// present; the rest are noted, not errors.
+#[test]
+fn an_image_carried_kernel_is_recorded_with_its_modules() -> Result<()> {
+    tools();
+    let generic = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME")?
+        .join(".cache/strata/kernel/root/lib/modules");
+    let release = fs::read_dir(&generic)
+        .with_context(|| format!("{}: run scripts/setup.sh", generic.display()))?
+        .next()
+        .context("no kernel: run scripts/setup.sh")??
+        .file_name()
+        .to_string_lossy()
+        .into_owned();
+    let d = recipe("[base]\nsource = \"dir\"\npath = \"root\"\n[kernel]\n");
+    let root = d.path().join("img/root");
+    write(&root, "boot/vmlinuz-9.9.9-test", "not really a kernel\n");
+    let loop_rel = "kernel/drivers/block/loop.ko";
+    let dest = root.join("lib/modules/9.9.9-test").join(loop_rel);
+    fs::create_dir_all(dest.parent().context("parent")?)?;
+    fs::copy(generic.join(&release).join(loop_rel), &dest)?;
+    write(
+        &root,
+        "lib/modules/9.9.9-test/modules.builtin",
+        "kernel/fs/ext4/ext4.ko\n",
+    );
+    let sd = tempfile::tempdir()?;
+    let store = Store::open(sd.path())?;
+    let built = build::build(&store, &d.path().join("img"), &BuildOptions::default())?;
+    let k = built.kernel.context("kernel recorded")?;
+    assert_eq!(k.release, "9.9.9-test");
+    assert_eq!(fs::read(&k.path)?, b"not really a kernel\n");
+    let m = k.modules.context("modules recorded")?;
+    let bytes = fs::read(&m.path)?;
+    let list = String::from_utf8(cpio_cat(
+        &bytes,
+        "lib/modules/9.9.9-test/strata-modules.list",
+    )?)?;
+    let loaded: Vec<&str> = list.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(loaded, [format!("/lib/modules/9.9.9-test/{loop_rel}")]);
+    assert_eq!(
+        cpio_cat(&bytes, &format!("lib/modules/9.9.9-test/{loop_rel}"))?,
+        fs::read(&dest)?
+    );
+    assert!(
+        built
+            .notes
+            .iter()
+            .any(|n| n.contains("module ext4 is built into the kernel")),
+        "{:?}",
+        built.notes
+    );
+    assert!(
+        built
+            .notes
+            .iter()
+            .any(|n| n.contains("module virtio_net is not in this kernel")),
+        "{:?}",
+        built.notes
+    );
+    // The catalog records it next to the kernel; inspect shows it.
+    let info = store.catalog().version("t", built.version)?.context("v")?;
+    assert_eq!(info.modules, Some(m.id));
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["image", "inspect", "--store"])
+        .arg(sd.path())
+        .arg("t")
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("modules for node-init: {}", m.id)),
+        "{text}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["image", "inspect", "--json", "--store"])
+        .arg(sd.path())
+        .arg("t")
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["kernel"]["modules"]["id"], m.id.to_hex().as_str(), "{v}");
     Ok(())
 }
 
@@ -795,6 +916,19 @@ fn updates_rebuild_roles_and_gc_collects_old_versions() -> Result<()> {
         v1.kernel.as_ref().map(|k| k.id),
         "kernel carried over"
     );
+    let modules = v2
+        .kernel
+        .as_ref()
+        .and_then(|k| k.modules.as_ref())
+        .map(|m| m.id);
+    assert!(modules.is_some(), "module archive carried over");
+    assert_eq!(
+        modules,
+        v1.kernel
+            .as_ref()
+            .and_then(|k| k.modules.as_ref())
+            .map(|m| m.id)
+    );
     // The diff between the two web versions names what changed.
     let web1 = store
         .image_version("busybox", v1.version, Some("web"), None)?
@@ -824,6 +958,14 @@ fn updates_rebuild_roles_and_gc_collects_old_versions() -> Result<()> {
     );
     let done = store.gc(false)?;
     assert_eq!(done.layers.len(), dry.layers.len());
+    // v2 still references the kernel and its module archive: gc keeps both.
+    for b in [v2.kernel.as_ref().map(|k| k.id), modules]
+        .into_iter()
+        .flatten()
+    {
+        assert!(!done.blobs.contains(&b), "gc removed blob {b}");
+        assert!(store.blob_path(&b).is_file());
+    }
     assert!(!store.layer_path(&v1.base.id).exists());
     assert!(!store.layer_path(&node.id).exists());
     for (_, _, l) in &v2.roles {

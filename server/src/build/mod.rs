@@ -11,6 +11,7 @@
 pub mod base;
 pub mod ext4;
 pub mod layer;
+pub mod modules;
 pub mod node;
 pub mod ops;
 pub mod packages;
@@ -37,7 +38,7 @@ use recipe::{host_path, Loaded, RecipeKind, SourceKind};
 pub const DEFAULT_EPOCH: u64 = 1_700_000_000;
 
 /// Bumped when the builder's output for the same inputs changes.
-pub(crate) const BUILDER_FORMAT: &str = "strata-builder-2";
+pub(crate) const BUILDER_FORMAT: &str = "strata-builder-3";
 
 /// Builder errors. Each names the recipe, source or path concerned.
 #[derive(Debug, thiserror::Error)]
@@ -210,8 +211,10 @@ pub struct Built {
     pub base: LayerRecord,
     /// Role layers: role, site ("" generic), layer.
     pub roles: Vec<(String, String, LayerRecord)>,
-    /// Kernel.
+    /// Kernel (with its module archive).
     pub kernel: Option<KernelRef>,
+    /// What the build log should tell the operator (modules skipped: built in or absent).
+    pub notes: Vec<String>,
 }
 
 /// The repository's `images/` directory (recipes of the built-in images): `$STRATA_IMAGES`
@@ -909,6 +912,27 @@ pub fn build(
     }
     opts.progress.stage("checking the base file system");
     ext4::fsck(&raw)?;
+    // node-init's modules for the kernel, from where the kernel came from.
+    let mut notes = Vec::new();
+    let modules_file = match &kernel {
+        Some((_, release)) => {
+            opts.progress
+                .stage("collecting node-init's modules for the kernel");
+            let src = match &kernel_dir {
+                Some(d) => modules::ModuleSource::Host(d),
+                None => modules::ModuleSource::Image(&raw),
+            };
+            let a = modules::module_archive(src, release, modules::NODE_INIT_MODULES, sdir)?;
+            for s in &a.skipped {
+                tracing::info!(image = %name, release = %release, module = %s.module, reason = ?s.reason, "module skipped");
+                notes.push(format!("kernel {release}: {s}; skipped"));
+            }
+            let path = sdir.join("modules.cpio");
+            fs::write(&path, &a.bytes).map_err(|e| BuildError::io("writing", &path, e))?;
+            Some(path)
+        }
+        None => None,
+    };
     opts.progress.stage("writing the base layer");
     let base_vhdx = layer::prepare(&raw, &[], &sdir.join("base.vhdx"), LayerKind::Base)?;
     let base_chain = vec![(base_vhdx.id, base_vhdx.path.clone())];
@@ -937,13 +961,21 @@ pub fn build(
         }
     }
     opts.progress.stage("publishing");
-    let kernel = match (kernel, &prev) {
+    let (kernel, modules) = match (kernel, &prev) {
         (Some((file, release)), _) => {
             let (id, _) = store.publish_blob(&file, "kernel", &format!("vmlinuz-{release}"))?;
-            Some((id, release))
+            let modules = match &modules_file {
+                Some(m) => Some(
+                    store
+                        .publish_blob(m, "modules", &format!("modules-{release}.cpio"))?
+                        .0,
+                ),
+                None => None,
+            };
+            (Some((id, release)), modules)
         }
-        (None, Some(p)) => p.kernel.clone(),
-        (None, None) => None,
+        (None, Some(p)) => (p.kernel.clone(), p.modules),
+        (None, None) => (None, None),
     };
     let base_rec = store.publish_layer(
         &base_vhdx.path,
@@ -977,18 +1009,21 @@ pub fn build(
         version,
         base: base_rec.id,
         kernel: kernel.clone(),
+        modules,
         inputs,
         recipe: l.text.clone(),
         roles: role_infos,
     })?;
-    let kernel = kernel.map(|(id, release)| KernelRef {
-        id,
-        release,
-        path: store.blob_path(&id),
-        size: fs::metadata(store.blob_path(&id))
-            .map(|m| m.len())
-            .unwrap_or(0),
-    });
+    let kernel = match kernel {
+        Some((id, release)) => Some(KernelRef {
+            id,
+            release,
+            path: store.blob_path(&id),
+            size: store.blob_ref(&id)?.size,
+            modules: modules.map(|m| store.blob_ref(&m)).transpose()?,
+        }),
+        None => None,
+    };
     Ok(Built {
         image: name,
         version,
@@ -996,6 +1031,7 @@ pub fn build(
         base: base_rec,
         roles: role_recs,
         kernel,
+        notes,
     })
 }
 
@@ -1100,6 +1136,7 @@ fn existing(store: &Store, image: &str, version: u64) -> Result<Option<Built>, B
         base,
         roles,
         kernel,
+        notes: Vec::new(),
     }))
 }
 

@@ -29,7 +29,7 @@ pub enum ImageCmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Show one version: chain, sizes, hashes, kernel, recipe.
+    /// Show one version: chain, sizes, hashes, kernel and its module archive, recipe.
     Inspect {
         /// `image` (newest version) or `image:version`.
         image: String,
@@ -189,6 +189,9 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
             );
             bar.finish_and_clear();
             let built = built?;
+            for note in &built.notes {
+                eprintln!("note: {note}");
+            }
             if common.json {
                 print_json(&built)?;
             } else {
@@ -214,6 +217,9 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 }
                 if let Some(k) = &built.kernel {
                     println!("  kernel {} ({})", k.id, k.release);
+                    if let Some(m) = &k.modules {
+                        println!("  modules {}  {:>10}", m.id, human(m.size));
+                    }
                 }
             }
         }
@@ -317,6 +323,18 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                         human(k.size),
                         k.path.display()
                     );
+                    match &k.modules {
+                        Some(m) => println!(
+                            "modules for node-init: {} ({}) at {}",
+                            m.id,
+                            human(m.size),
+                            m.path.display()
+                        ),
+                        None => println!(
+                            "modules for node-init: none recorded (built before Strata recorded \
+                             them: nodes boot the configured kernel and initramfs)"
+                        ),
+                    }
                 }
                 println!("roles of this version:");
                 for r in &info.roles {

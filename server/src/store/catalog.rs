@@ -79,6 +79,21 @@ pub struct KernelRef {
     pub path: std::path::PathBuf,
     /// Size in bytes.
     pub size: u64,
+    /// The modules node-init needs for this kernel (`build::modules`), a newc cpio blob; `None`
+    /// for versions built before Strata recorded them (their nodes boot the configured
+    /// kernel and initramfs).
+    pub modules: Option<BlobRef>,
+}
+
+/// A stored blob.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlobRef {
+    /// blake3 of the file.
+    pub id: Digest,
+    /// Where the store keeps it.
+    pub path: std::path::PathBuf,
+    /// Size in bytes.
+    pub size: u64,
 }
 
 /// One bootable thing: an image version, optionally with one role (and site) on it.
@@ -113,6 +128,8 @@ pub struct VersionInfo {
     pub roles: Vec<RoleInfo>,
     /// Kernel blob and release.
     pub kernel: Option<(Digest, String)>,
+    /// The kernel's module archive blob (node-init's modules for that release).
+    pub modules: Option<Digest>,
     /// Digest of the build inputs (recipes and sources).
     pub inputs: String,
     /// The recipes, as built (TOML text, base first).
@@ -145,6 +162,8 @@ pub struct NewVersion {
     pub base: LayerId,
     /// Kernel blob and release.
     pub kernel: Option<(Digest, String)>,
+    /// The kernel's module archive blob.
+    pub modules: Option<Digest>,
     /// Digest of all build inputs.
     pub inputs: String,
     /// Base recipe text.
@@ -153,7 +172,15 @@ pub struct NewVersion {
     pub roles: Vec<RoleInfo>,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// The schema version [`SCHEMA`] plus every [`MIGRATIONS`] step gives.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Steps from schema version `n` to `n + 1` (index `n - 1`), applied in order at open, each in
+/// the transaction that bumps `user_version`.
+const MIGRATIONS: &[&str] = &[
+    // 1 → 2: the module archive recorded next to a version's kernel.
+    "ALTER TABLE versions ADD COLUMN modules TEXT REFERENCES blobs(id);",
+];
 
 const SCHEMA: &str = "
 CREATE TABLE layers (
@@ -270,11 +297,26 @@ impl Catalog {
                 known: SCHEMA_VERSION,
             });
         }
-        if found == 0 {
+        let mut at = found;
+        if at == 0 {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(SCHEMA)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.pragma_update(None, "user_version", 1)?;
             tx.commit()?;
+            at = 1;
+        }
+        while at < SCHEMA_VERSION {
+            let step = usize::try_from(at - 1)
+                .ok()
+                .and_then(|i| MIGRATIONS.get(i))
+                .ok_or_else(|| CatalogError::Corrupt {
+                    what: format!("no migration from schema version {at}"),
+                })?;
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", at + 1)?;
+            tx.commit()?;
+            at += 1;
         }
         Ok(Catalog { conn })
     }
@@ -416,6 +458,16 @@ impl Catalog {
         Ok(())
     }
 
+    /// A blob's kind (`kernel`, `modules`), if recorded.
+    pub fn blob_kind(&self, id: &Digest) -> Result<Option<String>, CatalogError> {
+        Ok(self
+            .conn
+            .query_row("SELECT kind FROM blobs WHERE id = ?1", [id.to_hex()], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
     /// A blob's size, if recorded.
     pub fn blob_size(&self, id: &Digest) -> Result<Option<u64>, CatalogError> {
         let v: Option<i64> = self
@@ -470,8 +522,8 @@ impl Catalog {
             });
         }
         tx.execute(
-            "INSERT INTO versions (image, version, base_layer, kernel, kernel_release, inputs, recipe, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO versions (image, version, base_layer, kernel, kernel_release, inputs, recipe, created, modules)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 new.image,
                 i64_of(new.version),
@@ -481,6 +533,7 @@ impl Catalog {
                 new.inputs,
                 new.recipe,
                 i64_of(now()),
+                new.modules.as_ref().map(|m| m.to_hex()),
             ],
         )?;
         for r in &new.roles {
@@ -496,7 +549,7 @@ impl Catalog {
     /// All versions, newest first within each image (images by name).
     pub fn versions(&self, image: Option<&str>) -> Result<Vec<VersionInfo>, CatalogError> {
         let mut stmt = self.conn.prepare(
-            "SELECT image, version, base_layer, kernel, kernel_release, inputs, recipe, created FROM versions
+            "SELECT image, version, base_layer, kernel, kernel_release, inputs, recipe, created, modules FROM versions
              WHERE (?1 IS NULL OR image = ?1) ORDER BY image, version DESC",
         )?;
         let rows = stmt
@@ -510,11 +563,12 @@ impl Catalog {
                     r.get::<_, String>(5)?,
                     r.get::<_, String>(6)?,
                     r.get::<_, i64>(7)?,
+                    r.get::<_, Option<String>>(8)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         let mut out = Vec::with_capacity(rows.len());
-        for (image, version, base, kernel, release, inputs, recipe, created) in rows {
+        for (image, version, base, kernel, release, inputs, recipe, created, modules) in rows {
             let kernel = match (kernel, release) {
                 (Some(k), Some(r)) => Some((parse_digest(&k)?, r)),
                 _ => None,
@@ -526,6 +580,7 @@ impl Catalog {
                 base: parse_digest(&base)?,
                 roles,
                 kernel,
+                modules: modules.as_deref().map(parse_digest).transpose()?,
                 inputs,
                 recipe,
                 created: u64_of(created, "created")?,
@@ -661,7 +716,7 @@ impl Catalog {
     }
 
     /// Every layer something references: versions' bases, roles, node layers, and the parents
-    /// of all of these; plus every referenced kernel blob.
+    /// of all of these; plus every referenced kernel and module archive blob.
     pub fn referenced(&self) -> Result<(BTreeSet<LayerId>, BTreeSet<Digest>), CatalogError> {
         let mut roots = Vec::new();
         for sql in [
@@ -690,11 +745,14 @@ impl Catalog {
             }
         }
         let mut blobs = BTreeSet::new();
-        let mut stmt = self
-            .conn
-            .prepare("SELECT kernel FROM versions WHERE kernel IS NOT NULL")?;
-        for id in stmt.query_map([], |r| r.get::<_, String>(0))? {
-            blobs.insert(parse_digest(&id?)?);
+        for sql in [
+            "SELECT kernel FROM versions WHERE kernel IS NOT NULL",
+            "SELECT modules FROM versions WHERE modules IS NOT NULL",
+        ] {
+            let mut stmt = self.conn.prepare(sql)?;
+            for id in stmt.query_map([], |r| r.get::<_, String>(0))? {
+                blobs.insert(parse_digest(&id?)?);
+            }
         }
         Ok((layers, blobs))
     }
@@ -725,5 +783,78 @@ impl Catalog {
             .query_map([], |r| r.get::<_, String>(0))?
             .collect::<Result<Vec<_>, _>>()?;
         ids.iter().map(|s| parse_digest(s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A catalog written by schema version 1 (before module archives) opens, migrates to the
+    /// current version, keeps its rows (no module archive recorded for them) and takes new
+    /// versions that record one.
+    #[test]
+    fn version_1_catalogs_migrate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.sqlite3");
+        let kernel = blake3::hash(b"kernel");
+        let base = blake3::hash(b"base");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO layers (id, size, virtual_size, parent, kind, chunk_size, chunks, created)
+                 VALUES (?1, 1, 1, NULL, 'base', 1, x'', 0)",
+                [base.to_hex().to_string()],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO blobs (id, size, kind, name) VALUES (?1, 6, 'kernel', 'vmlinuz-1')",
+                [kernel.to_hex().to_string()],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO versions (image, version, base_layer, kernel, kernel_release, inputs, recipe, created)
+                 VALUES ('img', 1, ?1, ?2, '1', 'in', 'r', 0)",
+                [base.to_hex().to_string(), kernel.to_hex().to_string()],
+            )
+            .unwrap();
+        }
+        let mut cat = Catalog::open(&path).unwrap();
+        let found: i64 = cat
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(found, SCHEMA_VERSION);
+        cat.check().unwrap();
+        let v1 = cat.version("img", 1).unwrap().unwrap();
+        assert_eq!(v1.kernel, Some((Digest::from(kernel), "1".into())));
+        assert_eq!(v1.modules, None);
+        let modules = blake3::hash(b"modules");
+        cat.insert_blob(&Digest::from(modules), 7, "modules", "m")
+            .unwrap();
+        cat.commit_version(&NewVersion {
+            image: "img".into(),
+            version: 2,
+            base: Digest::from(base),
+            kernel: v1.kernel.clone(),
+            modules: Some(Digest::from(modules)),
+            inputs: "in2".into(),
+            recipe: "r".into(),
+            roles: Vec::new(),
+        })
+        .unwrap();
+        let v2 = cat.version("img", 2).unwrap().unwrap();
+        assert_eq!(v2.modules, Some(Digest::from(modules)));
+        let (_, blobs) = cat.referenced().unwrap();
+        assert!(blobs.contains(&Digest::from(modules)));
+        assert_eq!(
+            cat.blob_kind(&Digest::from(modules)).unwrap().as_deref(),
+            Some("modules")
+        );
+        drop(cat);
+        // Opening again migrates nothing more.
+        Catalog::open(&path).unwrap().check().unwrap();
     }
 }

@@ -29,7 +29,7 @@ use wire::manifest::LayerKind;
 
 pub use atomic::{TempDir, TempFile};
 pub use catalog::{
-    Catalog, CatalogError, ImageVersion, KernelRef, LayerRecord, RoleInfo, VersionInfo,
+    BlobRef, Catalog, CatalogError, ImageVersion, KernelRef, LayerRecord, RoleInfo, VersionInfo,
 };
 
 /// Store errors.
@@ -302,19 +302,41 @@ impl Store {
         chain.iter().map(|l| self.layer_path(&l.id)).collect()
     }
 
+    /// A recorded blob.
+    pub fn blob_ref(&self, id: &Digest) -> Result<BlobRef, StoreError> {
+        let size = self.catalog().blob_size(id)?.unwrap_or(0);
+        Ok(BlobRef {
+            id: *id,
+            path: self.blob_path(id),
+            size,
+        })
+    }
+
+    /// The file of a published blob of `kind` (`kernel`, `modules`), if the catalog records
+    /// one with that id and the file is there.
+    pub fn blob_file(&self, id: &Digest, kind: &str) -> Result<Option<PathBuf>, StoreError> {
+        if self.catalog().blob_kind(id)?.as_deref() != Some(kind) {
+            return Ok(None);
+        }
+        let path = self.blob_path(id);
+        Ok(path.is_file().then_some(path))
+    }
+
     fn kernel_ref(
         &self,
         kernel: Option<(Digest, String)>,
+        modules: Option<Digest>,
     ) -> Result<Option<KernelRef>, StoreError> {
         let Some((id, release)) = kernel else {
             return Ok(None);
         };
-        let size = self.catalog().blob_size(&id)?.unwrap_or(0);
+        let k = self.blob_ref(&id)?;
         Ok(Some(KernelRef {
             id,
             release,
-            path: self.blob_path(&id),
-            size,
+            path: k.path,
+            size: k.size,
+            modules: modules.map(|m| self.blob_ref(&m)).transpose()?,
         }))
     }
 
@@ -364,7 +386,7 @@ impl Store {
             role: role.map(str::to_owned),
             site: site.filter(|s| !s.is_empty()).map(str::to_owned),
             layers,
-            kernel: self.kernel_ref(info.kernel)?,
+            kernel: self.kernel_ref(info.kernel, info.modules)?,
             created: info.created,
         }))
     }
