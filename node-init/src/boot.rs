@@ -28,6 +28,25 @@ use crate::{info, marker};
 pub const KEY_PATH: &str = "/etc/strata/server.pub";
 /// The module list written by scripts/build-initramfs.sh (paths, dependency order).
 pub const MODULE_LIST: &str = "/lib/modules/strata-modules.list";
+
+/// The module list for the running kernel: `/lib/modules/<release>/strata-modules.list`, from
+/// the module archive the server appends for an image's own kernel (docs/node-init.md).
+pub fn release_module_list(release: &str) -> String {
+    format!("/lib/modules/{release}/strata-modules.list")
+}
+
+/// The list to load: the running kernel's if the initramfs has one, else [`MODULE_LIST`]
+/// (`scripts/build-initramfs.sh`'s, for the kernel it was built for). `exists` is the file
+/// system check, passed in for tests.
+pub fn pick_module_list(release: Option<&str>, exists: impl Fn(&str) -> bool) -> String {
+    match release
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && !r.contains('/'))
+    {
+        Some(r) if exists(&release_module_list(r)) => release_module_list(r),
+        _ => MODULE_LIST.to_owned(),
+    }
+}
 /// Runtime directory carried into the image (moved with /run).
 pub const RUN_DIR: &str = "/run/strata";
 /// Where the cache disk is mounted (inside /run, so the agent finds it after switch_root).
@@ -259,12 +278,15 @@ pub fn early_mounts() -> Result<(), InitError> {
     Ok(())
 }
 
-/// Loads the modules listed in [`MODULE_LIST`], in order. Failures are printed, not fatal
-/// (a module may be built in, or not needed on this machine).
-pub fn load_modules() -> (usize, usize) {
-    let Ok(list) = fs::read_to_string(MODULE_LIST) else {
-        info!("no module list at {MODULE_LIST}");
-        return (0, 0);
+/// Loads the modules listed in the running kernel's list ([`pick_module_list`]), in order.
+/// Returns the list's path and how many loaded and failed. Failures are printed, not fatal (a
+/// module may be built in, or not needed on this machine).
+pub fn load_modules() -> (String, usize, usize) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok();
+    let path = pick_module_list(release.as_deref(), |p| Path::new(p).is_file());
+    let Ok(list) = fs::read_to_string(&path) else {
+        info!("no module list at {path}");
+        return (path, 0, 0);
     };
     let (mut ok, mut failed) = (0, 0);
     for line in list
@@ -280,7 +302,7 @@ pub fn load_modules() -> (usize, usize) {
             }
         }
     }
-    (ok, failed)
+    (path, ok, failed)
 }
 
 fn read_key() -> Result<VerifyingKey, InitError> {
@@ -544,9 +566,9 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
         marker!("stage=init pid={}", process::getpid());
     }
     if !env.modules_done {
-        let (ok, failed) = load_modules();
+        let (list, ok, failed) = load_modules();
         env.modules_done = true;
-        marker!("stage=modules loaded={ok} failed={failed}");
+        marker!("stage=modules list={list} loaded={ok} failed={failed}");
     }
     let cmd = match &env.cmdline {
         Some(c) => c.clone(),
@@ -779,4 +801,23 @@ fn run_once(env: &mut Env, mode: Mode) -> Result<std::convert::Infallible, InitE
     );
     let err = crate::switch_root::switch_root(new_root, IMAGE_INIT);
     Err(InitError::SwitchRoot(err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_running_kernels_module_list_wins_when_present() {
+        let have = |p: &str| p == "/lib/modules/6.1.0-56-cloud-amd64/strata-modules.list";
+        assert_eq!(
+            pick_module_list(Some("6.1.0-56-cloud-amd64\n"), have),
+            "/lib/modules/6.1.0-56-cloud-amd64/strata-modules.list"
+        );
+        // Another kernel, no release, or a hostile one: the initramfs's own list.
+        assert_eq!(pick_module_list(Some("6.1.0-56-amd64"), have), MODULE_LIST);
+        assert_eq!(pick_module_list(None, have), MODULE_LIST);
+        assert_eq!(pick_module_list(Some(""), |_| true), MODULE_LIST);
+        assert_eq!(pick_module_list(Some("../../x"), |_| true), MODULE_LIST);
+    }
 }
