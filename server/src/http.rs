@@ -1,6 +1,7 @@
 //! The HTTP service (axum): iPXE scripts, the kernel and initramfs, layers (with `Range`, for
-//! resumed downloads and chunk repair). The API under `/api/v1` (operators, and the nodes'
-//! manifest and report routes) is `crate::api`, merged into this router by `strata serve`.
+//! resumed downloads and chunk repair, and their data extents: [`layers`]). The API under
+//! `/api/v1` (operators, and the nodes' manifest and report routes) is `crate::api`, merged
+//! into this router by `strata serve`.
 //!
 //! Booting nodes reach these without a token: `/boot/*` (iPXE has no credentials) and
 //! `/layers/*` (content-addressed: a client must already know the blake3 it asks for, and the
@@ -18,12 +19,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use tower_http::services::ServeFile;
-use wire::LayerId;
 
 use crate::boot::ipxe;
 use crate::fleet::{Fleet, FleetError};
 
 mod file;
+pub mod layers;
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -46,14 +47,15 @@ pub struct HttpState {
 
 /// The router for the whole HTTP service.
 pub fn router(state: HttpState) -> Router {
+    let layer_routes = layers::router(Arc::clone(&state.fleet));
     Router::new()
         .route("/boot/ipxe", get(chain_script))
         .route("/boot/node.ipxe", get(node_script))
         .route("/boot/kernel", get(kernel))
         .route("/boot/initramfs", get(initramfs))
         .route("/boot/file/{name}", get(boot_file))
-        .route("/layers/{id}", get(layer))
         .with_state(state)
+        .merge(layer_routes)
 }
 
 /// An error as the client sees it: a status, a stable code and a message. Internal detail
@@ -260,11 +262,6 @@ async fn initramfs(State(st): State<HttpState>, req: Request) -> Result<Response
     serve_file(st.initramfs.as_ref(), "initramfs", req).await
 }
 
-#[derive(Deserialize)]
-struct LayerQuery {
-    node: Option<String>,
-}
-
 /// A file of the TFTP root by plain name (UEFI HTTP boot clients load `ipxe.efi` this way).
 async fn boot_file(
     State(st): State<HttpState>,
@@ -288,30 +285,4 @@ async fn boot_file(
         return Err(HttpError::not_found(format!("no boot file {name}")));
     }
     serve_file(Some(&path), "boot file", req).await
-}
-
-async fn layer(
-    State(st): State<HttpState>,
-    Path(id): Path<String>,
-    Query(q): Query<LayerQuery>,
-    req: Request,
-) -> Result<Response, HttpError> {
-    let id: LayerId = id
-        .trim_end_matches(".vhdx")
-        .parse()
-        .map_err(|_| HttpError::bad_request(format!("not a layer id: {:?}", truncate(&id))))?;
-    let path = st
-        .fleet
-        .layer_path(&id)
-        .await?
-        .ok_or_else(|| HttpError::not_found(format!("no layer {id}")))?;
-    let resp = serve_file(Some(&path), "layer", req).await?;
-    let sent = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    if let (Some(n), Some(mac)) = (sent, q.node.as_deref().and_then(ipxe::normalize_mac)) {
-        st.fleet.count_layer_bytes(&mac, n);
-    }
-    Ok(resp)
 }

@@ -176,7 +176,7 @@ impl Extents {
 
     /// The whole file as one extent (what a file system without hole reporting gives).
     pub fn whole(layer: LayerId, size: u64) -> Self {
-        Self::from_runs(layer, size, [0..size])
+        Self::from_runs(layer, size, std::iter::once(0..size))
     }
 
     /// Parses and validates a document (at most [`MAX_DOCUMENT`] bytes are looked at; a
