@@ -113,6 +113,23 @@ pub struct ImageChain {
     pub boot_tries: u32,
 }
 
+/// The kernel a node's version records, with node-init's modules for it (docs/images.md,
+/// "Kernel and modules"): what its iPXE script boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootKernel {
+    /// Image name.
+    pub image: String,
+    /// Version.
+    pub version: u64,
+    /// Kernel release (`uname -r`).
+    pub release: String,
+    /// The kernel blob.
+    pub kernel: wire::chunk::Digest,
+    /// The module archive blob and its file; `None` for versions built before Strata
+    /// recorded one.
+    pub modules: Option<(wire::chunk::Digest, PathBuf)>,
+}
+
 /// An image version the store holds, for listings.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ImageInfo {
@@ -149,6 +166,24 @@ pub trait ImageSource: Send + Sync + 'static {
     }
     /// The file holding a published layer, if the store has it. May block.
     fn layer_path(&self, id: &LayerId) -> Option<PathBuf>;
+    /// The kernel recorded with the version a node of `role` boots: `version`, or with `None`
+    /// the one [`ImageSource::chain_for`] picks (the same version its manifest names). `None`
+    /// if that version records no kernel, or the source keeps none. May block.
+    fn boot_kernel(
+        &self,
+        role: &str,
+        version: Option<&VersionRef>,
+        node: &NodeRecord,
+    ) -> Result<Option<BootKernel>, FleetError> {
+        let _ = (role, version, node);
+        Ok(None)
+    }
+    /// The file of a stored blob of `kind` (`kernel`, `modules`), if the source has it. May
+    /// block.
+    fn blob_path(&self, id: &wire::chunk::Digest, kind: &str) -> Option<PathBuf> {
+        let _ = (id, kind);
+        None
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -204,6 +239,27 @@ fn record_of(r: &NodeRow) -> NodeRecord {
         layer_bytes_sent: r.layer_bytes,
         last_report: serde_json::to_value(&r.status).ok(),
         token: None,
+    }
+}
+
+/// The version a node's manifest names: with `version` None its assignment (pin, site
+/// override or role; `None` = its role's newest), else `version` if it is the node's assigned
+/// or staged one.
+fn wanted(row: &NodeRow, version: Option<u64>) -> Result<Option<VersionRef>, FleetError> {
+    match version {
+        None => Ok(row.effective.clone()),
+        Some(v) => {
+            let ok = [row.effective.as_ref(), row.stage.as_ref()]
+                .into_iter()
+                .flatten()
+                .find(|x| x.version == v);
+            Ok(Some(ok.cloned().ok_or_else(|| {
+                FleetError::NotAssigned {
+                    mac: row.mac.clone(),
+                    version: v,
+                }
+            })?))
+        }
     }
 }
 
@@ -350,19 +406,7 @@ impl Fleet {
         version: Option<u64>,
     ) -> Result<SignedManifest, FleetError> {
         let row = self.ensure(mac).await?;
-        let want = match version {
-            None => row.effective.clone(),
-            Some(v) => {
-                let ok = [row.effective.as_ref(), row.stage.as_ref()]
-                    .into_iter()
-                    .flatten()
-                    .find(|x| x.version == v);
-                Some(ok.cloned().ok_or_else(|| FleetError::NotAssigned {
-                    mac: mac.to_owned(),
-                    version: v,
-                })?)
-            }
-        };
+        let want = wanted(&row, version)?;
         let mut node = record_of(&row);
         node.token = Some(self.layer_token(mac).await?);
         let images = Arc::clone(&self.images);
@@ -398,6 +442,36 @@ impl Fleet {
         };
         SignedManifest::sign(&manifest, &self.key)
             .map_err(|e| FleetError::Internal(format!("signing manifest: {e}")))
+    }
+
+    /// The kernel (and node-init's modules for it) recorded with the version `mac` boots: the
+    /// version its manifest names (the same choice as [`Fleet::signed_manifest`] without
+    /// `version`). `None` when that version records no kernel (the node boots the configured
+    /// one); `NoImage` when its role has no image.
+    pub async fn boot_kernel(&self, mac: &str) -> Result<Option<BootKernel>, FleetError> {
+        let row = self.ensure(mac).await?;
+        let want = wanted(&row, None)?;
+        let node = record_of(&row);
+        let images = Arc::clone(&self.images);
+        let found = tokio::task::spawn_blocking(move || {
+            images.boot_kernel(&node.role, want.as_ref(), &node)
+        })
+        .await
+        .map_err(|e| FleetError::Internal(format!("kernel lookup task: {e}")))??;
+        Ok(found)
+    }
+
+    /// The file of a stored blob of `kind` (a kernel a version records, a module archive).
+    pub async fn blob_path(
+        &self,
+        id: &wire::chunk::Digest,
+        kind: &'static str,
+    ) -> Result<Option<PathBuf>, FleetError> {
+        let images = Arc::clone(&self.images);
+        let id = *id;
+        tokio::task::spawn_blocking(move || images.blob_path(&id, kind))
+            .await
+            .map_err(|e| FleetError::Internal(format!("blob lookup task: {e}")))
     }
 
     /// Offers multicast sessions in manifests from now on (docs/multicast.md, "Sessions

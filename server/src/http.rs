@@ -43,6 +43,10 @@ pub struct HttpState {
     pub fleet: Arc<Fleet>,
     /// The iSCSI targets, when on: diskless nodes' boot scripts name their portal.
     pub iscsi: Option<Arc<crate::iscsi::FleetLuns>>,
+    /// Composes the initramfs for images' own kernels (node-init's archive + the kernel's
+    /// modules + the key); `None` without a configured initramfs (every node then boots the
+    /// configured kernel).
+    pub composer: Option<Arc<crate::boot::initramfs::Composer>>,
 }
 
 /// The router for the whole HTTP service.
@@ -53,6 +57,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/boot/node.ipxe", get(node_script))
         .route("/boot/kernel", get(kernel))
         .route("/boot/initramfs", get(initramfs))
+        .route("/boot/kernels/{id}", get(image_kernel))
+        .route("/boot/initramfs/{id}", get(image_initramfs))
         .route("/boot/file/{name}", get(boot_file))
         .with_state(state)
         .merge(layer_routes)
@@ -154,6 +160,7 @@ async fn node_script(
     }
     st.fleet.netbooted(&mac);
     let iscsi_args = st.iscsi.as_ref().and_then(|l| l.boot_args(&mac));
+    let files = image_boot_files(&st, &mac).await;
     Ok(ipxe_response(ipxe::node_script(&ipxe::NodeBoot {
         public_url: &st.public_url,
         mac: &mac,
@@ -161,7 +168,93 @@ async fn node_script(
         role: &node.role,
         extra_cmdline: &st.cmdline,
         node_cmdline: iscsi_args.as_deref(),
+        files: files.as_ref(),
     })))
+}
+
+/// The kernel recorded with the version `mac` boots and the initramfs composed for it, or
+/// `None` for the configured ones: no composer, no kernel or no module archive recorded, or
+/// the lookup failed (logged; the node still boots, as before images carried kernels).
+async fn image_boot_files(st: &HttpState, mac: &str) -> Option<ipxe::ImageBootFiles> {
+    let composer = st.composer.as_ref()?;
+    let k = match st.fleet.boot_kernel(mac).await {
+        Ok(k) => k?,
+        Err(FleetError::NoImage { .. }) => return None,
+        Err(e) => {
+            tracing::error!(%mac, error = %e, "looking up the node's kernel; booting the configured one");
+            return None;
+        }
+    };
+    let Some((modules_id, modules_path)) = k.modules.clone() else {
+        tracing::debug!(%mac, image = %k.image, version = k.version, "no module archive recorded; booting the configured kernel");
+        return None;
+    };
+    let c = Arc::clone(composer);
+    let composed = tokio::task::spawn_blocking(move || c.compose(&modules_id, &modules_path)).await;
+    match composed {
+        Ok(Ok((initramfs, _))) => Some(ipxe::ImageBootFiles {
+            image: k.image,
+            version: k.version,
+            release: k.release,
+            kernel: k.kernel,
+            initramfs,
+        }),
+        Ok(Err(e)) => {
+            tracing::error!(%mac, error = %e, "composing the initramfs; booting the configured kernel");
+            None
+        }
+        Err(e) => {
+            tracing::error!(%mac, error = %e, "initramfs task; booting the configured kernel");
+            None
+        }
+    }
+}
+
+/// Content-addressed boot files never change: caches may keep them for good.
+fn immutable(mut resp: Response) -> Response {
+    if resp.status().is_success() || resp.status() == StatusCode::NOT_MODIFIED {
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("public, max-age=31536000, immutable"),
+        );
+    }
+    resp
+}
+
+fn parse_digest(id: &str, what: &str) -> Result<wire::chunk::Digest, HttpError> {
+    id.parse()
+        .map_err(|_| HttpError::bad_request(format!("not a {what} id: {:?}", truncate(id))))
+}
+
+/// `/boot/kernels/<blake3>`: a kernel an image version records.
+async fn image_kernel(
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, HttpError> {
+    let id = parse_digest(&id, "kernel")?;
+    let path = st
+        .fleet
+        .blob_path(&id, "kernel")
+        .await?
+        .ok_or_else(|| HttpError::not_found(format!("no kernel {id}")))?;
+    Ok(immutable(serve_file(Some(&path), "kernel", req).await?))
+}
+
+/// `/boot/initramfs/<blake3>`: an initramfs composed for an image's kernel.
+async fn image_initramfs(
+    State(st): State<HttpState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, HttpError> {
+    let id = parse_digest(&id, "initramfs")?;
+    let path = st
+        .composer
+        .as_ref()
+        .map(|c| c.path_of(&id))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| HttpError::not_found(format!("no initramfs {id}")))?;
+    Ok(immutable(serve_file(Some(&path), "initramfs", req).await?))
 }
 
 /// Serves a file with `GET` or `HEAD`. `ServeFile` decides the status and headers

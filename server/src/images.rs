@@ -13,7 +13,7 @@ use wire::LayerId;
 
 use crate::build::{self, NodeFacts};
 use crate::config::Config;
-use crate::fleet::{FleetError, ImageChain, ImageInfo, ImageSource, NodeRecord};
+use crate::fleet::{BootKernel, FleetError, ImageChain, ImageInfo, ImageSource, NodeRecord};
 use crate::orchestrator::VersionRef;
 use crate::store::catalog::{ImageVersion, LayerRecord};
 use crate::store::Store;
@@ -58,6 +58,35 @@ fn layer_ref(rec: &LayerRecord) -> LayerRef {
 }
 
 impl StoreImages {
+    /// The image version a node of `role` boots: `version` (the node's site variant of the
+    /// role where one was built, else the generic role), or with `None` the newest version
+    /// that has the role for the node's site.
+    fn image_at(
+        &self,
+        role: &str,
+        version: Option<&VersionRef>,
+        node: &NodeRecord,
+    ) -> Result<Option<ImageVersion>, FleetError> {
+        let Some(version) = version else {
+            return self
+                .store
+                .image_for_role_site(role, node.site.as_deref())
+                .map_err(|e| FleetError::Internal(format!("{role}: {e}")));
+        };
+        let lookup = |site: Option<&str>| {
+            self.store
+                .image_version(&version.image, version.version, Some(role), site)
+                .map_err(|e| FleetError::Internal(format!("{role} {version}: {e}")))
+        };
+        match node.site.as_deref() {
+            Some(site) => match lookup(Some(site))? {
+                Some(image) => Ok(Some(image)),
+                None => lookup(None),
+            },
+            None => lookup(None),
+        }
+    }
+
     /// `image`'s chain plus the node layer of `node`.
     fn with_node_layer(
         &self,
@@ -89,11 +118,7 @@ impl StoreImages {
 
 impl ImageSource for StoreImages {
     fn chain_for(&self, role: &str, node: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
-        let image = self
-            .store
-            .image_for_role_site(role, node.site.as_deref())
-            .map_err(|e| FleetError::Internal(format!("{role}: {e}")))?;
-        image
+        self.image_at(role, None, node)?
             .map(|image| self.with_node_layer(image, node))
             .transpose()
     }
@@ -104,22 +129,39 @@ impl ImageSource for StoreImages {
         version: &VersionRef,
         node: &NodeRecord,
     ) -> Result<Option<ImageChain>, FleetError> {
-        let lookup = |site: Option<&str>| {
-            self.store
-                .image_version(&version.image, version.version, Some(role), site)
-                .map_err(|e| FleetError::Internal(format!("{role} {version}: {e}")))
-        };
-        // The node's site variant of the role where one was built, else the generic role.
-        let image = match node.site.as_deref() {
-            Some(site) => match lookup(Some(site))? {
-                Some(image) => Some(image),
-                None => lookup(None)?,
-            },
-            None => lookup(None)?,
-        };
-        image
+        self.image_at(role, Some(version), node)?
             .map(|image| self.with_node_layer(image, node))
             .transpose()
+    }
+
+    fn boot_kernel(
+        &self,
+        role: &str,
+        version: Option<&VersionRef>,
+        node: &NodeRecord,
+    ) -> Result<Option<BootKernel>, FleetError> {
+        let Some(image) = self.image_at(role, version, node)? else {
+            return Err(FleetError::NoImage {
+                role: role.to_owned(),
+            });
+        };
+        Ok(image.kernel.map(|k| BootKernel {
+            image: image.image,
+            version: image.version,
+            release: k.release,
+            kernel: k.id,
+            modules: k.modules.map(|m| (m.id, m.path)),
+        }))
+    }
+
+    fn blob_path(&self, id: &wire::chunk::Digest, kind: &str) -> Option<PathBuf> {
+        match self.store.blob_file(id, kind) {
+            Ok(path) => path,
+            Err(e) => {
+                tracing::error!(blob = %id, error = %e, "blob lookup");
+                None
+            }
+        }
     }
 
     fn versions(&self) -> Result<Vec<ImageInfo>, FleetError> {

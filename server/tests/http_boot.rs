@@ -282,3 +282,185 @@ async fn file_ranges_at_chunk_boundaries_head_416_and_conditionals() -> Result<(
     ensure!(current.bytes().await?.len() == len);
     Ok(())
 }
+
+/// `strata image inspect --json` of a version in the server's store.
+fn inspect(s: &TestServer, image: &str) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["image", "inspect", "--json", "--store"])
+        .arg(s.data_dir.join("store"))
+        .arg(image)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "strata image inspect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The word of `script` that follows `prefix` (a URL path's last component).
+fn after<'a>(script: &'a str, prefix: &str) -> Option<&'a str> {
+    let at = script.find(prefix)? + prefix.len();
+    script[at..].split([' ', '\n']).next()
+}
+
+/// A node's script names the kernel recorded with the version its manifest names (the
+/// built-in busybox image records Debian's kernel) and an initramfs composed for it: node-init's
+/// archive, that kernel's module archive, the key archive. Both are served content-addressed
+/// (bytes hash to their name; Range; HEAD; cacheable for good). A node whose version records no
+/// kernel gets the configured kernel and initramfs.
+#[tokio::test]
+async fn node_scripts_name_the_kernel_of_their_image() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s = TestServer::start(&boot_files(tmp.path())?)?;
+    let http = reqwest::Client::new();
+    let mac = "52:54:00:12:34:01";
+
+    let v = inspect(&s, "busybox")?;
+    let kernel_id = v["kernel"]["id"].as_str().context("kernel id")?.to_owned();
+    let release = v["kernel"]["release"]
+        .as_str()
+        .context("release")?
+        .to_owned();
+    let kernel_file = v["kernel"]["path"]
+        .as_str()
+        .context("kernel path")?
+        .to_owned();
+    let modules_file = v["kernel"]["modules"]["path"]
+        .as_str()
+        .context("modules path")?
+        .to_owned();
+    let modules_id = v["kernel"]["modules"]["id"]
+        .as_str()
+        .context("modules id")?;
+
+    let script = http
+        .get(s.url(&format!("/boot/node.ipxe?mac={mac}")))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        after(&script, "/boot/kernels/") == Some(kernel_id.as_str()),
+        "{script}"
+    );
+    ensure!(script.contains(&format!("kernel {release}\n")), "{script}");
+    let initramfs_id = after(&script, "/boot/initramfs/")
+        .with_context(|| format!("no composed initramfs in {script}"))?
+        .to_owned();
+
+    // The kernel: exactly the recorded blob, whole, by range, HEAD; cacheable for good.
+    let resp = http
+        .get(s.url(&format!("/boot/kernels/{kernel_id}")))
+        .send()
+        .await?;
+    ensure!(resp.status() == 200, "{}", resp.status());
+    let cache = resp
+        .headers()
+        .get("cache-control")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(cache.contains("immutable"), "cache-control {cache:?}");
+    let kernel = resp.bytes().await?;
+    ensure!(kernel.as_ref() == std::fs::read(&kernel_file)?.as_slice());
+    ensure!(blake3::hash(&kernel).to_hex().as_str() == kernel_id);
+    let part = http
+        .get(s.url(&format!("/boot/kernels/{kernel_id}")))
+        .header("Range", "bytes=4096-8191")
+        .send()
+        .await?;
+    ensure!(part.status() == 206);
+    ensure!(part.bytes().await?.as_ref() == &kernel[4096..8192]);
+    let head = http
+        .head(s.url(&format!("/boot/kernels/{kernel_id}")))
+        .send()
+        .await?;
+    ensure!(head.status() == 200);
+    ensure!(
+        head.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            == Some(kernel.len().to_string().as_str())
+    );
+
+    // The initramfs: hashes to its name; base, then the module archive, then the key archive,
+    // each from a 512-byte boundary.
+    let resp = http
+        .get(s.url(&format!("/boot/initramfs/{initramfs_id}")))
+        .send()
+        .await?;
+    ensure!(resp.status() == 200, "{}", resp.status());
+    let initramfs = resp.bytes().await?;
+    ensure!(blake3::hash(&initramfs).to_hex().as_str() == initramfs_id);
+    let modules = std::fs::read(&modules_file)?;
+    ensure!(blake3::hash(&modules).to_hex().as_str() == modules_id);
+    ensure!(initramfs.starts_with(b"07070100000000"));
+    ensure!(initramfs[14..512].iter().all(|b| *b == 0));
+    ensure!(&initramfs[512..512 + modules.len()] == modules.as_slice());
+    let public = hex::encode(server_key(&s)?.verifying_key().to_bytes());
+    ensure!(initramfs.ends_with(&strata_server::boot::initramfs::key_archive(&public)));
+    // A second script names the same files (composed once).
+    let again = http
+        .get(s.url(&format!("/boot/node.ipxe?mac={mac}")))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(after(&again, "/boot/initramfs/") == Some(initramfs_id.as_str()));
+
+    // Bad and unknown ids; a module archive is not a kernel.
+    for (path, status) in [
+        ("/boot/kernels/not-hex".to_owned(), 400),
+        (format!("/boot/kernels/{}", "0".repeat(64)), 404),
+        (format!("/boot/kernels/{modules_id}"), 404),
+        ("/boot/initramfs/xyz".to_owned(), 400),
+        (format!("/boot/initramfs/{}", "0".repeat(64)), 404),
+    ] {
+        let r = http.get(s.url(&path)).send().await?;
+        ensure!(r.status() == status, "{path}: {}", r.status());
+    }
+
+    // A version without a kernel: the configured kernel and initramfs.
+    let recipes = tmp.path().join("plain");
+    std::fs::create_dir_all(recipes.join("base"))?;
+    std::fs::create_dir_all(recipes.join("roles/plain"))?;
+    std::fs::write(
+        recipes.join("base/recipe.toml"),
+        "[image]\nname = \"plain\"\nsize_mib = 8\n[base]\nsource = \"empty\"\n",
+    )?;
+    std::fs::write(
+        recipes.join("roles/plain/recipe.toml"),
+        "[role]\nname = \"plain\"\nimage = \"plain\"\n",
+    )?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["image", "build", "--store"])
+        .arg(s.data_dir.join("store"))
+        .arg(recipes.join("base"))
+        .arg("--roles")
+        .arg(recipes.join("roles"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "strata image build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin = std::fs::read_to_string(s.data_dir.join("admin.token"))?;
+    let r = http
+        .patch(s.url(&format!("/api/v1/nodes/{mac}")))
+        .bearer_auth(admin.trim())
+        .json(&serde_json::json!({ "role": "plain" }))
+        .send()
+        .await?;
+    ensure!(r.status().is_success(), "PATCH node: {}", r.status());
+    let script = http
+        .get(s.url(&format!("/boot/node.ipxe?mac={mac}")))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(script.contains("/boot/kernel initrd=initramfs"), "{script}");
+    ensure!(script.contains("/boot/initramfs\n"), "{script}");
+    ensure!(!script.contains("/boot/kernels/"), "{script}");
+    Ok(())
+}

@@ -95,9 +95,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if kernel.is_none() {
         tracing::warn!("no kernel: set boot.kernel or run scripts/setup.sh; nodes cannot boot");
     }
-    let initramfs = match config.boot.initramfs.clone().or_else(default_initramfs) {
+    let base_initramfs = config.boot.initramfs.clone().or_else(default_initramfs);
+    let initramfs = match &base_initramfs {
         Some(base) => Some(initramfs::with_public_key(
-            &base,
+            base,
             &public_hex,
             &config.data_dir.join("boot"),
         )?),
@@ -106,6 +107,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             None
         }
     };
+    // Nodes whose image records a kernel get it, with node-init's modules for it appended.
+    let composer = base_initramfs.as_deref().map(|base| {
+        Arc::new(initramfs::Composer::new(
+            base,
+            &public_hex,
+            &config.data_dir.join("boot"),
+        ))
+    });
 
     let images: Arc<dyn ImageSource> = crate::images::open(&config).await?;
     let iscsi_key = key.clone();
@@ -151,6 +160,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tftp_root: config.tftp.root.clone(),
         fleet: Arc::clone(&fleet),
         iscsi: iscsi.as_ref().map(|(_, luns)| Arc::clone(luns)),
+        composer,
     };
 
     let shutdown = CancellationToken::new();

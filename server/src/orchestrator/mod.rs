@@ -188,6 +188,7 @@ impl Orchestrator {
             tftp_root: PathBuf::new(),
             fleet: Arc::clone(&self.fleet),
             iscsi: None,
+            composer: None,
         };
         let app = crate::http::router(files).merge(self.router());
         services.spawn("http", move |token| async move {
