@@ -126,6 +126,40 @@ fn open(c: &Common) -> anyhow::Result<Store> {
     Store::open(&c.store).with_context(|| format!("opening the store at {}", c.store.display()))
 }
 
+/// What a layer costs on the server's disk and on the wire (`inspect`).
+#[derive(Debug, serde::Serialize)]
+struct LayerTransfer {
+    /// The layer.
+    id: wire::LayerId,
+    /// File size.
+    size: u64,
+    /// Bytes allocated on disk (the store writes layers sparse).
+    allocated: u64,
+    /// Bytes a node fetches for a fresh copy: the sum of the layer's data extents
+    /// (`GET /layers/{id}/extents`).
+    transfer: u64,
+    /// How many extents.
+    extents: usize,
+}
+
+fn layer_transfers(store: &Store, iv: &ImageVersion) -> anyhow::Result<Vec<LayerTransfer>> {
+    iv.layers
+        .iter()
+        .map(|l| {
+            let path = store.layer_path(&l.id);
+            let (ext, allocated) = crate::http::layers::layer_extents(&path, l.id)
+                .with_context(|| format!("reading the extents of {}", path.display()))?;
+            Ok(LayerTransfer {
+                id: l.id,
+                size: ext.size(),
+                allocated,
+                transfer: ext.data_bytes(),
+                extents: ext.ranges().len(),
+            })
+        })
+        .collect()
+}
+
 fn parse_ref(store: &Store, s: &str) -> anyhow::Result<(String, u64)> {
     match s.split_once(':') {
         Some((i, v)) => Ok((
@@ -279,17 +313,20 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                 .catalog()
                 .version(&name, version)?
                 .context("version vanished")?;
+            let transfer = layer_transfers(&store, &iv)?;
             if common.json {
                 #[derive(serde::Serialize)]
                 struct Out<'a> {
                     #[serde(flatten)]
                     iv: &'a ImageVersion,
+                    transfer: &'a [LayerTransfer],
                     roles: &'a [crate::store::RoleInfo],
                     inputs: &'a str,
                     recipe: &'a str,
                 }
                 print_json(&Out {
                     iv: &iv,
+                    transfer: &transfer,
                     roles: &info.roles,
                     inputs: &info.inputs,
                     recipe: &info.recipe,
@@ -305,12 +342,16 @@ pub fn run(cmd: ImageCmd) -> anyhow::Result<ExitCode> {
                         .unwrap_or_else(|| "base".into())
                 );
                 println!("chain (base first):");
-                for l in &iv.layers {
+                for (l, t) in iv.layers.iter().zip(&transfer) {
                     println!(
-                        "  {:<5} {}  {:>10} file, {:>10} virtual, {} chunks",
+                        "  {:<5} {}  {:>10} file, {:>10} on disk, {:>10} sent to a node \
+                         ({} extents), {:>10} virtual, {} chunks",
                         format!("{:?}", l.kind).to_lowercase(),
                         l.id,
                         human(l.size),
+                        human(t.allocated),
+                        human(t.transfer),
+                        t.extents,
                         human(l.virtual_size),
                         l.chunks.len()
                     );
