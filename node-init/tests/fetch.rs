@@ -1,5 +1,9 @@
 //! Downloads and repair against the fixture server (no VM): verified while received,
-//! resumed after a cut transfer, repaired chunk by chunk, refused when the bytes are wrong.
+//! resumed after a cut transfer, repaired chunk by chunk, refused when the bytes are wrong;
+//! and by data extents (`GET /layers/{id}/extents`): only the extents move, resumed inside an
+//! extent, a wrong list costs bytes and never a wrong layer.
+// `&[a..b]` below is a list of one data run, not a range to expand.
+#![allow(clippy::single_range_in_vec_init)]
 
 mod support;
 
@@ -57,8 +61,9 @@ fn cut_transfer_resumes_from_the_last_whole_chunk() {
     // 20,000 bytes, then from chunk 4 (16,384) to the end.
     assert_eq!(st.received, 20_000 + (50_000 - 16_384));
     assert_eq!(std::fs::read(cache.layer_path(&l.id)).unwrap(), bytes);
-    let reqs = srv.state.lock().unwrap().requests.clone();
-    assert_eq!(reqs.len(), 2);
+    // Two layer requests (the fixture has no extents route: 404, a whole-file download).
+    let reqs = srv.state.lock().unwrap().ranges.clone();
+    assert_eq!(reqs, vec![None, Some((16_384, None))]);
 }
 
 #[test]
@@ -135,4 +140,214 @@ fn unreachable_server_is_reported_as_such() {
     let client = Client::new(format!("127.0.0.1:{port}").parse().unwrap());
     let err = fetch_layer(&client, &cache, &l, |_| {}).unwrap_err();
     assert!(err.is_unreachable(), "{err:?}");
+}
+
+// ---- Transfer by data extents (`GET /layers/{id}/extents`) ----
+
+use node_init::fetch::plan_requests;
+use wire::extents::Extents;
+
+/// A 400,000-byte layer whose data sits in `runs` (zeros elsewhere), served with its
+/// extents document.
+fn sparse_setup(
+    runs: &[std::ops::Range<usize>],
+) -> (Server, Client, Cache, LayerRef, Vec<u8>, tempfile::TempDir) {
+    let mut bytes = vec![0u8; 400_000];
+    for r in runs {
+        for i in r.clone() {
+            bytes[i] = (i % 251) as u8 | 1;
+        }
+    }
+    let (srv, client, cache, l, dir) = setup(&bytes);
+    let ext = Extents::from_runs(
+        l.id,
+        l.size,
+        runs.iter().map(|r| r.start as u64..r.end as u64),
+    );
+    srv.state
+        .lock()
+        .unwrap()
+        .extents
+        .insert(l.id, ext.to_json());
+    (srv, client, cache, l, bytes, dir)
+}
+
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn a_sparse_layer_moves_only_its_extents_and_stays_sparse() {
+    let (srv, client, cache, l, bytes, _d) = sparse_setup(&[0..5000, 200_000..260_000]);
+    let st = fetch_layer(&client, &cache, &l, |_| {}).unwrap();
+    assert_eq!(st.received, 65_000, "the two extents, nothing else");
+    assert_eq!(srv.sent(&l.id), 65_000);
+    let path = cache.layer_path(&l.id);
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    assert!(cache.verify_layer(&l).unwrap().is_empty());
+    assert!(
+        allocated(&path) < 200_000,
+        "the cached copy keeps the holes: {} bytes allocated",
+        allocated(&path)
+    );
+    let ranges = srv.state.lock().unwrap().ranges.clone();
+    assert_eq!(
+        ranges,
+        vec![Some((0, Some(4999))), Some((200_000, Some(259_999)))]
+    );
+}
+
+#[test]
+fn extents_closer_than_32_kib_go_in_one_request() {
+    let (srv, client, cache, l, bytes, _d) =
+        sparse_setup(&[0..5000, 25_000..26_000, 100_000..101_000]);
+    let st = fetch_layer(&client, &cache, &l, |_| {}).unwrap();
+    assert_eq!(
+        st.received,
+        26_000 + 1000,
+        "the 20,000 zeros between the first two travel too"
+    );
+    assert_eq!(std::fs::read(cache.layer_path(&l.id)).unwrap(), bytes);
+    assert_eq!(
+        srv.state.lock().unwrap().ranges,
+        vec![Some((0, Some(25_999))), Some((100_000, Some(100_999)))]
+    );
+}
+
+#[test]
+fn a_transfer_cut_mid_extent_resumes_at_the_first_unverified_chunk() {
+    let (srv, client, cache, l, bytes, _d) = sparse_setup(&[200_000..260_000]);
+    srv.state.lock().unwrap().cut = Some((l.id, 30_000));
+    let st = fetch_layer(&client, &cache, &l, |_| {}).unwrap();
+    // 200,000..230,000 arrived; chunk 56 (229,376..233,472) was cut, so the second request
+    // starts there, inside the extent: 260,000 - 229,376 = 30,624 bytes.
+    assert_eq!(st.received, 30_000 + 30_624);
+    assert_eq!(srv.sent(&l.id), 30_000 + 30_624);
+    let ranges = srv.state.lock().unwrap().ranges.clone();
+    assert_eq!(
+        ranges,
+        vec![
+            Some((200_000, Some(259_999))),
+            Some((229_376, Some(259_999)))
+        ]
+    );
+    assert_eq!(std::fs::read(cache.layer_path(&l.id)).unwrap(), bytes);
+}
+
+#[test]
+fn a_partial_left_by_a_previous_boot_keeps_every_verified_chunk() {
+    let (srv, client, cache, l, bytes, _d) = sparse_setup(&[0..5000, 200_000..260_000]);
+    // The previous boot got the first extent and part of the second, with one chunk (50:
+    // 204,800..208,896) damaged.
+    let mut partial = vec![0u8; 400_000];
+    partial[..5000].copy_from_slice(&bytes[..5000]);
+    partial[200_000..240_000].copy_from_slice(&bytes[200_000..240_000]);
+    partial[205_000] ^= 0xff;
+    std::fs::write(cache.partial_path(&l.id), &partial).unwrap();
+    let st = fetch_layer(&client, &cache, &l, |_| {}).unwrap();
+    // Chunk 50 (204,800..208,896) again, and from chunk 58 (237,568) to the extent's end
+    // (260,000): 28,672 bytes apart, so one request (the verified chunks between travel too).
+    assert_eq!(st.received, 260_000 - 204_800);
+    assert_eq!(
+        srv.state.lock().unwrap().ranges,
+        vec![Some((204_800, Some(259_999)))]
+    );
+    assert_eq!(st.resumed_from, 400_000 - 4096 - (262_144 - 237_568));
+    assert_eq!(std::fs::read(cache.layer_path(&l.id)).unwrap(), bytes);
+}
+
+#[test]
+fn a_wrong_extents_list_costs_bytes_never_a_wrong_layer() {
+    // 128 KiB chunks: 0..131,072, ..262,144, ..393,216, ..400,000.
+    let mut bytes = vec![0u8; 400_000];
+    for i in (0..5000).chain(200_000..260_000) {
+        bytes[i] = (i % 251) as u8 | 1;
+    }
+    let (id, size, chunks) = chunk_hashes(&bytes[..], 128 << 10).unwrap();
+    let l = LayerRef {
+        id,
+        size,
+        kind: LayerKind::Role,
+        chunk_size: 128 << 10,
+        chunks,
+        url: format!("/layers/{id}?node=52:54:00:00:00:01"),
+    };
+    let (srv, client, cache, _, _d) = setup(&bytes);
+    srv.add_layer(id, bytes.clone());
+    // The list names a part of each extent only.
+    let lie = Extents::new(id, size, vec![0..1000, 250_000..260_000]).unwrap();
+    srv.state.lock().unwrap().extents.insert(id, lie.to_json());
+    let st = fetch_layer(&client, &cache, &l, |_| {}).unwrap();
+    assert_eq!(std::fs::read(cache.layer_path(&id)).unwrap(), bytes);
+    // The 11,000 listed bytes, then chunks 0 and 1 whole once their hashes show them wrong.
+    assert_eq!(st.received, 11_000 + 2 * (128 << 10));
+    assert_eq!(
+        srv.state.lock().unwrap().ranges,
+        vec![
+            Some((0, Some(999))),
+            Some((250_000, Some(259_999))),
+            Some((0, Some(131_071))),
+            Some((131_072, Some(262_143))),
+        ]
+    );
+}
+
+#[test]
+fn an_unusable_extents_document_means_a_whole_file_download() {
+    for doc in [
+        b"not json".to_vec(),
+        // Another size than the manifest's.
+        Extents::new(wire::Digest::of(b"x"), 10, vec![0..1])
+            .unwrap()
+            .to_json(),
+    ] {
+        let (srv, client, cache, l, bytes, _d) = sparse_setup(&[0..5000]);
+        srv.state.lock().unwrap().extents.insert(l.id, doc);
+        let st = fetch_layer(&client, &cache, &l, |_| {}).unwrap();
+        assert_eq!(st.received, 400_000);
+        assert_eq!(std::fs::read(cache.layer_path(&l.id)).unwrap(), bytes);
+        assert_eq!(srv.state.lock().unwrap().ranges, vec![None]);
+    }
+}
+
+#[test]
+fn wrong_bytes_by_extents_never_enter_the_cache() {
+    let (srv, client, cache, l, bytes, _d) = sparse_setup(&[200_000..260_000]);
+    let mut evil = bytes.clone();
+    evil[210_000] ^= 1;
+    srv.add_layer(l.id, evil);
+    let err = fetch_layer(&client, &cache, &l, |_| {}).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FetchError::Verify {
+                source: VerifyError::ChunkMismatch { index: 51, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!cache.layer_path(&l.id).exists());
+}
+
+#[test]
+fn requests_cover_the_extents_of_unverified_chunks_only() {
+    let bytes: Vec<u8> = (0..1_000_000).map(|i| u8::from(i < 940_000)).collect();
+    let l = layer(&bytes);
+    let ext = Extents::new(l.id, l.size, vec![1000..2000, 9000..900_000]).unwrap();
+    // Chunk 0 holds 1000..2000 and chunk 2 (8192..12288) 9000..12288: 7,000 apart, one
+    // request. Chunks 100 and 200 lie inside the second extent. Chunk 229 (937,984..942,080)
+    // has no extent but is not zeros (the list is wrong): whole. Chunk 240 has no extent and
+    // is zeros: nothing to fetch.
+    let got = plan_requests(&l, &ext, &[0, 2, 100, 200, 229, 240]);
+    assert_eq!(
+        got,
+        vec![
+            1000..12_288,
+            409_600..413_696,
+            819_200..823_296,
+            937_984..942_080
+        ]
+    );
 }

@@ -1,5 +1,7 @@
 //! A fixture HTTP/1.1 server with the node endpoints of `strata serve`:
 //! `GET /api/v1/nodes/by-mac/{mac}/manifest`, `GET /layers/{id}` (with `Range`),
+//! `GET /layers/{id}/extents` (only for layers given a document: 404 otherwise, as an older
+//! server answers),
 //! `POST /api/v1/nodes/by-mac/{mac}/report`. It counts layer bytes sent and can cut a layer
 //! transfer after N bytes (a server killed mid-transfer) or refuse connections (server gone).
 
@@ -17,6 +19,10 @@ pub struct State {
     /// mac → SignedManifest JSON.
     pub manifests: HashMap<String, String>,
     pub layers: HashMap<LayerId, Arc<Vec<u8>>>,
+    /// Extents documents served at `/layers/{id}/extents`.
+    pub extents: HashMap<LayerId, Vec<u8>>,
+    /// `Range` headers of layer requests, in order (`None`: no header).
+    pub ranges: Vec<Option<(u64, Option<u64>)>>,
     /// Layer bytes sent, per layer.
     pub sent: HashMap<LayerId, u64>,
     /// Cut the next transfer of this layer after this many bytes.
@@ -206,8 +212,20 @@ fn handle(mut s: TcpStream, st: &Mutex<State>) -> std::io::Result<()> {
     }
     if let Some(id) = path
         .strip_prefix("/layers/")
+        .and_then(|x| x.strip_suffix("/extents"))
         .and_then(|x| x.parse::<LayerId>().ok())
     {
+        let doc = st.lock().unwrap().extents.get(&id).cloned();
+        return match doc {
+            Some(doc) => respond(&mut s, "200 OK", "Content-Type: application/json\r\n", &doc),
+            None => respond(&mut s, "404 Not Found", "", b"not found"),
+        };
+    }
+    if let Some(id) = path
+        .strip_prefix("/layers/")
+        .and_then(|x| x.parse::<LayerId>().ok())
+    {
+        st.lock().unwrap().ranges.push(range);
         let (data, cut) = {
             let mut g = st.lock().unwrap();
             let data = g.layers.get(&id).cloned();
