@@ -313,14 +313,6 @@ fn module_bytes(file: &Path) -> Result<Vec<u8>, BuildError> {
     Ok(out.stdout)
 }
 
-/// One module read: what it needs, its path in the archive, its plain bytes.
-struct Found {
-    deps: Vec<String>,
-    pre: Vec<String>,
-    plain: String,
-    bytes: Vec<u8>,
-}
-
 /// Path of a module inside the archive: compression suffix dropped.
 fn plain_rel(rel: &str) -> String {
     for s in [".xz", ".zst", ".gz"] {
@@ -329,6 +321,78 @@ fn plain_rel(rel: &str) -> String {
         }
     }
     rel.to_owned()
+}
+
+/// What a module needs: hard dependencies and soft pre-dependencies (module names).
+type Needs = (Vec<String>, Vec<String>);
+
+/// The load order of `names` and what they need, from `index`: module names, each after its
+/// dependencies and soft pre-dependencies (depth-first post-order; the first listed first),
+/// each once; plus the names skipped (built in or absent). `needs(name, path)` reads what a
+/// module needs; it is called once per module reached. A dependency that is not a module file
+/// is left out (built in, or the kernel cannot load the dependant anyway); a dependency cycle,
+/// which no sane kernel has, is broken where it closes.
+fn resolve(
+    names: &[&str],
+    index: &Index,
+    mut needs: impl FnMut(&str, &str) -> Result<Needs, BuildError>,
+) -> Result<(Vec<String>, Vec<Skipped>), BuildError> {
+    let mut skipped = Vec::new();
+    let mut order = Vec::new();
+    let mut known: BTreeMap<String, Needs> = BTreeMap::new();
+    let mut placed = BTreeSet::new();
+    for want in names {
+        let want = want.replace('-', "_");
+        if !index.files.contains_key(&want) {
+            let reason = if index.builtin.contains(&want) {
+                SkipReason::BuiltIn
+            } else {
+                SkipReason::Absent
+            };
+            if !skipped.iter().any(|s: &Skipped| s.module == want) {
+                skipped.push(Skipped {
+                    module: want,
+                    reason,
+                });
+            }
+            continue;
+        }
+        // (module, its dependencies already pushed)
+        let mut stack: Vec<(String, bool)> = vec![(want, false)];
+        let mut on_path = BTreeSet::new();
+        while let Some((m, expanded)) = stack.pop() {
+            if placed.contains(&m) {
+                continue;
+            }
+            let Some(rel) = index.files.get(&m) else {
+                continue;
+            };
+            if expanded {
+                on_path.remove(&m);
+                placed.insert(m.clone());
+                order.push(m);
+                continue;
+            }
+            if !on_path.insert(m.clone()) {
+                continue;
+            }
+            if !known.contains_key(&m) {
+                let n = needs(&m, rel)?;
+                known.insert(m.clone(), n);
+            }
+            stack.push((m.clone(), true));
+            if let Some((deps, pre)) = known.get(&m) {
+                // Pushed in reverse so the first listed is loaded first; soft
+                // pre-dependencies before hard ones.
+                for d in deps.iter().rev().chain(pre.iter().rev()) {
+                    if !placed.contains(d) && index.files.contains_key(d) {
+                        stack.push((d.clone(), false));
+                    }
+                }
+            }
+        }
+    }
+    Ok((order, skipped))
 }
 
 /// Builds the module archive of kernel `release` for `names` (in load order) from `src`.
@@ -361,80 +425,23 @@ pub fn module_archive(
         }
     };
 
-    let mut skipped = Vec::new();
+    // What each module needs, read once per module (modinfo on the local file).
+    let mut files_of: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let (names_in_order, skipped) = resolve(names, &index, |m, rel| {
+        let file = local(rel)?;
+        let needs = modinfo(&file)?;
+        files_of.insert(m.to_owned(), file);
+        Ok(needs)
+    })?;
     let mut order: Vec<String> = Vec::new();
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut info: BTreeMap<String, Found> = BTreeMap::new();
-    let mut placed = BTreeSet::new();
-    // Depth-first post-order over dependencies; `stack` holds (module, deps pushed yet).
-    for want in names {
-        let want = want.replace('-', "_");
-        if !index.files.contains_key(&want) {
-            let reason = if index.builtin.contains(&want) {
-                SkipReason::BuiltIn
-            } else {
-                SkipReason::Absent
-            };
-            skipped.push(Skipped {
-                module: want,
-                reason,
-            });
+    for m in &names_in_order {
+        let (Some(rel), Some(file)) = (index.files.get(m), files_of.get(m)) else {
             continue;
-        }
-        let mut stack: Vec<(String, bool)> = vec![(want, false)];
-        let mut on_path = BTreeSet::new();
-        while let Some((m, expanded)) = stack.pop() {
-            if placed.contains(&m) {
-                continue;
-            }
-            let Some(rel) = index.files.get(&m) else {
-                // A dependency that is built in or missing: the kernel has it or cannot load
-                // the dependant; either way there is nothing to add.
-                continue;
-            };
-            if !info.contains_key(&m) {
-                let file = local(rel)?;
-                let (deps, pre) = modinfo(&file)?;
-                let bytes = module_bytes(&file)?;
-                info.insert(
-                    m.clone(),
-                    Found {
-                        deps,
-                        pre,
-                        plain: plain_rel(rel),
-                        bytes,
-                    },
-                );
-            }
-            let Some(Found {
-                deps,
-                pre,
-                plain,
-                bytes,
-            }) = info.get(&m)
-            else {
-                continue;
-            };
-            if expanded {
-                on_path.remove(&m);
-                placed.insert(m.clone());
-                order.push(plain.clone());
-                files.insert(plain.clone(), bytes.clone());
-                continue;
-            }
-            if !on_path.insert(m.clone()) {
-                // A dependency cycle (not in a sane kernel): break it here.
-                continue;
-            }
-            stack.push((m.clone(), true));
-            // Pushed in reverse so the first listed is loaded first; soft pre-dependencies
-            // before hard ones.
-            for d in deps.iter().rev().chain(pre.iter().rev()) {
-                if !placed.contains(d) && index.files.contains_key(d) {
-                    stack.push((d.clone(), false));
-                }
-            }
-        }
+        };
+        let plain = plain_rel(rel);
+        files.insert(plain.clone(), module_bytes(file)?);
+        order.push(plain);
     }
 
     let base = format!("lib/modules/{release}");
@@ -484,6 +491,7 @@ pub fn module_archive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::Strategy;
     use std::collections::BTreeMap;
 
     fn cache() -> PathBuf {
@@ -843,6 +851,106 @@ mod tests {
         let image = module_archive(ModuleSource::Image(&raw), &release, &names, &scratch).unwrap();
         assert_eq!(image.bytes, host.bytes);
         assert_eq!(image.skipped, host.skipped);
+    }
+
+    /// A random module graph: `n` modules `m0..`, module `i` depending on some `j < i` (a
+    /// DAG, as kernels have), some wanted names absent or built in.
+    fn graph() -> impl Strategy<Value = (Vec<Vec<usize>>, Vec<usize>, Vec<usize>)> {
+        (1usize..24).prop_flat_map(|n| {
+            (
+                proptest::collection::vec(proptest::collection::vec(0usize..64, 0..4), n),
+                proptest::collection::vec(0usize..(n + 6), 0..10),
+                proptest::collection::vec(n..(n + 6), 0..3),
+            )
+        })
+    }
+
+    fn index_of(n: usize, builtin: &[usize]) -> Index {
+        let mut index = Index::default();
+        for i in 0..n {
+            index
+                .files
+                .insert(format!("m{i}"), format!("kernel/m{i}.ko"));
+        }
+        for b in builtin {
+            index.builtin.insert(format!("m{b}"));
+        }
+        index
+    }
+
+    proptest::proptest! {
+        /// Every wanted module present is loaded once, after everything it needs; nothing
+        /// else is loaded; the rest is skipped with the right reason; `needs` runs once per
+        /// module.
+        #[test]
+        fn resolve_orders_dependencies_first((edges, wanted, builtin) in graph()) {
+            let n = edges.len();
+            let deps_of = |i: usize| -> Vec<String> {
+                edges[i].iter().filter(|d| **d < i).map(|d| format!("m{d}")).collect()
+            };
+            let index = index_of(n, &builtin);
+            let names: Vec<String> = wanted.iter().map(|w| format!("m{w}")).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let mut calls = BTreeMap::new();
+            let (order, skipped) = resolve(&refs, &index, |m, _| {
+                *calls.entry(m.to_owned()).or_insert(0) += 1;
+                let i: usize = m[1..].parse().unwrap();
+                // Even modules also name a soft pre-dependency on the previous one.
+                let pre = if i % 2 == 0 && i > 0 { vec![format!("m{}", i - 1)] } else { vec![] };
+                Ok((deps_of(i), pre))
+            }).unwrap();
+            let pos: BTreeMap<&str, usize> =
+                order.iter().enumerate().map(|(p, m)| (m.as_str(), p)).collect();
+            proptest::prop_assert_eq!(pos.len(), order.len(), "a module twice: {:?}", order);
+            proptest::prop_assert!(calls.values().all(|c| *c == 1));
+            // The closure of what was wanted, exactly.
+            let mut closure = BTreeSet::new();
+            let mut todo: Vec<usize> = wanted.iter().copied().filter(|w| *w < n).collect();
+            while let Some(i) = todo.pop() {
+                if closure.insert(format!("m{i}")) {
+                    todo.extend(edges[i].iter().filter(|d| **d < i));
+                    if i % 2 == 0 && i > 0 {
+                        todo.push(i - 1);
+                    }
+                }
+            }
+            let got: BTreeSet<String> = order.iter().cloned().collect();
+            proptest::prop_assert_eq!(&got, &closure);
+            for m in &order {
+                let i: usize = m[1..].parse().unwrap();
+                for d in deps_of(i) {
+                    proptest::prop_assert!(pos[d.as_str()] < pos[m.as_str()], "{} before {}", d, m);
+                }
+                if i % 2 == 0 && i > 0 {
+                    let p = format!("m{}", i - 1);
+                    proptest::prop_assert!(pos[p.as_str()] < pos[m.as_str()]);
+                }
+            }
+            for w in wanted.iter().filter(|w| **w >= n) {
+                let name = format!("m{w}");
+                let reason = if builtin.contains(w) { SkipReason::BuiltIn } else { SkipReason::Absent };
+                proptest::prop_assert_eq!(
+                    skipped.iter().filter(|s| s.module == name).map(|s| s.reason).collect::<Vec<_>>(),
+                    vec![reason]
+                );
+            }
+        }
+
+        /// Any graph, cycles included, terminates with each module at most once.
+        #[test]
+        fn resolve_survives_cycles(edges in proptest::collection::vec(proptest::collection::vec(0usize..8, 0..4), 1..8)) {
+            let n = edges.len();
+            let index = index_of(n, &[]);
+            let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            let (order, _) = resolve(&refs, &index, |m, _| {
+                let i: usize = m[1..].parse().unwrap();
+                Ok((edges[i].iter().filter(|d| **d < n).map(|d| format!("m{d}")).collect(), vec![]))
+            }).unwrap();
+            let set: BTreeSet<&String> = order.iter().collect();
+            proptest::prop_assert_eq!(set.len(), order.len());
+            proptest::prop_assert_eq!(order.len(), n);
+        }
     }
 
     #[test]
