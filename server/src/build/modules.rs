@@ -896,7 +896,7 @@ mod tests {
                 *calls.entry(m.to_owned()).or_insert(0) += 1;
                 let i: usize = m[1..].parse().unwrap();
                 // Even modules also name a soft pre-dependency on the previous one.
-                let pre = if i % 2 == 0 && i > 0 { vec![format!("m{}", i - 1)] } else { vec![] };
+                let pre = if i.is_multiple_of(2) && i > 0 { vec![format!("m{}", i - 1)] } else { vec![] };
                 Ok((deps_of(i), pre))
             }).unwrap();
             let pos: BTreeMap<&str, usize> =
@@ -909,7 +909,7 @@ mod tests {
             while let Some(i) = todo.pop() {
                 if closure.insert(format!("m{i}")) {
                     todo.extend(edges[i].iter().filter(|d| **d < i));
-                    if i % 2 == 0 && i > 0 {
+                    if i.is_multiple_of(2) && i > 0 {
                         todo.push(i - 1);
                     }
                 }
@@ -921,7 +921,7 @@ mod tests {
                 for d in deps_of(i) {
                     proptest::prop_assert!(pos[d.as_str()] < pos[m.as_str()], "{} before {}", d, m);
                 }
-                if i % 2 == 0 && i > 0 {
+                if i.is_multiple_of(2) && i > 0 {
                     let p = format!("m{}", i - 1);
                     proptest::prop_assert!(pos[p.as_str()] < pos[m.as_str()]);
                 }
