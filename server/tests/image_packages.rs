@@ -45,7 +45,7 @@ fn deb(
     }
     let out = dir.join(format!("{name}.deb"));
     let o = Command::new("dpkg-deb")
-        .args(["--root-owner-group", "-Zgzip", "--build"])
+        .args(["--root-owner-group", "-Znone", "--build"])
         .arg(&root)
         .arg(&out)
         .output()
@@ -54,6 +54,28 @@ fn deb(
         bail!("dpkg-deb: {}", String::from_utf8_lossy(&o.stderr));
     }
     Ok(out)
+}
+
+/// The unpacked Debian kernels `scripts/setup.sh` keeps in the cache: (release, vmlinuz).
+fn cached_kernel(which: &str) -> Result<(String, PathBuf)> {
+    let home = std::env::var_os("HOME").context("HOME")?;
+    let cache = std::env::var_os("STRATA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&home).join(".cache/strata"));
+    let boot = cache.join(which).join("root/boot");
+    for e in
+        fs::read_dir(&boot).with_context(|| format!("{}: run scripts/setup.sh", boot.display()))?
+    {
+        let e = e?;
+        if let Some(r) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+        {
+            return Ok((r.to_owned(), e.path()));
+        }
+    }
+    bail!("no vmlinuz-* in {}: run scripts/setup.sh", boot.display())
 }
 
 fn recipe(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
@@ -192,6 +214,11 @@ fn an_update_installs_and_purges_packages_reproducibly() -> Result<()> {
     )?;
     let v2 = build(&store, &install)?;
     assert_eq!(v2.version, v1.version + 1);
+    // The busybox base boots a host kernel ([kernel] dir): packages never switch it.
+    assert_eq!(
+        v2.kernel.as_ref().map(|k| k.id),
+        v1.kernel.as_ref().map(|k| k.id)
+    );
     assert_ne!(v2.base.id, v1.base.id);
     let img = Composed::of(&store, v2.version, None)?;
     assert_eq!(
@@ -360,5 +387,93 @@ fn bad_packages_fail_clearly_and_leave_the_store_unchanged() -> Result<()> {
         assert_eq!(snapshot(&store)?, before, "{name}: the store changed");
         nothing_mounted_from(&store_dir)?;
     }
+    Ok(())
+}
+
+/// A version that boots the image's own kernel follows it through updates: a package that
+/// installs a newer kernel makes the new version record that kernel (and modules for it); an
+/// update that does not touch /boot keeps it; a base booting a host kernel never switches.
+#[test]
+fn an_update_that_installs_a_kernel_records_it() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let store = Store::open(&work.path().join("store"))?;
+    let (generic, generic_file) = cached_kernel("kernel")?;
+    let (cloud, cloud_file) = cached_kernel("kernel-cloud")?;
+    // A base whose kernel is its own /boot/vmlinuz-<generic>.
+    let tree = work.path().join("tree");
+    fs::create_dir_all(tree.join("boot"))?;
+    fs::create_dir_all(tree.join("bin"))?;
+    fs::copy(&generic_file, tree.join(format!("boot/vmlinuz-{generic}")))?;
+    fs::copy("/bin/busybox", tree.join("bin/busybox"))?;
+    std::os::unix::fs::symlink("busybox", tree.join("bin/sh"))?;
+    let base = recipe(
+        work.path(),
+        "base",
+        &format!(
+            "[image]\nname = \"own-kernel\"\nsize_mib = 96\n\n[base]\nsource = \"dir\"\npath = {:?}\n\n[kernel]\n",
+            tree.display().to_string()
+        ),
+    )?;
+    let v1 = build(&store, &base)?;
+    let k1 = v1.kernel.as_ref().context("v1 records no kernel")?;
+    assert_eq!(k1.release, generic);
+
+    // A "kernel package": the cloud kernel's vmlinuz into /boot.
+    let kpkg = work.path().join("kpkg");
+    fs::create_dir_all(kpkg.join("DEBIAN"))?;
+    fs::create_dir_all(kpkg.join("boot"))?;
+    fs::write(
+        kpkg.join("DEBIAN/control"),
+        "Package: strata-test-kernel\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.org>\nDescription: a kernel\n",
+    )?;
+    fs::copy(&cloud_file, kpkg.join(format!("boot/vmlinuz-{cloud}")))?;
+    let kdeb = work.path().join("kernel.deb");
+    let o = Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Znone", "--build"])
+        .arg(&kpkg)
+        .arg(&kdeb)
+        .output()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "dpkg-deb: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let upgrade = recipe(
+        work.path(),
+        "upgrade",
+        &format!(
+            "[update]\nimage = \"own-kernel\"\n\n[packages]\ndebs = [{:?}]\n",
+            kdeb.display().to_string()
+        ),
+    )?;
+    let v2 = build(&store, &upgrade)?;
+    let k2 = v2.kernel.as_ref().context("v2 records no kernel")?;
+    assert_eq!(
+        k2.release, cloud,
+        "the update installed {cloud} but records {}",
+        k2.release
+    );
+    assert_eq!(
+        fs::read(&k2.path)?,
+        fs::read(&cloud_file)?,
+        "the recorded kernel is not the installed one"
+    );
+    assert!(k2.modules.is_some(), "no module archive for the new kernel");
+    // The store's catalog says the same.
+    let info = store
+        .catalog()
+        .version("own-kernel", v2.version)?
+        .context("v2")?;
+    assert_eq!(info.kernel.map(|k| k.1), Some(cloud.clone()));
+
+    // An update that leaves /boot alone keeps the kernel.
+    let motd = recipe(
+        work.path(),
+        "motd",
+        "[update]\nimage = \"own-kernel\"\n\n[[file]]\npath = \"/etc/motd\"\ncontent = \"v3\\n\"\n",
+    )?;
+    let v3 = build(&store, &motd)?;
+    assert_eq!(v3.kernel.as_ref().map(|k| k.release.clone()), Some(cloud));
+    assert_eq!(v3.kernel.as_ref().map(|k| k.id), Some(k2.id));
     Ok(())
 }

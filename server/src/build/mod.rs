@@ -707,29 +707,66 @@ fn make_base(
     Ok(kernel)
 }
 
-fn kernel_from_image(
-    raw: &Path,
-    scratch: &Path,
-    recipe_file: &Path,
-) -> Result<(PathBuf, String), BuildError> {
+/// The releases of the kernels in the image's `/boot` (`vmlinuz-<release>`), oldest first in
+/// version order (`6.1.0-9` before `6.1.0-50`).
+fn image_kernels(raw: &Path, scratch: &Path) -> Result<Vec<String>, BuildError> {
     let listing = ext4::list_dirs(raw, &["/boot".to_owned()], scratch)?;
     let mut found: Vec<String> = listing
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| !e.is_dir() && e.name.starts_with("vmlinuz-"))
-        .map(|e| e.name)
+        .filter(|e| !e.is_dir())
+        .filter_map(|e| e.name.strip_prefix("vmlinuz-").map(str::to_owned))
         .collect();
-    found.sort();
-    let Some(name) = found.pop() else {
+    found.sort_by(|a, b| version_cmp(a, b));
+    Ok(found)
+}
+
+/// Compares two kernel releases as versions: runs of digits by value, the rest as text.
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for ((da, x), (db, y)) in pa.iter().zip(pb.iter()) {
+        let o = match (da, db) {
+            (true, true) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            _ => x.cmp(y),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    pa.len().cmp(&pb.len()).then_with(|| a.cmp(b))
+}
+
+/// The newest kernel in the image's `/boot`, copied into `scratch`, and its release.
+fn kernel_from_image(
+    raw: &Path,
+    scratch: &Path,
+    recipe_file: &Path,
+) -> Result<(PathBuf, String), BuildError> {
+    let Some(release) = image_kernels(raw, scratch)?.pop() else {
         return Err(BuildError::Recipe {
             file: recipe_file.to_owned(),
             message: "[kernel]: the image has no /boot/vmlinuz-*".into(),
         });
     };
+    let name = format!("vmlinuz-{release}");
     let dest = scratch.join(&name);
     ext4::dump(raw, &format!("/boot/{name}"), &dest, scratch)?;
-    let release = name.trim_start_matches("vmlinuz-").to_owned();
     Ok((dest, release))
 }
 
@@ -889,6 +926,13 @@ pub fn build(
             let chain = store.chain(&p.base)?;
             let cached = layer::cached_raw(store, &chain, sdir)?;
             copy_sparse(&cached, &raw)?;
+            // A version booting the image's own kernel follows it: an update that installs a
+            // newer kernel (a package upgrade) records that one and its modules.
+            let prev_release = p.kernel.as_ref().map(|k| k.1.clone());
+            let own_kernel = match &prev_release {
+                Some(r) => image_kernels(&raw, sdir)?.contains(r),
+                None => false,
+            };
             if let Some(pk) = &l.recipe.packages {
                 let mk = ext4::MkfsOptions {
                     size: fs::metadata(&raw)
@@ -907,7 +951,13 @@ pub fn build(
             vars.insert("image".into(), name.clone());
             let ops = ops::resolve(&l, &vars, sdir)?;
             ops::apply(&raw, &ops, epoch, sdir)?;
-            kernel = None;
+            kernel = match image_kernels(&raw, sdir)?.last() {
+                Some(newest) if own_kernel && Some(newest) != prev_release.as_ref() => {
+                    opts.progress.stage("recording the image's new kernel");
+                    Some(kernel_from_image(&raw, sdir, &l.file)?)
+                }
+                _ => None,
+            };
         }
     }
     opts.progress.stage("checking the base file system");
@@ -1160,5 +1210,35 @@ pub fn resolve_layer_prefix(store: &Store, prefix: &str) -> Result<LayerId, Buil
         _ => Err(BuildError::NotFound {
             what: format!("a unique layer for prefix {prefix}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_cmp;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn kernel_releases_compare_as_versions() {
+        assert_eq!(version_cmp("6.1.0-9-amd64", "6.1.0-50-amd64"), Less);
+        assert_eq!(version_cmp("6.1.0-50-amd64", "6.1.0-50-amd64"), Equal);
+        assert_eq!(version_cmp("6.10.0-1-amd64", "6.9.0-1-amd64"), Greater);
+        assert_eq!(version_cmp("6.1.0-50-amd64", "6.1.0-50-cloud-amd64"), Less);
+        let mut v = vec![
+            "6.1.0-56-amd64",
+            "6.1.0-9-amd64",
+            "6.1.0-50-amd64",
+            "5.10.0-30-amd64",
+        ];
+        v.sort_by(|a, b| version_cmp(a, b));
+        assert_eq!(
+            v,
+            [
+                "5.10.0-30-amd64",
+                "6.1.0-9-amd64",
+                "6.1.0-50-amd64",
+                "6.1.0-56-amd64"
+            ]
+        );
     }
 }
