@@ -1,6 +1,7 @@
 //! Image builder benchmark: prints the time to build the busybox base and its roles, the time
-//! and size of 1,000 node layers, and a role layer built on a 1 GiB base, each with the figure
-//! of a peer measured in the same run (see docs/benchmarks.md).
+//! and size of 1,000 node layers, and a role layer built on a 1 GiB base (and what a node's
+//! download of it moves), each with the figure of a peer measured in the same run (see
+//! docs/benchmarks.md).
 //!
 //! `cargo run --release -p strata-server --example images_bench [-- NODES [WORKDIR [nodes]]]`
 //! (`nodes`: stop after the node layers, for profiling them).
@@ -10,9 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
 use strata_server::build::{self, BuildOptions, NodeFacts};
+use strata_server::fleet::{FleetError, ImageChain, ImageSource, NodeRecord};
+use strata_server::orchestrator::{Options, Orchestrator};
 use strata_server::store::Store;
+use wire::LayerId;
 
 fn run(cmd: &mut Command) -> Result<()> {
     let o = cmd.output().with_context(|| format!("{cmd:?}"))?;
@@ -289,6 +295,7 @@ fn main() -> Result<()> {
         .arg(&qcow))?;
     let t_qcow = t.elapsed().as_secs_f64();
     let qcow_size = fs::metadata(&qcow)?.len();
+    let fetched = fetch_like_a_node(&s4.layer_path(&role.id), role, &work)?;
     println!(
         "1 GiB base ({} MiB data): base {t_bigbase:.2} s ({:.0} MiB layer); role adding {:.2} MiB of files: {:.2} s (copy of the base image, debugfs, e2fsck, layer written and read back), layer {:.2} MiB = {:.1}x what it added \
          ({} MiB allocated; 3 MiB of VHDX structures + {} changed 1 MiB blocks {changed:?}); peer full copy of the base image: {t_copy:.2} s; \
@@ -304,6 +311,114 @@ fn main() -> Result<()> {
         mib(qcow_size),
         qcow_size as f64 / added as f64,
     );
+    println!(
+        "role layer to a node (node-init's fetch through the server's layer routes): {:.2} MiB file, {:.2} MiB on the server's disk, \
+         {:.2} MiB sent ({} data extents, {:.2} MiB) = {:.2}x the {:.2} MiB added, in {:.3} s; the node's cached copy {:.2} MiB on disk; \
+         whole-file download (before extents; a server without the route): {:.2} MiB = {:.1}x, in {:.3} s",
+        mib(role.size),
+        mib(fetched.on_server),
+        mib(fetched.sent),
+        fetched.extents,
+        mib(fetched.data),
+        fetched.sent as f64 / added as f64,
+        mib(added),
+        fetched.secs,
+        mib(fetched.on_node),
+        mib(fetched.whole),
+        fetched.whole as f64 / added as f64,
+        fetched.whole_secs,
+    );
     let _ = fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// Serves a store's layer files (and nothing else) to the orchestrator's HTTP routes.
+struct StoreLayers(PathBuf);
+
+impl ImageSource for StoreLayers {
+    fn chain_for(&self, _role: &str, _n: &NodeRecord) -> Result<Option<ImageChain>, FleetError> {
+        Ok(None)
+    }
+    fn layer_path(&self, id: &LayerId) -> Option<PathBuf> {
+        let p = self.0.join(format!("{id}.vhdx"));
+        p.is_file().then_some(p)
+    }
+}
+
+/// What one node's download of a layer moved.
+struct Fetched {
+    /// Bytes allocated to the layer file on the server.
+    on_server: u64,
+    /// Bytes node-init's fetch received.
+    sent: u64,
+    /// Extents in the server's list, and the bytes in them.
+    extents: usize,
+    data: u64,
+    secs: f64,
+    /// Bytes allocated to the node's cached copy.
+    on_node: u64,
+    /// A plain whole-file GET of the same layer.
+    whole: u64,
+    whole_secs: f64,
+}
+
+/// Downloads `rec` (stored at `path`) the way a node does: the server's real layer routes
+/// (`Orchestrator::serve`: `/layers/{id}/extents`, then ranges of `/layers/{id}`) on loopback,
+/// and node-init's `fetch_layer` into a node cache; then the whole file with one plain GET.
+fn fetch_like_a_node(
+    path: &Path,
+    rec: &strata_server::store::LayerRecord,
+    work: &Path,
+) -> Result<Fetched> {
+    use std::os::unix::fs::MetadataExt;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dir = work.join("serve");
+    fs::create_dir_all(&dir)?;
+    let layers = path.parent().context("layer dir")?.to_owned();
+    let orch = rt.block_on(Orchestrator::open(
+        &dir,
+        ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+        Arc::new(StoreLayers(layers)),
+        Options::new("add"),
+    ))?;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = rt.spawn(orch.serve(listener, shutdown.clone()));
+
+    let client = node_init::http::Client::new(addr);
+    let cache = node_init::cache::Cache::open(&work.join("node-cache"))?;
+    let l = wire::manifest::LayerRef {
+        id: rec.id,
+        size: rec.size,
+        kind: rec.kind,
+        chunk_size: rec.chunk_size,
+        chunks: rec.chunks.clone(),
+        url: format!("/layers/{}", rec.id),
+    };
+    let ext = node_init::fetch::layer_extents(&client, &l)?
+        .context("the server sent no usable extents")?;
+    let t = Instant::now();
+    let st = node_init::fetch::fetch_layer(&client, &cache, &l, |_| {})?;
+    let secs = t.elapsed().as_secs_f64();
+    let on_node = fs::metadata(cache.layer_path(&l.id))?.blocks() * 512;
+    let t = Instant::now();
+    let mut resp = client.get(&l.url, None)?;
+    let whole = std::io::copy(&mut resp, &mut std::io::sink())?;
+    let whole_secs = t.elapsed().as_secs_f64();
+    shutdown.cancel();
+    rt.block_on(server)??;
+    Ok(Fetched {
+        on_server: fs::metadata(path)?.blocks() * 512,
+        sent: st.received,
+        extents: ext.ranges().len(),
+        data: ext.data_bytes(),
+        secs,
+        on_node,
+        whole,
+        whole_secs,
+    })
 }
