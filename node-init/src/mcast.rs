@@ -8,7 +8,8 @@
 //! session ending, the deadline) is fetched chunk by chunk with HTTP `Range` requests, each
 //! checked against its hash. The layer enters the cache only when the whole file matches the
 //! layer id. Any failure here leaves the partial file to the ordinary HTTP download
-//! ([`crate::fetch::fetch_layer`]), which keeps its verified prefix.
+//! ([`crate::fetch::fetch_layer`]), which keeps every chunk that verifies when it fetches by
+//! data extents, and the verified prefix of the file when it fetches the whole file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
