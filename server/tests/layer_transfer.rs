@@ -223,3 +223,24 @@ fn a_download_stopped_inside_an_extent_resumes_there() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_extents_route_names_bad_ids_and_unknown_layers() -> Result<()> {
+    let server = support::TestServer::start("")?;
+    let client = Client::new(server.http);
+    let status = |path: &str| match client.get_bytes(path, 1 << 20) {
+        Ok(_) => 200,
+        Err(node_init::http::HttpError::Status { status, .. }) => status,
+        Err(e) => panic!("{path}: {e}"),
+    };
+    assert_eq!(status("/layers/zz/extents"), 400);
+    assert_eq!(status(&format!("/layers/{}/extents", "AB".repeat(32))), 400);
+    assert_eq!(status(&format!("/layers/{}/extents", "ab".repeat(32))), 404);
+    // A known layer's list, twice (the second from the server's cache): the same document.
+    let m = manifest(&server, &client)?;
+    let path = format!("/layers/{}/extents", m.layers[0].id);
+    let first = client.get_bytes(&path, 1 << 20)?;
+    assert_eq!(client.get_bytes(&path, 1 << 20)?, first);
+    Extents::parse_for(&first, &m.layers[0].id, m.layers[0].size)?;
+    Ok(())
+}
