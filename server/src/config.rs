@@ -103,6 +103,9 @@ pub struct TftpConfig {
     pub listen: SocketAddr,
     /// The TFTP root. Default: Debian's iPXE binaries (`/usr/lib/ipxe`).
     pub root: PathBuf,
+    /// Largest window granted, in payload bytes (windowsize × blksize; RFC 7440). Default
+    /// 1 MiB; lower it for clients that ask for larger windows than their receive buffer holds.
+    pub max_window_bytes: u32,
 }
 
 impl Default for TftpConfig {
@@ -111,6 +114,7 @@ impl Default for TftpConfig {
             enabled: true,
             listen: SocketAddr::from(([0, 0, 0, 0], 69)),
             root: PathBuf::from("/usr/lib/ipxe"),
+            max_window_bytes: crate::boot::tftp::server::DEFAULT_MAX_WINDOW_BYTES,
         }
     }
 }

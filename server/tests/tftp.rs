@@ -233,6 +233,10 @@ async fn atftp_block_sizes_tsize_and_windowsize() -> Result<()> {
         &["blksize 65464", "tsize 0"],
         &["blksize 1468", "windowsize 16"],
         &["blksize 1468", "windowsize 64", "tsize 0"],
+        // Windows of larger blocks: GSO segments of 8196 bytes, and blocks of 65464 that
+        // go out with sendmmsg (atftp's default receive buffer holds 3 of them).
+        &["blksize 8192", "windowsize 16"],
+        &["blksize 65464", "windowsize 3", "tsize 0"],
         &["windowsize 4", "timeout 2"],
     ] {
         for name in ["big.bin", "exact.bin", "empty.bin"] {

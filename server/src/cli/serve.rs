@@ -178,7 +178,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             format!("binding TFTP {listen} (port 69 needs root or CAP_NET_BIND_SERVICE)")
         })?;
         let tftp_addr = socket.local_addr()?;
-        let server = tftp::TftpServer::new(socket, &config.tftp.root, tftp::TftpOptions::default())
+        let opts = tftp::TftpOptions {
+            max_window_bytes: config.tftp.max_window_bytes,
+            ..Default::default()
+        };
+        let server = tftp::TftpServer::new(socket, &config.tftp.root, opts)
             .with_context(|| format!("TFTP root {}", config.tftp.root.display()))?;
         services.spawn("tftp", move |token| server.run(token));
         tracing::info!(tftp = %tftp_addr, root = %config.tftp.root.display(), "TFTP on");

@@ -30,6 +30,9 @@ use super::packet::{
 use super::session::Params;
 use super::transfer::{self, netascii_size, NetAscii, Source};
 
+/// Default of [`TftpOptions::max_window_bytes`]: 1 MiB, a window of 16 blocks of 65464.
+pub const DEFAULT_MAX_WINDOW_BYTES: u32 = 1 << 20;
+
 /// Server limits and defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TftpOptions {
@@ -41,9 +44,14 @@ pub struct TftpOptions {
     /// Floor of the adaptive timeout (4 × smoothed RTT). A client that asks for a `timeout`
     /// (RFC 2349) gets exactly that instead.
     pub min_timeout: Duration,
-    /// Largest window in payload bytes (windowsize × blksize) granted, so a window fits the
-    /// client's socket receive buffer (Linux's default is 208 KiB, and each datagram costs
-    /// more than its payload there).
+    /// Largest window in payload bytes (windowsize × blksize) granted; a larger request is
+    /// answered with the windowsize that fits (RFC 7440 lets the server lower it). The client
+    /// chooses its window (RFC 7440) and must be able to queue it: a Linux client that keeps
+    /// the default 208 KiB socket receive buffer holds 3 datagrams of blksize 65464, 12 of
+    /// 8192 (23 when the sender uses UDP segmentation offload) and 92 of 1468, and loses the
+    /// rest of a larger window. The default, 1 MiB, grants 65464 × 16: a client that asks for
+    /// that sets a receive buffer for it. Lower it for clients that ask for more than they
+    /// hold (`[tftp] max_window_bytes` in docs/configuration.md).
     pub max_window_bytes: u32,
     /// Timeouts in a row before a transfer is abandoned.
     pub max_retries: u32,
@@ -61,7 +69,7 @@ impl Default for TftpOptions {
             max_transfers: 256,
             timeout: Duration::from_secs(1),
             min_timeout: Duration::from_millis(100),
-            max_window_bytes: 96 * 1024,
+            max_window_bytes: DEFAULT_MAX_WINDOW_BYTES,
             max_retries: 5,
             max_blksize: MAX_BLKSIZE,
             max_windowsize: 64,
@@ -424,17 +432,28 @@ mod tests {
         );
         assert_eq!((p.blksize, p.windowsize), (512, 1));
         assert!(oack.is_empty());
-        // Big blocks: the window shrinks to fit 96 KiB; a client timeout fixes the timeout.
-        let big = Request {
+        // Big blocks: a window of 16 x 65464 fits the default 1 MiB and is granted; 64 of them
+        // shrink to the 16 that fit, and a smaller cap shrinks 16 x 8192 to 12. A client
+        // timeout fixes the timeout.
+        let big = |blksize, windowsize| Request {
             filename: "f".into(),
             mode: Mode::Octet,
             options: vec![
-                TftpOption::WindowSize(16),
-                TftpOption::BlkSize(8192),
+                TftpOption::WindowSize(windowsize),
+                TftpOption::BlkSize(blksize),
                 TftpOption::Timeout(3),
             ],
         };
-        let (p, oack) = negotiate(&big, &TftpOptions::default(), 1);
+        let (p, _) = negotiate(&big(65464, 16), &TftpOptions::default(), 1);
+        assert_eq!((p.blksize, p.windowsize), (65464, 16));
+        let (p, oack) = negotiate(&big(65464, 64), &TftpOptions::default(), 1);
+        assert_eq!(p.windowsize, 16);
+        assert_eq!(oack[0], TftpOption::WindowSize(16));
+        let small = TftpOptions {
+            max_window_bytes: 96 * 1024,
+            ..Default::default()
+        };
+        let (p, oack) = negotiate(&big(8192, 16), &small, 1);
         assert_eq!(p.windowsize, 12);
         assert_eq!(oack[0], TftpOption::WindowSize(12));
         assert_eq!(
