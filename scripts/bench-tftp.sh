@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # TFTP throughput on loopback: Strata's TFTP server against tftpd-hpa, measured in the same
-# run with the same clients and the same options, on a file in /dev/shm. Two clients: atftp
-# (a real peer) and tftp_get (server/examples/tftp_get.rs: blocks kept in memory, one recv per
-# block), which shows what each server does when the client is not the limit.
+# run with the same clients and the same options, on a file in /dev/shm. Three clients: atftp
+# (a real peer; it keeps Linux's default 208 KiB receive buffer and writes the file), tftp_get
+# (server/examples/tftp_get.rs: a 4 MiB receive buffer, recvmmsg, one writev per batch; it
+# writes the file too) and tftp_get-discard (the same client writing to /dev/null), which shows
+# what each server does when storing the file is not the limit. Every stored file is compared
+# with the original after the timed transfer.
 #
 # Runs go round robin: each round fetches once with every configuration (both servers), so
 # load from elsewhere hits every row alike. Prints, per row, the best and the median MB/s of
-# RUNS rounds for each server and their ratios, the client's CPU share (atftp's user + system
-# time over wall time, median: near 100% means the client is the limit, not the server), and
-# the load average before and after. The windowed rows compare Strata with tftpd-hpa at the
-# same blksize and at tftpd-hpa's best (it has no windowsize). Last, the loopback's own UDP
-# ceiling (iperf3 -u, 64 KB datagrams, no protocol, the receiver keeps nothing): no TFTP server
-# can beat it, so it bounds what any windowsize can gain over tftpd-hpa's best.
-#
-#   scripts/bench-tftp.sh            SIZE_MIB=64 RUNS=5 by default
-#   STRATA_TFTPD=/path/to/tftpd TFTP_GET=/path/to/tftp_get scripts/bench-tftp.sh
-#                                    prebuilt example binaries; CLIENTS="atftp" for one client
+# RUNS rounds for each server and their ratios, the client's CPU share (user + system time over
+# wall time, median: near 100% means the client is the limit, not the server), and the load
+# average before and after. The windowed rows compare Strata with tftpd-hpa at the same
+# blksize and at tftpd-hpa's best (lock-step 65464; it has no windowsize). Last, two ceilings:
+# the loopback's UDP ceiling (iperf3 -u, 64 KB datagrams, no protocol, the receiver keeps
+# nothing), which no TFTP server can beat, and writing 64 MiB to a new file in /dev/shm (dd,
+# 64 KiB writes), which bounds every client that stores what it receives.
 source "$(dirname "$0")/common.sh"
 
 for t in in.tftpd:tftpd-hpa atftp:atftp iperf3:iperf3; do
@@ -56,25 +56,26 @@ grep -q listening "$work/ours.log" || { cat "$work/ours.log" >&2; exit 1; }
 
 # once CLIENT PORT OPTIONS(comma-separated) -> "MB/s client-cpu-share" of one transfer
 once() {
-  local client=$1 port=$2 cmd=() o opts t0 t1 cpu bs=512 ws=1
+  local client=$1 port=$2 cmd=() o opts t0 t1 cpu bs=512 ws=1 out=$work/out
   IFS=, read -ra opts <<< "$3"
   if [ "$client" = atftp ]; then
-    cmd=(atftp -g -r file.bin -l "$work/out")
+    cmd=(atftp -g -r file.bin -l "$out")
     for o in "${opts[@]}"; do cmd+=(--option "$o"); done
     cmd+=(127.0.0.1 "$port")
   else
     for o in "${opts[@]}"; do
       case $o in blksize\ *) bs=${o#* } ;; windowsize\ *) ws=${o#* } ;; esac
     done
-    cmd=("$TFTP_GET" "127.0.0.1:$port" file.bin "$bs" "$ws" --compare "$work/root/file.bin")
+    [ "$client" = tftp_get-discard ] && out=/dev/null
+    cmd=("$TFTP_GET" "127.0.0.1:$port" file.bin "$bs" "$ws" --out "$out")
   fi
   rm -f "$work/out"
   t0=$(date +%s.%N)
   /usr/bin/time -f "%U %S" -o "$work/time" "${cmd[@]}" >/dev/null 2>"$work/client.err" \
     || { echo "transfer failed: $client port $port $3: $(cat "$work/client.err")" >&2; exit 1; }
   t1=$(date +%s.%N)
-  if [ "$client" = atftp ]; then
-    cmp -s "$work/out" "$work/root/file.bin" || { echo "corrupt transfer: port $port $3" >&2; exit 1; }
+  if [ "$out" != /dev/null ]; then
+    cmp -s "$out" "$work/root/file.bin" || { echo "corrupt transfer: $client port $port $3" >&2; exit 1; }
   fi
   cpu=$(awk '{print $1 + $2}' "$work/time")
   echo "$(echo "$SIZE_MIB * 1048576 / ($t1 - $t0) / 1000000" | bc -l) $(echo "100 * $cpu / ($t1 - $t0)" | bc -l)"
@@ -84,26 +85,31 @@ best() { printf '%s\n' "$@" | sort -g | tail -n1 | awk '{printf "%.1f", $1}'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {printf "%.1f", a[int((NR+1)/2)]}'; }
 ratio() { echo "$1 / $2" | bc -l | awk '{printf "%.2f", $1}'; }
 
-# Rows: LABEL|STRATA OPTIONS|TFTPD-HPA OPTIONS. Strata grants at most 96 KiB per window
-# (8192 x 16 is answered with windowsize 12).
+# Rows: LABEL|STRATA OPTIONS|TFTPD-HPA OPTIONS|CLIENTS (empty: every client). Strata grants
+# windows of up to 1 MiB (65464 x 16); atftp's default receive buffer holds 3 blocks of 65464,
+# so its large-block window row asks for 3.
 rows=(
-  "blksize 512|blksize 512|blksize 512"
-  "blksize 1468|blksize 1468|blksize 1468"
-  "blksize 8192|blksize 8192|blksize 8192"
-  "blksize 65464|blksize 65464|blksize 65464"
-  "1468 ws 16 (hpa: 1468)|blksize 1468,windowsize 16|blksize 1468"
-  "1468 ws 64 (hpa: 1468)|blksize 1468,windowsize 64|blksize 1468"
-  "8192 ws 12 (hpa: 8192)|blksize 8192,windowsize 12|blksize 8192"
-  "1468 ws 16 (hpa: 65464, its best)|blksize 1468,windowsize 16|blksize 65464"
-  "8192 ws 12 (hpa: 65464, its best)|blksize 8192,windowsize 12|blksize 65464"
+  "blksize 512|blksize 512|blksize 512|"
+  "blksize 1468|blksize 1468|blksize 1468|"
+  "blksize 8192|blksize 8192|blksize 8192|"
+  "blksize 65464|blksize 65464|blksize 65464|"
+  "1468 ws 16 (hpa: 1468)|blksize 1468,windowsize 16|blksize 1468|"
+  "1468 ws 64 (hpa: 1468)|blksize 1468,windowsize 64|blksize 1468|"
+  "8192 ws 16 (hpa: 8192)|blksize 8192,windowsize 16|blksize 8192|"
+  "1468 ws 64 (hpa: 65464, its best)|blksize 1468,windowsize 64|blksize 65464|"
+  "8192 ws 16 (hpa: 65464, its best)|blksize 8192,windowsize 16|blksize 65464|"
+  "65464 ws 3 (hpa: 65464, its best)|blksize 65464,windowsize 3|blksize 65464|"
+  "65464 ws 16 (hpa: 65464, its best)|blksize 65464,windowsize 16|blksize 65464|tftp_get tftp_get-discard"
 )
+runs_for() { [ -z "$1" ] || [[ " $1 " == *" $2 "* ]]; }
 # Every distinct (client, server, options) is fetched once per round.
-CLIENTS=${CLIENTS:-atftp tftp_get}
+CLIENTS=${CLIENTS:-atftp tftp_get tftp_get-discard}
 declare -A speed=() cpu=()
 configs=()
 for client in $CLIENTS; do
   for r in "${rows[@]}"; do
-    IFS='|' read -r _ o h <<< "$r"
+    IFS='|' read -r _ o h only <<< "$r"
+    runs_for "$only" "$client" || continue
     for c in "$client|ours|$o" "$client|hpa|$h"; do
       [ -n "${speed[$c]+x}" ] || { speed[$c]=""; cpu[$c]=""; configs+=("$c"); }
     done
@@ -130,7 +136,8 @@ for client in $CLIENTS; do
   printf '\nclient: %s\n' "$client"
   printf '%-34s %16s %16s %11s %13s %11s\n' "row (strata options)" strata tftpd-hpa "ratio best" "ratio median" "client CPU"
   for r in "${rows[@]}"; do
-    IFS='|' read -r label o h <<< "$r"
+    IFS='|' read -r label o h only <<< "$r"
+    runs_for "$only" "$client" || continue
     read -ra a <<< "${speed[$client|ours|$o]}"
     read -ra b <<< "${speed[$client|hpa|$h]}"
     read -ra ca <<< "${cpu[$client|ours|$o]}"
@@ -149,3 +156,15 @@ sleep 0.5
 ceiling=$(iperf3 -c 127.0.0.1 -p 15201 -u -b 0 -l 65000 -t 3 -J 2>/dev/null \
   | python3 -c 'import json,sys; r = json.load(sys.stdin)["end"]["sum_received"]; print("%.1f" % (r["bytes"] / r["seconds"] / 1e6))' 2>/dev/null || echo "?")
 printf '\nloopback UDP ceiling (iperf3 -u, 65000-byte datagrams, 3 s, bytes the receiver got): %s MB/s\n' "$ceiling"
+# Storing the file: 64 KiB writes to a new file in /dev/shm (what atftp and tftp_get do), best
+# of 3.
+store=()
+for _ in 1 2 3; do
+  rm -f "$work/out"
+  t0=$(date +%s.%N)
+  dd if="$work/root/file.bin" of="$work/out" bs=64K status=none
+  t1=$(date +%s.%N)
+  store+=("$(echo "$SIZE_MIB * 1048576 / ($t1 - $t0) / 1000000" | bc -l)")
+done
+printf 'storing ceiling (dd, %d MiB in 64 KiB writes to a new file in /dev/shm, best of 3): %s MB/s\n' \
+  "$SIZE_MIB" "$(best "${store[@]}")"
