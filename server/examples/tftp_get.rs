@@ -8,7 +8,8 @@
 //!
 //! `cargo run --release -p strata-server --example tftp_get -- HOST:PORT FILE [BLKSIZE]
 //! [WINDOWSIZE] [--out PATH] [--rcvbuf BYTES]` writes the file to PATH (default: the file's
-//! name in the current directory; `/dev/null` discards it) and prints `bytes seconds MB/s`.
+//! name in the current directory; `/dev/null` discards it) and prints `bytes seconds MB/s`, the
+//! time running from the request to the last byte written (process start-up excluded).
 //! Gaps follow RFC 7440 §4: on an out-of-order block the client acknowledges the last block
 //! in order, once per gap; on a receive timeout it acknowledges it again (the server resends
 //! the window from there).
@@ -83,11 +84,10 @@ fn run() -> Result<()> {
         )
     });
     let mut out = File::create(&out_path).with_context(|| format!("creating {out_path}"))?;
-    let started = Instant::now();
-    let bytes = fetch(server, file, blksize, windowsize, rcvbuf, &mut out)?;
+    let (bytes, took) = fetch(server, file, blksize, windowsize, rcvbuf, &mut out)?;
     out.flush()?;
     drop(out);
-    let secs = started.elapsed().as_secs_f64();
+    let secs = took.as_secs_f64();
     println!("{bytes} {secs:.6} {:.1}", bytes as f64 / secs / 1e6);
     Ok(())
 }
@@ -180,7 +180,7 @@ fn fetch(
     windowsize: u16,
     rcvbuf: usize,
     out: &mut File,
-) -> Result<u64> {
+) -> Result<(u64, Duration)> {
     let any: SocketAddr = if server.is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {
@@ -203,6 +203,13 @@ fn fetch(
         options,
     })
     .to_bytes();
+    // One buffer per datagram of a batch, each large enough for any blksize.
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; 65_536]).collect();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut lens = Vec::with_capacity(BATCH);
+    let mut runs: Vec<(usize, usize)> = Vec::with_capacity(BATCH);
+    // The transfer's time: from the request to the last byte written.
+    let started = Instant::now();
     socket
         .send_to(&rrq, server)
         .context("sending the request")?;
@@ -223,14 +230,9 @@ fn fetch(
         out.write_all(first.get(4..len).unwrap_or_default())?;
         total += (len - 4) as u64;
         if last {
-            return Ok(total);
+            return Ok((total, started.elapsed()));
         }
     }
-    // One buffer per datagram of a batch, each large enough for any blksize.
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; 65_536]).collect();
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-    let mut lens = Vec::with_capacity(BATCH);
-    let mut runs: Vec<(usize, usize)> = Vec::with_capacity(BATCH);
     let mut timeouts = 0;
     let fd = c.socket.as_raw_fd();
     loop {
@@ -290,7 +292,7 @@ fn fetch(
             IoSlice::advance_slices(&mut rest, n);
         }
         if done {
-            return Ok(total);
+            return Ok((total, started.elapsed()));
         }
     }
 }
