@@ -433,16 +433,19 @@ impl Cache {
     }
 
     /// Deletes cached layers and partial downloads not in `keep`, oldest first, until the
-    /// layers take at most `limit` bytes; stale partial downloads always go. Returns the bytes
-    /// freed.
+    /// layers take at most `limit` bytes of disk; stale partial downloads always go. Returns
+    /// the bytes of disk freed. Layers are counted by what they take on disk, not their
+    /// length: they are fetched and kept sparse (a 7 MiB role layer takes 1-2 MiB).
     pub fn evict(&self, keep: &[LayerId], limit: u64) -> Result<u64, CacheError> {
+        use std::os::unix::fs::MetadataExt;
+        let on_disk = |m: &fs::Metadata| m.blocks().saturating_mul(512);
         let dir = self.root.join("layers");
         let mut files = Vec::new();
         let mut total = 0u64;
         for ent in fs::read_dir(&dir).map_err(io_at(&dir))? {
             let ent = ent.map_err(io_at(&dir))?;
             let meta = ent.metadata().map_err(io_at(&ent.path()))?;
-            total += meta.len();
+            total += on_disk(&meta);
             let name = ent.file_name().to_string_lossy().into_owned();
             let id = name
                 .strip_suffix(".vhdx")
@@ -450,7 +453,7 @@ impl Cache {
             if id.is_some_and(|id| keep.contains(&id)) {
                 continue;
             }
-            files.push((meta.modified().ok(), meta.len(), ent.path()));
+            files.push((meta.modified().ok(), on_disk(&meta), ent.path()));
         }
         files.sort();
         let mut freed = 0;
@@ -471,7 +474,7 @@ impl Cache {
                 .and_then(|s| s.parse::<LayerId>().ok())
                 .is_some_and(|id| keep.contains(&id));
             if !keep_it {
-                let len = ent.metadata().map(|m| m.len()).unwrap_or(0);
+                let len = ent.metadata().map(|m| on_disk(&m)).unwrap_or(0);
                 fs::remove_file(ent.path()).map_err(io_at(&ent.path()))?;
                 freed += len;
             }
@@ -518,27 +521,35 @@ mod tests {
 
     #[test]
     fn eviction_keeps_the_kept_and_stays_under_the_limit() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path()).unwrap();
         let ids: Vec<LayerId> = (0u8..4).map(|i| Digest::of(&[i])).collect();
+        let on_disk = |p: &Path| fs::metadata(p).unwrap().blocks() * 512;
         for (i, id) in ids.iter().enumerate() {
-            fs::write(c.layer_path(id), vec![0u8; 1000]).unwrap();
+            // Sparse, as fetched: 1 MiB files with 64 KiB of data.
+            let f = File::create(c.layer_path(id)).unwrap();
+            f.set_len(1 << 20).unwrap();
+            f.write_all_at(&[1u8; 65536], 4096).unwrap();
             // Distinct modification times, oldest first.
-            let f = File::options().write(true).open(c.layer_path(id)).unwrap();
             let t =
                 std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i as u64);
             f.set_modified(t).unwrap();
         }
+        let each = on_disk(&c.layer_path(&ids[0]));
+        assert!(each < 1 << 20, "sparse test files take {each} bytes");
         fs::write(c.partial_path(&Digest::of(b"stale")), b"x").unwrap();
         fs::write(c.partial_path(&ids[3]), b"y").unwrap();
-        // Keep 0 and 3; limit 3000 bytes: removing the oldest unkept layer (1) is enough.
-        let freed = c.evict(&[ids[0], ids[3]], 3000).unwrap();
+        let stale = on_disk(&c.partial_path(&Digest::of(b"stale")));
+        // Keep 0 and 3; a limit of three layers' disk (far below their 3 MiB of length):
+        // removing the oldest unkept layer (1) is enough.
+        let freed = c.evict(&[ids[0], ids[3]], 3 * each).unwrap();
         assert!(c.layer_path(&ids[0]).exists() && c.layer_path(&ids[3]).exists());
         assert!(!c.layer_path(&ids[1]).exists());
         assert!(c.layer_path(&ids[2]).exists());
         assert!(!c.partial_path(&Digest::of(b"stale")).exists());
         assert!(c.partial_path(&ids[3]).exists());
-        assert_eq!(freed, 1001);
+        assert_eq!(freed, each + stale);
         assert_eq!(c.cached_layers().len(), 3);
     }
 
