@@ -139,12 +139,44 @@ struct Index {
 
 impl Index {
     fn add_builtin(&mut self, text: &str) {
-        for line in text.lines() {
-            if let Some(n) = line.trim().rsplit('/').next().and_then(module_name) {
-                self.builtin.insert(n);
+        self.builtin.extend(builtin_names(text));
+    }
+}
+
+/// The module names a `modules.builtin` text lists (`kernel/fs/ext4/ext4.ko` → `ext4`); lines
+/// that name no module are ignored. The text comes from the image: any bytes are accepted.
+pub fn builtin_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| line.trim().rsplit('/').next().and_then(module_name))
+        .collect()
+}
+
+/// What `modinfo`'s output says a module needs: the `depends:` list and the `softdep:` names
+/// after `pre:` (until `post:`), `-` read as `_`. Other lines are ignored; any text is
+/// accepted (the fields come from the module file, which comes from the image).
+pub fn parse_modinfo(text: &str) -> (Vec<String>, Vec<String>) {
+    let (mut deps, mut pre) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("depends:") {
+            deps.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.replace('-', "_")),
+            );
+        } else if let Some(v) = line.strip_prefix("softdep:") {
+            let mut in_pre = false;
+            for w in v.split_whitespace() {
+                match w {
+                    "pre:" => in_pre = true,
+                    "post:" => in_pre = false,
+                    m if in_pre => pre.push(m.replace('-', "_")),
+                    _ => {}
+                }
             }
         }
     }
+    (deps, pre)
 }
 
 fn host_index(mroot: &Path) -> Result<Index, BuildError> {
@@ -251,30 +283,7 @@ fn modinfo(file: &Path) -> Result<(Vec<String>, Vec<String>), BuildError> {
             message: format!("modinfo: {}", String::from_utf8_lossy(&out.stderr).trim()),
         });
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (mut deps, mut pre) = (Vec::new(), Vec::new());
-    for line in text.lines() {
-        if let Some(v) = line.strip_prefix("depends:") {
-            deps.extend(
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.replace('-', "_")),
-            );
-        } else if let Some(v) = line.strip_prefix("softdep:") {
-            // `pre: a b post: c`: only what must come before.
-            let mut in_pre = false;
-            for w in v.split_whitespace() {
-                match w {
-                    "pre:" => in_pre = true,
-                    "post:" => in_pre = false,
-                    m if in_pre => pre.push(m.replace('-', "_")),
-                    _ => {}
-                }
-            }
-        }
-    }
-    Ok((deps, pre))
+    Ok(parse_modinfo(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// The plain `.ko` bytes of `file` (decompressing `.xz`, `.zst`, `.gz` with the host tools).
@@ -950,6 +959,55 @@ mod tests {
             let set: BTreeSet<&String> = order.iter().collect();
             proptest::prop_assert_eq!(set.len(), order.len());
             proptest::prop_assert_eq!(order.len(), n);
+        }
+    }
+
+    proptest::proptest! {
+        /// modinfo's fields as kmod prints them come back as written (`-` as `_`); what
+        /// follows `post:` is not a pre-dependency; other lines change nothing.
+        #[test]
+        fn modinfo_fields_parse(
+            deps in proptest::collection::vec("[a-z0-9][a-z0-9_-]{0,12}", 0..5),
+            pre in proptest::collection::vec("[a-z0-9][a-z0-9_-]{0,12}", 0..3),
+            post in proptest::collection::vec("[a-z0-9][a-z0-9_-]{0,12}", 0..3),
+            noise in proptest::collection::vec("[a-z]{1,8}: [ -~]{0,20}", 0..4),
+        ) {
+            let mut text = String::from("filename:       /x.ko\n");
+            for n in &noise {
+                if !n.starts_with("depends:") && !n.starts_with("softdep:") {
+                    text.push_str(n);
+                    text.push('\n');
+                }
+            }
+            text.push_str(&format!("depends:        {}\n", deps.join(",")));
+            let mut soft = String::new();
+            if !pre.is_empty() {
+                soft.push_str(&format!("pre: {}", pre.join(" ")));
+            }
+            if !post.is_empty() {
+                soft.push_str(&format!(" post: {}", post.join(" ")));
+            }
+            text.push_str(&format!("softdep:        {soft}\n"));
+            let (d, p) = parse_modinfo(&text);
+            let us = |v: &Vec<String>| v.iter().map(|s| s.replace('-', "_")).collect::<Vec<_>>();
+            proptest::prop_assert_eq!(d, us(&deps));
+            proptest::prop_assert_eq!(p, us(&pre));
+        }
+
+        /// Every `<dir>/<name>.ko` line of modules.builtin names `<name>` (`-` as `_`), and
+        /// nothing else is named.
+        #[test]
+        fn builtin_lines_parse(names in proptest::collection::vec(("[a-z]{1,6}", "[a-z0-9][a-z0-9_-]{0,10}"), 0..8), junk in "[ -~\n]{0,40}") {
+            let mut text = String::new();
+            for (dir, n) in &names {
+                text.push_str(&format!("kernel/{dir}/{n}.ko\n"));
+            }
+            let got = builtin_names(&text);
+            let want: BTreeSet<String> = names.iter().map(|(_, n)| n.replace('-', "_")).collect();
+            proptest::prop_assert_eq!(&got, &want);
+            // Junk lines add only names of lines ending in `.ko` or a compressed `.ko`.
+            let with = builtin_names(&format!("{text}{junk}"));
+            proptest::prop_assert!(want.is_subset(&with));
         }
     }
 
