@@ -131,13 +131,9 @@ impl Composer {
         modules_id: &Digest,
         modules: &Path,
     ) -> Result<(Digest, PathBuf), InitramfsError> {
-        let known = self
-            .done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(modules_id)
-            .copied();
-        if let Some(id) = known {
+        // Held while composing: nodes booting together compose each initramfs once.
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = done.get(modules_id).copied() {
             let path = self.path_of(&id);
             if path.is_file() {
                 return Ok((id, path));
@@ -157,10 +153,7 @@ impl Composer {
         if !dest.is_file() {
             write_atomic(&self.out_dir, &dest, &bytes)?;
         }
-        self.done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(*modules_id, id);
+        done.insert(*modules_id, id);
         Ok((id, dest))
     }
 }
