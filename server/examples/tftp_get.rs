@@ -189,6 +189,13 @@ fn fetch(
     let socket = UdpSocket::bind(any).context("bind")?;
     // Room for a whole window (capped by net.core.rmem_max).
     socket2::SockRef::from(&socket).set_recv_buffer_size(rcvbuf)?;
+    let got = socket2::SockRef::from(&socket).recv_buffer_size()?;
+    if got < rcvbuf {
+        eprintln!(
+            "tftp_get: receive buffer {got} bytes, not {rcvbuf} (net.core.rmem_max): large \
+             windows may overflow it"
+        );
+    }
     socket.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut options = vec![TftpOption::TSize(0)];
     if blksize != 512 {

@@ -1,7 +1,8 @@
 //! The TFTP server against real clients on loopback: tftp-hpa's `tftp` (RFC 1350, octet and
 //! netascii) and `atftp` (blksize, tsize, windowsize), byte-identical results, many clients at
-//! once, path confinement, a client that stops acknowledging, and garbage on port 69, each
-//! refusal with its WARN log line naming the peer or the file.
+//! once, windows of large blocks as a client with a large receive buffer asks, path
+//! confinement, a client that stops acknowledging, and garbage on port 69, each refusal with
+//! its WARN log line naming the peer or the file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -336,6 +337,69 @@ fn rrq(name: &str, options: Vec<TftpOption>) -> Vec<u8> {
         options,
     })
     .to_bytes()
+}
+
+/// A client that sized its receive buffer for a window of 16 blocks of 65464 (1 MiB, the
+/// default cap) gets that window granted and every byte in order: 16 DATA per ACK, the last
+/// window short, the file's bytes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_windows_as_the_client_asks() -> Result<()> {
+    let f = serve(TftpOptions::default()).await?;
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    // Past net.core.rmem_max where it is lower (root: SO_RCVBUFFORCE).
+    if nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(4 << 20)).is_err()
+    {
+        socket2::SockRef::from(&s).set_recv_buffer_size(4 << 20)?;
+    }
+    let rcvbuf = socket2::SockRef::from(&s).recv_buffer_size()?;
+    anyhow::ensure!(
+        rcvbuf >= 2 << 20,
+        "receive buffer {rcvbuf} bytes: run as root or raise net.core.rmem_max to 4 MiB"
+    );
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let req = rrq(
+        "big.bin",
+        vec![TftpOption::BlkSize(65464), TftpOption::WindowSize(16)],
+    );
+    s.send_to(&req, f.addr)?;
+    let mut buf = vec![0u8; 65_536];
+    let (n, peer) = s.recv_from(&mut buf)?;
+    s.connect(peer)?;
+    assert_eq!(
+        Packet::parse(&buf[..n])?,
+        Packet::Oack {
+            options: vec![TftpOption::BlkSize(65464), TftpOption::WindowSize(16)]
+        }
+    );
+    s.send(&Packet::Ack { block: 0 }.to_bytes())?;
+    let want = std::fs::read(f.root.path().join("big.bin"))?;
+    let mut got = Vec::new();
+    let mut block = 0u16;
+    loop {
+        // One window: up to 16 blocks in order, then one ACK.
+        let mut last = false;
+        for _ in 0..16 {
+            let n = s.recv(&mut buf).context("a window's block")?;
+            let Packet::Data { block: b, data } = Packet::parse(&buf[..n])? else {
+                bail!("expected DATA");
+            };
+            assert_eq!(b, block.wrapping_add(1), "blocks in order, none lost");
+            block = b;
+            got.extend_from_slice(&data);
+            if data.len() < 65464 {
+                last = true;
+                break;
+            }
+        }
+        s.send(&Packet::Ack { block }.to_bytes())?;
+        if last {
+            break;
+        }
+    }
+    // 3 MiB + 123 bytes: 49 blocks, three full windows and one of one.
+    assert_eq!(block, 49);
+    assert!(got == want, "received bytes differ from big.bin");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
