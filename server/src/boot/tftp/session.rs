@@ -147,6 +147,18 @@ impl Session {
         self.acked
     }
 
+    /// The blocks of the next window if the client acknowledges everything sent so far (the
+    /// common case), so a caller can read them while it waits; `None` when the last block is
+    /// out, or before the data starts.
+    pub fn next_window(&self) -> Option<(u64, u64)> {
+        if self.state != State::Data || self.sent >= self.total_blocks {
+            return None;
+        }
+        let first = self.sent + 1;
+        let last = (self.sent + u64::from(self.params.windowsize)).min(self.total_blocks);
+        Some((first, last))
+    }
+
     /// When [`Session::on_timeout`] must be called.
     pub fn deadline(&self) -> Instant {
         self.deadline
@@ -342,15 +354,20 @@ mod tests {
         let t0 = Instant::now();
         let (mut s, a) = Session::start(params(1000, 4), 10_000, true, t0);
         assert_eq!(a, vec![Action::SendOack]);
+        assert_eq!(s.next_window(), None, "no data before ACK 0");
         assert!(
             s.on_packet(&ack(5), t0).is_empty(),
             "only ACK 0 answers an OACK"
         );
         assert_eq!(blocks(&s.on_packet(&ack(0), t0)), vec![1, 2, 3, 4]);
+        assert_eq!(s.next_window(), Some((5, 8)));
         // Partial window: go back to 3.
         assert_eq!(blocks(&s.on_packet(&ack(2), t0)), vec![3, 4, 5, 6]);
+        assert_eq!(s.next_window(), Some((7, 10)));
         assert_eq!(blocks(&s.on_packet(&ack(6), t0)), vec![7, 8, 9, 10]);
+        assert_eq!(s.next_window(), Some((11, 11)));
         assert_eq!(blocks(&s.on_packet(&ack(10), t0)), vec![11]);
+        assert_eq!(s.next_window(), None, "the last block is out");
         assert_eq!(s.on_packet(&ack(11), t0), vec![Action::Done]);
     }
 
@@ -497,7 +514,15 @@ mod tests {
                 let mut next = Vec::new();
                 for b in acks {
                     if !matches!(fate.next(), Some(Net::Drop)) {
-                        next.extend(s.on_packet(&ack(b), now));
+                        // An ACK of everything sent starts the window `next_window` named.
+                        let predicted = s.next_window();
+                        let acks_all = predicted.is_some_and(|(first, _)| b + 1 == first);
+                        let out = s.on_packet(&ack(b), now);
+                        if acks_all {
+                            prop_assert_eq!(blocks(&out).first().copied(), predicted.map(|p| p.0));
+                            prop_assert_eq!(blocks(&out).last().copied(), predicted.map(|p| p.1));
+                        }
+                        next.extend(out);
                     }
                 }
                 if next.is_empty() {
