@@ -254,6 +254,27 @@ fn scan(file: &File, l: &LayerRef) -> io::Result<(Vec<u64>, Digest)> {
     Ok((bad, Digest::from(whole.finalize())))
 }
 
+/// [`FetchError::ServerShorter`] when the server's answer shows its file is shorter than the
+/// manifest's size: the full length of a `Content-Range`, or the length of a whole (200)
+/// answer. A server holding a cut copy of a layer is told apart from one answering a range
+/// wrongly.
+fn server_shorter<R: std::io::BufRead>(
+    l: &LayerRef,
+    from: u64,
+    resp: &crate::http::Response<R>,
+) -> Option<FetchError> {
+    let total = match (resp.status, resp.content_range) {
+        (206, Some(c)) => c.total,
+        (200, _) => resp.content_length,
+        _ => None,
+    }?;
+    (total < l.size).then_some(FetchError::ServerShorter {
+        id: l.id,
+        size: l.size,
+        from,
+    })
+}
+
 /// `GET l.url` for exactly `r` (206 with that `Content-Range`, or 200 when `r` is the whole
 /// file).
 fn get_range(
@@ -277,6 +298,9 @@ fn get_range(
     let whole = resp.status == 200 && r.start == 0 && resp.content_length == Some(r.end);
     if (resp.status == 206 && exact) || whole {
         return Ok(resp);
+    }
+    if let Some(e) = server_shorter(l, r.start, &resp) {
+        return Err(e);
     }
     Err(FetchError::BadRange {
         id: l.id,
@@ -582,6 +606,9 @@ fn fetch_once(
                 .content_range
                 .is_some_and(|r| r.first == good && r.last + 1 == l.size);
         if !ok {
+            if let Some(e) = server_shorter(l, good, &resp) {
+                return Err((stats, e));
+            }
             let got = resp.content_range.map(|r| (r.first, r.last));
             return Err((
                 stats,

@@ -80,6 +80,40 @@ fn partial_left_by_a_previous_boot_is_rechecked_and_resumed() {
     assert_eq!(std::fs::read(cache.layer_path(&l.id)).unwrap(), bytes);
 }
 
+/// A server holding a cut copy of the layer (fewer bytes than the manifest names) is a size
+/// mismatch, whether the node starts from nothing (a 200 that is too short) or resumes past
+/// verified chunks (a 206 whose `Content-Range` total is too small); nothing enters the cache.
+#[test]
+fn a_server_with_a_cut_copy_is_a_size_mismatch() {
+    let bytes = data(50_000);
+    for resumed in [false, true] {
+        let (srv, client, cache, l, _d) = setup(&bytes);
+        srv.add_layer(l.id, bytes[..30_000].to_vec());
+        if resumed {
+            std::fs::write(cache.partial_path(&l.id), &bytes[..20_480]).unwrap();
+        }
+        let err = fetch_layer(&client, &cache, &l, |_| {}).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FetchError::ServerShorter { size: 50_000, .. }
+                    | FetchError::Verify {
+                        source: VerifyError::Incomplete { .. },
+                        ..
+                    }
+            ),
+            "resumed={resumed}: {err:?}"
+        );
+        if resumed {
+            assert!(
+                matches!(err, FetchError::ServerShorter { from: 20_480, .. }),
+                "{err:?}"
+            );
+        }
+        assert!(!cache.layer_path(&l.id).exists());
+    }
+}
+
 #[test]
 fn wrong_bytes_never_enter_the_cache() {
     let bytes = data(50_000);
