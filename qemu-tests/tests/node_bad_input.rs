@@ -110,12 +110,12 @@ fn bad_layers_and_a_full_cache_never_boot_unverified_bits() -> Result<()> {
     srv.ready_timeout = Duration::from_secs(120);
     lab.start_server(&srv)?;
 
-    // A full cache disk: 3 MiB (2.8 MiB free once node-init's mke2fs made it, no room for a
-    // journal) cannot hold the chain's 3.5 MiB of data (the layers are 20 MiB files, fetched
-    // and cached sparse: only their data extents take room). Nothing boots; node-init says why
-    // and retries.
+    // A full cache disk: 2 MiB (0.9 MiB free once node-init's mke2fs made it, no room for a
+    // journal) cannot hold the chain's 2.5 MiB of data (the layers are 7-8 MiB files, fetched
+    // and cached sparse: only their data extents take room, 2.2 MiB of them the base's). Nothing
+    // boots; node-init says why and retries.
     let small = lab.dir().join("small.raw");
-    fixture::create_disk(&small, "raw", "3M")?;
+    fixture::create_disk(&small, "raw", "2M")?;
     let mut vm = lab.start_vm(vm_config("small", SMALL_MAC, &small))?;
     vm.wait_for_serial("STRATA error=cache_write", BOOT)?;
     vm.wait_for_serial("STRATA fallback=retry_after", BOOT)?;

@@ -298,7 +298,7 @@ fn main() -> Result<()> {
     let fetched = fetch_like_a_node(&s4.layer_path(&role.id), role, &work)?;
     println!(
         "1 GiB base ({} MiB data): base {t_bigbase:.2} s ({:.0} MiB layer); role adding {:.2} MiB of files: {:.2} s (copy of the base image, debugfs, e2fsck, layer written and read back), layer {:.2} MiB = {:.1}x what it added \
-         ({} MiB allocated; 3 MiB of VHDX structures + {} changed 1 MiB blocks {changed:?}); peer full copy of the base image: {t_copy:.2} s; \
+         ({:.2} MiB allocated: the changed sectors of {} touched 1 MiB blocks {changed:?}; the rest of the file is VHDX structures and holes); peer full copy of the base image: {t_copy:.2} s; \
          peer qcow2 overlay (64 KiB clusters) by qemu-img create + rebase onto the base: {t_qcow:.2} s, {:.2} MiB = {:.1}x",
         96 * 8,
         mib(b0.base.size),
@@ -306,7 +306,7 @@ fn main() -> Result<()> {
         t_role,
         mib(role.size),
         role.size as f64 / added as f64,
-        mib(du(&s4.layer_path(&role.id))?) as u64,
+        mib(du(&s4.layer_path(&role.id))?),
         changed.len(),
         mib(qcow_size),
         qcow_size as f64 / added as f64,

@@ -57,18 +57,19 @@ fn options(
 }
 
 /// The store's layer format: 1 MiB blocks and no log region (layers are never written after
-/// they are published). Base and role layers store each changed block whole (no sector
-/// bitmap block): a role layer is 3 MiB (headers, metadata, BAT) plus 1 MiB per block it
-/// changes. Node layers, of which there are thousands, store only the changed sectors
-/// (partially present blocks plus one sector bitmap block): 1 MiB more per file, but only
-/// the node's own bytes are written to disk, instead of the parent's bytes around them.
+/// they are published). A base (dynamic, no parent) stores each non-zero block whole. Role
+/// and node layers store only the sectors that differ from their parent (partially present
+/// blocks plus a sector bitmap block): the file is 4 MiB (headers, metadata, BAT, sector
+/// bitmap) plus 1 MiB per block touched, but only the changed sectors are written (the rest
+/// are holes), and nodes fetch only the data extents (`/layers/{id}/extents`), so what a role
+/// costs on disk and on the wire is what it changed, not the parent's bytes around it.
 /// See docs/images.md.
 fn layer_options(mut o: CreateOptions, parent: Option<&LayerId>, kind: LayerKind) -> CreateOptions {
     o.block_size = BLOCK_SIZE;
     o.creator = "strata".to_owned();
     o.parent_relative_path = parent.map(|p| format!("{p}.vhdx"));
     o.log = false;
-    o.whole_blocks = kind != LayerKind::Node;
+    o.whole_blocks = kind == LayerKind::Base;
     o
 }
 

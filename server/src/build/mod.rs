@@ -38,7 +38,7 @@ use recipe::{host_path, Loaded, RecipeKind, SourceKind};
 pub const DEFAULT_EPOCH: u64 = 1_700_000_000;
 
 /// Bumped when the builder's output for the same inputs changes.
-pub(crate) const BUILDER_FORMAT: &str = "strata-builder-3";
+pub(crate) const BUILDER_FORMAT: &str = "strata-builder-4";
 
 /// Builder errors. Each names the recipe, source or path concerned.
 #[derive(Debug, thiserror::Error)]
