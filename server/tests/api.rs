@@ -395,7 +395,9 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() -> Result<()> {
     let a = sims[0].mac.clone();
     let before = counts(&api).await?;
     let huge = format!("{{\"description\": \"{}\"}}", "x".repeat(300 << 10));
-    let cases: Vec<(&str, String, Vec<u8>, u16, &str, &str)> = vec![
+    // (method, path, body, status, error code, words the message must hold)
+    type Case<'a> = (&'a str, String, Vec<u8>, u16, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         ("PUT", "/api/v1/roles/web".into(), b"{\"version\": ".to_vec(), 400, "invalid_request", "EOF"),
         ("PUT", "/api/v1/roles/web".into(), b"{\"order\": 1, \"colour\": 2}".to_vec(), 400, "invalid_request", "unknown field `colour`"),
         ("PUT", "/api/v1/roles/web".into(), b"[1, 2]".to_vec(), 400, "invalid_request", "request body"),

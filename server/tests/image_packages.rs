@@ -154,9 +154,12 @@ impl Composed {
     }
 }
 
+/// The catalog's (image, version) pairs and the files in `layers/` and `blobs/`.
+type StoreState = (Vec<(String, u64)>, Vec<String>);
+
 /// What a failed build must leave as it was: versions, layers, blobs; and no mount or loop
 /// device behind.
-fn snapshot(store: &Store) -> Result<(Vec<(String, u64)>, Vec<String>)> {
+fn snapshot(store: &Store) -> Result<StoreState> {
     let versions = store
         .catalog()
         .versions(None)?

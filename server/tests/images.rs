@@ -530,8 +530,11 @@ fn node_layers_from_the_template_equal_the_general_way() -> Result<()> {
     Ok(())
 }
 
+/// The files in `layers/` and the catalog's (image, version) pairs.
+type StoreState = (Vec<String>, Vec<(String, u64)>);
+
 /// Everything in `layers/` plus the catalog's versions: what "the store is unchanged" means.
-fn snapshot(store: &Store) -> Result<(Vec<String>, Vec<(String, u64)>)> {
+fn snapshot(store: &Store) -> Result<StoreState> {
     let mut files: Vec<String> = fs::read_dir(store.root().join("layers"))?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<Result<_, _>>()?;
