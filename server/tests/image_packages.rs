@@ -311,7 +311,29 @@ fn bad_packages_fail_clearly_and_leave_the_store_unchanged() -> Result<()> {
         &[("/etc/strata-fails", 0o644, "x\n")],
         Some("#!/bin/sh\necho 'postinst refuses' >&2\nexit 3\n"),
     )?;
+    // A package that turns /var/log into a link to a host directory: the clean-up after dpkg
+    // must not follow it (the builder runs as root).
+    let victim = work.path().join("victim");
+    fs::create_dir_all(&victim)?;
+    fs::write(victim.join("dpkg.log"), "host file\n")?;
+    let linker = deb(
+        work.path(),
+        "strata-linker",
+        &[("/usr/share/strata-linker/x", 0o644, "x\n")],
+        Some(&format!(
+            "#!/bin/sh\nrm -rf /var/log\nln -s {} /var/log\n",
+            victim.display()
+        )),
+    )?;
     let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "link-out",
+            format!(
+                "[update]\nimage = \"busybox\"\n[packages]\ndebs = [{:?}]\n",
+                linker.display().to_string()
+            ),
+            "/var/log: is a symbolic link",
+        ),
         (
             "missing",
             "[update]\nimage = \"busybox\"\n[packages]\ndebs = [\"no-such.deb\"]\n".into(),
@@ -384,12 +406,20 @@ fn bad_packages_fail_clearly_and_leave_the_store_unchanged() -> Result<()> {
             "{name}: {chain:?} does not say {want:?}"
         );
         assert!(
-            chain.contains("recipe.toml") || chain.contains("dpkg") || chain.contains(".deb"),
+            chain.contains("recipe.toml")
+                || chain.contains("dpkg")
+                || chain.contains(".deb")
+                || chain.contains("in the image at /"),
             "{name}: the error names no place: {chain}"
         );
         assert_eq!(snapshot(&store)?, before, "{name}: the store changed");
         nothing_mounted_from(&store_dir)?;
     }
+    assert_eq!(
+        fs::read_to_string(victim.join("dpkg.log"))?,
+        "host file\n",
+        "the packages step removed a host file through a link in the image"
+    );
     Ok(())
 }
 

@@ -119,7 +119,7 @@ pub fn apply(
         "copying the previous version out (mount -o loop,ro + cp -a)",
     )?;
 
-    let admin = tree.join("var/lib/dpkg");
+    let admin = in_tree(&tree, "var/lib/dpkg")?;
     if !admin.join("status").is_file() {
         // A base without a package database (the busybox image): dpkg starts an empty one.
         for d in ["info", "updates", "triggers"] {
@@ -173,7 +173,7 @@ pub fn apply(
         apt_install(&tree, &section.install, &l.file)?;
     }
     for rel in RUN_DEBRIS {
-        let p = tree.join(rel);
+        let p = in_tree(&tree, rel)?;
         match fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -181,7 +181,7 @@ pub fn apply(
         }
     }
     for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
-        clear_files(&tree.join(dir))?;
+        clear_files(&in_tree(&tree, dir)?)?;
     }
 
     progress.stage("making the updated file system");
@@ -203,15 +203,27 @@ fn apt_install(tree: &Path, names: &[String], recipe: &Path) -> Result<(), Build
         });
     }
     for d in ["proc", "sys", "dev", "etc"] {
-        let p = tree.join(d);
+        let p = in_tree(tree, d)?;
         fs::create_dir_all(&p).map_err(|e| BuildError::io("creating", &p, e))?;
     }
-    let resolv = tree.join("etc/resolv.conf");
-    let lent = fs::symlink_metadata(&resolv).is_err();
-    if lent {
-        fs::copy("/etc/resolv.conf", &resolv)
-            .map_err(|e| BuildError::io("copying", Path::new("/etc/resolv.conf"), e))?;
+    // The host's resolv.conf, for the duration, in place of what the image has there: nothing,
+    // a file, or a link (systemd-resolved's stub, dangling outside a running system). What was
+    // there comes back afterwards.
+    let resolv = in_tree(tree, "etc/resolv.conf")?;
+    let kept = match fs::symlink_metadata(&resolv) {
+        Ok(m) if m.file_type().is_symlink() => Some(Kept::Link(
+            fs::read_link(&resolv).map_err(|e| BuildError::io("reading", &resolv, e))?,
+        )),
+        Ok(_) => Some(Kept::File(
+            fs::read(&resolv).map_err(|e| BuildError::io("reading", &resolv, e))?,
+        )),
+        Err(_) => None,
+    };
+    if kept.is_some() {
+        fs::remove_file(&resolv).map_err(|e| BuildError::io("removing", &resolv, e))?;
     }
+    fs::copy("/etc/resolv.conf", &resolv)
+        .map_err(|e| BuildError::io("copying", Path::new("/etc/resolv.conf"), e))?;
     let script = r#"mount -t proc proc "$0/proc"
 mount -t sysfs sys "$0/sys"
 mount --rbind /dev "$0/dev"
@@ -228,10 +240,44 @@ chroot "$0" apt-get -q clean"#;
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "apt-get install in the image",
     );
-    if lent {
-        let _ = fs::remove_file(&resolv);
+    let _ = fs::remove_file(&resolv);
+    let restored = match kept {
+        Some(Kept::Link(target)) => std::os::unix::fs::symlink(&target, &resolv),
+        Some(Kept::File(bytes)) => fs::write(&resolv, bytes),
+        None => Ok(()),
+    };
+    res?;
+    restored.map_err(|e| BuildError::io("restoring", &resolv, e))
+}
+
+/// What the image had at `/etc/resolv.conf` while the host's is lent.
+enum Kept {
+    Link(PathBuf),
+    File(Vec<u8>),
+}
+
+/// `tree/rel`, refused when a directory on the way is a symbolic link: the builder runs as
+/// root, and a link in the image (or made by a maintainer script) such as
+/// `var/cache/apt -> /var/cache/apt` must not turn a clean-up of the tree into one of the
+/// host. The last component may be a link (removing it removes the link).
+fn in_tree(tree: &Path, rel: &str) -> Result<PathBuf, BuildError> {
+    let mut p = tree.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    for (i, c) in parts.iter().enumerate() {
+        p.push(c);
+        let last = i + 1 == parts.len();
+        if !last
+            && fs::symlink_metadata(&p)
+                .map(|m| m.file_type().is_symlink())
+                .unwrap_or(false)
+        {
+            return Err(BuildError::Apply {
+                path: format!("/{}", parts[..=i].join("/")),
+                message: "is a symbolic link; the packages step works on the tree only through real directories".into(),
+            });
+        }
     }
-    res
+    Ok(p)
 }
 
 /// Names of the packages dpkg's `status` file says are installed (`Status: ... installed`,
@@ -254,7 +300,12 @@ fn installed(status: &Path) -> Result<std::collections::BTreeSet<String>, BuildE
     Ok(out)
 }
 
+/// Removes the plain files directly in `dir` (not `lock`). A `dir` that is a link is left alone
+/// (it could point out of the tree).
 fn clear_files(dir: &Path) -> Result<(), BuildError> {
+    if !fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
     let Ok(rd) = fs::read_dir(dir) else {
         return Ok(());
     };
