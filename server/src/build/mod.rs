@@ -929,10 +929,10 @@ pub fn build(
             // A version booting the image's own kernel follows it: an update that installs a
             // newer kernel (a package upgrade) records that one and its modules.
             let prev_release = p.kernel.as_ref().map(|k| k.1.clone());
-            let own_kernel = match &prev_release {
-                Some(r) => image_kernels(&raw, sdir)?.contains(r),
-                None => false,
-            };
+            let prev_kernels = image_kernels(&raw, sdir)?;
+            let own_kernel = prev_release
+                .as_ref()
+                .is_some_and(|r| prev_kernels.contains(r));
             if let Some(pk) = &l.recipe.packages {
                 let mk = ext4::MkfsOptions {
                     size: fs::metadata(&raw)
@@ -951,8 +951,14 @@ pub fn build(
             vars.insert("image".into(), name.clone());
             let ops = ops::resolve(&l, &vars, sdir)?;
             ops::apply(&raw, &ops, epoch, sdir)?;
+            // Only a kernel the update brought counts: one that was already there (another
+            // flavour, or one an older build ordered differently) does not switch the nodes.
             kernel = match image_kernels(&raw, sdir)?.last() {
-                Some(newest) if own_kernel && Some(newest) != prev_release.as_ref() => {
+                Some(newest)
+                    if own_kernel
+                        && Some(newest) != prev_release.as_ref()
+                        && !prev_kernels.contains(newest) =>
+                {
                     opts.progress.stage("recording the image's new kernel");
                     Some(kernel_from_image(&raw, sdir, &l.file)?)
                 }
