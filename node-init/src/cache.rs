@@ -326,6 +326,13 @@ impl Cache {
         let mut f = File::open(&path).map_err(io_at(&path))?;
         let len = f.metadata().map_err(io_at(&path))?.len();
         if len != l.size {
+            // Cut or grown: to its size (the missing tail reads as zeros and so as damaged
+            // chunks, which repair fetches), on a handle that may write.
+            f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_at(&path))?;
             f.set_len(l.size).map_err(io_at(&path))?;
         }
         let mut bad = Vec::new();
@@ -517,6 +524,27 @@ mod tests {
         let mut head = vec![0u8; 2048];
         File::open(&img).unwrap().read_exact(&mut head).unwrap();
         assert_eq!(classify(&head), DiskKind::StrataCache);
+    }
+
+    /// A cached layer cut short (a power cut before the data reached the disk) is reported as
+    /// its missing chunks damaged, which repair then fetches; not as an I/O error.
+    #[test]
+    fn a_cut_cached_layer_reports_its_missing_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path()).unwrap();
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let (id, size, chunks) = wire::chunk::chunk_hashes(&bytes[..], 4096).unwrap();
+        let l = LayerRef {
+            id,
+            size,
+            kind: wire::manifest::LayerKind::Base,
+            chunk_size: 4096,
+            chunks,
+            url: String::new(),
+        };
+        fs::write(c.layer_path(&id), &bytes[..5000]).unwrap();
+        assert_eq!(c.verify_layer(&l).unwrap(), vec![1, 2]);
+        assert_eq!(fs::metadata(c.layer_path(&id)).unwrap().len(), size);
     }
 
     #[test]
