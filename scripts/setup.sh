@@ -32,6 +32,7 @@ fi
 unpack_kernel() { # <metapackage> <dir>
   local pkg dir=$2
   pkg=$(apt-cache depends "$1" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  [ -n "$pkg" ] || { echo "setup: apt cannot resolve $1 to a kernel package (run apt-get update)" >&2; return 1; }
   if [ ! -f "$dir/.done" ] || [ "$(cat "$dir/.done")" != "$pkg" ]; then
     log "unpacking $pkg into $dir"
     rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
