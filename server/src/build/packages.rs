@@ -119,7 +119,7 @@ pub fn apply(
         "copying the previous version out (mount -o loop,ro + cp -a)",
     )?;
 
-    let admin = in_tree(&tree, "var/lib/dpkg")?;
+    let admin = in_tree_dir(&tree, "var/lib/dpkg")?;
     if !admin.join("status").is_file() {
         // A base without a package database (the busybox image): dpkg starts an empty one.
         for d in ["info", "updates", "triggers"] {
@@ -203,7 +203,7 @@ fn apt_install(tree: &Path, names: &[String], recipe: &Path) -> Result<(), Build
         });
     }
     for d in ["proc", "sys", "dev", "etc"] {
-        let p = in_tree(tree, d)?;
+        let p = in_tree_dir(tree, d)?;
         fs::create_dir_all(&p).map_err(|e| BuildError::io("creating", &p, e))?;
     }
     // The host's resolv.conf, for the duration, in place of what the image has there: nothing,
@@ -261,12 +261,22 @@ enum Kept {
 /// `var/cache/apt -> /var/cache/apt` must not turn a clean-up of the tree into one of the
 /// host. The last component may be a link (removing it removes the link).
 fn in_tree(tree: &Path, rel: &str) -> Result<PathBuf, BuildError> {
+    walk_tree(tree, rel, true)
+}
+
+/// `tree/rel` for a directory the step writes into: no component may be a link, the last one
+/// included.
+fn in_tree_dir(tree: &Path, rel: &str) -> Result<PathBuf, BuildError> {
+    walk_tree(tree, rel, false)
+}
+
+fn walk_tree(tree: &Path, rel: &str, last_may_be_link: bool) -> Result<PathBuf, BuildError> {
     let mut p = tree.to_path_buf();
     let parts: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
     for (i, c) in parts.iter().enumerate() {
         p.push(c);
         let last = i + 1 == parts.len();
-        if !last
+        if !(last && last_may_be_link)
             && fs::symlink_metadata(&p)
                 .map(|m| m.file_type().is_symlink())
                 .unwrap_or(false)
