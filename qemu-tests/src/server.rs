@@ -402,6 +402,19 @@ impl Strata {
         }
     }
 
+    /// The `strata` binary the lab tests run: `$STRATA_BIN`, else [`Strata::sibling_binary`];
+    /// an error saying how to build it otherwise.
+    pub fn locate_binary() -> Result<PathBuf> {
+        if let Some(p) = std::env::var_os("STRATA_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        Self::sibling_binary().ok_or_else(|| {
+            anyhow::anyhow!(
+                "the strata binary is not built: run `cargo build -p strata-server --bin strata` or set STRATA_BIN"
+            )
+        })
+    }
+
     /// The `strata` binary next to the running executable (same target dir), if built.
     pub fn sibling_binary() -> Option<PathBuf> {
         let exe = std::env::current_exe().ok()?;

@@ -19,16 +19,6 @@ use strata_lab::{fixture, tools, Disk, Firmware, Lab, LabConfig, Strata, VmConfi
 const BOOT: Duration = Duration::from_secs(300);
 const MAC: &str = "52:54:00:42:07:01";
 
-fn strata_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    match Strata::sibling_binary() {
-        Some(p) => Ok(p),
-        None => bail!("the strata binary is not built: run `cargo build -p strata-server --bin strata` or set STRATA_BIN"),
-    }
-}
-
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
@@ -103,7 +93,7 @@ fn cloudbox_recipes(dir: &Path, kernel_root: &Path) -> Result<()> {
 
 #[test]
 fn a_node_boots_the_kernel_of_its_image() -> Result<()> {
-    let bin = strata_bin()?;
+    let bin = Strata::locate_binary()?;
     let (kernel_root, release) = cloud_kernel()?;
     let mut lab = Lab::new(LabConfig {
         ipv6: true,

@@ -29,16 +29,6 @@ const BOOT: Duration = Duration::from_secs(300);
 const MAC: &str = "52:54:00:42:15:01";
 const VM_IP: &str = "10.42.0.51";
 
-fn strata_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    match Strata::sibling_binary() {
-        Some(p) => Ok(p),
-        None => bail!("the strata binary is not built: run `cargo build -p strata-server --bin strata` or set STRATA_BIN"),
-    }
-}
-
 fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
@@ -266,7 +256,7 @@ fn open_iscsi_discovers_logs_in_makes_and_checks_a_filesystem() -> Result<()> {
     tools::require_root()?;
     let mut lab = Lab::new(LabConfig::default())?;
     let server_ip = lab.config().server_ip;
-    let mut strata = Strata::new(strata_bin()?);
+    let mut strata = Strata::new(Strata::locate_binary()?);
     strata.config = StrataConfig::Template(format!(
         "{LAB_CONFIG_TEMPLATE}\n[iscsi]\nenabled = true\nlisten = \"{{{{server_ip}}}}:3260\"\n"
     ));
@@ -406,7 +396,7 @@ fn node_init_boots_a_diskless_vm_over_iscsi_to_the_image() -> Result<()> {
         ipv6: true,
         ..LabConfig::default()
     })?;
-    let mut strata = Strata::new(strata_bin()?);
+    let mut strata = Strata::new(Strata::locate_binary()?);
     strata.config = StrataConfig::Template(format!(
         "{LAB_CONFIG_TEMPLATE}\n[iscsi]\nenabled = true\nlisten = \"{{{{server_ip}}}}:3260\"\n\
          [[iscsi.nodes]]\nmac = \"{NODE}\"\ndiskless = true\n"
@@ -537,7 +527,7 @@ fn ipxe_sanboots_an_image_with_its_own_bootloader() -> Result<()> {
         ..LabConfig::default()
     })?;
     let server_ip = lab.config().server_ip;
-    let bin = strata_bin()?;
+    let bin = Strata::locate_binary()?;
     let dir = lab.dir().join("sanboot-disk");
     std::fs::create_dir_all(&dir)?;
     let disk = bootable_disk(&dir)?;
@@ -604,7 +594,7 @@ fn strata_serve_sanboots_a_node_whose_image_carries_its_bootloader() -> Result<(
         ..LabConfig::default()
     })?;
     let server_ip = lab.config().server_ip;
-    let bin = strata_bin()?;
+    let bin = Strata::locate_binary()?;
     let dir = lab.dir().join("bootdisk");
     std::fs::create_dir_all(dir.join("images/bootdisk"))?;
     std::fs::create_dir_all(dir.join("images/roles/boot"))?;

@@ -11,23 +11,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use strata_lab::server::LAB_CONFIG_TEMPLATE;
 use strata_lab::{fixture, tools, Disk, Firmware, Lab, LabConfig, Strata, StrataConfig, VmConfig};
 
 const BOOT: Duration = Duration::from_secs(600);
 const NODES: [&str; 2] = ["52:54:00:42:77:01", "52:54:00:42:77:02"];
-
-fn strata_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    match Strata::sibling_binary() {
-        Some(p) => Ok(p),
-        None => bail!("the strata binary is not built: run `cargo build -p strata-server --bin strata` or set STRATA_BIN"),
-    }
-}
 
 /// The node-init initramfs: `$STRATA_NODE_INITRAMFS`, else the one scripts/build-initramfs.sh
 /// writes into the Strata cache (scripts/test.sh builds it).
@@ -76,7 +66,7 @@ fn two_vms_get_the_base_over_multicast_and_boot() -> Result<()> {
     tools::require_root()?;
     let mut lab = Lab::new(LabConfig::default())?;
     let server_ip = lab.config().server_ip;
-    let mut strata = Strata::new(strata_bin()?);
+    let mut strata = Strata::new(Strata::locate_binary()?);
     // Both nodes wait for each other (or 120 s); then the base goes out once at 200 Mbit/s at
     // most (TCG guests are slow receivers; rate control backs off further if they lose).
     strata.config = StrataConfig::Template(format!(

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use strata_lab::server::LAB_CONFIG_TEMPLATE;
 use strata_lab::{
@@ -22,16 +22,6 @@ use strata_lab::{
 const BOOT: Duration = Duration::from_secs(300);
 const MAC: &str = "52:54:00:42:05:11";
 const SMALL_MAC: &str = "52:54:00:42:05:12";
-
-fn strata_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    match Strata::sibling_binary() {
-        Some(p) => Ok(p),
-        None => bail!("the strata binary is not built: run `cargo build -p strata-server --bin strata` or set STRATA_BIN"),
-    }
-}
 
 fn vm_config(name: &str, mac: &str, disk: &Path) -> VmConfig {
     let mut cfg = VmConfig::new(name, Firmware::Bios);
@@ -91,7 +81,7 @@ fn stop(mut vm: TestVm) {
 
 #[test]
 fn bad_layers_and_a_full_cache_never_boot_unverified_bits() -> Result<()> {
-    let bin = strata_bin()?;
+    let bin = Strata::locate_binary()?;
     let mut lab = Lab::new(LabConfig {
         ipv6: true,
         ..LabConfig::default()

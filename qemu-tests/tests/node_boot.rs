@@ -6,23 +6,12 @@
 //! into the image, whose init prints its marker. A second boot of the same VM runs from its
 //! cache after the plug was pulled, downloading nothing. Asserts on exact serial markers and on what the server sent.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use strata_lab::{fixture, Disk, Firmware, Lab, LabConfig, Strata, VmConfig};
 
 const BOOT: Duration = Duration::from_secs(300);
-
-fn strata_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    match Strata::sibling_binary() {
-        Some(p) => Ok(p),
-        None => bail!("the strata binary is not built: run `cargo build -p strata-server --bin strata` or set STRATA_BIN"),
-    }
-}
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
@@ -36,7 +25,7 @@ fn pxe_boot_layered_image_through_node_init() -> Result<()> {
         ..LabConfig::default()
     })?;
     // No [boot] section: the server's defaults, Debian's kernel and node-init's initramfs.
-    lab.start_server(&Strata::new(strata_bin()?))?;
+    lab.start_server(&Strata::new(Strata::locate_binary()?))?;
     let disk = lab.dir().join("node0.raw");
     fixture::create_disk(&disk, "raw", "256M")?;
     let mut cfg = VmConfig::new("node0", Firmware::Bios);

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 use strata_lab::server::LAB_CONFIG_TEMPLATE;
 use strata_lab::{
@@ -40,16 +40,6 @@ use strata_lab::{
 
 const BOOT: Duration = Duration::from_secs(300);
 const MAC: &str = "52:54:00:42:05:01";
-
-fn strata_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    match Strata::sibling_binary() {
-        Some(p) => Ok(p),
-        None => bail!("the strata binary is not built: run `cargo build -p strata-server --bin strata` or set STRATA_BIN"),
-    }
-}
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
@@ -249,7 +239,7 @@ fn serial_len(vm: &TestVm) -> Result<usize> {
 
 #[test]
 fn node_life_against_strata_serve() -> Result<()> {
-    let bin = strata_bin()?;
+    let bin = Strata::locate_binary()?;
     let mut lab = Lab::new(LabConfig {
         ipv6: true,
         ..LabConfig::default()

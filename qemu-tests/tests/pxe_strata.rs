@@ -6,7 +6,6 @@
 //! The `strata` binary comes from `$STRATA_BIN`, else next to this test's target directory
 //! (`cargo build -p strata-server --bin strata` puts it there; scripts/test.sh builds it).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -16,16 +15,6 @@ use strata_lab::{
 };
 
 const BOOT: Duration = Duration::from_secs(300);
-
-fn strata_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("STRATA_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    match Strata::sibling_binary() {
-        Some(p) => Ok(p),
-        None => bail!("the strata binary is not built: run `cargo build -p strata-server --bin strata` or set STRATA_BIN"),
-    }
-}
 
 fn files() -> Result<BootFiles> {
     fixture::marker_boot_files(&fixture::cache_dir().join("lab"))
@@ -40,7 +29,7 @@ fn lab() -> Result<Lab> {
 }
 
 fn strata() -> Result<Strata> {
-    let mut s = Strata::new(strata_bin()?);
+    let mut s = Strata::new(Strata::locate_binary()?);
     s.boot = Some(files()?);
     Ok(s)
 }
