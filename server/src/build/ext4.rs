@@ -80,18 +80,22 @@ pub struct MkfsOptions {
     pub inodes: Option<u64>,
 }
 
+/// Where a system tool is: the first of `/usr/sbin`, `/sbin`, `/usr/bin`, `/bin` holding it
+/// (the builder does not depend on the caller's `PATH`).
+pub(crate) fn find_tool(name: &str) -> Option<std::path::PathBuf> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
 fn tool(name: &'static str) -> Result<Command, Ext4Error> {
-    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.is_file() {
-            let mut c = Command::new(p);
-            c.env("LC_ALL", "C")
-                .env_remove("MKE2FS_CONFIG")
-                .env_remove("E2FSPROGS_FAKE_TIME");
-            return Ok(c);
-        }
-    }
-    Err(Ext4Error::ToolMissing { tool: name })
+    let p = find_tool(name).ok_or(Ext4Error::ToolMissing { tool: name })?;
+    let mut c = Command::new(p);
+    c.env("LC_ALL", "C")
+        .env_remove("MKE2FS_CONFIG")
+        .env_remove("E2FSPROGS_FAKE_TIME");
+    Ok(c)
 }
 
 fn run(tool_name: &'static str, mut cmd: Command, image: &Path) -> Result<String, Ext4Error> {

@@ -98,7 +98,7 @@ pub fn apply(
         ("dpkg", "Debian's dpkg"),
         ("chroot", "apt-get install coreutils"),
     ] {
-        if which(tool).is_none() {
+        if ext4::find_tool(tool).is_none() {
             return Err(BuildError::ToolMissing { tool, hint });
         }
     }
@@ -328,13 +328,6 @@ fn clear_files(dir: &Path) -> Result<(), BuildError> {
         }
     }
     Ok(())
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
 }
 
 /// Runs `c`, its output captured; a failure carries the last lines of what it printed.
